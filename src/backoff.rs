@@ -1,0 +1,70 @@
+//! Capped exponential back-off with full jitter.
+//!
+//! Every retry loop in the crate goes through this, so that a fleet of
+//! processes that lost etcd at the same moment does not come back at the same
+//! moment (go-zero's fixed one-second retry is a thundering herd).
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Delays of `base * 2^n`, capped at `max`, each drawn uniformly from
+/// `[delay/2, delay]` so retries spread out but never collapse to zero.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            attempt: 0,
+        }
+    }
+
+    /// The next delay; grows until `max`.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = exp / 2;
+        lo + rand::rng().random_range(Duration::ZERO..=exp - lo)
+    }
+
+    /// Retries made since the last [`reset`](Self::reset).
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Starts over after a success.
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+        }
+        let capped = b.next_delay();
+        assert!(capped >= Duration::from_secs(1), "{capped:?}");
+        assert_eq!(b.attempts(), 32);
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

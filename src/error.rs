@@ -1,0 +1,128 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in this crate.
+///
+/// Configuration errors are returned before anything touches etcd and say
+/// what to change. Runtime faults of etcd (restarts, lost leases, compaction)
+/// are *not* errors: the background tasks recover from them and report them
+/// through state channels and `tracing`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A service name is empty or contains something the schema cannot store.
+    #[error("invalid service name {name:?}: {reason}")]
+    InvalidServiceName {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An address is not `host:port`, `[ipv6]:port` or `hostname:port`.
+    #[error("invalid address {addr:?}: {reason}")]
+    InvalidAddress {
+        /// The rejected address.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The address to advertise is `0.0.0.0` or `[::]`, which no client can dial.
+    #[error(
+        "cannot advertise the unspecified address {addr:?}: clients cannot dial it; \
+         set an advertise address (the IP or host name clients use to reach this server)"
+    )]
+    UnspecifiedAddress {
+        /// The rejected address.
+        addr: String,
+    },
+
+    /// A lease TTL below etcd's minimum.
+    #[error("lease TTL {ttl:?} is below etcd's minimum of 2 s; use at least 2 s (default 10 s)")]
+    TtlTooShort {
+        /// The rejected TTL.
+        ttl: Duration,
+    },
+
+    /// Any other invalid configuration: the message says what to fix.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The schema cannot represent this instance (e.g. an IPv6 address in colon keys).
+    #[error("the {schema} schema cannot represent this: {reason}")]
+    Unrepresentable {
+        /// The schema's name.
+        schema: &'static str,
+        /// What cannot be represented, and what to use instead.
+        reason: String,
+    },
+
+    /// An etcd request failed.
+    #[error("etcd {op} failed: {source}")]
+    Etcd {
+        /// What was being done.
+        op: &'static str,
+        /// etcd-client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    /// An etcd request did not complete in time.
+    #[error("etcd {op} did not complete within {timeout:?}")]
+    Timeout {
+        /// What was being done.
+        op: &'static str,
+        /// The limit that passed.
+        timeout: Duration,
+    },
+
+    /// The registration could not be made within the start-up deadline.
+    #[error("could not register with etcd within {deadline:?}: {last_error}")]
+    StartupDeadline {
+        /// The start-up deadline.
+        deadline: Duration,
+        /// The last failure seen.
+        last_error: String,
+    },
+
+    /// No endpoint appeared within the time waited for one.
+    #[error("no endpoint of service {service:?} appeared within {timeout:?}")]
+    NoEndpoints {
+        /// The service waited for.
+        service: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+
+    /// A background task of this crate is gone (its runtime shut down).
+    #[error("the background task is gone: {0}")]
+    TaskGone(&'static str),
+
+    /// The tonic server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+
+    /// An I/O error (binding a listener, reading its address).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub(crate) fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Self {
+        move |source| Error::Etcd { op, source }
+    }
+}
+
+/// Runs an etcd request with a deadline, mapping both failure kinds.
+pub(crate) async fn with_timeout<T>(
+    op: &'static str,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r.map_err(Error::etcd(op)),
+        Err(_) => Err(Error::Timeout { op, timeout }),
+    }
+}

@@ -1,0 +1,71 @@
+//! The greeter service from `proto/greeter.proto`: its reply names the server
+//! instance that answered, so callers can see where each call went.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+/// Generated protobuf and tonic code.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("greeter.v1");
+}
+
+pub use pb::greeter_client::GreeterClient;
+pub use pb::greeter_server::GreeterServer;
+pub use pb::{HelloReply, HelloRequest};
+
+/// A greeter that answers with its own id, optionally after a delay.
+#[derive(Debug, Clone)]
+pub struct Greeter {
+    id: String,
+    delay: Duration,
+    calls: Arc<AtomicU64>,
+}
+
+impl Greeter {
+    /// A greeter that names itself `id` in every reply.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            delay: Duration::ZERO,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Waits `delay` before every reply (a slow backend).
+    #[must_use]
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Calls answered so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The tonic service for a `Router`.
+    pub fn into_service(self) -> GreeterServer<Self> {
+        GreeterServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::greeter_server::Greeter for Greeter {
+    async fn say_hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloReply>, Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(HelloReply {
+            message: format!("hello {}", request.into_inner().name),
+            server_id: self.id.clone(),
+        }))
+    }
+}

@@ -1,0 +1,9 @@
+//! Test support: real etcd processes and a greeter service (feature `testing`).
+//!
+//! One implementation serves the crate's tests, examples and benchmarks, so
+//! the demo runs the same etcd harness that CI exercises.
+
+mod etcd;
+pub mod greeter;
+
+pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions};
