@@ -5,12 +5,15 @@
 mod backoff;
 pub mod error;
 pub mod instance;
+pub mod registration;
 pub mod schema;
+pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use error::Error;
 pub use instance::{Instance, Metadata};
+pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use schema::{ColonSchema, DecodeError, NamingSchema, Schema};
 
 use std::time::Duration;
