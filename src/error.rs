@@ -109,20 +109,43 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
-impl Error {
-    pub(crate) fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Self {
-        move |source| Error::Etcd { op, source }
+/// Runs an etcd request with a deadline, retrying while it fails with
+/// `Unavailable` (a dead member stays in etcd-client's rotation, so about 1/N
+/// of calls fail that way until it is back). Every request this crate makes
+/// is safe to repeat: writes put the same value, a repeated lease grant
+/// leaves at most an unused lease that expires.
+pub(crate) async fn with_timeout<T, F, Fut>(
+    op: &'static str,
+    timeout: Duration,
+    mut call: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
+    loop {
+        match tokio::time::timeout_at(deadline, call()).await {
+            Err(_) => return Err(Error::Timeout { op, timeout }),
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
+                let delay = backoff.next_delay();
+                if !is_unavailable(&e) || tokio::time::Instant::now() + delay >= deadline {
+                    return Err(Error::Etcd { op, source: e });
+                }
+                tracing::debug!(op, error = %e, "etcd member unavailable; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
 }
 
-/// Runs an etcd request with a deadline, mapping both failure kinds.
-pub(crate) async fn with_timeout<T>(
-    op: &'static str,
-    timeout: Duration,
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r.map_err(Error::etcd(op)),
-        Err(_) => Err(Error::Timeout { op, timeout }),
+fn is_unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
     }
 }

@@ -3,6 +3,9 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod backoff;
+pub mod catalog;
+pub mod channel;
+pub mod discovery;
 pub mod error;
 pub mod instance;
 pub mod registration;
@@ -10,11 +13,16 @@ pub mod schema;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod watcher;
 
+pub use catalog::{Catalog, CatalogEvent};
+pub use channel::{ChannelBuilder, EtcdChannel};
+pub use discovery::Discover;
 pub use error::Error;
 pub use instance::{Instance, Metadata};
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use schema::{ColonSchema, DecodeError, NamingSchema, Schema};
+pub use watcher::WatchStatus;
 
 use std::time::Duration;
 

@@ -48,6 +48,9 @@ const MIN_TTL: Duration = Duration::from_secs(2);
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The key check compares value and lease of each key in one transaction;
+/// etcd allows 128 operations per transaction by default.
+const MAX_SERVICES: usize = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
@@ -184,6 +187,14 @@ impl RegistrationBuilder {
             return Err(Error::InvalidConfig(
                 "no service to register: call .service(\"<name>\") at least once".into(),
             ));
+        }
+        if self.services.len() > MAX_SERVICES {
+            return Err(Error::InvalidConfig(format!(
+                "{} services in one registration; at most {MAX_SERVICES} fit etcd's default \
+                 limit of 128 operations per transaction (2 per key): split them into several \
+                 registrations",
+                self.services.len()
+            )));
         }
         if self.ttl < MIN_TTL {
             return Err(Error::TtlTooShort { ttl: self.ttl });
@@ -442,12 +453,11 @@ impl Worker {
 
     /// Grants a lease and writes every key with it.
     async fn register_once(&mut self) -> Result<i64, Error> {
-        let mut client = self.client.clone();
-        let lease = with_timeout(
-            "lease grant",
-            self.request_timeout,
-            client.lease_grant(self.ttl_secs, None),
-        )
+        let ttl = self.ttl_secs;
+        let lease = with_timeout("lease grant", self.request_timeout, || {
+            let mut c = self.client.clone();
+            async move { c.lease_grant(ttl, None).await }
+        })
         .await?
         .id();
         match put_all(&self.client, &self.entries(), lease, self.request_timeout).await {
@@ -522,11 +532,14 @@ impl Worker {
         let interval = (self.ttl / 3).max(Duration::from_millis(500));
         let mut first = true;
         loop {
-            let mut client = self.client.clone();
+            let attach = with_timeout("lease keep-alive", self.request_timeout, || {
+                let mut c = self.client.clone();
+                async move { c.lease_keep_alive(lease).await }
+            });
             let attached = tokio::select! {
                 biased;
                 () = stopped(stop) => return SessionEnd::Stopped,
-                r = with_timeout("lease keep-alive", self.request_timeout, client.lease_keep_alive(lease)) => r,
+                r = attach => r,
             };
             let (mut keeper, mut stream) = match attached {
                 Ok(pair) => pair,
@@ -611,8 +624,12 @@ impl Worker {
             })
             .collect();
         let txn = Txn::new().when(compares).or_else(puts);
-        let mut client = self.client.clone();
-        match with_timeout("key check", self.request_timeout, client.txn(txn)).await {
+        let check = with_timeout("key check", self.request_timeout, || {
+            let mut c = self.client.clone();
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        });
+        match check.await {
             Ok(resp) if !resp.succeeded() => {
                 tracing::warn!(services = ?self.services, lease,
                     "a registered key was deleted or changed by someone else; restored it");
@@ -642,8 +659,13 @@ async fn put_all(
             )
         })
         .collect();
-    let mut client = client.clone();
-    let resp = with_timeout("put", timeout, client.txn(Txn::new().and_then(ops))).await?;
+    let txn = Txn::new().and_then(ops);
+    let resp = with_timeout("put", timeout, || {
+        let mut c = client.clone();
+        let txn = txn.clone();
+        async move { c.txn(txn).await }
+    })
+    .await?;
     for op in resp.op_responses() {
         if let TxnOpResponse::Put(put) = op {
             if let Some(prev) = put.prev_key() {
@@ -661,8 +683,11 @@ async fn put_all(
 }
 
 async fn revoke(client: &Client, lease: i64, timeout: Duration) -> Result<(), Error> {
-    let mut client = client.clone();
-    match with_timeout("lease revoke", timeout, client.lease_revoke(lease)).await {
+    let revoked = with_timeout("lease revoke", timeout, || {
+        let mut c = client.clone();
+        async move { c.lease_revoke(lease).await }
+    });
+    match revoked.await {
         Ok(_) => Ok(()),
         // Already gone: so are its keys.
         Err(e) if is_lease_not_found(&e) => Ok(()),

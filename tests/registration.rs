@@ -128,6 +128,9 @@ async fn invalid_input_is_refused_with_a_clear_error() {
         .register()
         .await);
     assert!(e.to_string().contains(".addr("), "{e}");
+    let many = (0..65).fold(b(), |b, i| b.service(format!("s{i}")));
+    let e = err(many.register().await);
+    assert!(e.to_string().contains("at most 64"), "{e}");
 }
 
 #[tokio::test]

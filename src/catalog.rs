@@ -1,0 +1,157 @@
+//! A live view of every service under a namespace: service -> instances.
+//!
+//! Built on the same watch task as [`Discover`](crate::Discover): listed, then
+//! watched, resumed after faults, re-listed after compaction. Read a
+//! [`snapshot`](Catalog::snapshot) at any time, or poll the `Stream` of
+//! [`CatalogEvent`]s.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use etcd_client::Client;
+use futures_core::Stream;
+use tokio::sync::watch;
+
+use crate::discovery::ViewOptions;
+use crate::schema::Schema;
+use crate::watcher::{self, ViewChange, WatchConfig, WatchStatus, Watched};
+use crate::{Error, Instance};
+
+/// A change to the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogEvent {
+    /// An instance appeared or changed.
+    Insert {
+        /// Its etcd key.
+        key: String,
+        /// The instance (its `service` names the service).
+        instance: Instance,
+    },
+    /// An instance went away.
+    Remove {
+        /// Its etcd key.
+        key: String,
+        /// The instance as it was last seen.
+        instance: Instance,
+    },
+}
+
+/// Options for a [`Catalog`]. Created by [`Catalog::builder`].
+#[derive(Clone)]
+pub struct CatalogBuilder {
+    client: Client,
+    opts: ViewOptions,
+}
+
+impl std::fmt::Debug for CatalogBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogBuilder")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CatalogBuilder {
+    /// The key layout, and with it the namespace (default: etcd naming
+    /// without namespace, which watches every key in etcd; give a namespace).
+    #[must_use]
+    pub fn schema(mut self, schema: impl Schema) -> Self {
+        self.opts.schema = Arc::new(schema);
+        self
+    }
+
+    /// The limit on each etcd request (default 5 s).
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.opts.request_timeout = timeout;
+        self
+    }
+
+    /// Starts watching. Needs a tokio runtime.
+    pub fn build(self) -> Result<Catalog, Error> {
+        self.opts.check()?;
+        let cfg = WatchConfig {
+            prefix: self.opts.schema.root_prefix(),
+            service: None,
+            request_timeout: self.opts.request_timeout,
+            idle: self.opts.idle,
+        };
+        Ok(Catalog {
+            watched: watcher::spawn(self.client, self.opts.schema, cfg),
+        })
+    }
+}
+
+/// Every service under a namespace and its instances. See the [module docs](self).
+#[derive(Debug)]
+pub struct Catalog {
+    watched: Watched,
+}
+
+impl Catalog {
+    /// Options for a catalog read through `client`.
+    pub fn builder(client: Client) -> CatalogBuilder {
+        CatalogBuilder {
+            client,
+            opts: ViewOptions::default(),
+        }
+    }
+
+    /// Service -> instances (sorted by id), as known now.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<Instance>> {
+        let mut map: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+        for (_, instance) in self.watched.view.snapshot() {
+            map.entry(instance.service.clone())
+                .or_default()
+                .push((*instance).clone());
+        }
+        for instances in map.values_mut() {
+            instances.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        map
+    }
+
+    /// Waits until the first listing is done, so that a snapshot is complete.
+    pub async fn synced(&self, timeout: Duration) -> Result<(), Error> {
+        let mut status = self.status();
+        let waited = tokio::time::timeout(timeout, async {
+            status.wait_for(|s| s.synced).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::TaskGone("catalog")),
+            Err(_) => Err(Error::Timeout {
+                op: "catalog listing",
+                timeout,
+            }),
+        }
+    }
+
+    /// What the watch task is doing.
+    pub fn status(&self) -> watch::Receiver<WatchStatus> {
+        self.watched.view.status()
+    }
+}
+
+impl Stream for Catalog {
+    type Item = CatalogEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.watched.view.poll_change(cx).map(|change| {
+            Some(match change {
+                ViewChange::Upsert(key, instance) => CatalogEvent::Insert {
+                    key,
+                    instance: Arc::unwrap_or_clone(instance),
+                },
+                ViewChange::Remove(key, instance) => CatalogEvent::Remove {
+                    key,
+                    instance: Arc::unwrap_or_clone(instance),
+                },
+            })
+        })
+    }
+}
