@@ -1,7 +1,312 @@
-//! Placeholder until discovery lands: starts a local etcd and says so.
+//! The demo (the README's main command).
+//!
+//! Starts a local etcd (unless `--etcd` is given), three greeter servers as
+//! separate processes that register themselves, and a client that dials the
+//! service by name. Then one server shuts down gracefully, one is killed with
+//! SIGKILL, and a new one joins, while calls keep flowing. Prints where the
+//! calls went in each phase and how many failed.
+//!
+//! The servers are this same binary started with `--serve <addr>`.
 
-fn main() {
-    let etcd = tonic_etcd::testing::Etcd::start();
-    println!("local etcd is up at {}", etcd.endpoint());
-    println!("the demo (servers registering, a client dialing by name) is not there yet");
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tokio_stream::StreamExt;
+use tonic_etcd::testing::greeter::{serve_registered, GreeterClient, HelloRequest};
+use tonic_etcd::testing::{shutdown_signal, signal, Etcd};
+use tonic_etcd::{Catalog, CatalogEvent, ChannelBuilder, EtcdChannel, NamingSchema, Registration};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// etcd endpoints, comma separated; without it a local etcd is started
+    /// and removed afterwards.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// The namespace the demo registers under.
+    #[arg(long, default_value = "tonic-etcd-demo")]
+    namespace: String,
+    /// The service name.
+    #[arg(long, default_value = "greeter.v1.Greeter")]
+    service: String,
+    /// Lease TTL of the servers, in seconds (how long a killed server's key
+    /// outlives it).
+    #[arg(long, default_value_t = 3)]
+    ttl: u64,
+    /// Length of each phase, in milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    phase_ms: u64,
+    /// Internal: run as a greeter server on this address.
+    #[arg(long, hide = true)]
+    serve: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if let Some(addr) = &args.serve {
+        return serve(&args, addr).await;
+    }
+    let local;
+    let endpoints = match &args.etcd {
+        Some(e) => e.clone(),
+        None => {
+            println!("starting a local etcd ...");
+            local = tokio::task::spawn_blocking(Etcd::start).await?;
+            local.endpoints()
+        }
+    };
+    println!("etcd at {}", endpoints.join(","));
+    let client =
+        etcd_client::Client::connect(&endpoints, Some(tonic_etcd::connect_options())).await?;
+    let schema = NamingSchema::with_namespace(&args.namespace)?;
+
+    // Show the registry as the catalog sees it.
+    let mut catalog = Catalog::builder(client.clone())
+        .schema(schema.clone())
+        .build()?;
+    let registered_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let seen = registered_at.clone();
+    tokio::spawn(async move {
+        while let Some(event) = catalog.next().await {
+            match event {
+                CatalogEvent::Insert { instance, .. } => {
+                    println!("  [etcd] + {} {}", instance.service, instance.addr);
+                    if let Ok(mut s) = seen.lock() {
+                        s.insert(instance.addr, Instant::now());
+                    }
+                }
+                CatalogEvent::Remove { instance, .. } => {
+                    println!("  [etcd] - {} {}", instance.service, instance.addr);
+                }
+            }
+        }
+    });
+
+    let mut servers: Vec<Server> = Vec::new();
+    for _ in 0..3 {
+        servers.push(Server::spawn(&args, &endpoints)?);
+    }
+    let channel = ChannelBuilder::new(client.clone(), &args.service)
+        .schema(schema)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while channel.endpoints() < 3 {
+        if Instant::now() > deadline {
+            return Err("the three servers did not register within 15 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let phase = Duration::from_millis(args.phase_ms);
+    let mut report = Vec::new();
+    report.push(run_phase("three servers registered", &channel, phase, || {}).await);
+
+    let graceful = servers[0].addr.clone();
+    let pid = servers[0].pid();
+    report.push(
+        run_phase(
+            &format!("{graceful} shuts down (SIGTERM)"),
+            &channel,
+            phase,
+            || signal(pid, "TERM"),
+        )
+        .await,
+    );
+
+    let killed = servers[1].addr.clone();
+    let pid = servers[1].pid();
+    // tonic's balancer keeps the dead endpoint until etcd drops its key when
+    // the lease expires, so this phase lasts a TTL.
+    let ttl_phase = Duration::from_secs(args.ttl) + phase;
+    report.push(
+        run_phase(
+            &format!("{killed} killed (SIGKILL)"),
+            &channel,
+            ttl_phase,
+            || signal(pid, "KILL"),
+        )
+        .await,
+    );
+
+    let joined = Server::spawn(&args, &endpoints)?;
+    let joined_addr = joined.addr.clone();
+    servers.push(joined);
+    let mut r = run_phase(&format!("{joined_addr} joins"), &channel, phase, || {}).await;
+    r.first_call_after = first_call_after(&registered_at, &joined_addr, &r);
+    report.push(r);
+
+    println!();
+    println!(
+        "{:<44} {:>6} {:>7}  calls per backend",
+        "phase", "ok", "failed"
+    );
+    for r in &report {
+        let per: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<44} {:>6} {:>7}  {}",
+            r.name,
+            r.ok(),
+            r.failed,
+            per.join(" ")
+        );
+    }
+    if let Some(d) = report.last().and_then(|r| r.first_call_after) {
+        println!("\n{joined_addr}: first call answered {d:?} after its key appeared in etcd");
+    }
+    println!(
+        "\nNote: this client uses tonic's own balanced channel, which keeps a killed \
+         server in rotation until its lease expires (TTL {} s); those calls fail.",
+        args.ttl
+    );
+
+    for s in &mut servers {
+        s.stop();
+    }
+    Ok(())
+}
+
+async fn serve(args: &Args, addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let endpoints = args.etcd.clone().unwrap_or_default();
+    let client =
+        etcd_client::Client::connect(&endpoints, Some(tonic_etcd::connect_options())).await?;
+    let registration = Registration::builder(client)
+        .schema(NamingSchema::with_namespace(&args.namespace)?)
+        .service(&args.service)
+        .ttl(Duration::from_secs(args.ttl));
+    serve_registered(registration, addr, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// A greeter server process.
+struct Server {
+    addr: String,
+    child: Child,
+}
+
+impl Server {
+    fn spawn(args: &Args, endpoints: &[String]) -> Result<Self, Box<dyn std::error::Error>> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(std::env::current_exe()?)
+            .args(["--serve", &addr, "--etcd", &endpoints.join(",")])
+            .args(["--namespace", &args.namespace, "--service", &args.service])
+            .args(["--ttl", &args.ttl.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { addr, child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct PhaseReport {
+    name: String,
+    counts: BTreeMap<String, usize>,
+    first_reply: BTreeMap<String, Instant>,
+    failed: usize,
+    first_call_after: Option<Duration>,
+}
+
+impl PhaseReport {
+    fn ok(&self) -> usize {
+        self.counts.values().sum()
+    }
+}
+
+/// Calls from four workers for `length`, running `event` 300 ms in.
+async fn run_phase(
+    name: &str,
+    channel: &EtcdChannel,
+    length: Duration,
+    event: impl FnOnce(),
+) -> PhaseReport {
+    println!("phase: {name}");
+    let end = Instant::now() + length;
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut greeter = GreeterClient::new(channel.clone());
+        workers.push(tokio::spawn(async move {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            let mut first_reply: BTreeMap<String, Instant> = BTreeMap::new();
+            let mut failed = 0;
+            while Instant::now() < end {
+                let call = greeter.say_hello(HelloRequest {
+                    name: "demo".into(),
+                });
+                match tokio::time::timeout(Duration::from_secs(2), call).await {
+                    Ok(Ok(r)) => {
+                        let id = r.into_inner().server_id;
+                        first_reply.entry(id.clone()).or_insert_with(Instant::now);
+                        *counts.entry(id).or_default() += 1;
+                    }
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (counts, first_reply, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    event();
+    let mut report = PhaseReport {
+        name: name.to_owned(),
+        counts: BTreeMap::new(),
+        first_reply: BTreeMap::new(),
+        failed: 0,
+        first_call_after: None,
+    };
+    for w in workers {
+        if let Ok((counts, first, failed)) = w.await {
+            for (k, v) in counts {
+                *report.counts.entry(k).or_default() += v;
+            }
+            for (k, t) in first {
+                let e = report.first_reply.entry(k).or_insert(t);
+                *e = (*e).min(t);
+            }
+            report.failed += failed;
+        }
+    }
+    report
+}
+
+fn first_call_after(
+    registered_at: &Mutex<BTreeMap<String, Instant>>,
+    addr: &str,
+    report: &PhaseReport,
+) -> Option<Duration> {
+    let registered = *registered_at.lock().ok()?.get(addr)?;
+    let first = *report.first_reply.get(addr)?;
+    Some(first.saturating_duration_since(registered))
 }

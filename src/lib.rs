@@ -1,4 +1,57 @@
 //! etcd-based service registration and client-side load balancing for tonic.
+//!
+//! * Servers register themselves under a lease that is kept alive, survive
+//!   lease loss, and leave before they stop serving: [`Registration`],
+//!   [`server::RegisteredServer`].
+//! * Clients dial a service by name: [`Discover`] turns etcd's view of a
+//!   service into tower `Change`s; [`ChannelBuilder`] feeds them to a
+//!   balanced tonic channel that generated clients take unchanged.
+//!   [`Catalog`] shows every service under a namespace.
+//! * The default key layout, [`NamingSchema`], is byte-compatible with etcd's
+//!   Go naming package; [`ColonSchema`] and custom [`Schema`]s are supported.
+//!
+//! # Overview
+//!
+//! This runs against a real etcd started for the example
+//! ([`testing::Etcd`], feature `testing`); in production, connect to your
+//! cluster.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+//! use tonic_etcd::{server::RegisteredServer, ChannelBuilder, Registration};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let etcd = tonic_etcd::testing::Etcd::start();
+//! let client =
+//!     etcd_client::Client::connect(etcd.endpoints(), Some(tonic_etcd::connect_options())).await?;
+//!
+//! // A server registers itself once it serves, and leaves when told to stop.
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let router = tonic::transport::Server::builder().add_service(Greeter::new("a").into_service());
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(
+//!     RegisteredServer::new(Registration::builder(client.clone()).service("greeter.v1.Greeter"))
+//!         .grace(Duration::ZERO)
+//!         .serve_with_shutdown(router, listener, async {
+//!             let _ = stopped.await;
+//!         }),
+//! );
+//!
+//! // A client dials it by name.
+//! let channel = ChannelBuilder::new(client, "greeter.v1.Greeter").build()?;
+//! channel.wait_for_endpoints(Duration::from_secs(5)).await?;
+//! let reply = GreeterClient::new(channel)
+//!     .say_hello(HelloRequest { name: "etcd".into() })
+//!     .await?;
+//! assert_eq!(reply.into_inner().server_id, "a");
+//!
+//! let _ = stop.send(());
+//! server.await??;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 

@@ -59,6 +59,22 @@ pub trait Schema: fmt::Debug + Send + Sync + 'static {
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError>;
 }
 
+/// A schema chosen by name, as command lines spell it: `naming` (with an
+/// optional namespace) or `colon` (which needs one).
+pub fn by_name(name: &str, namespace: Option<&str>) -> Result<std::sync::Arc<dyn Schema>, Error> {
+    match (name, namespace) {
+        ("naming", None) => Ok(std::sync::Arc::new(NamingSchema::new())),
+        ("naming", Some(ns)) => Ok(std::sync::Arc::new(NamingSchema::with_namespace(ns)?)),
+        ("colon", Some(ns)) => Ok(std::sync::Arc::new(ColonSchema::new(ns)?)),
+        ("colon", None) => Err(Error::InvalidConfig(
+            "the colon schema needs a namespace (<namespace>:<service>:<ip>:<port>)".into(),
+        )),
+        (other, _) => Err(Error::InvalidConfig(format!(
+            "unknown schema {other:?}: use \"naming\" or \"colon\""
+        ))),
+    }
+}
+
 /// Why a key or value in etcd could not be read. Such entries are skipped
 /// with a warning; they never disturb other endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

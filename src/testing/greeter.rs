@@ -69,3 +69,18 @@ impl pb::greeter_server::Greeter for Greeter {
         }))
     }
 }
+
+/// Serves a greeter on `addr` (bound and advertised), registered with
+/// `registration`, until `shutdown` resolves. The greeter names itself by
+/// its address. Used by the examples and the demo's server processes.
+pub async fn serve_registered(
+    registration: crate::RegistrationBuilder,
+    addr: &str,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let router = tonic::transport::Server::builder().add_service(Greeter::new(addr).into_service());
+    crate::server::RegisteredServer::new(registration.addr(addr))
+        .serve_with_shutdown(router, listener, shutdown)
+        .await
+}

@@ -7,3 +7,20 @@ mod etcd;
 pub mod greeter;
 
 pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions};
+
+/// Resolves on SIGINT or SIGTERM: what a server process waits for before it
+/// shuts down gracefully.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
