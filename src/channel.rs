@@ -27,6 +27,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -166,6 +167,7 @@ impl ChannelBuilder {
         let timeout = self.no_endpoint_timeout;
         let (channel, handle) = self.build_tonic()?;
         Ok(EtcdChannel {
+            count: handle.count.clone(),
             endpoints: handle.endpoints.clone(),
             inner: channel,
             service,
@@ -183,16 +185,18 @@ impl ChannelBuilder {
         let discover = self.discover.build()?;
         let (channel, tx) = Channel::balance_channel::<String>(self.change_buffer);
         let (count_tx, count_rx) = watch::channel(0);
+        let count = Arc::new(AtomicUsize::new(0));
         let make = EndpointMaker {
             scheme: self.scheme,
             configure: self.configure,
         };
-        let task = tokio::spawn(forward(discover, tx, make, count_tx));
+        let task = tokio::spawn(forward(discover, tx, make, count_tx, count.clone()));
         Ok((
             channel,
             DiscoveryHandle {
                 task,
                 endpoints: count_rx,
+                count,
                 service: self.service,
             },
         ))
@@ -216,12 +220,14 @@ impl EndpointMaker {
 }
 
 /// Feeds discovery changes into tonic's balancer and counts the endpoints
-/// handed over.
+/// handed over: in a watch channel for waiters, and in an atomic for the
+/// per-call check (a watch borrow takes a lock on every call).
 async fn forward(
     mut discover: Discover,
     tx: mpsc::Sender<TonicChange<String, Endpoint>>,
     make: EndpointMaker,
     count: watch::Sender<usize>,
+    fast_count: Arc<AtomicUsize>,
 ) {
     let mut keys: HashSet<String> = HashSet::new();
     while let Some(Ok(change)) = discover.next().await {
@@ -252,6 +258,7 @@ async fn forward(
             // The channel and all its clones are gone.
             return;
         }
+        fast_count.store(keys.len(), Ordering::Release);
         count.send_replace(keys.len());
     }
 }
@@ -263,6 +270,7 @@ async fn forward(
 pub struct DiscoveryHandle {
     task: JoinHandle<()>,
     endpoints: watch::Receiver<usize>,
+    count: Arc<AtomicUsize>,
     service: String,
 }
 
@@ -305,6 +313,7 @@ async fn wait_for_endpoints(
 #[derive(Clone)]
 pub struct EtcdChannel {
     inner: Channel,
+    count: Arc<AtomicUsize>,
     endpoints: watch::Receiver<usize>,
     service: Arc<str>,
     no_endpoint_timeout: Duration,
@@ -315,7 +324,7 @@ impl fmt::Debug for EtcdChannel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdChannel")
             .field("service", &self.service)
-            .field("endpoints", &*self.endpoints.borrow())
+            .field("endpoints", &self.endpoints())
             .finish_non_exhaustive()
     }
 }
@@ -323,7 +332,7 @@ impl fmt::Debug for EtcdChannel {
 impl EtcdChannel {
     /// Endpoints known now.
     pub fn endpoints(&self) -> usize {
-        *self.endpoints.borrow()
+        self.count.load(Ordering::Acquire)
     }
 
     /// Waits until at least one endpoint is known, up to `timeout`.
@@ -348,7 +357,7 @@ impl Service<http::Request<tonic::body::Body>> for EtcdChannel {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if *self.endpoints.borrow() > 0 {
+        if self.count.load(Ordering::Acquire) > 0 {
             return ResponseFuture {
                 inner: Inner::Ready(self.inner.call(request)),
             };

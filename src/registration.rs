@@ -4,7 +4,8 @@
 //! # Lifecycle
 //!
 //! 1. [`RegistrationBuilder::register`] grants a lease (default TTL 10 s) and
-//!    writes every key with it in one transaction, retrying with back-off
+//!    writes every key with it atomically (one put, or one transaction for
+//!    several services), retrying with back-off
 //!    until the start-up deadline.
 //! 2. A background task keeps the lease alive over **one long-lived
 //!    keep-alive stream**, sending a keep-alive every TTL/3 and draining every
@@ -33,7 +34,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -649,34 +650,43 @@ async fn put_all(
     lease: i64,
     timeout: Duration,
 ) -> Result<(), Error> {
-    let ops: Vec<TxnOp> = entries
-        .iter()
-        .map(|e| {
-            TxnOp::put(
-                e.key.as_str(),
-                e.value.clone(),
-                Some(PutOptions::new().with_lease(lease).with_prev_key()),
-            )
+    let opts = PutOptions::new().with_lease(lease).with_prev_key();
+    let previous: Vec<Option<KeyValue>> = if let [only] = entries {
+        // One key needs no transaction: a plain put is atomic and cheaper.
+        let resp = with_timeout("put", timeout, || {
+            let mut c = client.clone();
+            let (key, value, opts) = (only.key.clone(), only.value.clone(), opts.clone());
+            async move { c.put(key, value, Some(opts)).await }
         })
-        .collect();
-    let txn = Txn::new().and_then(ops);
-    let resp = with_timeout("put", timeout, || {
-        let mut c = client.clone();
-        let txn = txn.clone();
-        async move { c.txn(txn).await }
-    })
-    .await?;
-    for op in resp.op_responses() {
-        if let TxnOpResponse::Put(put) = op {
-            if let Some(prev) = put.prev_key() {
-                if prev.lease() != 0 && prev.lease() != lease {
-                    tracing::warn!(
-                        key = %String::from_utf8_lossy(prev.key()),
-                        old_lease = prev.lease(),
-                        "overwrote a key held by another lease (a previous process at this address?)"
-                    );
-                }
-            }
+        .await?;
+        vec![resp.prev_key().cloned()]
+    } else {
+        let ops: Vec<TxnOp> = entries
+            .iter()
+            .map(|e| TxnOp::put(e.key.as_str(), e.value.clone(), Some(opts.clone())))
+            .collect();
+        let txn = Txn::new().and_then(ops);
+        let resp = with_timeout("put", timeout, || {
+            let mut c = client.clone();
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        resp.op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Put(put) => put.prev_key().cloned(),
+                _ => None,
+            })
+            .collect()
+    };
+    for prev in previous.into_iter().flatten() {
+        if prev.lease() != 0 && prev.lease() != lease {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(prev.key()),
+                old_lease = prev.lease(),
+                "overwrote a key held by another lease (a previous process at this address?)"
+            );
         }
     }
     Ok(())

@@ -1,0 +1,114 @@
+//! Shared by the benchmarks: percentiles, a readable table, JSON output.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Samples per measured series: `BENCH_SAMPLES`, default `default`.
+pub fn samples(default: usize) -> usize {
+    std::env::var("BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Summary of one series of latencies.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub n: usize,
+    pub p50: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub mean: Duration,
+}
+
+impl Stats {
+    pub fn of(mut v: Vec<Duration>) -> Self {
+        assert!(!v.is_empty(), "no samples");
+        v.sort();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        let total: Duration = v.iter().sum();
+        Self {
+            n: v.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: v[v.len() - 1],
+            mean: total / v.len() as u32,
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "n": self.n,
+            "p50_us": us(self.p50),
+            "p90_us": us(self.p90),
+            "p99_us": us(self.p99),
+            "max_us": us(self.max),
+            "mean_us": us(self.mean),
+        })
+    }
+}
+
+pub fn us(d: Duration) -> f64 {
+    (d.as_nanos() as f64 / 1000.0 * 10.0).round() / 10.0
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints rows under a header, columns padded to fit.
+pub fn table(title: &str, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    println!("\n{title}");
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("  {}", parts.join("  "));
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    line(widths.iter().map(|w| "-".repeat(*w)).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// Writes `value` to `target/bench/<name>.json` and says where.
+pub fn write_json(name: &str, value: &serde_json::Value) {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench");
+    std::fs::create_dir_all(&dir).expect("create target/bench");
+    let path = dir.join(format!("{name}.json"));
+    let text = serde_json::to_string_pretty(value).expect("serialize");
+    std::fs::write(&path, text).expect("write bench json");
+    println!("\nwrote {}", path.display());
+}
+
+/// Resident memory of this process, in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
