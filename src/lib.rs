@@ -56,6 +56,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod backoff;
+pub mod balancer;
 pub mod catalog;
 pub mod channel;
 pub mod discovery;
@@ -68,6 +69,7 @@ pub mod server;
 pub mod testing;
 mod watcher;
 
+pub use balancer::{Balancer, BalancerBuilder};
 pub use catalog::{Catalog, CatalogEvent};
 pub use channel::{ChannelBuilder, EtcdChannel};
 pub use discovery::Discover;

@@ -1,0 +1,369 @@
+//! The crate's own balancer against real etcd and real tonic servers.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{eventually, unique};
+use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::shared;
+use tonic_etcd::{Balancer, Metadata, Registration};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A greeter on a runtime of its own: shutting the runtime down closes every
+/// socket at once, as a SIGKILL would, while its etcd key stays registered.
+struct Backend {
+    addr: String,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Backend {
+    fn start_on(addr: &str, id: &str, delay: Duration) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let std_listener = std::net::TcpListener::bind(addr).unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap().to_string();
+        let greeter = Greeter::new(id).with_delay(delay);
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(greeter.into_service())
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
+                .await
+        });
+        Self { addr, rt: Some(rt) }
+    }
+
+    fn start(id: &str) -> Self {
+        Self::start_on("127.0.0.1:0", id, Duration::ZERO)
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn register(
+    client: &etcd_client::Client,
+    svc: &str,
+    addr: &str,
+    meta: Metadata,
+) -> Registration {
+    Registration::builder(client.clone())
+        .service(svc)
+        .addr(addr)
+        .metadata(meta)
+        .register()
+        .await
+        .unwrap()
+}
+
+/// Calls from `workers` tasks until `stop` is set; counts replies per server
+/// and failures with the time they happened.
+struct Load {
+    counts: Vec<tokio::task::JoinHandle<(HashMap<String, usize>, Vec<Instant>)>>,
+    stop: Arc<AtomicUsize>,
+}
+
+impl Load {
+    fn start(balancer: &Balancer, workers: usize) -> Self {
+        let stop = Arc::new(AtomicUsize::new(0));
+        let counts = (0..workers)
+            .map(|_| {
+                let mut client = GreeterClient::new(balancer.clone());
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut counts: HashMap<String, usize> = HashMap::new();
+                    let mut failures = Vec::new();
+                    let end = Instant::now() + LIMIT;
+                    while stop.load(Ordering::Relaxed) == 0 && Instant::now() < end {
+                        match client.say_hello(HelloRequest { name: "x".into() }).await {
+                            Ok(r) => *counts.entry(r.into_inner().server_id).or_default() += 1,
+                            Err(_) => failures.push(Instant::now()),
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    (counts, failures)
+                })
+            })
+            .collect();
+        Self { counts, stop }
+    }
+
+    async fn finish(self) -> (HashMap<String, usize>, Vec<Instant>) {
+        self.stop.store(1, Ordering::Relaxed);
+        let mut all: HashMap<String, usize> = HashMap::new();
+        let mut failures = Vec::new();
+        for t in self.counts {
+            let (c, f) = t.await.unwrap();
+            for (k, v) in c {
+                *all.entry(k).or_default() += v;
+            }
+            failures.extend(f);
+        }
+        (all, failures)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_gets_a_clearly_smaller_share() {
+    let client = shared().client().await;
+    let svc = unique("slow");
+    let fast1 = Backend::start("fast1");
+    let fast2 = Backend::start("fast2");
+    let slow = Backend::start_on("127.0.0.1:0", "slow", Duration::from_millis(20));
+    let mut regs = Vec::new();
+    for b in [&fast1, &fast2, &slow] {
+        regs.push(register(&client, &svc, &b.addr, Metadata::new()).await);
+    }
+    let balancer = Balancer::builder(client.clone(), &svc).build().unwrap();
+    balancer.wait_for_ready(3, LIMIT).await.unwrap();
+    let load = Load::start(&balancer, 16);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (counts, failures) = load.finish().await;
+    let total: usize = counts.values().sum();
+    let slow_share = counts.get("slow").copied().unwrap_or(0) as f64 / total as f64;
+    eprintln!("shares over {total} calls: {counts:?}");
+    assert!(failures.is_empty());
+    // Picking at random would give it a third.
+    assert!(
+        slow_share < 0.05,
+        "slow backend got {:.1}% of calls",
+        slow_share * 100.0
+    );
+    assert!(counts.get("fast1").copied().unwrap_or(0) > total / 4);
+    assert!(counts.get("fast2").copied().unwrap_or(0) > total / 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_costs_at_most_the_calls_in_flight_and_comes_back() {
+    let client = shared().client().await;
+    let svc = unique("killed");
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let mut victim = Backend::start("victim");
+    let victim_addr = victim.addr.clone();
+    let mut regs = Vec::new();
+    for be in [&a, &b, &victim] {
+        regs.push(register(&client, &svc, &be.addr, Metadata::new()).await);
+    }
+    let balancer = Balancer::builder(client.clone(), &svc)
+        .reconnect_backoff_max(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(3, LIMIT).await.unwrap();
+
+    let workers = 8;
+    let load = Load::start(&balancer, workers);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    victim.kill();
+    // Its key stays in etcd (the lease lives on); only the connection tells.
+    eventually(LIMIT, "victim out of rotation", || async {
+        (balancer.ready() == 2).then_some(())
+    })
+    .await;
+    let detected = killed_at.elapsed();
+    assert_eq!(balancer.registered(), 3, "etcd still lists it");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (counts, failures) = load.finish().await;
+    eprintln!(
+        "detected after {detected:?}; {} failures; {counts:?}",
+        failures.len()
+    );
+    assert!(
+        failures.len() <= workers,
+        "{} failed calls, more than the {workers} that can be in flight",
+        failures.len()
+    );
+    let late: Vec<_> = failures
+        .iter()
+        .filter(|t| t.duration_since(killed_at) > detected + Duration::from_millis(50))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} calls failed after the kill was detected",
+        late.len()
+    );
+    assert!(counts.values().sum::<usize>() > 100);
+
+    // The server comes back on the same address: the endpoint rejoins.
+    let _back = Backend::start_on(&victim_addr, "victim", Duration::ZERO);
+    balancer.wait_for_ready(3, LIMIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn with_no_endpoint_a_call_fails_within_the_deadline_saying_why() {
+    let client = shared().client().await;
+    let svc = unique("none");
+    let balancer = Balancer::builder(client.clone(), &svc)
+        .no_endpoint_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let t = Instant::now();
+    let status = greeter
+        .say_hello(HelloRequest { name: "x".into() })
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("no instance") && status.message().contains(&svc),
+        "{status}"
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // Registered, but nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let _reg = register(&client, &svc, &dead, Metadata::new()).await;
+    eventually(LIMIT, "registered", || async {
+        (balancer.registered() == 1).then_some(())
+    })
+    .await;
+    let status = greeter
+        .say_hello(HelloRequest { name: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("none is reachable"), "{status}");
+    assert!(
+        status.message().contains(&dead),
+        "the last error names the address: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_filter_routes_only_to_matching_instances() {
+    let client = shared().client().await;
+    let svc = unique("filter");
+    let v1 = Backend::start("v1");
+    let v2a = Backend::start("v2a");
+    let v2b = Backend::start("v2b");
+    let _r = [
+        register(
+            &client,
+            &svc,
+            &v1.addr,
+            Metadata::new().with("version", "v1"),
+        )
+        .await,
+        register(
+            &client,
+            &svc,
+            &v2a.addr,
+            Metadata::new().with("version", "v2"),
+        )
+        .await,
+        register(
+            &client,
+            &svc,
+            &v2b.addr,
+            Metadata::new().with("version", "v2"),
+        )
+        .await,
+    ];
+    let balancer = Balancer::builder(client.clone(), &svc)
+        .filter(|i| i.metadata.get("version").as_deref() == Some("v2"))
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(2, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..100 {
+        let r = greeter
+            .say_hello(HelloRequest { name: "x".into() })
+            .await
+            .unwrap();
+        *counts.entry(r.into_inner().server_id).or_default() += 1;
+    }
+    assert_eq!(counts.get("v1"), None, "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 100);
+    assert_eq!(balancer.ready(), 2);
+    let mut ready: Vec<_> = balancer
+        .ready_instances()
+        .into_iter()
+        .map(|i| i.addr)
+        .collect();
+    ready.sort();
+    let mut want = vec![v2a.addr.clone(), v2b.addr.clone()];
+    want.sort();
+    assert_eq!(ready, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_apply_without_traffic_and_a_removed_connection_closes() {
+    let client = shared().client().await;
+    let svc = unique("notraffic");
+    let backend = Backend::start("b");
+    let proxy = proxy::Proxy::start(backend.addr.clone()).await;
+    let reg = register(&client, &svc, &proxy.addr.to_string(), Metadata::new()).await;
+    let balancer = Balancer::builder(client.clone(), &svc).build().unwrap();
+    // Connected ahead of any call.
+    balancer.wait_for_ready(1, LIMIT).await.unwrap();
+    eventually(LIMIT, "one connection through the proxy", || async {
+        (proxy.active() == 1).then_some(())
+    })
+    .await;
+    reg.deregister().await.unwrap();
+    // No call is made: the removal alone closes the connection.
+    eventually(LIMIT, "connection closed after removal", || async {
+        (proxy.active() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(balancer.ready(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_calls_on_a_removed_endpoint_finish() {
+    let client = shared().client().await;
+    let svc = unique("inflight");
+    let slow = Backend::start_on("127.0.0.1:0", "slow", Duration::from_millis(300));
+    let reg = register(&client, &svc, &slow.addr, Metadata::new()).await;
+    let balancer = Balancer::builder(client.clone(), &svc).build().unwrap();
+    balancer.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let call =
+        tokio::spawn(async move { greeter.say_hello(HelloRequest { name: "x".into() }).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reg.deregister().await.unwrap();
+    eventually(LIMIT, "removed", || async {
+        (balancer.ready() == 0).then_some(())
+    })
+    .await;
+    let reply = tokio::time::timeout(LIMIT, call).await.unwrap().unwrap();
+    assert_eq!(
+        reply
+            .expect("the in-flight call completes")
+            .into_inner()
+            .server_id,
+        "slow"
+    );
+}
