@@ -80,8 +80,11 @@ async fn register(
 
 /// Calls from `workers` tasks until `stop` is set; counts replies per server
 /// and failures with the time they happened.
+/// Replies per server, and when each failed call failed.
+type Tally = (HashMap<String, usize>, Vec<Instant>);
+
 struct Load {
-    counts: Vec<tokio::task::JoinHandle<(HashMap<String, usize>, Vec<Instant>)>>,
+    counts: Vec<tokio::task::JoinHandle<Tally>>,
     stop: Arc<AtomicUsize>,
 }
 
@@ -110,7 +113,7 @@ impl Load {
         Self { counts, stop }
     }
 
-    async fn finish(self) -> (HashMap<String, usize>, Vec<Instant>) {
+    async fn finish(self) -> Tally {
         self.stop.store(1, Ordering::Relaxed);
         let mut all: HashMap<String, usize> = HashMap::new();
         let mut failures = Vec::new();
