@@ -8,14 +8,23 @@
 //! * `etcd_channel`: this crate's `EtcdChannel` (tonic's balanced channel fed
 //!   by the etcd Discover) over the four, registered in etcd;
 //! * `p2c_direct`: the Discover driving `tower::balance::p2c::Balance` over
-//!   pending-request load, behind a `Buffer`.
+//!   pending-request load, behind a `Buffer`;
+//! * `balancer`: this crate's own `Balancer` (no buffer task, peak-EWMA p2c).
+//!
+//! Then, `balancer` against tonic's balanced channel fed by the same etcd
+//! Discover (`etcd_channel`), each on a fresh set of four backends:
+//!
+//! * one backend adds 20 ms to every reply: mean and p99 latency;
+//! * one backend dies (its runtime is shut down, closing every socket as a
+//!   SIGKILL would; its etcd key stays alive): failed calls in the next 10 s;
+//! * no backend registered: how long a call takes to fail.
 //!
 //! Variants run in interleaved rounds after a warm-up, so machine noise hits
 //! them alike; figures are totals over the rounds. Ratios are to
 //! `balance_list` from the same run.
 //!
-//! `cargo bench --bench request_path` (`BENCH_SECS` per variant and round,
-//! default 2; `BENCH_ROUNDS`, default 3).
+//! `cargo bench --bench request_path` (`BENCH_SECS` ms per variant and round,
+//! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -24,12 +33,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{ms, table, write_json, Stats};
+use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
-use tonic_etcd::{ChannelBuilder, Discover, Registration};
+use tonic_etcd::{Balancer, ChannelBuilder, Discover, Registration};
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
@@ -43,13 +52,6 @@ type Call = Arc<
 
 const CALLERS: usize = 64;
 const SERVICE: &str = "bench.request_path";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Makes a call function over any tonic-compatible service.
 fn caller<T>(svc: T) -> Call
@@ -102,144 +104,341 @@ async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
     (all.len(), failed, all)
 }
 
-fn main() {
-    let secs = env_num("BENCH_SECS", 2);
-    let rounds = env_num("BENCH_ROUNDS", 3);
-    let etcd = Etcd::start();
+/// Four greeter servers, each on a runtime of its own so one can die alone,
+/// registered under `service`.
+struct Backends {
+    addrs: Vec<String>,
+    runtimes: Vec<Option<tokio::runtime::Runtime>>,
+    _registrations: Vec<Registration>,
+}
 
-    // Servers on a runtime of their own.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let addrs: Vec<String> = server_rt.block_on(async {
+impl Backends {
+    async fn start(client: &etcd_client::Client, service: &str, slow: Option<usize>) -> Self {
         let mut addrs = Vec::new();
+        let mut runtimes = Vec::new();
+        let mut registrations = Vec::new();
         for i in 0..4 {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addrs.push(listener.local_addr().unwrap().to_string());
-            tokio::spawn(
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            std_listener.set_nonblocking(true).unwrap();
+            let addr = std_listener.local_addr().unwrap().to_string();
+            let delay = if slow == Some(i) {
+                Duration::from_millis(20)
+            } else {
+                Duration::ZERO
+            };
+            let greeter = Greeter::new(format!("s{i}")).with_delay(delay);
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
                 tonic::transport::Server::builder()
-                    .add_service(Greeter::new(format!("s{i}")).into_service())
+                    .add_service(greeter.into_service())
                     .serve_with_incoming(
                         tonic::transport::server::TcpIncoming::from(listener)
                             .with_nodelay(Some(true)),
-                    ),
+                    )
+                    .await
+            });
+            // A long TTL: a dead backend's key outlives the measurement.
+            registrations.push(
+                Registration::builder(client.clone())
+                    .service(service)
+                    .addr(&addr)
+                    .ttl(Duration::from_secs(60))
+                    .register()
+                    .await
+                    .unwrap(),
             );
+            addrs.push(addr);
+            runtimes.push(Some(rt));
         }
-        addrs
-    });
+        Self {
+            addrs,
+            runtimes,
+            _registrations: registrations,
+        }
+    }
 
+    /// Closes every socket of backend `i` at once, as SIGKILL would.
+    fn kill(&mut self, i: usize) {
+        if let Some(rt) = self.runtimes[i].take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for rt in self.runtimes.iter_mut().filter_map(Option::take) {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn etcd_channel(client: &etcd_client::Client, service: &str) -> tonic_etcd::EtcdChannel {
+    let c = ChannelBuilder::new(client.clone(), service)
+        .build()
+        .unwrap();
+    let wait = Instant::now() + Duration::from_secs(5);
+    while c.endpoints() < 4 {
+        assert!(Instant::now() < wait, "4 endpoints not discovered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c
+}
+
+async fn balancer(client: &etcd_client::Client, service: &str) -> Balancer {
+    let b = Balancer::builder(client.clone(), service).build().unwrap();
+    b.wait_for_ready(4, Duration::from_secs(5)).await.unwrap();
+    b
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
+fn main() {
+    let millis = setting("BENCH_SECS", 2000, 100);
+    let rounds = setting("BENCH_ROUNDS", 3, 1);
+    let etcd = Etcd::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
+    let mut json = serde_json::Map::new();
+    rt.block_on(async {
         let client = etcd.client().await;
-        let mut registrations = Vec::new();
-        for a in &addrs {
-            registrations.push(
-                Registration::builder(client.clone())
-                    .service(SERVICE)
-                    .addr(a)
-                    .register()
-                    .await
-                    .unwrap(),
-            );
-        }
-        let endpoint = |a: &str| Endpoint::from_shared(format!("http://{a}")).unwrap();
-
-        let plain = endpoint(&addrs[0]).connect_lazy();
-        let listed = Channel::balance_list(addrs.iter().map(|a| endpoint(a)));
-        let etcd_channel = ChannelBuilder::new(client.clone(), SERVICE).build().unwrap();
-        etcd_channel
-            .wait_for_endpoints(Duration::from_secs(5))
-            .await
-            .unwrap();
-        let wait = Instant::now() + Duration::from_secs(5);
-        while etcd_channel.endpoints() < 4 {
-            assert!(Instant::now() < wait, "4 endpoints not discovered");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let p2c = {
-            let discover = Discover::builder(client.clone(), SERVICE).build().unwrap();
-            let services = discover.map(|change| {
-                Ok::<_, Infallible>(match change? {
-                    Change::Insert(k, i) => Change::Insert(
-                        k,
-                        PendingRequests::new(
-                            Endpoint::from_shared(i.uri("http")).unwrap().connect_lazy(),
-                            CompleteOnResponse::default(),
-                        ),
-                    ),
-                    Change::Remove(k) => Change::Remove(k),
-                })
-            });
-            tower::buffer::Buffer::new(tower::balance::p2c::Balance::new(services), 1024)
-        };
-
-        let variants: Vec<(&str, Call)> = vec![
-            ("plain (one server)", caller(plain)),
-            ("balance_list", caller(listed)),
-            ("etcd_channel", caller(etcd_channel.clone())),
-            ("p2c_direct", caller(p2c)),
-        ];
-
-        // Warm-up: connections made, code paths hot.
-        for (_, call) in &variants {
-            load(call, Duration::from_millis(700)).await;
-        }
-        let mut totals: Vec<(usize, usize, Vec<Duration>, Duration)> =
-            variants.iter().map(|_| (0, 0, Vec::new(), Duration::ZERO)).collect();
-        for round in 0..rounds as usize {
-            for k in 0..variants.len() {
-                // Rotate the order each round.
-                let i = (k + round) % variants.len();
-                let t = Instant::now();
-                let (n, failed, lat) = load(&variants[i].1, Duration::from_secs(secs)).await;
-                let total = &mut totals[i];
-                total.0 += n;
-                total.1 += failed;
-                total.2.extend(lat);
-                total.3 += t.elapsed();
-            }
-        }
-
-        let base = variants.iter().position(|(n, _)| *n == "balance_list").unwrap();
-        let stats: Vec<(f64, Stats, usize)> = totals
-            .into_iter()
-            .map(|(n, failed, lat, took)| (n as f64 / took.as_secs_f64(), Stats::of(lat), failed))
-            .collect();
-        let (base_rate, base_stats, _) = stats[base];
-        let mut rows = Vec::new();
-        let mut json = serde_json::Map::new();
-        for ((name, _), (rate, st, failed)) in variants.iter().zip(&stats) {
-            let tput_ratio = rate / base_rate;
-            let p99_ratio = st.p99.as_secs_f64() / base_stats.p99.as_secs_f64();
-            rows.push(vec![
-                name.to_string(),
-                format!("{rate:.0}"),
-                ms(st.p50),
-                ms(st.p99),
-                failed.to_string(),
-                format!("{tput_ratio:.3}x"),
-                format!("{p99_ratio:.2}x"),
-            ]);
-            let mut v = st.json();
-            v["calls_per_s"] = (rate.round()).into();
-            v["failed"] = (*failed).into();
-            v["throughput_ratio_to_balance_list"] = ((tput_ratio * 1000.0).round() / 1000.0).into();
-            v["p99_ratio_to_balance_list"] = ((p99_ratio * 1000.0).round() / 1000.0).into();
-            json.insert(name.to_string(), v);
-        }
-        table(
-            &format!("request_path ({CALLERS} callers, {rounds} rounds x {secs} s per variant; latency ms)"),
-            &["variant", "calls/s", "p50", "p99", "failed", "tput vs list", "p99 vs list"],
-            &rows,
-        );
-        write_json("request_path", &serde_json::Value::Object(json));
-        drop(registrations);
+        json.insert("healthy".into(), healthy(&client, millis, rounds).await);
+        json.insert("one_slow".into(), one_slow(&client, millis).await);
+        json.insert("one_killed".into(), one_killed(&client).await);
+        json.insert("no_endpoints".into(), no_endpoints(&client).await);
     });
-    drop(server_rt);
+    write_json("request_path", &serde_json::Value::Object(json));
+}
+
+/// Four healthy backends: throughput and latency of every variant.
+async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serde_json::Value {
+    let backends = Backends::start(client, SERVICE, None).await;
+    let addrs = &backends.addrs;
+    let endpoint = |a: &str| Endpoint::from_shared(format!("http://{a}")).unwrap();
+    let plain = endpoint(&addrs[0]).connect_lazy();
+    let listed = Channel::balance_list(addrs.iter().map(|a| endpoint(a)));
+    let etcd_channel = etcd_channel(client, SERVICE).await;
+    let balancer = balancer(client, SERVICE).await;
+    let p2c = {
+        let discover = Discover::builder(client.clone(), SERVICE).build().unwrap();
+        let services = discover.map(|change| {
+            Ok::<_, Infallible>(match change? {
+                Change::Insert(k, i) => Change::Insert(
+                    k,
+                    PendingRequests::new(
+                        Endpoint::from_shared(i.uri("http")).unwrap().connect_lazy(),
+                        CompleteOnResponse::default(),
+                    ),
+                ),
+                Change::Remove(k) => Change::Remove(k),
+            })
+        });
+        tower::buffer::Buffer::new(tower::balance::p2c::Balance::new(services), 1024)
+    };
+    let variants: Vec<(&str, Call)> = vec![
+        ("plain (one server)", caller(plain)),
+        ("balance_list", caller(listed)),
+        ("etcd_channel", caller(etcd_channel)),
+        ("p2c_direct", caller(p2c)),
+        ("balancer", caller(balancer)),
+    ];
+
+    // Warm-up: connections made, code paths hot.
+    for (_, call) in &variants {
+        load(call, Duration::from_millis(millis.min(700))).await;
+    }
+    let mut totals: Vec<(usize, usize, Vec<Duration>, Duration)> = variants
+        .iter()
+        .map(|_| (0, 0, Vec::new(), Duration::ZERO))
+        .collect();
+    for round in 0..rounds as usize {
+        for k in 0..variants.len() {
+            // Rotate the order each round.
+            let i = (k + round) % variants.len();
+            let t = Instant::now();
+            let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
+            let total = &mut totals[i];
+            total.0 += n;
+            total.1 += failed;
+            total.2.extend(lat);
+            total.3 += t.elapsed();
+        }
+    }
+
+    let base = variants
+        .iter()
+        .position(|(n, _)| *n == "balance_list")
+        .unwrap();
+    let stats: Vec<(f64, Stats, usize)> = totals
+        .into_iter()
+        .map(|(n, failed, lat, took)| (n as f64 / took.as_secs_f64(), Stats::of(lat), failed))
+        .collect();
+    let (base_rate, base_stats, _) = stats[base];
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    for ((name, _), (rate, st, failed)) in variants.iter().zip(&stats) {
+        let tput_ratio = rate / base_rate;
+        let p99_ratio = st.p99.as_secs_f64() / base_stats.p99.as_secs_f64();
+        rows.push(vec![
+            name.to_string(),
+            format!("{rate:.0}"),
+            ms(st.p50),
+            ms(st.p99),
+            failed.to_string(),
+            format!("{tput_ratio:.3}x"),
+            format!("{p99_ratio:.2}x"),
+        ]);
+        let mut v = st.json();
+        v["calls_per_s"] = rate.round().into();
+        v["failed"] = (*failed).into();
+        v["throughput_ratio_to_balance_list"] = ratio(*rate, base_rate).into();
+        v["p99_ratio_to_balance_list"] =
+            ratio(st.p99.as_secs_f64(), base_stats.p99.as_secs_f64()).into();
+        json.insert(name.to_string(), v);
+    }
+    table(
+        &format!("request_path: four healthy backends ({CALLERS} callers, {rounds} rounds x {millis} ms per variant; latency ms)"),
+        &["variant", "calls/s", "p50", "p99", "failed", "tput vs list", "p99 vs list"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// One of four backends adds 20 ms: tonic's balanced channel against ours.
+async fn one_slow(client: &etcd_client::Client, millis: u64) -> serde_json::Value {
+    let service = "bench.one_slow";
+    let _backends = Backends::start(client, service, Some(3)).await;
+    let variants: Vec<(&str, Call)> = vec![
+        (
+            "etcd_channel (tonic)",
+            caller(etcd_channel(client, service).await),
+        ),
+        ("balancer", caller(balancer(client, service).await)),
+    ];
+    for (_, call) in &variants {
+        load(call, Duration::from_millis(millis.min(500))).await;
+    }
+    let mut lats: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
+    for round in 0..2 {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            lats[i].extend(load(&variants[i].1, Duration::from_millis(millis)).await.2);
+        }
+    }
+    let stats: Vec<Stats> = lats.into_iter().map(Stats::of).collect();
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for ((name, _), st) in variants.iter().zip(&stats) {
+        rows.push(vec![
+            name.to_string(),
+            st.n.to_string(),
+            ms(st.mean),
+            ms(st.p50),
+            ms(st.p99),
+            format!("{:.2}x", st.p99.as_secs_f64() / stats[0].p99.as_secs_f64()),
+        ]);
+        json.insert(name.to_string(), st.json());
+    }
+    json.insert(
+        "p99_ratio_balancer_to_tonic".into(),
+        ratio(stats[1].p99.as_secs_f64(), stats[0].p99.as_secs_f64()).into(),
+    );
+    table(
+        "request_path: one of four backends adds 20 ms (latency ms)",
+        &["variant", "calls", "mean", "p50", "p99", "p99 vs tonic"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// One of four backends dies while its key stays in etcd: failed calls in
+/// the next 10 s (`BENCH_KILL_SECS`).
+async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
+    let window = Duration::from_millis(setting("BENCH_KILL_MS", 10_000, 300));
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for name in ["etcd_channel (tonic)", "balancer"] {
+        let service = format!("bench.one_killed.{}", rows.len());
+        let mut backends = Backends::start(client, &service, None).await;
+        let call = if name == "balancer" {
+            caller(balancer(client, &service).await)
+        } else {
+            caller(etcd_channel(client, &service).await)
+        };
+        load(&call, Duration::from_millis(200)).await;
+        backends.kill(3);
+        let (ok, failed, _) = load(&call, window).await;
+        rows.push(vec![name.to_string(), ok.to_string(), failed.to_string()]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({ "ok": ok, "failed": failed, "window_ms": window.as_millis() as u64 }),
+        );
+    }
+    table(
+        &format!(
+            "request_path: one of four backends killed, key still in etcd ({} s after the kill)",
+            window.as_millis()
+        ),
+        &["variant", "ok calls", "failed calls"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// No backend registered: how long a call takes to fail. tonic's plain
+/// balanced channel waits forever; it is cut off at 5 s and reported so.
+async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
+    let limit = Duration::from_millis(if smoke() { 500 } else { 5000 });
+    let deadline = Duration::from_millis(if smoke() { 200 } else { 3000 });
+    let service = "bench.none";
+    let (plain, _handle) = ChannelBuilder::new(client.clone(), service)
+        .build_tonic()
+        .unwrap();
+    let variants: Vec<(&str, Call)> = vec![
+        ("tonic balance_channel", caller(plain)),
+        (
+            "etcd_channel (3 s deadline)",
+            caller(
+                ChannelBuilder::new(client.clone(), service)
+                    .build()
+                    .unwrap(),
+            ),
+        ),
+        (
+            "balancer (3 s deadline)",
+            caller(Balancer::builder(client.clone(), service).build().unwrap()),
+        ),
+    ];
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for (name, call) in &variants {
+        let t = Instant::now();
+        let outcome = match tokio::time::timeout(limit, call()).await {
+            Err(_) => "still waiting (hangs)".to_string(),
+            Ok(Ok(())) => "succeeded?".to_string(),
+            Ok(Err(status)) => format!("{:?}", status.code()),
+        };
+        let took = t.elapsed();
+        rows.push(vec![name.to_string(), ms(took), outcome.clone()]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({ "ms": took.as_secs_f64() * 1000.0, "outcome": outcome }),
+        );
+    }
+    table(
+        &format!("request_path: no backend registered (one call; deadline {deadline:?}, cut off at {limit:?})"),
+        &["variant", "ms", "outcome"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
 }

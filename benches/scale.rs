@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
-use support::{ms, rss_bytes, table, write_json};
+use support::{ms, rss_bytes, smoke, table, write_json};
 use tokio_stream::StreamExt;
 use tonic_etcd::schema::Schema;
 use tonic_etcd::testing::Etcd;
@@ -69,7 +69,12 @@ async fn run(etcd: &Etcd) {
     let client = etcd.client().await;
     let mut json = serde_json::Map::new();
     let mut rows = Vec::new();
-    for n in [100usize, 1_000, 10_000] {
+    let sizes: &[usize] = if smoke() {
+        &[100]
+    } else {
+        &[100, 1_000, 10_000]
+    };
+    for &n in sizes {
         let service = format!("scale-{n}");
         write_all(&client, &service, 0..n).await;
         let prefix = format!("{service}/");
@@ -137,8 +142,7 @@ async fn run(etcd: &Etcd) {
     // Churn: 3,000 instances, then 2,500 new ones and 2,500 of the old ones
     // deregistered, interleaved, from 16 writers.
     let service = "churn";
-    let initial = 3_000;
-    let updates = 5_000;
+    let (initial, updates) = if smoke() { (300, 500) } else { (3_000, 5_000) };
     write_all(&client, service, 0..initial).await;
     let mut d = Discover::builder(client.clone(), service).build().unwrap();
     let mut view: HashSet<String> = HashSet::new();
@@ -238,7 +242,9 @@ async fn run(etcd: &Etcd) {
     let view_done = view_task.await.unwrap().duration_since(t);
     let rate = |d: Duration| updates as f64 / d.as_secs_f64();
     table(
-        "churn: 5,000 updates from 16 writers while a Discover and a raw watch follow",
+        &format!(
+            "churn: {updates} updates from 16 writers while a Discover and a raw watch follow"
+        ),
         &["measure", "ms", "updates/s"],
         &[
             vec![

@@ -17,7 +17,7 @@ use clap::Parser;
 use tokio_stream::StreamExt;
 use tonic_etcd::testing::greeter::{serve_registered, GreeterClient, HelloRequest};
 use tonic_etcd::testing::{shutdown_signal, signal, Etcd};
-use tonic_etcd::{Catalog, CatalogEvent, ChannelBuilder, EtcdChannel, NamingSchema, Registration};
+use tonic_etcd::{Balancer, Catalog, CatalogEvent, NamingSchema, Registration};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -68,18 +68,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .schema(schema.clone())
         .build()?;
     let registered_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let started = Instant::now();
     let seen = registered_at.clone();
     tokio::spawn(async move {
         while let Some(event) = catalog.next().await {
             match event {
                 CatalogEvent::Insert { instance, .. } => {
-                    println!("  [etcd] + {} {}", instance.service, instance.addr);
+                    println!(
+                        "  [etcd {:>6.3}s] + {} {}",
+                        started.elapsed().as_secs_f64(),
+                        instance.service,
+                        instance.addr
+                    );
                     if let Ok(mut s) = seen.lock() {
                         s.insert(instance.addr, Instant::now());
                     }
                 }
                 CatalogEvent::Remove { instance, .. } => {
-                    println!("  [etcd] - {} {}", instance.service, instance.addr);
+                    println!(
+                        "  [etcd {:>6.3}s] - {} {}",
+                        started.elapsed().as_secs_f64(),
+                        instance.service,
+                        instance.addr
+                    );
                 }
             }
         }
@@ -89,15 +100,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         servers.push(Server::spawn(&args, &endpoints)?);
     }
-    let channel = ChannelBuilder::new(client.clone(), &args.service)
+    // The crate's own balancer: load-aware, failure-aware, never hangs.
+    let channel = Balancer::builder(client.clone(), &args.service)
         .schema(schema)
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while channel.endpoints() < 3 {
-        if Instant::now() > deadline {
-            return Err("the three servers did not register within 15 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if channel
+        .wait_for_ready(3, Duration::from_secs(15))
+        .await
+        .is_err()
+    {
+        return Err("the three servers did not register within 15 s".into());
     }
 
     let phase = Duration::from_millis(args.phase_ms);
@@ -118,8 +130,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let killed = servers[1].addr.clone();
     let pid = servers[1].pid();
-    // tonic's balancer keeps the dead endpoint until etcd drops its key when
-    // the lease expires, so this phase lasts a TTL.
+    // The killed server's key lives on in etcd until its lease expires; this
+    // phase spans that whole window (TTL + one phase), during which the
+    // balancer must route around it on its own.
     let ttl_phase = Duration::from_secs(args.ttl) + phase;
     report.push(
         run_phase(
@@ -140,16 +153,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!();
     println!(
-        "{:<44} {:>6} {:>7}  calls per backend",
-        "phase", "ok", "failed"
+        "{:<40} {:>6} {:>7} {:>16} {:>12}  calls per backend",
+        "phase", "ok", "failed", "ready/registered", "slowest call"
     );
     for r in &report {
         let per: Vec<String> = r.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let rr = format!("{}/{}", r.ready, r.registered);
         println!(
-            "{:<44} {:>6} {:>7}  {}",
+            "{:<40} {:>6} {:>7} {:>16} {:>10.1}ms  {}",
             r.name,
             r.ok(),
             r.failed,
+            rr,
+            r.slowest.as_secs_f64() * 1000.0,
             per.join(" ")
         );
     }
@@ -157,8 +173,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("\n{joined_addr}: first call answered {d:?} after its key appeared in etcd");
     }
     println!(
-        "\nNote: this client uses tonic's own balanced channel, which keeps a killed \
-         server in rotation until its lease expires (TTL {} s); those calls fail.",
+        "\nready/registered: endpoints in rotation / instances etcd lists at the end of the \
+         phase. A killed server stays listed until its lease expires (TTL {} s; the SIGKILL \
+         phase spans that window), but leaves the rotation as soon as its connection dies. \
+         A call in flight on it at that instant can fail; it is never retried, since it may \
+         have reached the server.",
         args.ttl
     );
 
@@ -232,6 +251,9 @@ impl Drop for Server {
 
 struct PhaseReport {
     name: String,
+    slowest: Duration,
+    ready: usize,
+    registered: usize,
     counts: BTreeMap<String, usize>,
     first_reply: BTreeMap<String, Instant>,
     failed: usize,
@@ -247,11 +269,12 @@ impl PhaseReport {
 /// Calls from four workers for `length`, running `event` 300 ms in.
 async fn run_phase(
     name: &str,
-    channel: &EtcdChannel,
+    channel: &Balancer,
     length: Duration,
     event: impl FnOnce(),
 ) -> PhaseReport {
     println!("phase: {name}");
+    let t0 = Instant::now();
     let end = Instant::now() + length;
     let mut workers = Vec::new();
     for _ in 0..4 {
@@ -260,7 +283,9 @@ async fn run_phase(
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             let mut first_reply: BTreeMap<String, Instant> = BTreeMap::new();
             let mut failed = 0;
+            let mut slowest = Duration::ZERO;
             while Instant::now() < end {
+                let started = Instant::now();
                 let call = greeter.say_hello(HelloRequest {
                     name: "demo".into(),
                 });
@@ -272,22 +297,28 @@ async fn run_phase(
                     }
                     _ => failed += 1,
                 }
+                slowest = slowest.max(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            (counts, first_reply, failed)
+            (counts, first_reply, failed, slowest)
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     event();
+    tracing::debug!(at = ?t0.elapsed(), "event");
     let mut report = PhaseReport {
         name: name.to_owned(),
+        slowest: Duration::ZERO,
+        ready: 0,
+        registered: 0,
         counts: BTreeMap::new(),
         first_reply: BTreeMap::new(),
         failed: 0,
         first_call_after: None,
     };
     for w in workers {
-        if let Ok((counts, first, failed)) = w.await {
+        if let Ok((counts, first, failed, slowest)) = w.await {
+            report.slowest = report.slowest.max(slowest);
             for (k, v) in counts {
                 *report.counts.entry(k).or_default() += v;
             }
@@ -298,6 +329,8 @@ async fn run_phase(
             report.failed += failed;
         }
     }
+    report.ready = channel.ready();
+    report.registered = channel.registered();
     report
 }
 

@@ -4,9 +4,11 @@
 //!   lease loss, and leave before they stop serving: [`Registration`],
 //!   [`server::RegisteredServer`].
 //! * Clients dial a service by name: [`Discover`] turns etcd's view of a
-//!   service into tower `Change`s; [`ChannelBuilder`] feeds them to a
-//!   balanced tonic channel that generated clients take unchanged.
-//!   [`Catalog`] shows every service under a namespace.
+//!   service into tower `Change`s. [`Balancer`] (recommended) balances over
+//!   them by load, leaves dead endpoints at once and never hangs;
+//!   [`ChannelBuilder`] feeds them to tonic's own balanced channel. Generated
+//!   clients take either unchanged. [`Catalog`] shows every service under a
+//!   namespace.
 //! * The default key layout, [`NamingSchema`], is byte-compatible with etcd's
 //!   Go naming package; [`ColonSchema`] and custom [`Schema`]s are supported.
 //!
@@ -19,7 +21,7 @@
 //! ```
 //! use std::time::Duration;
 //! use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
-//! use tonic_etcd::{server::RegisteredServer, ChannelBuilder, Registration};
+//! use tonic_etcd::{server::RegisteredServer, Balancer, Registration};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -40,9 +42,9 @@
 //! );
 //!
 //! // A client dials it by name.
-//! let channel = ChannelBuilder::new(client, "greeter.v1.Greeter").build()?;
-//! channel.wait_for_endpoints(Duration::from_secs(5)).await?;
-//! let reply = GreeterClient::new(channel)
+//! let balancer = Balancer::builder(client, "greeter.v1.Greeter").build()?;
+//! balancer.wait_for_ready(1, Duration::from_secs(5)).await?;
+//! let reply = GreeterClient::new(balancer)
 //!     .say_hello(HelloRequest { name: "etcd".into() })
 //!     .await?;
 //! assert_eq!(reply.into_inner().server_id, "a");

@@ -4,12 +4,25 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Samples per measured series: `BENCH_SAMPLES`, default `default`.
-pub fn samples(default: usize) -> usize {
-    std::env::var("BENCH_SAMPLES")
+/// Whether this is a smoke run: `cargo test --all-targets` runs bench
+/// targets without `--bench` (`cargo bench` passes it). A smoke run does a
+/// little of everything, so CI proves the benchmarks work without paying
+/// for them.
+pub fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+/// `name` from the environment, else `full` (or `smoke_value` in a smoke run).
+pub fn setting(name: &str, full: u64, smoke_value: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(if smoke() { smoke_value } else { full })
+}
+
+/// Samples per measured series: `BENCH_SAMPLES`, default `default` (10 in a smoke run).
+pub fn samples(default: usize) -> usize {
+    setting("BENCH_SAMPLES", default as u64, 10) as usize
 }
 
 /// Summary of one series of latencies.
@@ -89,8 +102,13 @@ pub fn table(title: &str, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Writes `value` to `target/bench/<name>.json` and says where.
+/// Writes `value` to `target/bench/<name>.json` and says where (not in a
+/// smoke run, whose figures mean nothing).
 pub fn write_json(name: &str, value: &serde_json::Value) {
+    if smoke() {
+        println!("\nsmoke run (no --bench): figures not written");
+        return;
+    }
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
