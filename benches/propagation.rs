@@ -79,11 +79,7 @@ struct Series {
 fn main() {
     let n = samples(500);
     let etcd = Etcd::options().fsync(true).start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     let series = rt.block_on(run(&etcd, n));
     report(series);
 }

@@ -204,11 +204,7 @@ fn main() {
     let millis = setting("BENCH_SECS", 2000, 100);
     let rounds = setting("BENCH_ROUNDS", 3, 1);
     let etcd = Etcd::start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     let mut json = serde_json::Map::new();
     rt.block_on(async {
         let client = etcd.client().await;

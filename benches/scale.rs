@@ -57,11 +57,7 @@ async fn write_all(client: &Client, service: &str, range: std::ops::Range<usize>
 
 fn main() {
     let etcd = Etcd::options().fsync(true).start();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     rt.block_on(run(&etcd));
 }
 

@@ -130,6 +130,13 @@ fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, DecodeError>
     std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8(what))
 }
 
+/// The part of `key` after the schema's root prefix.
+fn after_root<'a>(key: &'a [u8], root: &str) -> Result<&'a str, DecodeError> {
+    utf8(key, "key")?
+        .strip_prefix(root)
+        .ok_or(DecodeError::OutsidePrefix)
+}
+
 fn decoded_addr(addr: &str) -> Result<(), DecodeError> {
     parse_addr(addr)
         .map(|_| ())
@@ -225,10 +232,7 @@ impl Schema for NamingSchema {
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
-        let key = utf8(key, "key")?;
-        let rest = key
-            .strip_prefix(&self.root_prefix())
-            .ok_or(DecodeError::OutsidePrefix)?;
+        let rest = after_root(key, &self.root_prefix())?;
         let (service, id) = rest.rsplit_once('/').ok_or_else(|| {
             DecodeError::MalformedKey("expected <service>/<id> after the namespace".into())
         })?;
@@ -417,10 +421,7 @@ impl Schema for ColonSchema {
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
-        let key = utf8(key, "key")?;
-        let rest = key
-            .strip_prefix(&self.root_prefix())
-            .ok_or(DecodeError::OutsidePrefix)?;
+        let rest = after_root(key, &self.root_prefix())?;
         let mut parts = rest.rsplitn(3, ':');
         let (Some(port), Some(ip), Some(service)) = (parts.next(), parts.next(), parts.next())
         else {

@@ -53,6 +53,27 @@ async fn register(client: &etcd_client::Client, svc: &str, addr: &str) -> Regist
         .unwrap()
 }
 
+/// Registers each `(service, addr)` under `schema`.
+async fn register_all(
+    client: &etcd_client::Client,
+    schema: NamingSchema,
+    regs: &[(&str, &str)],
+) -> Vec<Registration> {
+    let mut held = Vec::new();
+    for (svc, addr) in regs {
+        held.push(
+            Registration::builder(client.clone())
+                .schema(schema.clone())
+                .service(*svc)
+                .addr(*addr)
+                .register()
+                .await
+                .unwrap(),
+        );
+    }
+    held
+}
+
 #[tokio::test]
 async fn inserts_replaces_and_removes_follow_registrations() {
     let client = shared().client().await;
@@ -104,18 +125,7 @@ async fn the_prefix_boundary_holds() {
         ("pb.ItemServer", "127.0.0.1:8102"),
         ("pb.Item/nested", "127.0.0.1:8103"),
     ];
-    let mut held = Vec::new();
-    for (svc, addr) in regs {
-        held.push(
-            Registration::builder(client.clone())
-                .schema(schema())
-                .service(svc)
-                .addr(addr)
-                .register()
-                .await
-                .unwrap(),
-        );
-    }
+    let _held = register_all(&client, schema(), &regs).await;
     let mut d = Discover::builder(client.clone(), "pb.Item")
         .schema(schema())
         .build()
@@ -354,22 +364,12 @@ async fn the_catalog_lists_every_service() {
     let client = shared().client().await;
     let ns = unique("catalog");
     let schema = || NamingSchema::with_namespace(&ns).unwrap();
-    let mut held = Vec::new();
-    for (svc, addr) in [
+    let regs = [
         ("a", "127.0.0.1:1"),
         ("a", "127.0.0.1:2"),
         ("b/c", "127.0.0.1:3"),
-    ] {
-        held.push(
-            Registration::builder(client.clone())
-                .schema(schema())
-                .service(svc)
-                .addr(addr)
-                .register()
-                .await
-                .unwrap(),
-        );
-    }
+    ];
+    let mut held = register_all(&client, schema(), &regs).await;
     let mut catalog = Catalog::builder(client.clone())
         .schema(schema())
         .build()

@@ -120,6 +120,16 @@ pub fn write_json(name: &str, value: &serde_json::Value) {
     println!("\nwrote {}", path.display());
 }
 
+/// The runtime the benchmarks' clients run on: two workers, as many as
+/// this machine has cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Resident memory of this process, in bytes (Linux).
 pub fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
