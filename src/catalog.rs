@@ -16,7 +16,7 @@ use futures_core::Stream;
 use tokio::sync::watch;
 
 use crate::discovery::ViewOptions;
-use crate::schema::Schema;
+use crate::schema::{DecodeError, Schema};
 use crate::watcher::{self, ViewChange, WatchConfig, WatchStatus, Watched};
 use crate::{Error, Instance};
 
@@ -37,6 +37,55 @@ pub enum CatalogEvent {
         /// The instance as it was last seen.
         instance: Instance,
     },
+}
+
+/// A one-time reading of the registry: what [`list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Service -> instances (sorted by id).
+    pub services: BTreeMap<String, Vec<Instance>>,
+    /// Keys under the prefix that do not decode, with the reason.
+    pub undecodable: Vec<(String, DecodeError)>,
+    /// The etcd revision the listing was read at.
+    pub revision: i64,
+}
+
+/// Reads every instance under `schema`'s namespace (or of one `service`)
+/// once, listing undecodable entries beside them instead of hiding them.
+pub async fn list(
+    client: &Client,
+    schema: &dyn Schema,
+    service: Option<&str>,
+    timeout: Duration,
+) -> Result<Listing, Error> {
+    let prefix = match service {
+        Some(s) => {
+            schema.validate_service(s)?;
+            schema.service_prefix(s)
+        }
+        None => schema.root_prefix(),
+    };
+    let (kvs, revision) = crate::watcher::list_prefix(client, &prefix, timeout).await?;
+    let mut listing = Listing {
+        revision,
+        ..Listing::default()
+    };
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        match schema.decode(kv.key(), kv.value()) {
+            Ok(i) if service.is_some_and(|s| s != i.service) => {}
+            Ok(i) => listing
+                .services
+                .entry(i.service.clone())
+                .or_default()
+                .push(i),
+            Err(e) => listing.undecodable.push((key, e)),
+        }
+    }
+    for instances in listing.services.values_mut() {
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    Ok(listing)
 }
 
 /// Options for a [`Catalog`]. Created by [`Catalog::builder`].

@@ -142,6 +142,31 @@ where
     }
 }
 
+impl Error {
+    /// Whether retrying cannot help: etcd refused the request for what it is
+    /// (permission denied, bad credentials, invalid argument), not for a
+    /// passing fault. Start-up fails at once on these instead of retrying.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Etcd { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::InvalidArgument
+                ),
+                etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
+                _ => false,
+            },
+            Error::Timeout { .. } | Error::TaskGone(_) | Error::Io(_) | Error::Transport(_) => {
+                false
+            }
+            Error::StartupDeadline { .. } | Error::NoEndpoints { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 fn is_unavailable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,

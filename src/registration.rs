@@ -242,6 +242,7 @@ impl RegistrationBuilder {
         let lease = loop {
             match worker.register_once().await {
                 Ok(lease) => break lease,
+                Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
                     let delay = worker.backoff.next_delay();
                     if Instant::now() + delay >= deadline {

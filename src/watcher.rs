@@ -282,43 +282,8 @@ impl Task {
 
     /// Lists the prefix at one revision and makes the view equal to it.
     async fn list(&mut self) -> Result<i64, Error> {
-        let prefix = self.cfg.prefix.as_bytes().to_vec();
-        let end = prefix_end(&prefix);
-        let mut from = prefix.clone();
-        let mut revision = 0;
-        let mut kvs: Vec<KeyValue> = Vec::new();
-        loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(PAGE_SIZE)
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let mut resp = with_timeout("list", self.cfg.request_timeout, || {
-                let mut kv = self
-                    .client
-                    .kv_client()
-                    .max_decoding_message_size(MAX_DECODE);
-                let (from, opts) = (from.clone(), opts.clone());
-                async move { kv.get(from, Some(opts)).await }
-            })
-            .await?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            let more = resp.more();
-            let page = resp.take_kvs();
-            if let Some(last) = page.last() {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            kvs.extend(page);
-            if !more {
-                break;
-            }
-        }
-
+        let (kvs, revision) =
+            list_prefix(&self.client, &self.cfg.prefix, self.cfg.request_timeout).await?;
         let mut fresh = HashMap::with_capacity(kvs.len());
         let mut skipped = 0;
         for kv in &kvs {
@@ -483,6 +448,48 @@ enum Decoded {
     Entry(String, Instance),
     Skipped,
     Foreign,
+}
+
+/// Every key under `prefix` with its value, read in pages at one revision
+/// (linearizable), and that revision.
+pub(crate) async fn list_prefix(
+    client: &Client,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(Vec<KeyValue>, i64), Error> {
+    let prefix = prefix.as_bytes().to_vec();
+    let end = prefix_end(&prefix);
+    let mut from = prefix;
+    let mut revision = 0;
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE_SIZE)
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let mut resp = with_timeout("list", timeout, || {
+            let mut kv = client.kv_client().max_decoding_message_size(MAX_DECODE);
+            let (from, opts) = (from.clone(), opts.clone());
+            async move { kv.get(from, Some(opts)).await }
+        })
+        .await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        let more = resp.more();
+        let page = resp.take_kvs();
+        if let Some(last) = page.last() {
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        kvs.extend(page);
+        if !more {
+            return Ok((kvs, revision));
+        }
+    }
 }
 
 /// The end of the key range `[prefix, end)` that holds every key starting

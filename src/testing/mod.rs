@@ -3,6 +3,7 @@
 //! One implementation serves the crate's tests, examples and benchmarks, so
 //! the demo runs the same etcd harness that CI exercises.
 
+pub mod demo;
 mod etcd;
 pub mod greeter;
 

@@ -1,54 +1,60 @@
-//! The demo (the README's main command).
+//! The demo: the README's main command and `tonic-etcd demo`.
 //!
-//! Starts a local etcd (unless `--etcd` is given), three greeter servers as
+//! Starts a local etcd (unless endpoints are given), three greeter servers as
 //! separate processes that register themselves, and a client that dials the
-//! service by name. Then one server shuts down gracefully, one is killed with
-//! SIGKILL, and a new one joins, while calls keep flowing. Prints where the
-//! calls went in each phase and how many failed.
-//!
-//! The servers are this same binary started with `--serve <addr>`.
+//! service by name through [`Balancer`](crate::Balancer). Then one server
+//! shuts down gracefully, one is killed with SIGKILL, and a new one joins,
+//! while calls keep flowing. Prints where the calls went in each phase and
+//! how many failed.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use tokio_stream::StreamExt;
-use tonic_etcd::testing::greeter::{serve_registered, GreeterClient, HelloRequest};
-use tonic_etcd::testing::{shutdown_signal, signal, Etcd};
-use tonic_etcd::{Balancer, Catalog, CatalogEvent, NamingSchema, Registration};
 
-#[derive(Parser, Debug)]
-struct Args {
-    /// etcd endpoints, comma separated; without it a local etcd is started
-    /// and removed afterwards.
-    #[arg(long, value_delimiter = ',')]
-    etcd: Option<Vec<String>>,
+use super::greeter::{serve_registered, GreeterClient, HelloRequest};
+use super::{shutdown_signal, signal, Etcd};
+use crate::{Balancer, Catalog, CatalogEvent, NamingSchema, Registration};
+
+/// What the demo runs against. The README's main command and
+/// `tonic-etcd demo` fill it from their flags.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// etcd endpoints; `None` starts a local etcd and removes it afterwards.
+    pub etcd: Option<Vec<String>>,
     /// The namespace the demo registers under.
-    #[arg(long, default_value = "tonic-etcd-demo")]
-    namespace: String,
+    pub namespace: String,
     /// The service name.
-    #[arg(long, default_value = "greeter.v1.Greeter")]
-    service: String,
+    pub service: String,
     /// Lease TTL of the servers, in seconds (how long a killed server's key
     /// outlives it).
-    #[arg(long, default_value_t = 3)]
-    ttl: u64,
-    /// Length of each phase, in milliseconds.
-    #[arg(long, default_value_t = 1500)]
-    phase_ms: u64,
-    /// Internal: run as a greeter server on this address.
-    #[arg(long, hide = true)]
-    serve: Option<String>,
+    pub ttl: u64,
+    /// Length of each phase.
+    pub phase: Duration,
+    /// Arguments that make this executable run one demo server when
+    /// followed by `--serve <addr> --etcd .. --namespace .. --service .. --ttl ..`.
+    pub server_args: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    if let Some(addr) = &args.serve {
-        return serve(&args, addr).await;
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            etcd: None,
+            namespace: "tonic-etcd-demo".into(),
+            service: "greeter.v1.Greeter".into(),
+            ttl: 3,
+            phase: Duration::from_millis(1500),
+            server_args: Vec::new(),
+        }
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs the demo and prints its report.
+pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
     let local;
     let endpoints = match &args.etcd {
         Some(e) => e.clone(),
@@ -59,8 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     println!("etcd at {}", endpoints.join(","));
-    let client =
-        etcd_client::Client::connect(&endpoints, Some(tonic_etcd::connect_options())).await?;
+    let client = etcd_client::Client::connect(&endpoints, Some(crate::connect_options())).await?;
     let schema = NamingSchema::with_namespace(&args.namespace)?;
 
     // Show the registry as the catalog sees it.
@@ -70,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registered_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
     let started = Instant::now();
     let seen = registered_at.clone();
-    tokio::spawn(async move {
+    let catalog_task = tokio::spawn(async move {
         while let Some(event) = catalog.next().await {
             match event {
                 CatalogEvent::Insert { instance, .. } => {
@@ -112,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the three servers did not register within 15 s".into());
     }
 
-    let phase = Duration::from_millis(args.phase_ms);
+    let phase = args.phase;
     let mut report = Vec::new();
     report.push(run_phase("three servers registered", &channel, phase, || {}).await);
 
@@ -184,13 +189,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for s in &mut servers {
         s.stop();
     }
+    // Stop watching before a local etcd goes away.
+    catalog_task.abort();
+    drop(channel);
     Ok(())
 }
 
-async fn serve(args: &Args, addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs one demo server (what `server_args` + `--serve <addr>` starts).
+pub async fn serve(args: &DemoOptions, addr: &str) -> Result<(), BoxError> {
     let endpoints = args.etcd.clone().unwrap_or_default();
-    let client =
-        etcd_client::Client::connect(&endpoints, Some(tonic_etcd::connect_options())).await?;
+    let client = etcd_client::Client::connect(&endpoints, Some(crate::connect_options())).await?;
     let registration = Registration::builder(client)
         .schema(NamingSchema::with_namespace(&args.namespace)?)
         .service(&args.service)
@@ -206,12 +214,13 @@ struct Server {
 }
 
 impl Server {
-    fn spawn(args: &Args, endpoints: &[String]) -> Result<Self, Box<dyn std::error::Error>> {
+    fn spawn(args: &DemoOptions, endpoints: &[String]) -> Result<Self, BoxError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(std::env::current_exe()?)
+            .args(&args.server_args)
             .args(["--serve", &addr, "--etcd", &endpoints.join(",")])
             .args(["--namespace", &args.namespace, "--service", &args.service])
             .args(["--ttl", &args.ttl.to_string()])

@@ -1,0 +1,465 @@
+//! `tonic-etcd`: see and poke the registry without writing code.
+//!
+//! Exit codes: 0 success, 1 runtime failure (etcd unreachable, auth failure)
+//! with a one-line error that says what to check, 2 usage errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+use tonic_etcd::catalog::{self, Listing};
+use tonic_etcd::schema::{self, Schema};
+use tonic_etcd::testing::demo::{self, DemoOptions};
+use tonic_etcd::{Discover, Metadata, Registration};
+use tower::discover::Change;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tonic-etcd",
+    version,
+    about = "Inspect and use the etcd service registry of tonic-etcd"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// etcd endpoints, comma separated [default: 127.0.0.1:2379; the demo
+    /// starts its own etcd when none is given].
+    #[arg(long, global = true, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// Key layout: naming (etcd's Go naming package) or colon.
+    #[arg(long, global = true, default_value = "naming")]
+    schema: String,
+    /// Namespace (key prefix); required by the colon schema.
+    #[arg(long, global = true)]
+    namespace: Option<String>,
+    /// etcd user name.
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// etcd password (better: the TONIC_ETCD_PASSWORD environment variable).
+    #[arg(
+        long,
+        global = true,
+        env = "TONIC_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<Secret>,
+    /// CA certificate (PEM) to verify etcd's TLS certificate.
+    #[arg(long, global = true)]
+    cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate auth.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for --cert.
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+    /// Limit on connecting and on each etcd request, in seconds.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+/// A password: never shown by `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Every service and its instances (or one service's), as a table.
+    List {
+        /// Only this service.
+        service: Option<String>,
+        /// JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a service live: an initial listing, then one line per change,
+    /// `<unix-time-ms> insert|remove <addr> <metadata-json>`, until SIGINT.
+    Watch {
+        /// The service to watch.
+        service: String,
+    },
+    /// Register an instance, keep it alive, and deregister on SIGINT/SIGTERM.
+    Register {
+        /// The service name.
+        service: String,
+        /// The address clients dial (host:port).
+        addr: String,
+        /// Lease TTL in seconds.
+        #[arg(long, default_value_t = 10)]
+        ttl: u64,
+        /// Metadata as key=value (repeatable).
+        #[arg(long = "metadata", value_parser = parse_kv)]
+        metadata: Vec<(String, String)>,
+    },
+    /// The demo: a local etcd (unless --etcd is given), self-registering
+    /// servers, and a client that dials them by name.
+    Demo {
+        /// Lease TTL of the demo servers, in seconds.
+        #[arg(long, default_value_t = 3)]
+        ttl: u64,
+        /// Length of each phase, in milliseconds.
+        #[arg(long, default_value_t = 1500)]
+        phase_ms: u64,
+        /// Internal: run as one demo server on this address.
+        #[arg(long, hide = true)]
+        serve: Option<String>,
+        /// Internal: the demo's service name.
+        #[arg(long, hide = true, default_value = "greeter.v1.Greeter")]
+        service: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// A runtime failure: one line, saying what to check.
+struct Failure(String);
+
+impl<E: fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let g = cli.global;
+    if let Command::Demo {
+        ttl,
+        phase_ms,
+        serve,
+        service,
+    } = cli.command
+    {
+        let opts = DemoOptions {
+            etcd: g.etcd.clone(),
+            namespace: g
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DemoOptions::default().namespace),
+            service,
+            ttl,
+            phase: Duration::from_millis(phase_ms),
+            server_args: vec!["demo".into()],
+        };
+        return match serve {
+            Some(addr) => demo::serve(&opts, &addr).await.map_err(Failure::from),
+            None => demo::run(&opts).await.map_err(Failure::from),
+        };
+    }
+    let schema = schema::by_name(&g.schema, g.namespace.as_deref())?;
+    let timeout = Duration::from_secs_f64(g.timeout.max(0.1));
+    let client = connect(&g, timeout).await?;
+    match cli.command {
+        Command::List { service, json } => {
+            list(&client, &*schema, service.as_deref(), json, timeout).await
+        }
+        Command::Watch { service } => watch(client, schema, &service, timeout).await,
+        Command::Register {
+            service,
+            addr,
+            ttl,
+            metadata,
+        } => register(client, schema, service, addr, ttl, metadata, timeout).await,
+        Command::Demo { .. } => Ok(()),
+    }
+}
+
+async fn connect(g: &Global, timeout: Duration) -> Result<etcd_client::Client, Failure> {
+    let mut opts = tonic_etcd::connect_options().with_connect_timeout(timeout);
+    if let Some(user) = &g.user {
+        let password = g.password.clone().map(|s| s.0).unwrap_or_default();
+        opts = opts.with_user(user.clone(), password);
+    }
+    opts = tls_options(g, opts)?;
+    let endpoints: Vec<String> = g
+        .etcd
+        .clone()
+        .unwrap_or_else(|| vec!["127.0.0.1:2379".into()])
+        .iter()
+        .map(|e| endpoint_url(e, g))
+        .collect();
+    let connected = tokio::time::timeout(
+        timeout,
+        etcd_client::Client::connect(&endpoints, Some(opts)),
+    )
+    .await;
+    let what = || {
+        format!(
+            "cannot connect to etcd at {}: {{}}; check --etcd, --user/--password and the TLS options",
+            endpoints.join(",")
+        )
+    };
+    let mut client = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(Failure(what().replace("{}", &e.to_string()))),
+        Err(_) => {
+            return Err(Failure(
+                what().replace("{}", &format!("no answer within {timeout:?}")),
+            ))
+        }
+    };
+    // etcd-client connects lazily; one request proves the endpoint answers.
+    match tokio::time::timeout(timeout, client.status()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(Failure(what().replace("{}", &e.to_string()))),
+        Err(_) => Err(Failure(
+            what().replace("{}", &format!("no answer within {timeout:?}")),
+        )),
+    }
+}
+
+/// `host:port` gets `https://` when TLS options are given, else `http://`.
+fn endpoint_url(e: &str, g: &Global) -> String {
+    if e.contains("://") {
+        e.to_owned()
+    } else if g.cacert.is_some() || g.cert.is_some() {
+        format!("https://{e}")
+    } else {
+        format!("http://{e}")
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls_options(
+    g: &Global,
+    opts: etcd_client::ConnectOptions,
+) -> Result<etcd_client::ConnectOptions, Failure> {
+    use etcd_client::{Certificate, Identity, TlsOptions};
+    if g.cacert.is_none() && g.cert.is_none() {
+        return Ok(opts);
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| Failure(format!("cannot read {}: {e}", p.display())))
+    };
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = &g.cacert {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&g.cert, &g.key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(opts.with_tls(tls))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_options(
+    g: &Global,
+    opts: etcd_client::ConnectOptions,
+) -> Result<etcd_client::ConnectOptions, Failure> {
+    if g.cacert.is_some() || g.cert.is_some() {
+        return Err(Failure(
+            "this build has no TLS support; rebuild with `--features cli,tls`".into(),
+        ));
+    }
+    Ok(opts)
+}
+
+async fn list(
+    client: &etcd_client::Client,
+    schema: &dyn Schema,
+    service: Option<&str>,
+    json: bool,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let listing = catalog::list(client, schema, service, timeout).await?;
+    if json {
+        println!("{}", listing_json(&listing));
+        return Ok(());
+    }
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    for (svc, instances) in &listing.services {
+        for i in instances {
+            rows.push([
+                svc.clone(),
+                i.id.clone(),
+                i.addr.clone(),
+                i.metadata.to_string(),
+            ]);
+        }
+    }
+    print_table(&["SERVICE", "ID", "ADDRESS", "METADATA"], &rows);
+    if !listing.undecodable.is_empty() {
+        println!("\nundecodable entries (skipped by clients):");
+        let rows: Vec<[String; 2]> = listing
+            .undecodable
+            .iter()
+            .map(|(k, e)| [printable(k), e.to_string()])
+            .collect();
+        print_table(&["KEY", "REASON"], &rows);
+    }
+    Ok(())
+}
+
+fn listing_json(listing: &Listing) -> serde_json::Value {
+    let services: BTreeMap<&String, Vec<serde_json::Value>> = listing
+        .services
+        .iter()
+        .map(|(s, instances)| {
+            let list = instances
+                .iter()
+                .map(|i| serde_json::json!({"id": i.id, "addr": i.addr, "metadata": i.metadata.as_json()}))
+                .collect();
+            (s, list)
+        })
+        .collect();
+    let undecodable: Vec<serde_json::Value> = listing
+        .undecodable
+        .iter()
+        .map(|(k, e)| serde_json::json!({"key": k, "reason": e.to_string()}))
+        .collect();
+    serde_json::json!({"revision": listing.revision, "services": services, "undecodable": undecodable})
+}
+
+/// Keys from etcd are data: control characters are escaped before printing.
+fn printable(s: &str) -> String {
+    s.chars().flat_map(char::escape_default).take(200).collect()
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+async fn watch(
+    client: etcd_client::Client,
+    schema: Arc<dyn Schema>,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let mut discover = Discover::builder(client, service)
+        .schema_arc(schema)
+        .request_timeout(timeout)
+        .build()?;
+    let mut known: BTreeMap<String, tonic_etcd::Instance> = BTreeMap::new();
+    let mut status = discover.status();
+    tokio::time::timeout(timeout, status.wait_for(|s| s.synced))
+        .await
+        .map_err(|_| {
+            Failure(format!(
+                "no listing of {service:?} within {timeout:?}; check --etcd"
+            ))
+        })?
+        .map_err(|_| Failure("discovery stopped".into()))?;
+    let signal = tonic_etcd::testing::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => return Ok(()),
+            change = discover.next() => {
+                let Some(Ok(change)) = change else { return Ok(()) };
+                match change {
+                    Change::Insert(key, i) => {
+                        println!("{} insert {} {}", now_ms(), i.addr, i.metadata);
+                        known.insert(key, i);
+                    }
+                    Change::Remove(key) => {
+                        if let Some(i) = known.remove(&key) {
+                            println!("{} remove {} {}", now_ms(), i.addr, i.metadata);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn register(
+    client: etcd_client::Client,
+    schema: Arc<dyn Schema>,
+    service: String,
+    addr: String,
+    ttl: u64,
+    metadata: Vec<(String, String)>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let metadata = metadata
+        .into_iter()
+        .fold(Metadata::new(), |m, (k, v)| m.with(k, v));
+    let registration = Registration::builder(client)
+        .schema_arc(schema)
+        .service(&service)
+        .addr(&addr)
+        .metadata(metadata)
+        .ttl(Duration::from_secs(ttl))
+        .request_timeout(timeout)
+        .startup_timeout(timeout)
+        .register()
+        .await?;
+    println!("registered {}", registration.keys().join(" "));
+    tonic_etcd::testing::shutdown_signal().await;
+    registration.deregister().await?;
+    println!("deregistered");
+    Ok(())
+}

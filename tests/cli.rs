@@ -1,0 +1,169 @@
+//! The `tonic-etcd` binary against a real etcd.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{absent, eventually, get, unique};
+use tonic_etcd::testing::{shared, signal};
+use tonic_etcd::Registration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tonic-etcd");
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["--etcd", &shared().endpoint()])
+        .args(args)
+        .output()
+        .expect("run tonic-etcd")
+}
+
+#[tokio::test]
+async fn list_shows_services_and_undecodable_entries() {
+    let client = shared().client().await;
+    let ns = unique("cli-list");
+    let reg = Registration::builder(client.clone())
+        .schema(tonic_etcd::NamingSchema::with_namespace(&ns).unwrap())
+        .service("greeter")
+        .addr("127.0.0.1:7101")
+        .metadata(tonic_etcd::Metadata::new().with("zone", "a"))
+        .register()
+        .await
+        .unwrap();
+    let mut raw = client.clone();
+    raw.put(format!("{ns}/greeter/bad"), "not json", None)
+        .await
+        .unwrap();
+
+    let out = cli(&["--namespace", &ns, "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("greeter") && text.contains("127.0.0.1:7101"),
+        "{text}"
+    );
+    assert!(text.contains(r#"{"zone":"a"}"#), "{text}");
+    assert!(
+        text.contains("undecodable") && text.contains(&format!("{ns}/greeter/bad")),
+        "{text}"
+    );
+
+    let out = cli(&["--namespace", &ns, "list", "greeter", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["services"]["greeter"][0]["addr"], "127.0.0.1:7101");
+    assert_eq!(v["undecodable"][0]["key"], format!("{ns}/greeter/bad"));
+    drop(reg);
+}
+
+#[tokio::test]
+async fn register_keeps_the_key_until_sigterm() {
+    let client = shared().client().await;
+    let svc = unique("cli-register");
+    let key = format!("{svc}/127.0.0.1:7102");
+    let mut child = Command::new(BIN)
+        .args([
+            "--etcd",
+            &shared().endpoint(),
+            "register",
+            &svc,
+            "127.0.0.1:7102",
+        ])
+        .args(["--ttl", "5", "--metadata", "version=v2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (value, _) = eventually(LIMIT, "registered", || async { get(&client, &key).await }).await;
+    assert_eq!(
+        value,
+        br#"{"Op":0,"Addr":"127.0.0.1:7102","Metadata":{"version":"v2"}}"#
+    );
+    signal(child.id(), "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(absent(&client, &key).await, "deregistered on SIGTERM");
+}
+
+#[tokio::test]
+async fn watch_prints_one_line_per_change() {
+    let client = shared().client().await;
+    let svc = unique("cli-watch");
+    let first = Registration::builder(client.clone())
+        .service(&svc)
+        .addr("127.0.0.1:7103")
+        .register()
+        .await
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--etcd", &shared().endpoint(), "watch", &svc])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = tokio::time::timeout(LIMIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.ends_with("insert 127.0.0.1:7103 null"), "{line}");
+    let t: u128 = line.split(' ').next().unwrap().parse().unwrap();
+    assert!(t > 1_600_000_000_000, "unix time in ms: {line}");
+    first.deregister().await.unwrap();
+    let line = tokio::time::timeout(LIMIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.ends_with("remove 127.0.0.1:7103 null"), "{line}");
+    signal(child.id(), "INT");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn exit_codes_say_what_went_wrong() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(BIN)
+        .args([
+            "--etcd",
+            &format!("127.0.0.1:{port}"),
+            "--timeout",
+            "1",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("check --etcd"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["list", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN)
+        .args(["--schema", "colon", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "colon needs a namespace");
+}
