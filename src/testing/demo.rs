@@ -103,7 +103,7 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
 
     let mut servers: Vec<Server> = Vec::new();
     for _ in 0..3 {
-        servers.push(Server::spawn(&args, &endpoints)?);
+        servers.push(Server::spawn(args, &endpoints)?);
     }
     // The crate's own balancer: load-aware, failure-aware, never hangs.
     let channel = Balancer::builder(client.clone(), &args.service)
@@ -149,7 +149,7 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
         .await,
     );
 
-    let joined = Server::spawn(&args, &endpoints)?;
+    let joined = Server::spawn(args, &endpoints)?;
     let joined_addr = joined.addr.clone();
     servers.push(joined);
     let mut r = run_phase(&format!("{joined_addr} joins"), &channel, phase, || {}).await;
