@@ -459,7 +459,8 @@ pub(crate) async fn list_prefix(
 ) -> Result<(Vec<KeyValue>, i64), Error> {
     let prefix = prefix.as_bytes().to_vec();
     let end = prefix_end(&prefix);
-    let mut from = prefix;
+    // etcd has no empty key: every key is the range from "\0" to "\0".
+    let mut from = if prefix.is_empty() { vec![0] } else { prefix };
     let mut revision = 0;
     let mut kvs: Vec<KeyValue> = Vec::new();
     loop {

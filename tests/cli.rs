@@ -167,3 +167,25 @@ fn exit_codes_say_what_went_wrong() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "colon needs a namespace");
 }
+
+#[tokio::test]
+async fn list_without_a_namespace_reads_every_key() {
+    // The naming schema without a namespace has an empty prefix; etcd has
+    // no empty key, so this once failed with "key is not provided".
+    let client = shared().client().await;
+    let svc = unique("cli-root");
+    let _reg = Registration::builder(client)
+        .service(&svc)
+        .addr("127.0.0.1:7104")
+        .register()
+        .await
+        .unwrap();
+    let out = cli(&["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["services"][&svc][0]["addr"], "127.0.0.1:7104");
+}

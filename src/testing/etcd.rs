@@ -68,6 +68,18 @@ pub fn etcd_binary() -> PathBuf {
 #[derive(Debug, Clone, Default)]
 pub struct EtcdOptions {
     fsync: bool,
+    tls: Option<TlsFiles>,
+}
+
+/// Certificate files for an etcd that serves clients over TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server certificate (PEM), valid for `127.0.0.1`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// With a CA (PEM), etcd also requires client certificates signed by it.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl EtcdOptions {
@@ -76,6 +88,13 @@ impl EtcdOptions {
     /// what production sees.
     pub fn fsync(mut self, on: bool) -> Self {
         self.fsync = on;
+        self
+    }
+
+    /// Serve clients over TLS with these files (peers stay on plaintext
+    /// loopback). Client URLs become `https://`.
+    pub fn tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
         self
     }
 
@@ -262,21 +281,25 @@ impl Cluster {
         let root = temp_root();
         let mut last_err = String::new();
         for attempt in 0..PORT_ATTEMPTS {
-            let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+            let ports: Vec<(u16, u16, u16)> = (0..n)
+                .map(|_| (free_port(), free_port(), free_port()))
+                .collect();
             let initial_cluster = ports
                 .iter()
                 .enumerate()
-                .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+                .map(|(i, (_, peer, _))| format!("m{i}=http://127.0.0.1:{peer}"))
                 .collect::<Vec<_>>()
                 .join(",");
             let mut members: Vec<Member> = ports
                 .iter()
                 .enumerate()
-                .map(|(i, &(client_port, peer_port))| Member {
+                .map(|(i, &(client_port, peer_port, metrics_port))| Member {
                     name: format!("m{i}"),
                     bin: bin.clone(),
                     client_port,
                     peer_port,
+                    metrics_port,
+                    tls: opts.tls.clone(),
                     dir: root.path().join(format!("a{attempt}-m{i}")),
                     initial_cluster: initial_cluster.clone(),
                     token: format!("tonic-etcd-{}-{attempt}", std::process::id()),
@@ -321,6 +344,9 @@ struct Member {
     bin: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health`, whatever the client URLs speak.
+    metrics_port: u16,
+    tls: Option<TlsFiles>,
     dir: PathBuf,
     initial_cluster: String,
     token: String,
@@ -338,7 +364,8 @@ struct Proc {
 
 impl Member {
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -370,12 +397,23 @@ impl Member {
             // tests short; still far above loopback round trips.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", self.metrics_port))
             .env("TONIC_ETCD_LOG", self.log_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if !self.fsync {
             cmd.arg("--unsafe-no-fsync");
+        }
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file").arg(&tls.cert);
+            cmd.arg("--key-file").arg(&tls.key);
+            if let Some(ca) = &tls.client_ca {
+                cmd.arg("--trusted-ca-file")
+                    .arg(ca)
+                    .arg("--client-cert-auth");
+            }
         }
         let mut supervisor = match cmd.spawn() {
             Ok(c) => c,
@@ -433,7 +471,7 @@ impl Member {
                     self.log_tail()
                 ));
             }
-            if health(self.client_port) {
+            if health(self.metrics_port) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));

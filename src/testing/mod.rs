@@ -7,7 +7,7 @@ pub mod demo;
 mod etcd;
 pub mod greeter;
 
-pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions};
+pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};
 
 /// Resolves on SIGINT or SIGTERM: what a server process waits for before it
 /// shuts down gracefully.
