@@ -64,6 +64,7 @@ pub mod channel;
 pub mod discovery;
 pub mod error;
 pub mod instance;
+pub mod metrics;
 pub mod registration;
 pub mod schema;
 pub mod server;

@@ -441,6 +441,7 @@ impl Worker {
     }
 
     fn set_state(&self, state: RegistrationState) {
+        crate::metrics::registration_state(&self.services, &state);
         self.state.send_replace(state);
     }
 
@@ -484,6 +485,7 @@ impl Worker {
                 SessionEnd::Stopped => break,
                 SessionEnd::LeaseLost(reason) => {
                     tracing::warn!(services = ?self.services, lease, %reason, "etcd lease lost; registering again");
+                    crate::metrics::lease_lost(&self.services);
                     self.set_state(RegistrationState::Lost { reason });
                     match self.reregister(&mut stop).await {
                         Some(l) => lease = l,

@@ -669,4 +669,71 @@ mod tests {
             .is_err());
         assert!(NamingSchema::with_namespace("a/").is_err());
     }
+
+    mod properties {
+        use super::*;
+        use crate::instance::parse_addr;
+        use proptest::prelude::*;
+
+        fn schemas() -> Vec<Box<dyn Schema>> {
+            vec![
+                Box::new(NamingSchema::new()),
+                Box::new(NamingSchema::with_namespace("ns/a").unwrap()),
+                Box::new(ColonSchema::new("ns").unwrap()),
+            ]
+        }
+
+        proptest! {
+            // Keys and values in etcd are data anyone may have written.
+            #[test]
+            fn decoders_never_panic_and_only_return_dialable_instances(
+                key in proptest::collection::vec(any::<u8>(), 0..80),
+                value in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                for schema in schemas() {
+                    if let Ok(i) = schema.decode(&key, &value) {
+                        prop_assert!(parse_addr(&i.addr).is_ok(), "{i:?}");
+                        prop_assert!(!i.service.is_empty());
+                    }
+                }
+            }
+
+            #[test]
+            fn hostile_json_values_are_skipped_or_read(
+                addr in "\\PC{0,40}",
+                meta in "\\PC{0,40}",
+                key in "[a-z]{1,8}/[ -~]{1,20}",
+            ) {
+                let value = serde_json::json!({"Op": 0, "Addr": addr, "Metadata": meta}).to_string();
+                if let Ok(i) = NamingSchema::new().decode(key.as_bytes(), value.as_bytes()) {
+                    prop_assert!(parse_addr(&i.addr).is_ok());
+                }
+            }
+
+            #[test]
+            fn encode_then_decode_is_identity(
+                service in "[A-Za-z0-9._-]{1,12}(/[A-Za-z0-9._-]{1,8})?",
+                ip in any::<[u8; 4]>(),
+                port in 1u16..,
+                meta in proptest::collection::btree_map("[a-z]{1,6}", "\\PC{0,12}", 0..4),
+            ) {
+                let addr = std::net::SocketAddrV4::new(ip.into(), port).to_string();
+                let mut instance = Instance::new(service.clone(), addr);
+                for (k, v) in &meta {
+                    instance.metadata.insert(k.clone(), v.clone());
+                }
+                if ip == [0, 0, 0, 0] {
+                    return Ok(());
+                }
+                let mut all: Vec<Box<dyn Schema>> = vec![Box::new(NamingSchema::with_namespace("ns").unwrap())];
+                if !service.contains('/') {
+                    all.push(Box::new(ColonSchema::new("ns").unwrap()));
+                }
+                for schema in all {
+                    let e = schema.encode(&instance).unwrap();
+                    prop_assert_eq!(schema.decode(e.key.as_bytes(), &e.value).unwrap(), instance.clone());
+                }
+            }
+        }
+    }
 }

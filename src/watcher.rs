@@ -86,6 +86,9 @@ struct State {
     dirty: VecDeque<String>,
     dirty_set: HashSet<String>,
     waker: Option<Waker>,
+    /// Changes since the last publish, for metrics.
+    inserted: u64,
+    removed: u64,
 }
 
 impl State {
@@ -100,11 +103,13 @@ impl State {
             return;
         }
         self.entries.insert(key.to_owned(), Arc::new(instance));
+        self.inserted += 1;
         self.mark(key);
     }
 
     fn remove(&mut self, key: &str) {
         if self.entries.remove(key).is_some() {
+            self.removed += 1;
             self.mark(key);
         }
     }
@@ -113,6 +118,8 @@ impl State {
 /// The view shared between the task and its consumer.
 #[derive(Debug)]
 pub(crate) struct View {
+    /// The watched prefix, labelling metrics.
+    prefix: String,
     state: Mutex<State>,
     status: watch::Sender<WatchStatus>,
 }
@@ -126,6 +133,8 @@ impl View {
     /// Ends a batch of changes: wakes the consumer, updates the status.
     fn publish(&self, mut state: MutexGuard<'_, State>) {
         let endpoints = state.entries.len();
+        crate::metrics::changes(&self.prefix, state.inserted, state.removed);
+        (state.inserted, state.removed) = (0, 0);
         let waker = if state.dirty.is_empty() {
             None
         } else {
@@ -140,6 +149,7 @@ impl View {
             s.endpoints = endpoints;
             changed
         });
+        crate::metrics::endpoints(&self.prefix, endpoints);
     }
 
     fn update_status(&self, f: impl FnOnce(&mut WatchStatus)) {
@@ -207,6 +217,7 @@ impl Drop for Watched {
 /// Starts the task that keeps a view of `cfg.prefix`.
 pub(crate) fn spawn(client: Client, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
     let view = Arc::new(View {
+        prefix: cfg.prefix.clone(),
         state: Mutex::new(State::default()),
         status: watch::channel(WatchStatus::default()).0,
     });
@@ -259,6 +270,7 @@ impl Task {
                     tracing::info!(prefix = %self.cfg.prefix, revision = last, compact,
                         "watched revision was compacted; listing again");
                     self.view.update_status(|s| s.resyncs += 1);
+                    crate::metrics::resync(&self.cfg.prefix);
                     revision = None;
                     // Guards against a list/compact race turning into a hot loop.
                     tokio::time::sleep(self.backoff.next_delay()).await;
@@ -267,6 +279,7 @@ impl Task {
                     revision = Some(last);
                     self.failed(e).await;
                     self.view.update_status(|s| s.reconnects += 1);
+                    crate::metrics::reconnect(&self.cfg.prefix);
                 }
             }
         }
@@ -313,6 +326,7 @@ impl Task {
         self.view.update_status(|s| {
             s.synced = true;
             s.skipped += skipped;
+            crate::metrics::skipped(&self.cfg.prefix, skipped);
             s.last_error = None;
         });
         self.backoff.reset();
@@ -420,6 +434,7 @@ impl Task {
         self.view.publish(state);
         if skipped > 0 {
             self.view.update_status(|s| s.skipped += skipped);
+            crate::metrics::skipped(&self.cfg.prefix, skipped);
         }
     }
 
@@ -538,6 +553,7 @@ mod tests {
     #[test]
     fn the_queue_coalesces_and_ignores_identical_puts() {
         let view = View {
+            prefix: "p/".into(),
             state: Mutex::new(State::default()),
             status: watch::channel(WatchStatus::default()).0,
         };
