@@ -338,9 +338,43 @@ async fn dispatch(
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
     let deadline = Instant::now() + wait;
-    let mut retried = false;
+    // After a request could not be sent, the endpoint it failed on, until its
+    // connector has taken it out of rotation.
+    let mut failed_on: Option<Arc<endpoint::Ready>> = None;
     loop {
-        let Some(ep) = pick(&shared.ready()) else {
+        let ready = shared.ready();
+        let picked = match &failed_on {
+            None => pick(&ready),
+            Some(bad) => pick(
+                &ready
+                    .iter()
+                    .filter(|e| !Arc::ptr_eq(e, bad))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let Some(ep) = picked else {
+            if let Some(bad) = &failed_on {
+                let listed = |set: &[Arc<endpoint::Ready>]| set.iter().any(|e| Arc::ptr_eq(e, bad));
+                if listed(&ready) {
+                    // Only the endpoint that just failed is left: wait for
+                    // its connector to act instead of spinning. Subscribe
+                    // first, then look again, so no change is missed.
+                    let mut info = shared.info.subscribe();
+                    if listed(&shared.ready())
+                        && tokio::time::timeout_at(deadline, info.changed())
+                            .await
+                            .is_err()
+                    {
+                        return Err(Box::new(tonic::Status::unavailable(format!(
+                            "no endpoint of service {:?} could take the call: the connection to {} \
+                             closed before the request was sent",
+                            shared.service, bad.instance.addr
+                        ))));
+                    }
+                    continue;
+                }
+            }
             wait_for_endpoint(&shared, deadline, wait).await?;
             continue;
         };
@@ -374,10 +408,10 @@ async fn dispatch(
                 }
                 match unsent {
                     // Never left this process: safe to send elsewhere, once.
-                    Some(r) if !retried => {
+                    Some(r) if failed_on.is_none() => {
                         tracing::debug!(addr = %ep.instance.addr, %error,
                             "request not sent; retrying on another endpoint");
-                        retried = true;
+                        failed_on = Some(ep);
                         request = r;
                     }
                     _ => return Err(Box::new(error)),
