@@ -122,7 +122,8 @@ impl RegisteredServer {
             r = registration.register() => r,
             r = &mut server => {
                 r?;
-                return Err(Error::InvalidConfig("the server stopped before it was registered".into()));
+                // It cannot end cleanly before its shutdown signal.
+                return Err(Error::TaskGone("gRPC server (stopped before it was registered)"));
             }
         };
         let registered = match registered {
