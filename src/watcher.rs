@@ -301,8 +301,8 @@ impl Task {
         let mut skipped = 0;
         for kv in &kvs {
             match self.decode(kv) {
-                Decoded::Entry(key, instance) => {
-                    fresh.insert(key, instance);
+                Decoded::Entry(instance) => {
+                    fresh.insert(String::from_utf8_lossy(kv.key()).into_owned(), instance);
                 }
                 Decoded::Skipped => skipped += 1,
                 Decoded::Foreign => {}
@@ -420,7 +420,7 @@ impl Task {
             match event.event_type() {
                 EventType::Delete => state.remove(&key),
                 EventType::Put => match self.decode(kv) {
-                    Decoded::Entry(key, instance) => state.upsert(&key, instance),
+                    Decoded::Entry(instance) => state.upsert(&key, instance),
                     // A key that was valid and no longer decodes is no
                     // longer an endpoint; others are untouched.
                     Decoded::Skipped => {
@@ -445,7 +445,7 @@ impl Task {
                     // A nested service (`svc/sub/...`): not ours, not an error.
                     Decoded::Foreign
                 }
-                _ => Decoded::Entry(String::from_utf8_lossy(kv.key()).into_owned(), instance),
+                _ => Decoded::Entry(instance),
             },
             Err(error) => {
                 tracing::warn!(
@@ -460,7 +460,7 @@ impl Task {
 }
 
 enum Decoded {
-    Entry(String, Instance),
+    Entry(Instance),
     Skipped,
     Foreign,
 }
