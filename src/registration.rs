@@ -560,7 +560,9 @@ impl Worker {
             if !first {
                 tracing::info!(services = ?self.services, lease, "re-attached to the same etcd lease");
                 // Keys may have been removed while we were away.
-                self.repair(lease).await;
+                if self.repair_unless_stopped(lease, stop).await {
+                    return SessionEnd::Stopped;
+                }
             }
             first = false;
             self.backoff.reset();
@@ -589,7 +591,9 @@ impl Worker {
                         if let Err(e) = keeper.keep_alive().await {
                             break format!("keep-alive send failed: {e}");
                         }
-                        self.repair(lease).await;
+                        if self.repair_unless_stopped(lease, stop).await {
+                            return SessionEnd::Stopped;
+                        }
                     }
                     () = tokio::time::sleep_until(silent_deadline) => {
                         break format!("no keep-alive answer for {:?}", silent_deadline - last_ack);
@@ -601,6 +605,17 @@ impl Worker {
                 attempt: self.backoff.attempts(),
                 error: broken,
             });
+        }
+    }
+
+    /// Runs [`repair`](Self::repair) unless asked to stop first; true when
+    /// stopped. The check can take a whole request timeout against a slow
+    /// etcd, and `deregister` must not wait for it.
+    async fn repair_unless_stopped(&self, lease: i64, stop: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            biased;
+            () = stopped(stop) => true,
+            () = self.repair(lease) => false,
         }
     }
 
@@ -617,16 +632,7 @@ impl Worker {
                 ]
             })
             .collect();
-        let puts: Vec<TxnOp> = entries
-            .iter()
-            .map(|e| {
-                TxnOp::put(
-                    e.key.as_str(),
-                    e.value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-            })
-            .collect();
+        let puts = put_ops(&entries, &PutOptions::new().with_lease(lease));
         let txn = Txn::new().when(compares).or_else(puts);
         let check = with_timeout("key check", self.request_timeout, || {
             let mut c = self.client.clone();
@@ -643,6 +649,14 @@ impl Worker {
             Err(e) => tracing::debug!(error = %e, "key check failed"),
         }
     }
+}
+
+/// A put of every entry, for a transaction.
+fn put_ops(entries: &[Encoded], opts: &PutOptions) -> Vec<TxnOp> {
+    entries
+        .iter()
+        .map(|e| TxnOp::put(e.key.as_str(), e.value.clone(), Some(opts.clone())))
+        .collect()
 }
 
 /// Writes every entry with `lease` in one transaction, warning about keys
@@ -664,11 +678,7 @@ async fn put_all(
         .await?;
         vec![resp.prev_key().cloned()]
     } else {
-        let ops: Vec<TxnOp> = entries
-            .iter()
-            .map(|e| TxnOp::put(e.key.as_str(), e.value.clone(), Some(opts.clone())))
-            .collect();
-        let txn = Txn::new().and_then(ops);
+        let txn = Txn::new().and_then(put_ops(entries, &opts));
         let resp = with_timeout("put", timeout, || {
             let mut c = client.clone();
             let txn = txn.clone();
