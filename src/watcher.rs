@@ -326,9 +326,9 @@ impl Task {
         self.view.update_status(|s| {
             s.synced = true;
             s.skipped += skipped;
-            crate::metrics::skipped(&self.cfg.prefix, skipped);
             s.last_error = None;
         });
+        crate::metrics::skipped(&self.cfg.prefix, skipped);
         self.backoff.reset();
         tracing::debug!(prefix = %self.cfg.prefix, revision, count, "listed");
         Ok(revision)
