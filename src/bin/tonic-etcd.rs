@@ -232,28 +232,23 @@ async fn connect(g: &Global, timeout: Duration) -> Result<etcd_client::Client, F
         etcd_client::Client::connect(&endpoints, Some(opts)),
     )
     .await;
-    let what = || {
-        format!(
-            "cannot connect to etcd at {}: {{}}; check --etcd, --user/--password and the TLS options",
+    let fail = |reason: String| {
+        Failure(format!(
+            "cannot connect to etcd at {}: {reason}; check --etcd, --user/--password and the TLS options",
             endpoints.join(",")
-        )
+        ))
     };
+    let silent = || fail(format!("no answer within {timeout:?}"));
     let mut client = match connected {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(Failure(what().replace("{}", &e.to_string()))),
-        Err(_) => {
-            return Err(Failure(
-                what().replace("{}", &format!("no answer within {timeout:?}")),
-            ))
-        }
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => return Err(silent()),
     };
     // etcd-client connects lazily; one request proves the endpoint answers.
     match tokio::time::timeout(timeout, client.status()).await {
         Ok(Ok(_)) => Ok(client),
-        Ok(Err(e)) => Err(Failure(what().replace("{}", &e.to_string()))),
-        Err(_) => Err(Failure(
-            what().replace("{}", &format!("no answer within {timeout:?}")),
-        )),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(silent()),
     }
 }
 
