@@ -231,28 +231,26 @@ async fn forward(
 ) {
     let mut keys: HashSet<String> = HashSet::new();
     while let Some(Ok(change)) = discover.next().await {
-        let sent = match change {
+        // An Insert that cannot be dialed leaves the balancer like a Remove.
+        let to_remove = match change {
             Change::Insert(key, instance) => match make.make(&instance) {
                 Ok(endpoint) => {
                     keys.insert(key.clone());
-                    tx.send(TonicChange::Insert(key, endpoint)).await
+                    if tx.send(TonicChange::Insert(key, endpoint)).await.is_err() {
+                        return;
+                    }
+                    None
                 }
                 Err(error) => {
                     tracing::warn!(addr = %instance.addr, %error, "cannot dial this instance; skipping it");
-                    if keys.remove(&key) {
-                        tx.send(TonicChange::Remove(key)).await
-                    } else {
-                        Ok(())
-                    }
+                    Some(key)
                 }
             },
-            Change::Remove(key) => {
-                if keys.remove(&key) {
-                    tx.send(TonicChange::Remove(key)).await
-                } else {
-                    Ok(())
-                }
-            }
+            Change::Remove(key) => Some(key),
+        };
+        let sent = match to_remove {
+            Some(key) if keys.remove(&key) => tx.send(TonicChange::Remove(key)).await,
+            _ => Ok(()),
         };
         if sent.is_err() {
             // The channel and all its clones are gone.
