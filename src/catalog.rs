@@ -115,7 +115,7 @@ impl CatalogBuilder {
     /// The limit on each etcd request (default 5 s).
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.opts.request_timeout = timeout;
+        self.opts.request_timeout = crate::time::cap(timeout);
         self
     }
 

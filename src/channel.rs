@@ -134,7 +134,7 @@ impl ChannelBuilder {
     /// it fails with `Unavailable` (default 3 s).
     #[must_use]
     pub fn no_endpoint_timeout(mut self, timeout: Duration) -> Self {
-        self.no_endpoint_timeout = timeout;
+        self.no_endpoint_timeout = crate::time::cap(timeout);
         self
     }
 

@@ -121,7 +121,7 @@ impl DiscoverBuilder {
     /// The limit on each etcd request (default 5 s).
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.opts.request_timeout = timeout;
+        self.opts.request_timeout = crate::time::cap(timeout);
         self
     }
 
@@ -130,7 +130,7 @@ impl DiscoverBuilder {
     /// dead and is re-established (default 10 s).
     #[must_use]
     pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.opts.idle = idle;
+        self.opts.idle = crate::time::cap(idle);
         self
     }
 

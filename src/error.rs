@@ -123,7 +123,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::time::deadline_after(tokio::time::Instant::now(), timeout);
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
     loop {

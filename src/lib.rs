@@ -58,6 +58,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod backoff;
+mod time;
 pub mod balancer;
 pub mod catalog;
 pub mod channel;

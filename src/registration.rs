@@ -159,14 +159,14 @@ impl RegistrationBuilder {
     /// process's keys outlive it.
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = crate::time::cap(ttl);
         self
     }
 
     /// The limit on each etcd request (default 5 s).
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
+        self.request_timeout = crate::time::cap(timeout);
         self
     }
 
@@ -174,7 +174,7 @@ impl RegistrationBuilder {
     /// before it fails (default 30 s).
     #[must_use]
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = timeout;
+        self.startup_timeout = crate::time::cap(timeout);
         self
     }
 
@@ -238,7 +238,7 @@ impl RegistrationBuilder {
             state: state_tx,
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
         };
-        let deadline = Instant::now() + self.startup_timeout;
+        let deadline = crate::time::deadline_after(Instant::now(), self.startup_timeout);
         let lease = loop {
             match worker.register_once().await {
                 Ok(lease) => break lease,

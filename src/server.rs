@@ -65,14 +65,14 @@ impl RegisteredServer {
     /// so that clients see the removal before connections close (default
     /// 1 s; the same idea as a Kubernetes preStop delay).
     pub fn grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
+        self.grace = crate::time::cap(grace);
         self
     }
 
     /// The longest wait for in-flight RPCs after the server stops accepting
     /// (default 30 s); the call returns when it passes.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
+        self.drain_timeout = crate::time::cap(timeout);
         self
     }
 

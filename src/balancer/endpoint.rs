@@ -3,19 +3,26 @@
 //! Each endpoint owns one HTTP/2 connection. The connection's driver task
 //! ending (peer closed, reset, keep-alive timeout) takes the endpoint out of
 //! rotation at once, before another call is routed to it; it is reconnected
-//! in the background with back-off.
+//! in the background with back-off. A connection joins the rotation only
+//! once the server's HTTP/2 preface has arrived (see [`super::preface`]).
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::preface::Preface;
 use crate::Instance;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -26,22 +33,45 @@ pub(crate) struct ConnConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) keep_alive_interval: Duration,
     pub(crate) keep_alive_timeout: Duration,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) initial_stream_window_size: Option<u32>,
+    pub(crate) initial_connection_window_size: Option<u32>,
+    pub(crate) adaptive_window: bool,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<super::tls::Connector>,
     /// Time constant of the latency estimate's decay.
     pub(crate) decay: Duration,
     /// The latency assumed for an endpoint before its first response.
     pub(crate) default_rtt: Duration,
 }
 
+impl ConnConfig {
+    fn scheme(&self) -> Scheme {
+        #[cfg(feature = "tls")]
+        if self.tls.is_some() {
+            return Scheme::HTTPS;
+        }
+        Scheme::HTTP
+    }
+}
+
 /// A connected endpoint, in rotation while its connection lives.
 pub(crate) struct Ready {
     pub(crate) key: String,
-    pub(crate) instance: Arc<Instance>,
+    /// Replaced when only the instance's metadata changes (no redial).
+    instance: RwLock<Arc<Instance>>,
     send: SendRequest<tonic::body::Body>,
+    scheme: Scheme,
     authority: Authority,
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond it h2 would
+    /// queue calls on this connection, so the balancer sends them elsewhere.
+    max_streams: usize,
     pending: AtomicUsize,
     rtt: PeakEwma,
     /// Woken when a call finds the connection closed.
     pub(crate) closed: Notify,
+    /// Shared by the pool: woken when a full endpoint frees a stream.
+    capacity: Arc<Notify>,
 }
 
 impl Ready {
@@ -51,10 +81,32 @@ impl Ready {
         self.rtt.estimate() * (self.pending.load(Ordering::Relaxed) + 1) as f64
     }
 
+    /// Whether another call fits within the server's stream limit.
+    pub(crate) fn has_capacity(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) < self.max_streams
+    }
+
+    /// The instance as last registered.
+    pub(crate) fn instance(&self) -> Arc<Instance> {
+        self.instance
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_instance(&self, instance: Arc<Instance>) {
+        *self.instance.write().unwrap_or_else(|p| p.into_inner()) = instance;
+    }
+
+    /// The address dialled.
+    pub(crate) fn addr(&self) -> &str {
+        self.authority.as_str()
+    }
+
     /// Points `uri` (a path, as tonic's generated code sets it) at this endpoint.
     pub(crate) fn uri(&self, uri: &http::Uri) -> Result<http::Uri, http::Error> {
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
+        parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = uri.path_and_query().cloned();
         http::Uri::from_parts(parts).map_err(Into::into)
@@ -64,7 +116,7 @@ impl Ready {
         self.send.clone()
     }
 
-    /// Counts a call in flight until the guard is dropped or completed.
+    /// Counts a call in flight until the guard is dropped.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
@@ -74,22 +126,32 @@ impl Ready {
     }
 }
 
-/// A call in flight on an endpoint.
+/// A call in flight on an endpoint, from the moment it is sent until its
+/// response body ends (or the call is dropped).
 pub(crate) struct InFlight {
     ep: Arc<Ready>,
     started: Instant,
 }
 
 impl InFlight {
-    /// The response arrived: its latency feeds the estimate.
-    pub(crate) fn responded(self) {
+    /// The response headers arrived: their latency feeds the estimate.
+    pub(crate) fn responded(&self) {
+        self.ep.rtt.observe(self.started.elapsed());
+    }
+
+    /// The call's deadline passed on this endpoint: the time it waited is a
+    /// latency sample too, so a stalled endpoint looks slow, not idle.
+    pub(crate) fn timed_out(self) {
         self.ep.rtt.observe(self.started.elapsed());
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.ep.pending.fetch_sub(1, Ordering::Relaxed);
+        let before = self.ep.pending.fetch_sub(1, Ordering::Relaxed);
+        if before >= self.ep.max_streams {
+            self.ep.capacity.notify_one();
+        }
     }
 }
 
@@ -158,48 +220,159 @@ pub(crate) struct Connection {
     pub(crate) driver: JoinHandle<()>,
 }
 
-/// Connects to `instance` over HTTP/2 (prior knowledge, as gRPC does).
+/// Connects to `instance` over HTTP/2 (prior knowledge, as gRPC does; over
+/// TLS with ALPN `h2` when configured). Returns once the server's SETTINGS
+/// frame has arrived, all within the connect timeout.
 pub(crate) async fn connect(
     key: &str,
     instance: Arc<Instance>,
     cfg: &ConnConfig,
+    capacity: Arc<Notify>,
 ) -> Result<Connection, BoxError> {
     let authority: Authority = instance.addr.parse()?;
-    let tcp = tokio::time::timeout(
-        cfg.connect_timeout,
-        tokio::net::TcpStream::connect(instance.addr.as_str()),
-    )
-    .await
-    .map_err(|_| format!("connect timed out after {:?}", cfg.connect_timeout))??;
-    tcp.set_nodelay(true)?;
+    let deadline = crate::time::deadline_after(Instant::now(), cfg.connect_timeout);
+    let timed_out = |stage: &str| format!("{stage} timed out after {:?}", cfg.connect_timeout);
+    let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(instance.addr.as_str()))
+        .await
+        .map_err(|_| timed_out("connect"))??;
+    tcp.set_nodelay(cfg.tcp_nodelay)?;
+    #[cfg(feature = "tls")]
+    let io = match &cfg.tls {
+        Some(tls) => Transport::Tls(Box::new(
+            tokio::time::timeout_at(deadline, tls.connect(&instance.addr, tcp))
+                .await
+                .map_err(|_| timed_out("TLS handshake"))??,
+        )),
+        None => Transport::Plain(tcp),
+    };
+    #[cfg(not(feature = "tls"))]
+    let io = Transport::Plain(tcp);
+    let (io, preface) = Preface::new(io);
+
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(cfg.keep_alive_interval)
         .keep_alive_timeout(cfg.keep_alive_timeout)
-        .keep_alive_while_idle(true);
-    let (send, conn) =
-        tokio::time::timeout(cfg.connect_timeout, builder.handshake(TokioIo::new(tcp)))
-            .await
-            .map_err(|_| format!("HTTP/2 handshake timed out after {:?}", cfg.connect_timeout))??;
+        .keep_alive_while_idle(true)
+        .adaptive_window(cfg.adaptive_window);
+    if let Some(size) = cfg.initial_stream_window_size {
+        builder.initial_stream_window_size(size);
+    }
+    if let Some(size) = cfg.initial_connection_window_size {
+        builder.initial_connection_window_size(size);
+    }
+    let (send, conn) = tokio::time::timeout_at(deadline, builder.handshake(TokioIo::new(io)))
+        .await
+        .map_err(|_| timed_out("HTTP/2 handshake"))??;
     let addr = instance.addr.clone();
     let driver = tokio::spawn(async move {
         if let Err(error) = conn.await {
             tracing::debug!(%addr, %error, "connection ended");
         }
     });
+    // The driver reads the server's preface; until it arrives the server has
+    // not shown that it speaks HTTP/2.
+    let settings = match tokio::time::timeout_at(deadline, preface).await {
+        Ok(Ok(Ok(settings))) => settings,
+        Ok(Ok(Err(not_h2))) => {
+            driver.abort();
+            return Err(not_h2.0.into());
+        }
+        Ok(Err(_)) => {
+            driver.abort();
+            return Err("the connection closed before the server's HTTP/2 preface".into());
+        }
+        Err(_) => {
+            driver.abort();
+            return Err(format!(
+                "no HTTP/2 preface from the server within {:?}",
+                cfg.connect_timeout
+            )
+            .into());
+        }
+    };
+    let max_streams = settings
+        .max_concurrent_streams
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     Ok(Connection {
         ready: Arc::new(Ready {
             key: key.to_owned(),
-            instance,
+            instance: RwLock::new(instance),
             send,
+            scheme: cfg.scheme(),
             authority,
+            max_streams,
             pending: AtomicUsize::new(0),
             rtt: PeakEwma::new(cfg.default_rtt, cfg.decay),
             closed: Notify::new(),
+            capacity,
         }),
         driver,
     })
+}
+
+/// A plaintext or TLS connection.
+enum Transport {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            Transport::Plain($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            #[cfg(feature = "tls")]
+            Transport::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, io => io.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(io) => io.is_write_vectored(),
+            #[cfg(feature = "tls")]
+            Transport::Tls(io) => io.is_write_vectored(),
+        }
+    }
 }
 
 #[cfg(test)]

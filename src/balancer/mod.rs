@@ -2,46 +2,73 @@
 //!
 //! [`Balancer`] is a `Clone` service that tonic-generated clients take
 //! directly (`GreeterClient::new(balancer)`). It is fed by the etcd
-//! [`Discover`] and differs from tonic's balanced channel in what production
-//! needs:
+//! [`Discover`] and keeps every promise of a gRPC channel, plus what
+//! production needs:
 //!
+//! * **Deadlines**: a call's deadline (its `grpc-timeout` header, set by
+//!   `Request::set_timeout`, or [`call_timeout`](BalancerBuilder::call_timeout)
+//!   for calls without one) bounds the wait for an endpoint, the wait for the
+//!   response headers *and* the response body. On expiry the call fails with
+//!   `DeadlineExceeded` and the stream is reset. tonic's `Channel` enforces the
+//!   same header until the response headers arrive; a backend that sends
+//!   headers and then stalls cannot hold a call here either.
 //! * **Load-aware**: power of two choices over peak-EWMA latency × calls in
 //!   flight, so a slow backend gets few calls (tonic compares a load that is
-//!   always zero, i.e. picks at random).
+//!   always zero, i.e. picks at random). A call that hits its deadline counts
+//!   the time it waited as a latency sample.
 //! * **Failure-aware**: every endpoint owns one HTTP/2 connection; when it
 //!   fails, is refused or is closed (a killed server), the endpoint leaves the
 //!   rotation at once and is reconnected in the background with back-off.
-//!   etcd stays the source of truth: the endpoint is not forgotten.
+//!   etcd stays the source of truth: the endpoint is not forgotten. A
+//!   connection joins the rotation only after the server's HTTP/2 SETTINGS
+//!   arrived (as grpc-go waits for the server preface), so a port that
+//!   accepts TCP but does not speak HTTP/2 never receives a call.
 //! * **No lost calls for a dead backend**: a call that was not sent (the
 //!   connection closed before the request left) is retried once on another
 //!   endpoint. A call that may have reached a server is never retried.
-//! * **Never hangs**: with no endpoint in rotation a call waits at most
+//! * **Fail fast, bounded**: when no endpoint has been in rotation for
 //!   [`no_endpoint_timeout`](BalancerBuilder::no_endpoint_timeout) (default
-//!   3 s) and then fails with `Unavailable`, naming the service and saying
-//!   whether no instance is registered or none is reachable.
-//! * **Applied without traffic**: a background task applies every discovery
-//!   change as it arrives; a removed endpoint's connection closes once the
-//!   calls on it finish.
+//!   3 s), the balancer fails new calls at once with `Unavailable`, naming the
+//!   service and why there is no endpoint, until one is ready again (linkerd's
+//!   fail-fast gate). Before that, a call waits at most until its deadline or
+//!   that timeout. [`fail_fast(false)`](BalancerBuilder::fail_fast) gives
+//!   gRPC's wait-for-ready instead. At most
+//!   [`max_waiting_calls`](BalancerBuilder::max_waiting_calls) calls wait in
+//!   the balancer at once; more fail with `ResourceExhausted`.
+//! * **The server's stream limit**: each server's
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS` is read from its preface; an endpoint
+//!   at its limit gets no new call (h2 would queue it on that connection)
+//!   while another has room; when all are full, calls wait for a free stream.
+//! * **Applied without traffic, idempotent**: a background task applies every
+//!   discovery change as it arrives; an update that only changes an
+//!   instance's metadata keeps its connection. A removed endpoint's
+//!   connection closes once the calls on it finish.
 //! * **Metadata-aware**: [`filter`](BalancerBuilder::filter) sees each
 //!   instance's address and metadata (e.g. only `version=v2`).
+//! * **TLS and mTLS** to backends with [`tls`](BalancerBuilder::tls) (feature
+//!   `tls`).
 //! * **No buffer task**: a call picks its endpoint in the caller's task and
-//!   goes straight to that endpoint's connection.
-//!
-//! Endpoints are dialed over plaintext HTTP/2; for TLS to backends use
-//! [`ChannelBuilder`](crate::ChannelBuilder) (tonic's balancer).
+//!   goes straight to that endpoint's connection; `poll_ready` is always
+//!   ready, and the waits above are per call, bounded by its deadline.
 
+mod deadline;
 mod endpoint;
 mod pool;
+mod preface;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::Client;
 use futures_core::Stream;
+use http::HeaderValue;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower::discover::Change;
@@ -49,9 +76,13 @@ use tower::Service;
 
 use crate::discovery::{Discover, DiscoverBuilder};
 use crate::schema::Schema;
+use crate::time::{cap, deadline_after};
 use crate::{Error, Instance};
-use endpoint::ConnConfig;
+use deadline::CallBody;
+use endpoint::{ConnConfig, Ready};
 use pool::{Filter, PoolConfig, PoolInfo, Shared};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -61,9 +92,11 @@ pub struct BalancerBuilder {
     service: String,
     conn: ConnConfig,
     filter: Option<Filter>,
-    no_endpoint_timeout: Duration,
-    request_timeout: Option<Duration>,
+    calls: CallConfig,
+    user_agent: Option<String>,
     backoff_max: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
 }
 
 impl fmt::Debug for BalancerBuilder {
@@ -72,10 +105,20 @@ impl fmt::Debug for BalancerBuilder {
             .field("service", &self.service)
             .field("conn", &self.conn)
             .field("filter", &self.filter.is_some())
-            .field("no_endpoint_timeout", &self.no_endpoint_timeout)
-            .field("request_timeout", &self.request_timeout)
+            .field("calls", &self.calls)
+            .field("user_agent", &self.user_agent)
             .finish_non_exhaustive()
     }
+}
+
+/// What every call through one balancer shares.
+#[derive(Debug, Clone)]
+struct CallConfig {
+    no_endpoint_timeout: Duration,
+    call_timeout: Option<Duration>,
+    fail_fast: bool,
+    max_waiting: usize,
+    user_agent: HeaderValue,
 }
 
 impl BalancerBuilder {
@@ -101,26 +144,52 @@ impl BalancerBuilder {
         self
     }
 
-    /// The longest a call waits for an endpoint in rotation before failing
-    /// with `Unavailable` (default 3 s).
+    /// A deadline for calls that carry none, and a cap on those that do: a
+    /// call's deadline is the earlier of its own `grpc-timeout` and this, as
+    /// with tonic's `Endpoint::timeout`. The effective deadline is sent to the
+    /// server in `grpc-timeout`. Default: none (gRPC's default: calls without
+    /// a deadline may wait for their response indefinitely).
+    #[must_use]
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.calls.call_timeout = Some(cap(timeout));
+        self
+    }
+
+    /// How long the balancer may have no endpoint in rotation before it
+    /// fails calls at once (default 3 s). Until then a call waits for an
+    /// endpoint, at most until its deadline; after it, calls fail with
+    /// `Unavailable` and the reason until an endpoint is ready again.
     #[must_use]
     pub fn no_endpoint_timeout(mut self, timeout: Duration) -> Self {
-        self.no_endpoint_timeout = timeout;
+        self.calls.no_endpoint_timeout = cap(timeout);
         self
     }
 
-    /// A limit on each call until its response headers arrive (default none;
-    /// the call's own gRPC deadline applies at the server).
+    /// `false` gives gRPC's *wait-for-ready*: with no endpoint in rotation a
+    /// call waits for one until its own deadline (calls without a deadline
+    /// wait at most the no-endpoint timeout), and the fail-fast gate does not
+    /// apply. Default `true`.
     #[must_use]
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = Some(timeout);
+    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
+        self.calls.fail_fast = fail_fast;
         self
     }
 
-    /// The limit on connecting to an endpoint (default 1 s).
+    /// The most calls that may wait in the balancer at once, for an endpoint
+    /// or for a free stream (default 10,000); further calls fail at once with
+    /// `ResourceExhausted`. Keeps memory bounded when callers outpace every
+    /// backend.
+    #[must_use]
+    pub fn max_waiting_calls(mut self, max: usize) -> Self {
+        self.calls.max_waiting = max;
+        self
+    }
+
+    /// The limit on connecting to an endpoint: TCP, TLS and the server's
+    /// HTTP/2 preface together (default 1 s).
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.conn.connect_timeout = timeout;
+        self.conn.connect_timeout = cap(timeout);
         self
     }
 
@@ -129,15 +198,59 @@ impl BalancerBuilder {
     /// notices a backend that vanished without closing its connections.
     #[must_use]
     pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.conn.keep_alive_interval = interval;
-        self.conn.keep_alive_timeout = timeout;
+        self.conn.keep_alive_interval = cap(interval);
+        self.conn.keep_alive_timeout = cap(timeout);
+        self
+    }
+
+    /// `TCP_NODELAY` on every connection (default `true`, as tonic).
+    #[must_use]
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.conn.tcp_nodelay = enabled;
+        self
+    }
+
+    /// HTTP/2's initial flow-control window per stream (default hyper's).
+    #[must_use]
+    pub fn initial_stream_window_size(mut self, size: u32) -> Self {
+        self.conn.initial_stream_window_size = Some(size);
+        self
+    }
+
+    /// HTTP/2's initial flow-control window per connection (default hyper's).
+    #[must_use]
+    pub fn initial_connection_window_size(mut self, size: u32) -> Self {
+        self.conn.initial_connection_window_size = Some(size);
+        self
+    }
+
+    /// BDP-based adaptive flow-control windows (default off, as tonic).
+    #[must_use]
+    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
+        self.conn.adaptive_window = enabled;
+        self
+    }
+
+    /// Prepended to the `user-agent` of calls that set none
+    /// (`<yours> tonic-etcd/<version>`).
+    #[must_use]
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.user_agent = Some(user_agent.into());
+        self
+    }
+
+    /// TLS (and mutual TLS, with a client identity) to every backend.
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
     /// The longest pause between reconnection attempts (default 5 s).
     #[must_use]
     pub fn reconnect_backoff_max(mut self, max: Duration) -> Self {
-        self.backoff_max = max;
+        self.backoff_max = cap(max);
         self
     }
 
@@ -148,39 +261,61 @@ impl BalancerBuilder {
         self
     }
 
-    fn check(&self) -> Result<(), Error> {
+    /// Checks the options and completes what depends on several of them.
+    fn finish(&mut self) -> Result<(), Error> {
         for (name, d) in [
             ("connect_timeout", self.conn.connect_timeout),
-            ("no_endpoint_timeout", self.no_endpoint_timeout),
-            ("keep-alive interval", self.conn.keep_alive_interval),
-            ("keep-alive timeout", self.conn.keep_alive_timeout),
+            ("no_endpoint_timeout", self.calls.no_endpoint_timeout),
+            ("http2_keep_alive interval", self.conn.keep_alive_interval),
+            ("http2_keep_alive timeout", self.conn.keep_alive_timeout),
+            ("call_timeout", self.calls.call_timeout.unwrap_or(Duration::MAX)),
         ] {
             if d.is_zero() {
-                return Err(Error::InvalidConfig(format!("{name} must be above zero")));
+                return Err(Error::InvalidConfig(format!(
+                    "balancer: {name} must be above zero"
+                )));
             }
+        }
+        if self.calls.max_waiting == 0 {
+            return Err(Error::InvalidConfig(
+                "balancer: max_waiting_calls must be at least 1".into(),
+            ));
+        }
+        let agent = match &self.user_agent {
+            None => USER_AGENT.to_owned(),
+            Some(mine) => format!("{mine} {USER_AGENT}"),
+        };
+        self.calls.user_agent = HeaderValue::try_from(agent).map_err(|_| {
+            Error::InvalidConfig(
+                "balancer: user_agent must be visible ASCII (a valid header value)".into(),
+            )
+        })?;
+        #[cfg(feature = "tls")]
+        {
+            self.conn.tls = self.tls.as_ref().map(TlsConfig::connector).transpose()?;
         }
         Ok(())
     }
 
     /// Starts discovery and the balancer. Needs a tokio runtime.
-    pub fn build(self) -> Result<Balancer, Error> {
-        self.check()?;
+    pub fn build(mut self) -> Result<Balancer, Error> {
+        self.finish()?;
         let discover = self.discover.clone().build()?;
-        self.discover_into(discover)
+        Ok(self.discover_into(discover))
     }
 
     /// Builds the balancer over any discovery stream of instances instead of
     /// etcd's (keys identify instances; an Insert of a known key replaces it).
-    pub fn build_with<D, E>(self, discover: D) -> Result<Balancer, Error>
+    pub fn build_with<D, E>(mut self, discover: D) -> Result<Balancer, Error>
     where
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
         E: fmt::Display + Send + 'static,
     {
-        self.check()?;
-        self.discover_into(discover)
+        self.finish()?;
+        Ok(self.discover_into(discover))
     }
 
-    fn discover_into<D, E>(self, discover: D) -> Result<Balancer, Error>
+    fn discover_into<D, E>(self, discover: D) -> Balancer
     where
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
         E: fmt::Display + Send + 'static,
@@ -193,14 +328,15 @@ impl BalancerBuilder {
             backoff_max: self.backoff_max,
         });
         let task = tokio::spawn(pool::run(discover, shared.clone(), cfg));
-        Ok(Balancer {
+        Balancer {
             shared,
-            no_endpoint_timeout: self.no_endpoint_timeout,
-            request_timeout: self.request_timeout,
+            calls: Arc::new(self.calls),
             _task: Arc::new(AbortOnDrop(task)),
-        })
+        }
     }
 }
+
+const USER_AGENT: &str = concat!("tonic-etcd/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug)]
 struct AbortOnDrop(JoinHandle<()>);
@@ -218,8 +354,7 @@ impl Drop for AbortOnDrop {
 #[derive(Clone)]
 pub struct Balancer {
     shared: Arc<Shared>,
-    no_endpoint_timeout: Duration,
-    request_timeout: Option<Duration>,
+    calls: Arc<CallConfig>,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -243,15 +378,29 @@ impl Balancer {
                 connect_timeout: Duration::from_secs(1),
                 keep_alive_interval: Duration::from_secs(10),
                 keep_alive_timeout: Duration::from_secs(5),
+                tcp_nodelay: true,
+                initial_stream_window_size: None,
+                initial_connection_window_size: None,
+                adaptive_window: false,
+                #[cfg(feature = "tls")]
+                tls: None,
                 // Short enough that a backend that was slow once is probed
                 // again within seconds.
                 decay: Duration::from_secs(2),
                 default_rtt: Duration::from_millis(1),
             },
             filter: None,
-            no_endpoint_timeout: Duration::from_secs(3),
-            request_timeout: None,
+            calls: CallConfig {
+                no_endpoint_timeout: Duration::from_secs(3),
+                call_timeout: None,
+                fail_fast: true,
+                max_waiting: 10_000,
+                user_agent: HeaderValue::from_static(USER_AGENT),
+            },
+            user_agent: None,
             backoff_max: Duration::from_secs(5),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -270,7 +419,7 @@ impl Balancer {
         self.shared
             .ready()
             .iter()
-            .map(|e| (*e.instance).clone())
+            .map(|e| (*e.instance()).clone())
             .collect()
     }
 
@@ -303,100 +452,114 @@ impl Service<http::Request<tonic::body::Body>> for Balancer {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(dispatch(
-            self.shared.clone(),
-            self.no_endpoint_timeout,
-            self.request_timeout,
-            request,
-        ))
+        Box::pin(dispatch(self.shared.clone(), self.calls.clone(), request))
     }
 }
 
-/// Two random endpoints, the less loaded one.
-fn pick(set: &[Arc<endpoint::Ready>]) -> Option<Arc<endpoint::Ready>> {
+/// The outcome of choosing an endpoint.
+enum Pick {
+    Endpoint(Arc<Ready>),
+    /// Every usable endpoint is at its server's stream limit.
+    Full,
+    /// No usable endpoint.
+    Empty,
+}
+
+/// Two random endpoints, the less loaded one with room for another stream;
+/// when neither qualifies (rare: a full or excluded pick), the least loaded
+/// of all that do.
+fn pick(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
     use rand::Rng;
-    match set.len() {
-        0 => None,
-        1 => Some(set[0].clone()),
-        n => {
-            let mut rng = rand::rng();
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (x, y) = (&set[a], &set[b]);
-            Some(if x.load() <= y.load() { x } else { y }.clone())
+    let usable = |e: &Arc<Ready>| avoid.is_none_or(|bad| !Arc::ptr_eq(e, bad));
+    let open = |e: &Arc<Ready>| usable(e) && e.has_capacity();
+    let n = set.len();
+    if n == 0 {
+        return Pick::Empty;
+    }
+    let mut rng = rand::rng();
+    let a = rng.random_range(0..n);
+    let b = if n == 1 {
+        a
+    } else {
+        let b = rng.random_range(0..n - 1);
+        if b >= a {
+            b + 1
+        } else {
+            b
         }
+    };
+    let (x, y) = (&set[a], &set[b]);
+    let best = match (open(x), open(y)) {
+        (true, true) => Some(if x.load() <= y.load() { x } else { y }),
+        (true, false) => Some(x),
+        (false, true) => Some(y),
+        (false, false) => set
+            .iter()
+            .filter(|e| open(e))
+            .min_by(|p, q| p.load().total_cmp(&q.load())),
+    };
+    match best {
+        Some(ep) => Pick::Endpoint(ep.clone()),
+        None if set.iter().any(usable) => Pick::Full,
+        None => Pick::Empty,
     }
 }
 
 async fn dispatch(
     shared: Arc<Shared>,
-    wait: Duration,
-    request_timeout: Option<Duration>,
+    cfg: Arc<CallConfig>,
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let deadline = Instant::now() + wait;
+    let deadline = deadline::apply(Instant::now(), request.headers_mut(), cfg.call_timeout);
+    request
+        .headers_mut()
+        .entry(http::header::USER_AGENT)
+        .or_insert_with(|| cfg.user_agent.clone());
     // After a request could not be sent, the endpoint it failed on, until its
     // connector has taken it out of rotation.
-    let mut failed_on: Option<Arc<endpoint::Ready>> = None;
+    let mut failed_on: Option<Arc<Ready>> = None;
     loop {
         let ready = shared.ready();
-        let picked = match &failed_on {
-            None => pick(&ready),
-            Some(bad) => pick(
-                &ready
-                    .iter()
-                    .filter(|e| !Arc::ptr_eq(e, bad))
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            ),
-        };
-        let Some(ep) = picked else {
-            if let Some(bad) = &failed_on {
-                let listed = |set: &[Arc<endpoint::Ready>]| set.iter().any(|e| Arc::ptr_eq(e, bad));
-                if listed(&ready) {
-                    // Only the endpoint that just failed is left: wait for
-                    // its connector to act instead of spinning. Subscribe
-                    // first, then look again, so no change is missed.
-                    let mut info = shared.info.subscribe();
-                    if listed(&shared.ready())
-                        && tokio::time::timeout_at(deadline, info.changed())
-                            .await
-                            .is_err()
-                    {
-                        return Err(Box::new(tonic::Status::unavailable(format!(
-                            "no endpoint of service {:?} could take the call: the connection to {} \
-                             closed before the request was sent",
-                            shared.service, bad.instance.addr
-                        ))));
-                    }
-                    continue;
-                }
+        let ep = match pick(&ready, failed_on.as_ref()) {
+            Pick::Endpoint(ep) => ep,
+            Pick::Full => {
+                wait_for_capacity(&shared, &cfg, deadline).await?;
+                continue;
             }
-            wait_for_endpoint(&shared, deadline, wait).await?;
-            continue;
+            Pick::Empty => {
+                match &failed_on {
+                    Some(bad) if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
+                        wait_for_removal(&shared, bad, deadline).await?;
+                    }
+                    _ => wait_for_endpoint(&shared, &cfg, deadline).await?,
+                }
+                continue;
+            }
         };
         *request.uri_mut() = ep.uri(request.uri())?;
         let in_flight = ep.start();
         let send = ep.sender().try_send_request(request);
-        let result = match request_timeout {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(Box::new(tonic::Status::deadline_exceeded(format!(
-                        "no response from {} within {t:?}",
-                        ep.instance.addr
-                    ))))
+        // One timer per call: it bounds the response headers here and then
+        // moves into the body.
+        let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        let result = match timer.as_mut() {
+            None => send.await,
+            Some(timer) => tokio::select! {
+                biased;
+                r = send => r,
+                () = timer.as_mut() => {
+                    in_flight.timed_out();
+                    return Err(Box::new(deadline::exceeded(format_args!(
+                        "waiting for response headers from {}", ep.addr()
+                    ))));
                 }
             },
-            None => send.await,
         };
         match result {
             Ok(response) => {
                 in_flight.responded();
-                return Ok(response.map(tonic::body::Body::new));
+                return Ok(response
+                    .map(|body| tonic::body::Body::new(CallBody::new(body, timer, in_flight))));
             }
             Err(mut e) => {
                 drop(in_flight);
@@ -409,7 +572,7 @@ async fn dispatch(
                 match unsent {
                     // Never left this process: safe to send elsewhere, once.
                     Some(r) if failed_on.is_none() => {
-                        tracing::debug!(addr = %ep.instance.addr, %error,
+                        tracing::debug!(addr = %ep.addr(), %error,
                             "request not sent; retrying on another endpoint");
                         failed_on = Some(ep);
                         request = r;
@@ -421,37 +584,154 @@ async fn dispatch(
     }
 }
 
+/// Counts a call waiting in the balancer; refuses it when too many do.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(shared: &'a Shared, cfg: &CallConfig) -> Result<Self, BoxError> {
+        let before = shared.waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = Waiting(&shared.waiting);
+        if before >= cfg.max_waiting {
+            return Err(Box::new(tonic::Status::resource_exhausted(format!(
+                "{} calls to service {:?} are already waiting for an endpoint \
+                 (max_waiting_calls)",
+                cfg.max_waiting, shared.service
+            ))));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Only the endpoint a request just failed on is left: waits for its
+/// connector to act instead of spinning.
+async fn wait_for_removal(
+    shared: &Shared,
+    bad: &Arc<Ready>,
+    deadline: Option<Instant>,
+) -> Result<(), BoxError> {
+    let listed = || shared.ready().iter().any(|e| Arc::ptr_eq(e, bad));
+    // Subscribe first, then look again, so no change is missed.
+    let mut info = shared.info.subscribe();
+    if !listed() {
+        return Ok(());
+    }
+    let changed = match deadline {
+        Some(d) => tokio::time::timeout_at(d, info.changed()).await.is_ok(),
+        None => info.changed().await.is_ok(),
+    };
+    if changed {
+        return Ok(());
+    }
+    Err(Box::new(tonic::Status::unavailable(format!(
+        "no endpoint of service {:?} could take the call: the connection to {} \
+         closed before the request was sent",
+        shared.service,
+        bad.addr()
+    ))))
+}
+
+/// Every endpoint is at its stream limit: waits for a free stream, until the
+/// call's deadline (calls without one: the no-endpoint timeout).
+async fn wait_for_capacity(
+    shared: &Shared,
+    cfg: &CallConfig,
+    deadline: Option<Instant>,
+) -> Result<(), BoxError> {
+    let _waiting = Waiting::enter(shared, cfg)?;
+    let notified = shared.capacity.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    // A stream may have been freed between the pick and `enable`.
+    if shared.ready().iter().any(|e| e.has_capacity()) {
+        return Ok(());
+    }
+    let limit =
+        deadline.unwrap_or_else(|| deadline_after(Instant::now(), cfg.no_endpoint_timeout));
+    // An endpoint joining or leaving also changes the picture.
+    let mut info = shared.info.subscribe();
+    tokio::select! {
+        () = notified => Ok(()),
+        _ = info.changed() => Ok(()),
+        () = tokio::time::sleep_until(limit) => {
+            let n = shared.ready().len();
+            let status = tonic::Status::resource_exhausted(format!(
+                "all {n} endpoint(s) of service {:?} are at their servers' concurrent stream limit",
+                shared.service
+            ));
+            Err(Box::new(if deadline.is_some() {
+                deadline::exceeded(format_args!("waiting for a free stream: {}", status.message()))
+            } else {
+                status
+            }))
+        }
+    }
+}
+
 /// Waits for an endpoint to join the rotation, or fails with `Unavailable`
-/// saying why there is none.
+/// saying why there is none. Fails at once while the fail-fast gate is
+/// closed: no endpoint for longer than the no-endpoint timeout.
 async fn wait_for_endpoint(
     shared: &Shared,
-    deadline: Instant,
-    wait: Duration,
+    cfg: &CallConfig,
+    deadline: Option<Instant>,
 ) -> Result<(), BoxError> {
-    let mut info = shared.info.subscribe();
-    let ready = tokio::time::timeout_at(deadline, async {
-        info.wait_for(|i| i.ready > 0).await.map(|_| ())
-    })
-    .await;
-    if let Ok(Ok(())) = ready {
-        return Ok(());
+    let now = Instant::now();
+    let Some(empty_since) = shared.info.borrow().empty_since else {
+        return Ok(()); // one joined since the pick
+    };
+    let gate = deadline_after(empty_since, cfg.no_endpoint_timeout);
+    let limit = if cfg.fail_fast {
+        deadline.map_or(gate, |d| d.min(gate))
+    } else {
+        deadline.unwrap_or_else(|| deadline_after(now, cfg.no_endpoint_timeout))
+    };
+    if limit > now {
+        let _waiting = Waiting::enter(shared, cfg)?;
+        let mut info = shared.info.subscribe();
+        let ready = tokio::time::timeout_at(limit, async {
+            info.wait_for(|i| i.ready > 0).await.map(|_| ())
+        })
+        .await;
+        match ready {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(Box::new(Error::TaskGone("balancer"))),
+            Err(_) => {}
+        }
     }
     let PoolInfo {
         registered,
         filtered_out,
         last_error,
+        empty_since,
         ..
     } = shared.info.borrow().clone();
     let service = &shared.service;
-    let message = match (registered, filtered_out) {
-        (0, 0) => format!("no instance of service {service:?} is registered in etcd (waited {wait:?})"),
+    let reason = match (registered, filtered_out) {
+        (0, 0) => format!("no instance of service {service:?} is registered in etcd"),
         (0, n) => format!(
-            "{n} instance(s) of service {service:?} are registered but none passes the filter (waited {wait:?})"
+            "{n} instance(s) of service {service:?} are registered but none passes the filter"
         ),
         (n, _) => format!(
-            "{n} instance(s) of service {service:?} are registered but none is reachable (waited {wait:?}; last error: {})",
+            "{n} instance(s) of service {service:?} are registered but none is reachable \
+             (last error: {})",
             last_error.as_deref().unwrap_or("none yet")
         ),
     };
-    Err(Box::new(tonic::Status::unavailable(message)))
+    let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
+    let gate_closed = cfg.fail_fast && Instant::now() >= gate;
+    Err(Box::new(tonic::Status::unavailable(format!(
+        "{reason}; no endpoint in rotation for {} ms{}",
+        empty_for.as_millis(),
+        if gate_closed {
+            " (failing fast until one is ready)"
+        } else {
+            ""
+        }
+    ))))
 }
