@@ -3,13 +3,14 @@
 //! where one is required, fails with a clear error.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use tokio_stream::StreamExt;
 use tonic_etcd::testing::{Etcd, TlsFiles};
 use tonic_etcd::{Discover, Registration};
@@ -27,44 +28,22 @@ struct Pki {
 /// A CA, a server certificate for 127.0.0.1/localhost and a client
 /// certificate, written to a temporary directory.
 fn pki() -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "tonic-etcd test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-
-    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, cn: &str| {
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(
-        vec!["127.0.0.1".into(), "localhost".into()],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        "etcd",
-    );
-    let (client_cert, client_key) = leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "client");
-
+    let p = pki::Pki::new("etcd");
     let dir = tempfile::tempdir().unwrap();
     for (name, pem) in [
-        ("ca.pem", ca.pem()),
-        ("server.pem", server_cert),
-        ("server-key.pem", server_key),
-        ("client.pem", client_cert.clone()),
-        ("client-key.pem", client_key.clone()),
+        ("ca.pem", &p.ca),
+        ("server.pem", &p.server_cert),
+        ("server-key.pem", &p.server_key),
+        ("client.pem", &p.client_cert),
+        ("client-key.pem", &p.client_key),
     ] {
         std::fs::write(dir.path().join(name), pem).unwrap();
     }
     Pki {
         dir,
-        ca_pem: ca.pem(),
-        client_cert_pem: client_cert,
-        client_key_pem: client_key,
+        ca_pem: p.ca,
+        client_cert_pem: p.client_cert,
+        client_key_pem: p.client_key,
     }
 }
 

@@ -1,10 +1,13 @@
-//! A loopback TCP proxy that a test can cut: existing connections are closed
-//! and new ones refused until it is resumed. Deterministic partitions.
+//! A loopback TCP proxy that a test can cut (existing connections closed,
+//! new ones refused) or freeze (sockets stay open, no byte moves: a frozen
+//! process or a silent partition, seen from the client). Deterministic
+//! faults without signals.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -12,8 +15,36 @@ pub struct Proxy {
     pub addr: std::net::SocketAddr,
     open: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     generation: watch::Sender<u64>,
+    frozen: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies `from` to `to` while not frozen; returns when either side closes.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Frozen while waiting to read: stop reading at once.
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        // Bytes read just before a freeze are held until the thaw.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -23,23 +54,32 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
         let (generation, gen_rx) = watch::channel(0u64);
+        let (frozen, frozen_rx) = watch::channel(false);
         let open2 = open.clone();
         let active = Arc::new(AtomicUsize::new(0));
-        let active2 = active.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (active2, accepted2) = (active.clone(), accepted.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !open2.load(Ordering::SeqCst) {
                     continue; // dropped: refused
                 }
+                accepted2.fetch_add(1, Ordering::SeqCst);
                 let target = target.clone();
                 let mut cut = gen_rx.clone();
                 cut.mark_unchanged();
+                let frozen = frozen_rx.clone();
                 let active = active2.clone();
                 active.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                    if let Ok(outbound) = TcpStream::connect(target).await {
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let (in_r, in_w) = inbound.into_split();
+                        let (out_r, out_w) = outbound.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = pipe(in_r, out_w, frozen.clone()) => {}
+                            _ = pipe(out_r, in_w, frozen) => {}
                             _ = cut.changed() => {}
                         }
                     }
@@ -51,7 +91,9 @@ impl Proxy {
             addr,
             open,
             active,
+            accepted,
             generation,
+            frozen,
             task,
         }
     }
@@ -59,6 +101,11 @@ impl Proxy {
     /// Connections open through the proxy now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted since the start.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// The URL to give an etcd client.
@@ -75,6 +122,16 @@ impl Proxy {
     /// Accepts connections again.
     pub fn resume(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops moving bytes in either direction; sockets stay open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Moves bytes again.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 }
 
