@@ -2,7 +2,11 @@
 //!
 //! ```sh
 //! cargo run --example greeter_client -- --etcd 127.0.0.1:2379 \
-//!     --service greeter.v1.Greeter --calls 300 --concurrency 8
+//!     --service greeter.v1.Greeter --calls 300 --concurrency 8 --deadline-ms 1000
+//! # over TLS (add --tls-cert/--tls-key for servers that require client certs):
+//! cargo run --example greeter_client -- --tls-ca ca.pem
+//! # tonic's own balanced channel, for comparison:
+//! cargo run --example greeter_client -- --balancer tonic
 //! ```
 //!
 //! Prints `backend <addr> <count>` per backend, then `ok <n> failed <m>`.
@@ -10,9 +14,23 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tonic_etcd::balancer::TlsConfig;
 use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
-use tonic_etcd::ChannelBuilder;
+use tonic_etcd::{Balancer, ChannelBuilder};
+use tonic_etcd::EtcdChannel;
+use tower::util::Either;
+
+type Channel = Either<Balancer, EtcdChannel>;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Kind {
+    /// This crate's Balancer (recommended).
+    Own,
+    /// tonic's balanced channel fed by the same discovery.
+    Tonic,
+}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -34,20 +52,84 @@ struct Args {
     /// Namespace (key prefix); required by the colon schema.
     #[arg(long)]
     namespace: Option<String>,
+    /// Which balanced channel to dial through.
+    #[arg(long, value_enum, default_value = "own")]
+    balancer: Kind,
+    /// A deadline for each call, in milliseconds.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Dial the servers over TLS, trusting this CA (PEM).
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name to verify server certificates against (default: each
+    /// server's host).
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// A client certificate (PEM) for servers that require one; needs --tls-key.
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
+    let schema = tonic_etcd::schema::by_name(&args.schema, args.namespace.as_deref())?;
+    let client =
+        etcd_client::Client::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((std::fs::read(c)?, std::fs::read(k)?)),
+        _ => None,
+    };
+    let ca = args.tls_ca.as_ref().map(std::fs::read).transpose()?;
+    let wait = Duration::from_secs(5);
+    Ok(match args.balancer {
+        Kind::Own => {
+            let mut builder = Balancer::builder(client, &args.service).schema_arc(schema);
+            if let Some(ca) = ca {
+                let mut tls = TlsConfig::new().ca_certificate(ca);
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(cert, key);
+                }
+                if let Some(domain) = &args.tls_domain {
+                    tls = tls.domain_name(domain);
+                }
+                builder = builder.tls(tls);
+            }
+            let balancer = builder.build()?;
+            if let Err(e) = balancer.wait_for_ready(1, wait).await {
+                eprintln!("warning: {e}; calls will fail with Unavailable");
+            }
+            Either::Left(balancer)
+        }
+        Kind::Tonic => {
+            let mut builder = ChannelBuilder::new(client, &args.service).schema_arc(schema);
+            if let Some(ca) = ca {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                if let Some(domain) = args.tls_domain.clone() {
+                    tls = tls.domain_name(domain);
+                }
+                builder = builder
+                    .scheme("https")
+                    .endpoint(move |e| e.tls_config(tls.clone()).unwrap_or_else(|e| panic!("{e}")));
+            }
+            let channel = builder.build()?;
+            if let Err(e) = channel.wait_for_endpoints(wait).await {
+                eprintln!("warning: {e}; calls will fail with Unavailable");
+            }
+            Either::Right(channel)
+        }
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let schema = tonic_etcd::schema::by_name(&args.schema, args.namespace.as_deref())?;
-    let client =
-        etcd_client::Client::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
-    let channel = ChannelBuilder::new(client, &args.service)
-        .schema_arc(schema)
-        .build()?;
-    if let Err(e) = channel.wait_for_endpoints(Duration::from_secs(5)).await {
-        eprintln!("warning: {e}; calls will fail with Unavailable");
-    }
+    let channel = channel(&args).await?;
+    let deadline = args.deadline_ms.map(Duration::from_millis);
     let workers = args.concurrency.max(1);
     let mut tasks = Vec::new();
     for w in 0..workers {
@@ -57,12 +139,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             let mut failed = 0;
             for _ in 0..calls {
-                match greeter
-                    .say_hello(HelloRequest {
-                        name: "client".into(),
-                    })
-                    .await
-                {
+                let mut request = tonic::Request::new(HelloRequest {
+                    name: "client".into(),
+                });
+                if let Some(d) = deadline {
+                    request.set_timeout(d);
+                }
+                match greeter.say_hello(request).await {
                     Ok(r) => *counts.entry(r.into_inner().server_id).or_default() += 1,
                     Err(_) => failed += 1,
                 }
