@@ -17,7 +17,11 @@
 //! * one backend adds 20 ms to every reply: mean and p99 latency;
 //! * one backend dies (its runtime is shut down, closing every socket as a
 //!   SIGKILL would; its etcd key stays alive): failed calls in the next 10 s;
-//! * no backend registered: how long a call takes to fail.
+//! * no backend registered: how long a call takes to fail;
+//! * one backend frozen (a proxy in front of it stops moving bytes, as a
+//!   SIGSTOPped process would), every call with a 1 s deadline: how many
+//!   calls end later than their deadline, and by how much;
+//! * four healthy backends over TLS: throughput and latency.
 //!
 //! Variants run in interleaved rounds after a warm-up, so machine noise hits
 //! them alike; figures are totals over the rounds. Ratios are to
@@ -26,6 +30,10 @@
 //! `cargo bench --bench request_path` (`BENCH_SECS` ms per variant and round,
 //! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000).
 
+#[path = "../tests/common/pki.rs"]
+mod pki;
+#[path = "../tests/common/proxy.rs"]
+mod proxy;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -35,9 +43,10 @@ use std::time::{Duration, Instant};
 
 use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
+use tonic_etcd::balancer::TlsConfig;
 use tonic_etcd::{Balancer, ChannelBuilder, Discover, Registration};
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
@@ -62,46 +71,70 @@ where
     T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
 {
+    caller_with_deadline(svc, None)
+}
+
+/// Like [`caller`], each call with a `grpc-timeout` of `deadline`.
+fn caller_with_deadline<T>(svc: T, deadline: Option<Duration>) -> Call
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
     Arc::new(move || {
         let mut client = GreeterClient::new(svc.clone());
-        Box::pin(async move {
-            client
-                .say_hello(HelloRequest {
-                    name: "bench".into(),
-                })
-                .await
-                .map(|_| ())
-        })
+        let mut request = tonic::Request::new(HelloRequest {
+            name: "bench".into(),
+        });
+        if let Some(d) = deadline {
+            request.set_timeout(d);
+        }
+        Box::pin(async move { client.say_hello(request).await.map(|_| ()) })
     })
 }
 
-/// Runs `CALLERS` callers for `length`; returns calls, failures, latencies.
-async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
+/// Runs `CALLERS` closed-loop callers for `length`; returns each call's
+/// duration and whether it succeeded.
+async fn outcomes(call: &Call, length: Duration) -> Vec<(Duration, bool)> {
     let end = Instant::now() + length;
     let mut tasks = Vec::new();
     for _ in 0..CALLERS {
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(4096);
-            let mut failed = 0;
+            let mut out = Vec::with_capacity(4096);
             while Instant::now() < end {
                 let t = Instant::now();
-                match call().await {
-                    Ok(()) => lat.push(t.elapsed()),
-                    Err(_) => failed += 1,
-                }
+                let ok = call().await.is_ok();
+                out.push((t.elapsed(), ok));
             }
-            (lat, failed)
+            out
         }));
     }
     let mut all = Vec::new();
-    let mut failed = 0;
     for t in tasks {
-        let (lat, f) = t.await.unwrap();
-        all.extend(lat);
-        failed += f;
+        all.extend(t.await.unwrap());
     }
-    (all.len(), failed, all)
+    all
+}
+
+/// Runs `CALLERS` callers for `length`; returns calls, failures, latencies.
+async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
+    let all = outcomes(call, length).await;
+    let lat: Vec<Duration> = all.iter().filter(|o| o.1).map(|o| o.0).collect();
+    (lat.len(), all.len() - lat.len(), lat)
+}
+
+/// How a set of backends is served.
+#[derive(Default, Clone, Copy)]
+struct Setup<'a> {
+    /// This one adds 20 ms to every reply.
+    slow: Option<usize>,
+    /// This one is registered behind a proxy that can freeze it.
+    proxied: Option<usize>,
+    /// Serve TLS with these certificates.
+    tls: Option<&'a pki::Pki>,
 }
 
 /// Four greeter servers, each on a runtime of its own so one can die alone,
@@ -109,11 +142,18 @@ async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
 struct Backends {
     addrs: Vec<String>,
     runtimes: Vec<Option<tokio::runtime::Runtime>>,
+    proxy: Option<proxy::Proxy>,
     _registrations: Vec<Registration>,
 }
 
 impl Backends {
     async fn start(client: &etcd_client::Client, service: &str, slow: Option<usize>) -> Self {
+        Self::start_with(client, service, Setup { slow, ..Setup::default() }).await
+    }
+
+    async fn start_with(client: &etcd_client::Client, service: &str, setup: Setup<'_>) -> Self {
+        let slow = setup.slow;
+        let mut proxy = None;
         let mut addrs = Vec::new();
         let mut runtimes = Vec::new();
         let mut registrations = Vec::new();
@@ -132,9 +172,16 @@ impl Backends {
                 Duration::ZERO
             };
             let greeter = Greeter::new(format!("s{i}")).with_delay(delay);
+            let mut server = tonic::transport::Server::builder();
+            if let Some(pki) = setup.tls {
+                let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
+                server = server
+                    .tls_config(ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
             rt.spawn(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                tonic::transport::Server::builder()
+                server
                     .add_service(greeter.into_service())
                     .serve_with_incoming(
                         tonic::transport::server::TcpIncoming::from(listener)
@@ -142,11 +189,19 @@ impl Backends {
                     )
                     .await
             });
+            let registered = if setup.proxied == Some(i) {
+                let p = proxy::Proxy::start(addr.clone()).await;
+                let a = p.addr.to_string();
+                proxy = Some(p);
+                a
+            } else {
+                addr.clone()
+            };
             // A long TTL: a dead backend's key outlives the measurement.
             registrations.push(
                 Registration::builder(client.clone())
                     .service(service)
-                    .addr(&addr)
+                    .addr(&registered)
                     .ttl(Duration::from_secs(60))
                     .register()
                     .await
@@ -158,6 +213,7 @@ impl Backends {
         Self {
             addrs,
             runtimes,
+            proxy,
             _registrations: registrations,
         }
     }
@@ -212,6 +268,8 @@ fn main() {
         json.insert("one_slow".into(), one_slow(&client, millis).await);
         json.insert("one_killed".into(), one_killed(&client).await);
         json.insert("no_endpoints".into(), no_endpoints(&client).await);
+        json.insert("one_frozen".into(), one_frozen(&client).await);
+        json.insert("healthy_tls".into(), healthy_tls(&client, millis, rounds).await);
     });
     write_json("request_path", &serde_json::Value::Object(json));
 }
@@ -434,6 +492,140 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
     table(
         &format!("request_path: no backend registered (one call; deadline {deadline:?}, cut off at {limit:?})"),
         &["variant", "ms", "outcome"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// One of four backends freezes (its proxy stops moving bytes; sockets stay
+/// open, as with SIGSTOP), every call with a 1 s deadline: calls that end
+/// later than the deadline + 50 ms, and the latest.
+async fn one_frozen(client: &etcd_client::Client) -> serde_json::Value {
+    let window = Duration::from_millis(setting("BENCH_FREEZE_MS", 5_000, 1_500));
+    let deadline = Duration::from_secs(1);
+    let late_by = Duration::from_millis(50);
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for name in ["etcd_channel (tonic)", "balancer"] {
+        let service = format!("bench.one_frozen.{}", rows.len());
+        let setup = Setup {
+            proxied: Some(3),
+            ..Setup::default()
+        };
+        let backends = Backends::start_with(client, &service, setup).await;
+        let call = if name == "balancer" {
+            caller_with_deadline(balancer(client, &service).await, Some(deadline))
+        } else {
+            caller_with_deadline(etcd_channel(client, &service).await, Some(deadline))
+        };
+        load(&call, Duration::from_millis(200)).await;
+        let proxy = backends.proxy.as_ref().expect("a proxied backend");
+        proxy.freeze();
+        let all = outcomes(&call, window).await;
+        proxy.thaw();
+        let ok = all.iter().filter(|o| o.1).count();
+        let late = all.iter().filter(|o| o.0 > deadline + late_by).count();
+        let longest = all.iter().map(|o| o.0).max().unwrap_or_default();
+        rows.push(vec![
+            name.to_string(),
+            ok.to_string(),
+            (all.len() - ok).to_string(),
+            late.to_string(),
+            ms(longest),
+        ]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({
+                "ok": ok,
+                "failed": all.len() - ok,
+                "past_deadline_plus_50ms": late,
+                "longest_ms": longest.as_secs_f64() * 1000.0,
+                "window_ms": window.as_millis() as u64,
+            }),
+        );
+    }
+    table(
+        &format!(
+            "request_path: one of four backends frozen, 1 s deadline per call ({CALLERS} callers, {} ms)",
+            window.as_millis()
+        ),
+        &["variant", "ok", "failed", "past deadline+50ms", "longest ms"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// Four healthy backends over TLS: tonic's balanced channel against ours.
+async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> serde_json::Value {
+    let service = "bench.healthy_tls";
+    let pki = pki::Pki::new("bench");
+    let setup = Setup {
+        tls: Some(&pki),
+        ..Setup::default()
+    };
+    let _backends = Backends::start_with(client, service, setup).await;
+    let tonic_tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca));
+    let channel = ChannelBuilder::new(client.clone(), service)
+        .scheme("https")
+        .endpoint(move |e| e.tls_config(tonic_tls.clone()).unwrap())
+        .build()
+        .unwrap();
+    channel.wait_for_endpoints(Duration::from_secs(5)).await.unwrap();
+    let balancer = Balancer::builder(client.clone(), service)
+        .tls(TlsConfig::new().ca_certificate(&pki.ca))
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(4, Duration::from_secs(5)).await.unwrap();
+    let variants: Vec<(&str, Call)> = vec![
+        ("etcd_channel (tonic, TLS)", caller(channel)),
+        ("balancer (TLS)", caller(balancer)),
+    ];
+    for (_, call) in &variants {
+        load(call, Duration::from_millis(millis.min(700))).await;
+    }
+    let mut totals: Vec<(usize, Vec<Duration>, Duration)> =
+        variants.iter().map(|_| (0, Vec::new(), Duration::ZERO)).collect();
+    for round in 0..rounds as usize {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let t = Instant::now();
+            let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
+            totals[i].0 += n + failed;
+            totals[i].1.extend(lat);
+            totals[i].2 += t.elapsed();
+        }
+    }
+    let stats: Vec<(f64, Stats)> = totals
+        .into_iter()
+        .map(|(n, lat, took)| (n as f64 / took.as_secs_f64(), Stats::of(lat)))
+        .collect();
+    let (base_rate, base) = stats[0];
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    for ((name, _), (rate, st)) in variants.iter().zip(&stats) {
+        rows.push(vec![
+            name.to_string(),
+            format!("{rate:.0}"),
+            ms(st.p50),
+            ms(st.p99),
+            format!("{:.3}x", rate / base_rate),
+            format!("{:.2}x", st.p99.as_secs_f64() / base.p99.as_secs_f64()),
+        ]);
+        let mut v = st.json();
+        v["calls_per_s"] = rate.round().into();
+        json.insert(name.to_string(), v);
+    }
+    json.insert(
+        "throughput_ratio_balancer_to_tonic".into(),
+        ratio(stats[1].0, base_rate).into(),
+    );
+    json.insert(
+        "p99_ratio_balancer_to_tonic".into(),
+        ratio(stats[1].1.p99.as_secs_f64(), base.p99.as_secs_f64()).into(),
+    );
+    table(
+        &format!("request_path: four healthy backends over TLS ({CALLERS} callers, {rounds} rounds x {millis} ms; latency ms)"),
+        &["variant", "calls/s", "p50", "p99", "tput vs tonic", "p99 vs tonic"],
         &rows,
     );
     serde_json::Value::Object(json)
