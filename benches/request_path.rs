@@ -43,10 +43,12 @@ use std::time::{Duration, Instant};
 
 use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+use tonic_etcd::balancer::TlsConfig;
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
-use tonic_etcd::balancer::TlsConfig;
 use tonic_etcd::{Balancer, ChannelBuilder, Discover, Registration};
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
@@ -148,7 +150,15 @@ struct Backends {
 
 impl Backends {
     async fn start(client: &etcd_client::Client, service: &str, slow: Option<usize>) -> Self {
-        Self::start_with(client, service, Setup { slow, ..Setup::default() }).await
+        Self::start_with(
+            client,
+            service,
+            Setup {
+                slow,
+                ..Setup::default()
+            },
+        )
+        .await
     }
 
     async fn start_with(client: &etcd_client::Client, service: &str, setup: Setup<'_>) -> Self {
@@ -269,7 +279,10 @@ fn main() {
         json.insert("one_killed".into(), one_killed(&client).await);
         json.insert("no_endpoints".into(), no_endpoints(&client).await);
         json.insert("one_frozen".into(), one_frozen(&client).await);
-        json.insert("healthy_tls".into(), healthy_tls(&client, millis, rounds).await);
+        json.insert(
+            "healthy_tls".into(),
+            healthy_tls(&client, millis, rounds).await,
+        );
     });
     write_json("request_path", &serde_json::Value::Object(json));
 }
@@ -440,7 +453,7 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
     }
     table(
         &format!(
-            "request_path: one of four backends killed, key still in etcd ({} s after the kill)",
+            "request_path: one of four backends killed, key still in etcd ({} ms after the kill)",
             window.as_millis()
         ),
         &["variant", "ok calls", "failed calls"],
@@ -451,46 +464,84 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
 
 /// No backend registered: how long a call takes to fail. tonic's plain
 /// balanced channel waits forever; it is cut off at 5 s and reported so.
+/// Each variant is built just before its call, so each starts with the
+/// fail-fast gate open; the last row is the Balancer once the gate closed.
 async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
     let limit = Duration::from_millis(if smoke() { 500 } else { 5000 });
-    let deadline = Duration::from_millis(if smoke() { 200 } else { 3000 });
     let service = "bench.none";
-    let (plain, _handle) = ChannelBuilder::new(client.clone(), service)
-        .build_tonic()
-        .unwrap();
-    let variants: Vec<(&str, Call)> = vec![
-        ("tonic balance_channel", caller(plain)),
+    let call_deadline = Duration::from_millis(200);
+    let balancer = || Balancer::builder(client.clone(), service).build().unwrap();
+    type Make<'a> = Box<dyn Fn() -> Call + 'a>;
+    let rows_spec: Vec<(&str, Make)> = vec![
         (
-            "etcd_channel (3 s deadline)",
-            caller(
-                ChannelBuilder::new(client.clone(), service)
-                    .build()
-                    .unwrap(),
-            ),
+            "tonic balance_channel",
+            Box::new(|| {
+                let (plain, handle) = ChannelBuilder::new(client.clone(), service)
+                    .build_tonic()
+                    .unwrap();
+                // The handle keeps discovery running for the call's life.
+                let handle = Arc::new(handle);
+                let call = caller(plain);
+                Arc::new(move || {
+                    let _keep = handle.clone();
+                    call()
+                })
+            }),
         ),
         (
-            "balancer (3 s deadline)",
-            caller(Balancer::builder(client.clone(), service).build().unwrap()),
+            "etcd_channel (3 s no-endpoint wait)",
+            Box::new(|| {
+                caller(
+                    ChannelBuilder::new(client.clone(), service)
+                        .build()
+                        .unwrap(),
+                )
+            }),
+        ),
+        (
+            "balancer (3 s no-endpoint wait)",
+            Box::new(move || caller(balancer())),
+        ),
+        (
+            "balancer, call deadline 200 ms",
+            Box::new(move || caller_with_deadline(balancer(), Some(call_deadline))),
         ),
     ];
     let mut json = serde_json::Map::new();
     let mut rows = Vec::new();
-    for (name, call) in &variants {
+    let mut measure = |name: &str, ms_taken: Duration, outcome: String| {
+        rows.push(vec![name.to_string(), ms(ms_taken), outcome.clone()]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({ "ms": ms_taken.as_secs_f64() * 1000.0, "outcome": outcome }),
+        );
+    };
+    let once = |call: Call| async move {
         let t = Instant::now();
         let outcome = match tokio::time::timeout(limit, call()).await {
             Err(_) => "still waiting (hangs)".to_string(),
             Ok(Ok(())) => "succeeded?".to_string(),
             Ok(Err(status)) => format!("{:?}", status.code()),
         };
-        let took = t.elapsed();
-        rows.push(vec![name.to_string(), ms(took), outcome.clone()]);
-        json.insert(
-            name.to_string(),
-            serde_json::json!({ "ms": took.as_secs_f64() * 1000.0, "outcome": outcome }),
-        );
+        (t.elapsed(), outcome)
+    };
+    for (name, make) in &rows_spec {
+        let (took, outcome) = once(make()).await;
+        measure(name, took, outcome);
     }
+    // The gate: once a call has waited the no-endpoint timeout, the next ones
+    // fail at once.
+    let gated = caller(
+        Balancer::builder(client.clone(), service)
+            .no_endpoint_timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    );
+    once(gated.clone()).await;
+    let (took, outcome) = once(gated).await;
+    measure("balancer, after the fail-fast gate closed", took, outcome);
     table(
-        &format!("request_path: no backend registered (one call; deadline {deadline:?}, cut off at {limit:?})"),
+        &format!("request_path: no backend registered (one call each, cut off at {limit:?})"),
         &["variant", "ms", "outcome"],
         &rows,
     );
@@ -570,12 +621,18 @@ async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> 
         .endpoint(move |e| e.tls_config(tonic_tls.clone()).unwrap())
         .build()
         .unwrap();
-    channel.wait_for_endpoints(Duration::from_secs(5)).await.unwrap();
+    channel
+        .wait_for_endpoints(Duration::from_secs(5))
+        .await
+        .unwrap();
     let balancer = Balancer::builder(client.clone(), service)
         .tls(TlsConfig::new().ca_certificate(&pki.ca))
         .build()
         .unwrap();
-    balancer.wait_for_ready(4, Duration::from_secs(5)).await.unwrap();
+    balancer
+        .wait_for_ready(4, Duration::from_secs(5))
+        .await
+        .unwrap();
     let variants: Vec<(&str, Call)> = vec![
         ("etcd_channel (tonic, TLS)", caller(channel)),
         ("balancer (TLS)", caller(balancer)),
@@ -583,8 +640,10 @@ async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> 
     for (_, call) in &variants {
         load(call, Duration::from_millis(millis.min(700))).await;
     }
-    let mut totals: Vec<(usize, Vec<Duration>, Duration)> =
-        variants.iter().map(|_| (0, Vec::new(), Duration::ZERO)).collect();
+    let mut totals: Vec<(usize, Vec<Duration>, Duration)> = variants
+        .iter()
+        .map(|_| (0, Vec::new(), Duration::ZERO))
+        .collect();
     for round in 0..rounds as usize {
         for k in 0..variants.len() {
             let i = (k + round) % variants.len();

@@ -18,8 +18,8 @@ use clap::{Parser, ValueEnum};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic_etcd::balancer::TlsConfig;
 use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
-use tonic_etcd::{Balancer, ChannelBuilder};
 use tonic_etcd::EtcdChannel;
+use tonic_etcd::{Balancer, ChannelBuilder};
 use tower::util::Either;
 
 type Channel = Either<Balancer, EtcdChannel>;

@@ -66,8 +66,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut server = Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let mut tls =
-            ServerTlsConfig::new().identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
         if let Some(ca) = &args.tls_client_ca {
             tls = tls.client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
         }

@@ -58,7 +58,6 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod backoff;
-mod time;
 pub mod balancer;
 pub mod catalog;
 pub mod channel;
@@ -71,6 +70,7 @@ pub mod schema;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod time;
 mod watcher;
 
 pub use balancer::{Balancer, BalancerBuilder};

@@ -32,6 +32,9 @@ mod tests {
         let now = Instant::now();
         assert_eq!(cap(Duration::MAX), FOREVER);
         assert!(deadline_after(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
-        assert_eq!(deadline_after(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+        assert_eq!(
+            deadline_after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
     }
 }

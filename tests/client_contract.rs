@@ -181,7 +181,10 @@ async fn after_the_gate_closes_calls_fail_at_once_until_an_endpoint_is_ready() {
         let mut g = greeter.clone();
         burst.push(tokio::spawn(async move {
             let t = Instant::now();
-            let status = g.say_hello(hello(Some(Duration::from_secs(5)))).await.unwrap_err();
+            let status = g
+                .say_hello(hello(Some(Duration::from_secs(5))))
+                .await
+                .unwrap_err();
             (status, t.elapsed())
         }));
     }
@@ -285,12 +288,18 @@ async fn tls_and_mutual_tls_to_backends() {
         let mut g = GreeterClient::new(anonymous.clone());
         async move {
             let s = g.say_hello(hello(None)).await.unwrap_err();
-            s.message().contains("none is reachable (last error").then_some(s)
+            s.message()
+                .contains("none is reachable (last error")
+                .then_some(s)
         }
     })
     .await;
     assert!(status.message().contains(&server.addr), "{status}");
-    assert_eq!(anonymous.ready(), 0, "never in rotation without a client certificate");
+    assert_eq!(
+        anonymous.ready(),
+        0,
+        "never in rotation without a client certificate"
+    );
 
     let with_identity = Balancer::builder(shared().client().await, &svc)
         .tls(

@@ -23,6 +23,18 @@ use tokio::time::{Instant, Sleep};
 
 use super::endpoint::InFlight;
 
+/// What a [`CallBody`] holds for its call while the body streams.
+pub(crate) trait Tracked {
+    /// The deadline passed before the body ended.
+    fn expired(self);
+}
+
+impl Tracked for InFlight {
+    fn expired(self) {
+        self.timed_out();
+    }
+}
+
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// The largest value the header can carry: 8 digits.
@@ -113,17 +125,17 @@ pin_project_lite::pin_project! {
     /// endpoint until the body ends, and fails with `DeadlineExceeded` when
     /// the call's deadline passes before it does (a server that sent headers
     /// and then stalled).
-    pub(crate) struct CallBody<B> {
+    pub(crate) struct CallBody<B, T = InFlight> {
         #[pin]
         inner: B,
         timer: Option<Pin<Box<Sleep>>>,
-        in_flight: Option<InFlight>,
+        in_flight: Option<T>,
         expired: bool,
     }
 }
 
-impl<B> CallBody<B> {
-    pub(crate) fn new(inner: B, timer: Option<Pin<Box<Sleep>>>, in_flight: InFlight) -> Self {
+impl<B, T> CallBody<B, T> {
+    pub(crate) fn new(inner: B, timer: Option<Pin<Box<Sleep>>>, in_flight: T) -> Self {
         Self {
             inner,
             timer,
@@ -133,8 +145,9 @@ impl<B> CallBody<B> {
     }
 }
 
-impl<B> Body for CallBody<B>
+impl<B, T> Body for CallBody<B, T>
 where
+    T: Tracked,
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -159,7 +172,7 @@ where
             ready!(timer.as_mut().poll(cx));
             *this.expired = true;
             if let Some(in_flight) = this.in_flight.take() {
-                in_flight.timed_out();
+                in_flight.expired();
             }
             let status = exceeded(format_args!("while the response was streaming"));
             return Poll::Ready(Some(Err(Box::new(status))));
@@ -179,6 +192,80 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+
+    /// 1 once expired, 2 once dropped without expiring.
+    struct Probe(Arc<AtomicU8>);
+
+    impl Tracked for Probe {
+        fn expired(self) {
+            self.0.store(1, Ordering::SeqCst);
+            std::mem::forget(self);
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.0.store(2, Ordering::SeqCst);
+        }
+    }
+
+    /// A body that sends one frame, then nothing: a server that stalled.
+    struct Stalled(bool);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+            }
+        }
+    }
+
+    async fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_at_the_deadline_and_records_the_wait() {
+        let state = Arc::new(AtomicU8::new(0));
+        let start = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(start + Duration::from_millis(300)));
+        let mut body = CallBody::new(Stalled(false), Some(timer), Probe(state.clone()));
+        assert!(
+            next(&mut body).await.unwrap().is_ok(),
+            "frames pass through"
+        );
+        let err = next(&mut body).await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(state.load(Ordering::SeqCst), 1, "the wait was recorded");
+        assert!(next(&mut body).await.is_none(), "then the body ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_the_body_waits_and_the_call_ends_with_it() {
+        let state = Arc::new(AtomicU8::new(0));
+        let mut body = CallBody::new(Stalled(false), None, Probe(state.clone()));
+        assert!(next(&mut body).await.is_some());
+        let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut body)).await;
+        assert!(waited.is_err(), "no deadline: nothing cuts the body");
+        assert_eq!(state.load(Ordering::SeqCst), 0);
+        drop(body);
+        assert_eq!(
+            state.load(Ordering::SeqCst),
+            2,
+            "dropping the body ends the call"
+        );
+    }
 
     #[test]
     fn parses_every_unit_and_rejects_the_rest() {
@@ -212,7 +299,10 @@ mod tests {
             let mut h = http::HeaderMap::new();
             h.insert(GRPC_TIMEOUT, v.clone());
             let back = from_header(&h).unwrap_or_else(|| panic!("{v:?} does not parse"));
-            assert!(back >= d.min(Duration::from_secs(MAX_DIGITS * 3600)), "{d:?} -> {v:?}");
+            assert!(
+                back >= d.min(Duration::from_secs(MAX_DIGITS * 3600)),
+                "{d:?} -> {v:?}"
+            );
         }
         assert_eq!(to_header(Duration::from_millis(200)), "200000u");
         assert_eq!(to_header(Duration::from_secs(1)), "1000000u");

@@ -268,7 +268,10 @@ impl BalancerBuilder {
             ("no_endpoint_timeout", self.calls.no_endpoint_timeout),
             ("http2_keep_alive interval", self.conn.keep_alive_interval),
             ("http2_keep_alive timeout", self.conn.keep_alive_timeout),
-            ("call_timeout", self.calls.call_timeout.unwrap_or(Duration::MAX)),
+            (
+                "call_timeout",
+                self.calls.call_timeout.unwrap_or(Duration::MAX),
+            ),
         ] {
             if d.is_zero() {
                 return Err(Error::InvalidConfig(format!(
@@ -651,8 +654,7 @@ async fn wait_for_capacity(
     if shared.ready().iter().any(|e| e.has_capacity()) {
         return Ok(());
     }
-    let limit =
-        deadline.unwrap_or_else(|| deadline_after(Instant::now(), cfg.no_endpoint_timeout));
+    let limit = deadline.unwrap_or_else(|| deadline_after(Instant::now(), cfg.no_endpoint_timeout));
     // An endpoint joining or leaving also changes the picture.
     let mut info = shared.info.subscribe();
     tokio::select! {

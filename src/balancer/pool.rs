@@ -186,7 +186,8 @@ async fn maintain(
             Ok(mut conn) => {
                 let since = Instant::now();
                 tracing::debug!(addr = %current.addr, "endpoint connected");
-                conn.ready.set_instance(instance.borrow_and_update().clone());
+                conn.ready
+                    .set_instance(instance.borrow_and_update().clone());
                 shared.add(conn.ready.clone());
                 let removed = loop {
                     tokio::select! {

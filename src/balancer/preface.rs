@@ -74,7 +74,13 @@ fn parse(seen: &[u8]) -> Option<Result<ServerSettings, NotHttp2>> {
         let head: String = seen
             .iter()
             .take(FRAME_HEADER)
-            .map(|b| if b.is_ascii_graphic() { *b as char } else { '.' })
+            .map(|b| {
+                if b.is_ascii_graphic() {
+                    *b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         return Some(Err(NotHttp2(format!(
             "the server's first bytes are not an HTTP/2 SETTINGS frame (got {head:?})"
@@ -109,8 +115,7 @@ impl<T: AsyncRead> AsyncRead for Preface<T> {
             if let Poll::Ready(Ok(())) = &result {
                 let fresh = &buf.filled()[before..];
                 let want = (FRAME_HEADER + MAX_SETTINGS_LEN).saturating_sub(this.seen.len());
-                this.seen
-                    .extend_from_slice(&fresh[..fresh.len().min(want)]);
+                this.seen.extend_from_slice(&fresh[..fresh.len().min(want)]);
                 if let Some(outcome) = parse(this.seen) {
                     if let Some(report) = this.report.take() {
                         let _ = report.send(outcome);
@@ -160,7 +165,17 @@ mod tests {
 
     fn settings_frame(entries: &[(u16, u32)]) -> Vec<u8> {
         let len = entries.len() * 6;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, SETTINGS, 0, 0, 0, 0, 0];
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            SETTINGS,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
         for (id, v) in entries {
             f.extend_from_slice(&id.to_be_bytes());
             f.extend_from_slice(&v.to_be_bytes());

@@ -131,7 +131,9 @@ impl TlsConfig {
                             .collect::<Result<Vec<_>, _>>()
                             .map_err(|e| invalid(format!("the client certificate: {e}")))?;
                         if chain.is_empty() {
-                            return Err(invalid("the client certificate holds no PEM certificate".into()));
+                            return Err(invalid(
+                                "the client certificate holds no PEM certificate".into(),
+                            ));
                         }
                         let key = PrivateKeyDer::from_pem_slice(key_pem)
                             .map_err(|e| invalid(format!("the client key: {e}")))?;

@@ -35,8 +35,7 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             "server",
         );
-        let (client_cert, client_key) =
-            leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "client");
+        let (client_cert, client_key) = leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "client");
         Self {
             ca: ca.pem(),
             server_cert,
