@@ -10,6 +10,10 @@
 //! | `tonic_etcd_skipped_entries_total` | counter | `prefix` | undecodable entries skipped |
 //! | `tonic_etcd_lease_losses_total` | counter | `service` | leases lost and replaced |
 //! | `tonic_etcd_registration_state` | gauge | `service` | 0 registering, 1 registered, 2 lost, 3 retrying, 4 deregistered |
+//! | `tonic_etcd_balancer_endpoints` | gauge | `service`, `state` (`ready`/`ejected`/`unhealthy`) | a Balancer's endpoints by state |
+//! | `tonic_etcd_balancer_ejections_total` | counter | `service` | endpoints ejected by outlier detection |
+//! | `tonic_etcd_balancer_connect_failures_total` | counter | `service` | failed connection attempts |
+//! | `tonic_etcd_balancer_fail_fast` | gauge | `service` | 1 while the fail-fast gate is closed |
 
 #[cfg(feature = "metrics")]
 mod imp {
@@ -63,6 +67,39 @@ mod imp {
         }
     }
 }
+
+#[cfg(feature = "metrics")]
+mod balancer {
+    pub(crate) fn balancer_endpoints(service: &str, state: &'static str, n: usize) {
+        metrics::gauge!("tonic_etcd_balancer_endpoints", "service" => service.to_owned(), "state" => state)
+            .set(n as f64);
+    }
+
+    pub(crate) fn ejection(service: &str) {
+        metrics::counter!("tonic_etcd_balancer_ejections_total", "service" => service.to_owned())
+            .increment(1);
+    }
+
+    pub(crate) fn connect_failure(service: &str) {
+        metrics::counter!("tonic_etcd_balancer_connect_failures_total", "service" => service.to_owned())
+            .increment(1);
+    }
+
+    pub(crate) fn fail_fast(service: &str, closed: bool) {
+        metrics::gauge!("tonic_etcd_balancer_fail_fast", "service" => service.to_owned())
+            .set(if closed { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod balancer {
+    pub(crate) fn balancer_endpoints(_: &str, _: &'static str, _: usize) {}
+    pub(crate) fn ejection(_: &str) {}
+    pub(crate) fn connect_failure(_: &str) {}
+    pub(crate) fn fail_fast(_: &str, _: bool) {}
+}
+
+pub(crate) use balancer::*;
 
 #[cfg(not(feature = "metrics"))]
 mod imp {

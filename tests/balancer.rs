@@ -141,16 +141,20 @@ async fn a_slow_backend_gets_a_clearly_smaller_share() {
     }
     let balancer = Balancer::builder(client.clone(), &svc).build().unwrap();
     balancer.wait_for_ready(3, LIMIT).await.unwrap();
-    let load = Load::start(&balancer, 16);
+    // Four callers: the fast backends are not saturated, so the slow one is
+    // clearly the costlier (with every backend saturated, sending it some
+    // calls is right: it adds throughput).
+    let load = Load::start(&balancer, 4);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (counts, failures) = load.finish().await;
     let total: usize = counts.values().sum();
     let slow_share = counts.get("slow").copied().unwrap_or(0) as f64 / total as f64;
     eprintln!("shares over {total} calls: {counts:?}");
     assert!(failures.is_empty());
-    // Picking at random would give it a third.
+    // Picking at random would give it a third; the margin holds on a busy
+    // machine (measured idle: about 1 %).
     assert!(
-        slow_share < 0.05,
+        slow_share < 0.10,
         "slow backend got {:.1}% of calls",
         slow_share * 100.0
     );

@@ -7,33 +7,16 @@
 //! deadline also bounds the wait for an endpoint and the response body, so
 //! nothing in the balancer holds a call past it.
 //!
+//! The response body's share of it lives in [`super::body`].
+//!
 //! Parsing follows tonic (`transport/service/grpc_timeout.rs`) and the gRPC
 //! HTTP/2 spec: at most 8 ASCII digits and a unit (`H M S m u n`); an invalid
 //! header is ignored, as tonic does.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::HeaderValue;
-use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
-
-use super::endpoint::InFlight;
-
-/// What a [`CallBody`] holds for its call while the body streams.
-pub(crate) trait Tracked {
-    /// The deadline passed before the body ended.
-    fn expired(self);
-}
-
-impl Tracked for InFlight {
-    fn expired(self) {
-        self.timed_out();
-    }
-}
+use tokio::time::Instant;
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -120,152 +103,9 @@ pub(crate) fn exceeded(what: std::fmt::Arguments<'_>) -> tonic::Status {
     tonic::Status::deadline_exceeded(format!("deadline exceeded {what}"))
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its call counted as in flight on its
-    /// endpoint until the body ends, and fails with `DeadlineExceeded` when
-    /// the call's deadline passes before it does (a server that sent headers
-    /// and then stalled).
-    pub(crate) struct CallBody<B, T = InFlight> {
-        #[pin]
-        inner: B,
-        timer: Option<Pin<Box<Sleep>>>,
-        in_flight: Option<T>,
-        expired: bool,
-    }
-}
-
-impl<B, T> CallBody<B, T> {
-    pub(crate) fn new(inner: B, timer: Option<Pin<Box<Sleep>>>, in_flight: T) -> Self {
-        Self {
-            inner,
-            timer,
-            in_flight: Some(in_flight),
-            expired: false,
-        }
-    }
-}
-
-impl<B, T> Body for CallBody<B, T>
-where
-    T: Tracked,
-    B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        if *this.expired {
-            return Poll::Ready(None);
-        }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if frame.is_none() || matches!(&frame, Some(Err(_))) {
-                this.in_flight.take();
-            }
-            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
-        }
-        if let Some(timer) = this.timer.as_mut() {
-            ready!(timer.as_mut().poll(cx));
-            *this.expired = true;
-            if let Some(in_flight) = this.in_flight.take() {
-                in_flight.expired();
-            }
-            let status = exceeded(format_args!("while the response was streaming"));
-            return Poll::Ready(Some(Err(Box::new(status))));
-        }
-        Poll::Pending
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU8, Ordering};
-    use std::sync::Arc;
-
-    /// 1 once expired, 2 once dropped without expiring.
-    struct Probe(Arc<AtomicU8>);
-
-    impl Tracked for Probe {
-        fn expired(self) {
-            self.0.store(1, Ordering::SeqCst);
-            std::mem::forget(self);
-        }
-    }
-
-    impl Drop for Probe {
-        fn drop(&mut self) {
-            self.0.store(2, Ordering::SeqCst);
-        }
-    }
-
-    /// A body that sends one frame, then nothing: a server that stalled.
-    struct Stalled(bool);
-
-    impl Body for Stalled {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            if std::mem::replace(&mut self.0, true) {
-                Poll::Pending
-            } else {
-                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
-            }
-        }
-    }
-
-    async fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
-        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stalled_body_fails_at_the_deadline_and_records_the_wait() {
-        let state = Arc::new(AtomicU8::new(0));
-        let start = Instant::now();
-        let timer = Box::pin(tokio::time::sleep_until(start + Duration::from_millis(300)));
-        let mut body = CallBody::new(Stalled(false), Some(timer), Probe(state.clone()));
-        assert!(
-            next(&mut body).await.unwrap().is_ok(),
-            "frames pass through"
-        );
-        let err = next(&mut body).await.unwrap().unwrap_err();
-        assert_eq!(start.elapsed(), Duration::from_millis(300));
-        let status = tonic::Status::from_error(err);
-        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
-        assert_eq!(state.load(Ordering::SeqCst), 1, "the wait was recorded");
-        assert!(next(&mut body).await.is_none(), "then the body ends");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_a_deadline_the_body_waits_and_the_call_ends_with_it() {
-        let state = Arc::new(AtomicU8::new(0));
-        let mut body = CallBody::new(Stalled(false), None, Probe(state.clone()));
-        assert!(next(&mut body).await.is_some());
-        let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut body)).await;
-        assert!(waited.is_err(), "no deadline: nothing cuts the body");
-        assert_eq!(state.load(Ordering::SeqCst), 0);
-        drop(body);
-        assert_eq!(
-            state.load(Ordering::SeqCst),
-            2,
-            "dropping the body ends the call"
-        );
-    }
 
     #[test]
     fn parses_every_unit_and_rejects_the_rest() {

@@ -1,4 +1,4 @@
-//! One endpoint's connection and load.
+//! One endpoint: its connection, and what calls on it report.
 //!
 //! Each endpoint owns one HTTP/2 connection. The connection's driver task
 //! ending (peer closed, reset, keep-alive timeout) takes the endpoint out of
@@ -8,7 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::load::{Load, LoadConfig};
+use super::outlier::{OutlierDetection, Tracker};
 use super::preface::Preface;
 use crate::Instance;
 
@@ -39,10 +41,6 @@ pub(crate) struct ConnConfig {
     pub(crate) adaptive_window: bool,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<super::tls::Connector>,
-    /// Time constant of the latency estimate's decay.
-    pub(crate) decay: Duration,
-    /// The latency assumed for an endpoint before its first response.
-    pub(crate) default_rtt: Duration,
 }
 
 impl ConnConfig {
@@ -55,7 +53,56 @@ impl ConnConfig {
     }
 }
 
-/// A connected endpoint, in rotation while its connection lives.
+/// How endpoints are weighed; shared by every endpoint of a balancer.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub(crate) load: LoadConfig,
+    pub(crate) outlier: OutlierDetection,
+    /// The metadata key holding an instance's integer weight.
+    pub(crate) weight_key: String,
+    /// The client's locality: instances whose metadata has this key and
+    /// value are preferred.
+    pub(crate) zone: Option<(String, String)>,
+    /// A new endpoint's share ramps up over this window (gRPC A100).
+    pub(crate) slow_start: Option<Duration>,
+    /// Budget shared by every endpoint: how many are ejected now.
+    pub(crate) ejected: Arc<std::sync::atomic::AtomicUsize>,
+    /// Woken when a full endpoint frees a stream.
+    pub(crate) capacity: Arc<Notify>,
+}
+
+/// The largest weight read from metadata; larger values are capped.
+const MAX_WEIGHT: u32 = 10_000;
+/// A slow-starting endpoint gets at least this share of its weight.
+const SLOW_START_MIN: f64 = 0.1;
+
+impl Policy {
+    /// The weight `instance` asks for: its metadata value under the weight
+    /// key, a positive integer; absent or invalid means 1.
+    pub(crate) fn weight_of(&self, instance: &Instance) -> u32 {
+        match instance.metadata.get(&self.weight_key) {
+            None => 1,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(w) if w > 0 => w.min(MAX_WEIGHT),
+                _ => {
+                    tracing::warn!(addr = %instance.addr, key = %self.weight_key, value = %v,
+                        "weight is not a positive integer; using 1");
+                    1
+                }
+            },
+        }
+    }
+
+    /// Whether `instance` is in the client's zone.
+    pub(crate) fn is_local(&self, instance: &Instance) -> bool {
+        self.zone
+            .as_ref()
+            .is_some_and(|(k, v)| instance.metadata.get(k).as_deref() == Some(v.as_str()))
+    }
+}
+
+/// A connected endpoint, in rotation while its connection lives (and it is
+/// neither ejected nor reported unhealthy).
 pub(crate) struct Ready {
     pub(crate) key: String,
     /// Replaced when only the instance's metadata changes (no redial).
@@ -66,24 +113,45 @@ pub(crate) struct Ready {
     /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond it h2 would
     /// queue calls on this connection, so the balancer sends them elsewhere.
     max_streams: usize,
-    pending: AtomicUsize,
-    rtt: PeakEwma,
+    pub(crate) load: Load,
+    pub(crate) outliers: Tracker,
+    pub(crate) policy: Arc<Policy>,
+    weight: AtomicU32,
+    local: AtomicBool,
+    /// When it last joined the rotation (µs since the epoch), for slow start.
+    joined_at: AtomicU64,
     /// Woken when a call finds the connection closed.
     pub(crate) closed: Notify,
-    /// Shared by the pool: woken when a full endpoint frees a stream.
-    capacity: Arc<Notify>,
 }
 
 impl Ready {
-    /// p2c's load: the latency estimate times the calls in flight (+1, so an
-    /// idle slow endpoint still weighs more than an idle fast one).
-    pub(crate) fn load(&self) -> f64 {
-        self.rtt.estimate() * (self.pending.load(Ordering::Relaxed) + 1) as f64
-    }
-
     /// Whether another call fits within the server's stream limit.
     pub(crate) fn has_capacity(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) < self.max_streams
+        self.load.pending() < self.max_streams
+    }
+
+    /// Weight × slow-start ramp at `now`.
+    pub(crate) fn share_factor(&self, now: u64) -> f64 {
+        let weight = f64::from(self.weight.load(Ordering::Relaxed));
+        let Some(window) = self.policy.slow_start else {
+            return weight;
+        };
+        let age = now.saturating_sub(self.joined_at.load(Ordering::Relaxed)) as f64;
+        let ramp = (age / window.as_micros().max(1) as f64).clamp(SLOW_START_MIN, 1.0);
+        weight * ramp
+    }
+
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_local(&self) -> bool {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// Marks the moment it joins the rotation (slow start counts from here).
+    pub(crate) fn joined(&self) {
+        self.joined_at.store(self.load.now(), Ordering::Relaxed);
     }
 
     /// The instance as last registered.
@@ -94,8 +162,14 @@ impl Ready {
             .clone()
     }
 
-    pub(crate) fn set_instance(&self, instance: Arc<Instance>) {
+    /// A metadata update: weight and locality follow it. Returns whether
+    /// the locality changed (the ready set's order depends on it).
+    pub(crate) fn set_instance(&self, instance: Arc<Instance>) -> bool {
+        self.weight
+            .store(self.policy.weight_of(&instance), Ordering::Relaxed);
+        let local = self.policy.is_local(&instance);
         *self.instance.write().unwrap_or_else(|p| p.into_inner()) = instance;
+        self.local.swap(local, Ordering::Relaxed) != local
     }
 
     /// The address dialled.
@@ -118,10 +192,29 @@ impl Ready {
 
     /// Counts a call in flight until the guard is dropped.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
-        self.pending.fetch_add(1, Ordering::Relaxed);
+        let started = self.load.start();
         InFlight {
             ep: self.clone(),
-            started: Instant::now(),
+            started,
+            settled: false,
+        }
+    }
+}
+
+/// How a call ended, for the endpoint's health and outlier accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    /// The outcome a gRPC status code means under `policy`.
+    pub(crate) fn of(code: tonic::Code, policy: &Policy) -> Self {
+        if policy.outlier.is_failure(code) {
+            Outcome::Failure
+        } else {
+            Outcome::Success
         }
     }
 }
@@ -130,86 +223,53 @@ impl Ready {
 /// response body ends (or the call is dropped).
 pub(crate) struct InFlight {
     ep: Arc<Ready>,
-    started: Instant,
+    started: u64,
+    /// Its outcome has been recorded.
+    settled: bool,
 }
 
 impl InFlight {
     /// The response headers arrived: their latency feeds the estimate.
     pub(crate) fn responded(&self) {
-        self.ep.rtt.observe(self.started.elapsed());
+        let now = self.ep.load.now();
+        self.ep
+            .load
+            .observe(now.saturating_sub(self.started) as f64, now);
+    }
+
+    /// Records how the call went (once; later calls are ignored).
+    pub(crate) fn settle(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let ok = outcome == Outcome::Success;
+        self.ep.load.outcome(ok);
+        let now = self.ep.load.now();
+        self.ep.outliers.record(ok, now, &self.ep.policy.outlier);
+    }
+
+    /// The policy the call is judged by.
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.ep.policy
     }
 
     /// The call's deadline passed on this endpoint: the time it waited is a
     /// latency sample too, so a stalled endpoint looks slow, not idle.
-    pub(crate) fn timed_out(self) {
-        self.ep.rtt.observe(self.started.elapsed());
+    pub(crate) fn timed_out(mut self) {
+        self.settled = true;
+        let now = self.ep.load.now();
+        self.ep
+            .load
+            .observe(now.saturating_sub(self.started) as f64, now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let before = self.ep.pending.fetch_sub(1, Ordering::Relaxed);
+        let before = self.ep.load.end(self.started);
         if before >= self.ep.max_streams {
-            self.ep.capacity.notify_one();
+            self.ep.policy.capacity.notify_one();
         }
-    }
-}
-
-/// Peak-EWMA of response latency (as in Finagle and tower): a slower sample
-/// replaces the estimate at once, faster ones pull it down gradually, and the
-/// estimate decays toward zero while nothing is observed, so a backend that
-/// was slow gets probed again. With calls made one at a time the balancer
-/// therefore favours the endpoint with the lowest recent latency; the share
-/// evens out as calls overlap (the load multiplies by calls in flight).
-struct PeakEwma {
-    base: Instant,
-    /// (nanoseconds as f64 bits, time of update in ns since `base`)
-    rtt_ns: AtomicU64,
-    stamp_ns: AtomicU64,
-    decay_ns: f64,
-}
-
-impl PeakEwma {
-    fn new(default_rtt: Duration, decay: Duration) -> Self {
-        Self {
-            base: Instant::now(),
-            rtt_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
-            stamp_ns: AtomicU64::new(0),
-            decay_ns: decay.as_nanos().max(1) as f64,
-        }
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn decayed(&self, now: u64) -> f64 {
-        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-        rtt * (-elapsed / self.decay_ns).exp()
-    }
-
-    fn estimate(&self) -> f64 {
-        self.decayed(self.now_ns())
-    }
-
-    fn observe(&self, rtt: Duration) {
-        let now = self.now_ns();
-        let sample = rtt.as_nanos() as f64;
-        let current = self.decayed(now);
-        let next = if sample > current {
-            sample
-        } else {
-            let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-            // Weighted by time like tower's, but every sample counts at least
-            // 10%: with samples a millisecond apart a purely time-based weight
-            // would never let a fast endpoint's estimate reach its latency.
-            let w = (-elapsed / self.decay_ns).exp().min(0.9);
-            current * w + sample * (1.0 - w)
-        };
-        // Racing updates may overwrite each other; each is a valid estimate.
-        self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.stamp_ns.store(now, Ordering::Relaxed);
     }
 }
 
@@ -227,7 +287,7 @@ pub(crate) async fn connect(
     key: &str,
     instance: Arc<Instance>,
     cfg: &ConnConfig,
-    capacity: Arc<Notify>,
+    policy: Arc<Policy>,
 ) -> Result<Connection, BoxError> {
     let authority: Authority = instance.addr.parse()?;
     let deadline = crate::time::deadline_after(Instant::now(), cfg.connect_timeout);
@@ -298,15 +358,18 @@ pub(crate) async fn connect(
     Ok(Connection {
         ready: Arc::new(Ready {
             key: key.to_owned(),
+            weight: AtomicU32::new(policy.weight_of(&instance)),
+            local: AtomicBool::new(policy.is_local(&instance)),
             instance: RwLock::new(instance),
             send,
             scheme: cfg.scheme(),
             authority,
             max_streams,
-            pending: AtomicUsize::new(0),
-            rtt: PeakEwma::new(cfg.default_rtt, cfg.decay),
+            load: Load::new(policy.load),
+            outliers: Tracker::default(),
+            joined_at: AtomicU64::new(0),
+            policy,
             closed: Notify::new(),
-            capacity,
         }),
         driver,
     })
@@ -376,27 +439,5 @@ impl AsyncWrite for Transport {
             #[cfg(feature = "tls")]
             Transport::Tls(io) => io.is_write_vectored(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn peak_ewma_jumps_up_and_decays_down() {
-        let e = PeakEwma::new(Duration::from_millis(1), Duration::from_secs(1));
-        let ms = |v: f64| v / 1e6;
-        assert!((ms(e.estimate()) - 1.0).abs() < 0.01);
-        e.observe(Duration::from_millis(20));
-        assert!(
-            (ms(e.estimate()) - 20.0).abs() < 0.01,
-            "a slow sample counts at once"
-        );
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let after = ms(e.estimate());
-        assert!((after - 20.0 / std::f64::consts::E).abs() < 0.1, "{after}");
-        e.observe(Duration::from_millis(1));
-        assert!(ms(e.estimate()) < after, "a fast sample pulls it down");
     }
 }

@@ -51,8 +51,13 @@
 //!   goes straight to that endpoint's connection; `poll_ready` is always
 //!   ready, and the waits above are per call, bounded by its deadline.
 
+mod body;
 mod deadline;
 mod endpoint;
+mod health;
+mod load;
+mod outlier;
+mod pick;
 mod pool;
 mod preface;
 #[cfg(feature = "tls")]
@@ -78,9 +83,13 @@ use crate::discovery::{Discover, DiscoverBuilder};
 use crate::schema::Schema;
 use crate::time::{cap, deadline_after};
 use crate::{Error, Instance};
-use deadline::CallBody;
-use endpoint::{ConnConfig, Ready};
+use body::CallBody;
+use endpoint::{ConnConfig, Outcome, Policy, Ready};
+use load::LoadConfig;
+pub use outlier::OutlierDetection;
+use pick::{pick, Pick};
 use pool::{Filter, PoolConfig, PoolInfo, Shared};
+pub use pool::{EndpointState, EndpointStatus};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 
@@ -97,6 +106,11 @@ pub struct BalancerBuilder {
     backoff_max: Duration,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
+    weight_key: String,
+    zone: Option<(String, String)>,
+    slow_start: Option<Duration>,
+    outlier: OutlierDetection,
+    health_check: Option<String>,
 }
 
 impl fmt::Debug for BalancerBuilder {
@@ -239,6 +253,53 @@ impl BalancerBuilder {
         self
     }
 
+    /// The metadata key holding each instance's weight (default `weight`):
+    /// a positive integer, absent means 1. Between equally fast backends the
+    /// share of calls follows the weights (as gRPC's weighted round robin);
+    /// a slow or failing one still gets less.
+    #[must_use]
+    pub fn weight_key(mut self, key: impl Into<String>) -> Self {
+        self.weight_key = key.into();
+        self
+    }
+
+    /// Prefers instances whose metadata has `key` = `value` (e.g. `zone` =
+    /// `a`): calls stay with them while any of them can take a call, and go
+    /// to the others when none is in rotation (down, ejected, unhealthy or
+    /// at its stream limit). Unlike a [`filter`](Self::filter), it never
+    /// leaves a caller without an endpoint while others are healthy.
+    #[must_use]
+    pub fn prefer_zone(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.zone = Some((key.into(), value.into()));
+        self
+    }
+
+    /// Ramps a newly ready endpoint's share up over `window`, from 10 % of
+    /// its weight (gRPC's slow start, A100, with aggression 1). Default off.
+    #[must_use]
+    pub fn slow_start(mut self, window: Duration) -> Self {
+        self.slow_start = Some(cap(window));
+        self
+    }
+
+    /// Passive outlier detection (default [`OutlierDetection::new`]): an
+    /// endpoint whose calls fail is ejected for a while.
+    #[must_use]
+    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
+        self.outlier = outlier;
+        self
+    }
+
+    /// Active health checking (gRPC A17): each connection watches
+    /// `grpc.health.v1.Health` for `service` (`""`: the server as a whole)
+    /// and the endpoint is in rotation only while the answer is `SERVING`.
+    /// Default off.
+    #[must_use]
+    pub fn health_check(mut self, service: impl Into<String>) -> Self {
+        self.health_check = Some(service.into());
+        self
+    }
+
     /// TLS (and mutual TLS, with a client identity) to every backend.
     #[cfg(feature = "tls")]
     #[must_use]
@@ -278,6 +339,19 @@ impl BalancerBuilder {
                     "balancer: {name} must be above zero"
                 )));
             }
+        }
+        self.outlier
+            .check()
+            .map_err(|e| Error::InvalidConfig(format!("balancer: {e}")))?;
+        if self.weight_key.is_empty() {
+            return Err(Error::InvalidConfig(
+                "balancer: weight_key must not be empty".into(),
+            ));
+        }
+        if self.slow_start.is_some_and(|d| d.is_zero()) {
+            return Err(Error::InvalidConfig(
+                "balancer: slow_start must be above zero".into(),
+            ));
         }
         if self.calls.max_waiting == 0 {
             return Err(Error::InvalidConfig(
@@ -323,12 +397,27 @@ impl BalancerBuilder {
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
         E: fmt::Display + Send + 'static,
     {
-        let shared = Arc::new(Shared::new(self.service));
+        let policy = Arc::new(Policy {
+            load: LoadConfig {
+                base: Instant::now(),
+                prior: INITIAL_LATENCY,
+                tau: LATENCY_TAU,
+                probe_interval: PROBE_INTERVAL,
+            },
+            outlier: self.outlier,
+            weight_key: self.weight_key,
+            zone: self.zone,
+            slow_start: self.slow_start,
+            ejected: Arc::default(),
+            capacity: Arc::default(),
+        });
+        let shared = Arc::new(Shared::new(self.service, policy));
         let cfg = Arc::new(PoolConfig {
             conn: self.conn,
             filter: self.filter.unwrap_or_else(|| Arc::new(|_: &Instance| true)),
             backoff_base: Duration::from_millis(50),
             backoff_max: self.backoff_max,
+            health_check: self.health_check,
         });
         let task = tokio::spawn(pool::run(discover, shared.clone(), cfg));
         Balancer {
@@ -340,6 +429,14 @@ impl BalancerBuilder {
 }
 
 const USER_AGENT: &str = concat!("tonic-etcd/", env!("CARGO_PKG_VERSION"));
+/// A new endpoint's latency until its first answer: conservative, so it is
+/// not flooded before it has a baseline (tower does the same); its first
+/// call comes at once as a probe, and its answer replaces this.
+const INITIAL_LATENCY: Duration = Duration::from_millis(30);
+/// Time constant weighting a faster latency sample against the estimate.
+const LATENCY_TAU: Duration = Duration::from_secs(2);
+/// An endpoint idle this long gets the next call, so none is starved.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct AbortOnDrop(JoinHandle<()>);
@@ -387,10 +484,6 @@ impl Balancer {
                 adaptive_window: false,
                 #[cfg(feature = "tls")]
                 tls: None,
-                // Short enough that a backend that was slow once is probed
-                // again within seconds.
-                decay: Duration::from_secs(2),
-                default_rtt: Duration::from_millis(1),
             },
             filter: None,
             calls: CallConfig {
@@ -404,6 +497,11 @@ impl Balancer {
             backoff_max: Duration::from_secs(5),
             #[cfg(feature = "tls")]
             tls: None,
+            weight_key: "weight".into(),
+            zone: None,
+            slow_start: None,
+            outlier: OutlierDetection::new(),
+            health_check: None,
         }
     }
 
@@ -424,6 +522,21 @@ impl Balancer {
             .iter()
             .map(|e| (*e.instance()).clone())
             .collect()
+    }
+
+    /// Every registered instance that passes the filter, with where it
+    /// stands (connecting, ready, ejected, unhealthy) and its load: calls in
+    /// flight, latency estimate, success rate, weight, zone.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.shared.snapshot()
+    }
+
+    /// Whether the fail-fast gate is closed: no endpoint has been in rotation
+    /// for the no-endpoint timeout, and calls fail at once.
+    pub fn failing_fast(&self) -> bool {
+        self.shared.info.borrow().empty_since.is_some_and(|since| {
+            deadline_after(since, self.calls.no_endpoint_timeout) <= Instant::now()
+        })
     }
 
     /// Waits until at least `n` endpoints are in rotation, up to `timeout`.
@@ -459,55 +572,6 @@ impl Service<http::Request<tonic::body::Body>> for Balancer {
     }
 }
 
-/// The outcome of choosing an endpoint.
-enum Pick {
-    Endpoint(Arc<Ready>),
-    /// Every usable endpoint is at its server's stream limit.
-    Full,
-    /// No usable endpoint.
-    Empty,
-}
-
-/// Two random endpoints, the less loaded one with room for another stream;
-/// when neither qualifies (rare: a full or excluded pick), the least loaded
-/// of all that do.
-fn pick(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
-    use rand::Rng;
-    let usable = |e: &Arc<Ready>| avoid.is_none_or(|bad| !Arc::ptr_eq(e, bad));
-    let open = |e: &Arc<Ready>| usable(e) && e.has_capacity();
-    let n = set.len();
-    if n == 0 {
-        return Pick::Empty;
-    }
-    let mut rng = rand::rng();
-    let a = rng.random_range(0..n);
-    let b = if n == 1 {
-        a
-    } else {
-        let b = rng.random_range(0..n - 1);
-        if b >= a {
-            b + 1
-        } else {
-            b
-        }
-    };
-    let (x, y) = (&set[a], &set[b]);
-    let best = match (open(x), open(y)) {
-        (true, true) => Some(if x.load() <= y.load() { x } else { y }),
-        (true, false) => Some(x),
-        (false, true) => Some(y),
-        (false, false) => set
-            .iter()
-            .filter(|e| open(e))
-            .min_by(|p, q| p.load().total_cmp(&q.load())),
-    };
-    match best {
-        Some(ep) => Pick::Endpoint(ep.clone()),
-        None if set.iter().any(usable) => Pick::Full,
-        None => Pick::Empty,
-    }
-}
-
 async fn dispatch(
     shared: Arc<Shared>,
     cfg: Arc<CallConfig>,
@@ -523,7 +587,7 @@ async fn dispatch(
     let mut failed_on: Option<Arc<Ready>> = None;
     loop {
         let ready = shared.ready();
-        let ep = match pick(&ready, failed_on.as_ref()) {
+        let ep = match pick(&ready, ready.local, failed_on.as_ref()) {
             Pick::Endpoint(ep) => ep,
             Pick::Full => {
                 wait_for_capacity(&shared, &cfg, deadline).await?;
@@ -560,11 +624,29 @@ async fn dispatch(
         };
         match result {
             Ok(response) => {
-                in_flight.responded();
+                let mut in_flight = in_flight;
+                // A trailers-only response carries its status in the headers;
+                // otherwise the body reports it from the trailers.
+                let status = body::status_of(response.headers());
+                match status {
+                    _ if response.status() != http::StatusCode::OK => {
+                        in_flight.settle(Outcome::Failure)
+                    }
+                    Some(code) => {
+                        let outcome = Outcome::of(code, in_flight.policy());
+                        if outcome == Outcome::Success {
+                            in_flight.responded();
+                        }
+                        in_flight.settle(outcome);
+                    }
+                    None => in_flight.responded(),
+                }
                 return Ok(response
                     .map(|body| tonic::body::Body::new(CallBody::new(body, timer, in_flight))));
             }
             Err(mut e) => {
+                let mut in_flight = in_flight;
+                in_flight.settle(Outcome::Failure);
                 drop(in_flight);
                 let unsent = e.take_message();
                 let error = e.into_error();
@@ -647,7 +729,7 @@ async fn wait_for_capacity(
     deadline: Option<Instant>,
 ) -> Result<(), BoxError> {
     let _waiting = Waiting::enter(shared, cfg)?;
-    let notified = shared.capacity.notified();
+    let notified = shared.policy.capacity.notified();
     tokio::pin!(notified);
     notified.as_mut().enable();
     // A stream may have been freed between the pick and `enable`.
@@ -727,6 +809,9 @@ async fn wait_for_endpoint(
     };
     let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
     let gate_closed = cfg.fail_fast && Instant::now() >= gate;
+    if gate_closed {
+        crate::metrics::fail_fast(&shared.service, true);
+    }
     Err(Box::new(tonic::Status::unavailable(format!(
         "{reason}; no endpoint in rotation for {} ms{}",
         empty_for.as_millis(),

@@ -3,17 +3,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_core::Stream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tower::discover::Change;
 
-use super::endpoint::{connect, ConnConfig, Ready};
+use super::endpoint::{connect, ConnConfig, Policy, Ready};
 use crate::backoff::Backoff;
 use crate::Instance;
 
@@ -37,44 +37,105 @@ pub(crate) struct PoolInfo {
     pub(crate) empty_since: Option<Instant>,
 }
 
+/// The endpoints in rotation, those of the client's zone first.
+#[derive(Default)]
+pub(crate) struct ReadySet {
+    pub(crate) endpoints: Vec<Arc<Ready>>,
+    /// How many leading entries are in the client's zone.
+    pub(crate) local: usize,
+}
+
+impl std::ops::Deref for ReadySet {
+    type Target = [Arc<Ready>];
+    fn deref(&self) -> &[Arc<Ready>] {
+        &self.endpoints
+    }
+}
+
+/// Where an endpoint stands, for [`Balancer::endpoints`](super::Balancer::endpoints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndpointState {
+    /// Registered, not connected yet (or reconnecting after a failure).
+    Connecting,
+    /// In rotation.
+    Ready,
+    /// Connected, out of rotation after failing calls (outlier detection).
+    Ejected,
+    /// Connected, out of rotation: its health check does not say `SERVING`.
+    Unhealthy,
+}
+
+/// One endpoint of a [`Balancer`](super::Balancer), as it is now.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointStatus {
+    /// The instance as registered.
+    pub instance: Instance,
+    /// In rotation or why not.
+    pub state: EndpointState,
+    /// Calls in flight on it.
+    pub in_flight: usize,
+    /// Its latency estimate (none before it is connected).
+    pub latency: Option<Duration>,
+    /// Share of recent calls that succeeded, 0 to 1 (an EWMA).
+    pub success_rate: f64,
+    /// Its weight from metadata.
+    pub weight: u32,
+    /// Whether it is in the preferred zone.
+    pub local: bool,
+}
+
+/// A registered endpoint in the registry.
+struct Entry {
+    state: EndpointState,
+    instance: Arc<Instance>,
+    connected: Option<Arc<Ready>>,
+}
+
 /// State shared by the pool task, the connectors and every call.
 pub(crate) struct Shared {
     pub(crate) service: String,
-    ready: RwLock<Arc<Vec<Arc<Ready>>>>,
+    /// Every registered endpoint and where it stands.
+    registry: std::sync::Mutex<HashMap<String, Entry>>,
+    ready: RwLock<Arc<ReadySet>>,
     pub(crate) info: watch::Sender<PoolInfo>,
-    /// Woken when an endpoint at its stream limit frees a stream.
-    pub(crate) capacity: Arc<Notify>,
+    pub(crate) policy: Arc<Policy>,
     /// Calls waiting in the balancer for an endpoint or a free stream.
     pub(crate) waiting: AtomicUsize,
 }
 
 impl Shared {
-    pub(crate) fn new(service: String) -> Self {
+    pub(crate) fn new(service: String, policy: Arc<Policy>) -> Self {
         let info = PoolInfo {
             empty_since: Some(Instant::now()),
             ..PoolInfo::default()
         };
         Self {
             service,
-            ready: RwLock::new(Arc::new(Vec::new())),
+            registry: Default::default(),
+            ready: RwLock::new(Arc::default()),
             info: watch::channel(info).0,
-            capacity: Arc::new(Notify::new()),
+            policy,
             waiting: AtomicUsize::new(0),
         }
     }
 
     /// The endpoints in rotation now.
-    pub(crate) fn ready(&self) -> Arc<Vec<Arc<Ready>>> {
+    pub(crate) fn ready(&self) -> Arc<ReadySet> {
         self.ready.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn update_ready(&self, f: impl FnOnce(&mut Vec<Arc<Ready>>)) {
         let count = {
             let mut guard = self.ready.write().unwrap_or_else(|p| p.into_inner());
-            let mut set = (**guard).clone();
-            f(&mut set);
-            let count = set.len();
-            *guard = Arc::new(set);
+            let mut endpoints = guard.endpoints.clone();
+            f(&mut endpoints);
+            // Stable: the zone's endpoints first, each group in join order.
+            endpoints.sort_by_key(|e| !e.is_local());
+            let local = endpoints.iter().take_while(|e| e.is_local()).count();
+            let count = endpoints.len();
+            *guard = Arc::new(ReadySet { endpoints, local });
             count
         };
         self.info.send_modify(|i| {
@@ -82,12 +143,17 @@ impl Shared {
             i.empty_since = match (count, i.empty_since) {
                 (0, None) => Some(Instant::now()),
                 (0, since) => since,
-                _ => None,
+                (_, Some(_)) => {
+                    crate::metrics::fail_fast(&self.service, false);
+                    None
+                }
+                (_, None) => None,
             };
         });
     }
 
     fn add(&self, ep: Arc<Ready>) {
+        ep.joined();
         self.update_ready(|set| {
             set.retain(|e| e.key != ep.key);
             set.push(ep);
@@ -96,6 +162,71 @@ impl Shared {
 
     fn remove(&self, ep: &Arc<Ready>) {
         self.update_ready(|set| set.retain(|e| !Arc::ptr_eq(e, ep)));
+    }
+
+    /// An endpoint's locality changed: restore the zone-first order.
+    fn reorder(&self) {
+        self.update_ready(|_| {});
+    }
+
+    /// Records where endpoint `key` stands.
+    fn set_state(&self, key: &str, state: EndpointState, instance: &Arc<Instance>, connected: Option<&Arc<Ready>>) {
+        let entry = Entry {
+            state,
+            instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),
+            connected: connected.cloned(),
+        };
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.insert(key.to_owned(), entry);
+        self.publish(&registry);
+    }
+
+    /// Endpoint `key` is no longer registered.
+    fn forget(&self, key: &str) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.remove(key);
+        self.publish(&registry);
+    }
+
+    fn publish(&self, registry: &HashMap<String, Entry>) {
+        for (name, state) in [
+            ("ready", EndpointState::Ready),
+            ("ejected", EndpointState::Ejected),
+            ("unhealthy", EndpointState::Unhealthy),
+        ] {
+            let n = registry.values().filter(|e| e.state == state).count();
+            crate::metrics::balancer_endpoints(&self.service, name, n);
+        }
+    }
+
+    /// Every registered endpoint that passes the filter, as it is now.
+    pub(crate) fn snapshot(&self) -> Vec<EndpointStatus> {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<EndpointStatus> = registry
+            .values()
+            .map(|e| match &e.connected {
+                Some(ep) => EndpointStatus {
+                    instance: (*ep.instance()).clone(),
+                    state: e.state,
+                    in_flight: ep.load.pending(),
+                    latency: Some(Duration::from_secs_f64(ep.load.latency_us() / 1e6)),
+                    success_rate: ep.load.health(),
+                    weight: ep.weight(),
+                    local: ep.is_local(),
+                },
+                None => EndpointStatus {
+                    instance: (*e.instance).clone(),
+                    state: e.state,
+                    in_flight: 0,
+                    latency: None,
+                    success_rate: 1.0,
+                    weight: self.policy.weight_of(&e.instance),
+                    local: self.policy.is_local(&e.instance),
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| a.instance.addr.cmp(&b.instance.addr));
+        out
     }
 }
 
@@ -158,6 +289,8 @@ pub(crate) struct PoolConfig {
     pub(crate) filter: Filter,
     pub(crate) backoff_base: std::time::Duration,
     pub(crate) backoff_max: std::time::Duration,
+    /// Active health checking: the service name to watch.
+    pub(crate) health_check: Option<String>,
 }
 
 /// A connection that lived this long was healthy: the next failure starts
@@ -167,8 +300,11 @@ const HEALTHY_LIFETIME: Duration = Duration::from_secs(1);
 
 /// Keeps one endpoint connected while it is registered: connect, join the
 /// rotation, leave it the moment the connection ends, reconnect with
-/// back-off. Returns when the endpoint is removed (its sender dropped); the
-/// connection then closes once the calls still on it finish.
+/// back-off. While connected it also leaves the rotation when ejected by
+/// outlier detection (and comes back when the ejection ends) or reported
+/// unhealthy by active health checking. Returns when the endpoint is
+/// removed (its sender dropped); the connection then closes once the calls
+/// still on it finish.
 async fn maintain(
     key: String,
     shared: Arc<Shared>,
@@ -176,35 +312,22 @@ async fn maintain(
     mut instance: watch::Receiver<Arc<Instance>>,
 ) {
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+    let mut ejections = Ejections::default();
     loop {
         let current = instance.borrow_and_update().clone();
+        shared.set_state(&key, EndpointState::Connecting, &current, None);
         let connected = tokio::select! {
-            r = connect(&key, current.clone(), &cfg.conn, shared.capacity.clone()) => r,
-            () = removed(&mut instance) => return,
+            r = connect(&key, current.clone(), &cfg.conn, shared.policy.clone()) => r,
+            () = removed(&mut instance) => return shared.forget(&key),
         };
         match connected {
-            Ok(mut conn) => {
+            Ok(conn) => {
                 let since = Instant::now();
                 tracing::debug!(addr = %current.addr, "endpoint connected");
-                conn.ready
-                    .set_instance(instance.borrow_and_update().clone());
-                shared.add(conn.ready.clone());
-                let removed = loop {
-                    tokio::select! {
-                        changed = instance.changed() => match changed {
-                            Ok(()) => conn.ready.set_instance(instance.borrow_and_update().clone()),
-                            Err(_) => break true,
-                        },
-                        _ = &mut conn.driver => break false,
-                        () = conn.ready.closed.notified() => break false,
-                    }
-                };
-                shared.remove(&conn.ready);
-                if removed {
-                    // The driver runs on until in-flight calls finish and the
-                    // last handle to the connection is dropped.
-                    return;
+                if serve(&shared, &cfg, conn, &mut instance, &mut ejections).await {
+                    return shared.forget(&key);
                 }
+                shared.set_state(&key, EndpointState::Connecting, &current, None);
                 if since.elapsed() >= HEALTHY_LIFETIME {
                     backoff.reset();
                 }
@@ -213,15 +336,151 @@ async fn maintain(
             }
             Err(error) => {
                 tracing::debug!(addr = %current.addr, %error, "connect failed");
+                crate::metrics::connect_failure(&shared.service);
                 let msg = format!("{}: {error}", current.addr);
                 shared.info.send_modify(|i| i.last_error = Some(msg));
             }
         }
         let delay = backoff.next_delay();
         tokio::select! {
-            () = removed(&mut instance) => return,
+            () = removed(&mut instance) => return shared.forget(&key),
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// An endpoint's ejection history, kept across reconnects.
+#[derive(Default)]
+struct Ejections {
+    /// Ejections in a row (the next one lasts longer).
+    streak: u32,
+    /// When the last one ended.
+    ended: Option<Instant>,
+}
+
+/// Runs one live connection: in and out of the rotation as its health and
+/// ejections say. Returns `true` when the endpoint was removed, `false` when
+/// the connection ended.
+async fn serve(
+    shared: &Arc<Shared>,
+    cfg: &PoolConfig,
+    mut conn: super::endpoint::Connection,
+    instance: &mut watch::Receiver<Arc<Instance>>,
+    ejections: &mut Ejections,
+) -> bool {
+    let ep = conn.ready.clone();
+    let policy = &shared.policy;
+    ep.set_instance(instance.borrow_and_update().clone());
+    let (health_tx, mut healthy) = watch::channel(cfg.health_check.is_none());
+    let _health = cfg.health_check.as_ref().map(|service| {
+        AbortOnDrop(tokio::spawn(super::health::watch(
+            ep.clone(),
+            service.clone(),
+            health_tx,
+        )))
+    });
+    let mut ejected_until: Option<Instant> = None;
+    let mut in_rotation = false;
+    let mut state = None;
+    let removed = loop {
+        let now_state = match (ejected_until.is_some(), *healthy.borrow()) {
+            (true, _) => EndpointState::Ejected,
+            (false, false) => EndpointState::Unhealthy,
+            (false, true) => EndpointState::Ready,
+        };
+        let want = now_state == EndpointState::Ready;
+        if want != in_rotation {
+            in_rotation = want;
+            if want {
+                shared.add(ep.clone());
+            } else {
+                shared.remove(&ep);
+            }
+        }
+        if state != Some(now_state) {
+            state = Some(now_state);
+            shared.set_state(&ep.key, now_state, &ep.instance(), Some(&ep));
+        }
+        let ejection_over = tokio::time::sleep_until(ejected_until.unwrap_or_else(Instant::now));
+        tokio::select! {
+            changed = instance.changed() => match changed {
+                Ok(()) => {
+                    if ep.set_instance(instance.borrow_and_update().clone()) && in_rotation {
+                        shared.reorder();
+                    }
+                }
+                Err(_) => break true,
+            },
+            _ = &mut conn.driver => break false,
+            () = ep.closed.notified() => break false,
+            () = ep.outliers.eject.notified(), if ejected_until.is_none() => {
+                ejected_until = eject(shared, &ep, ejections);
+                ep.outliers.clear();
+            }
+            () = ejection_over, if ejected_until.is_some() => {
+                ejected_until = None;
+                ejections.ended = Some(Instant::now());
+                policy.ejected.fetch_sub(1, Ordering::Relaxed);
+                ep.load.reset_health();
+                tracing::info!(addr = %ep.addr(), service = %shared.service, "ejection over");
+            }
+            changed = healthy.changed() => {
+                if changed.is_err() {
+                    // The health task ended (UNIMPLEMENTED): healthy for good.
+                    healthy = watch::channel(true).1;
+                }
+                tracing::info!(addr = %ep.addr(), healthy = *healthy.borrow(), "health changed");
+            }
+        }
+    };
+    if ejected_until.is_some() {
+        policy.ejected.fetch_sub(1, Ordering::Relaxed);
+    }
+    if in_rotation {
+        shared.remove(&ep);
+    }
+    // On removal the driver runs on until in-flight calls finish and the last
+    // handle to the connection is dropped.
+    removed
+}
+
+/// Ejects `ep` if the budget allows: at most `max_ejection_percent` of the
+/// connected endpoints, never the last one. Returns when the ejection ends.
+fn eject(shared: &Shared, ep: &Ready, ejections: &mut Ejections) -> Option<Instant> {
+    let policy = &shared.policy;
+    let outlier = &policy.outlier;
+    let in_rotation = shared.ready().len();
+    let admitted = policy
+        .ejected
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ejected| {
+            let connected = in_rotation + ejected;
+            let max = connected * outlier.max_ejection_percent as usize / 100;
+            (ejected < max && in_rotation > 1).then_some(ejected + 1)
+        })
+        .is_ok();
+    if !admitted {
+        tracing::debug!(addr = %ep.addr(), "outlier, but the ejection budget is spent");
+        return None;
+    }
+    let forgiven = ejections
+        .ended
+        .is_some_and(|t| t.elapsed() >= outlier.base_ejection_time.saturating_mul(10));
+    if forgiven {
+        ejections.streak = 0;
+    }
+    ejections.streak = ejections.streak.saturating_add(1);
+    let time = outlier.ejection_time_for(ejections.streak);
+    tracing::warn!(addr = %ep.addr(), service = %shared.service, ejection = ejections.streak,
+        seconds = time.as_secs_f64(), "endpoint ejected: its calls fail");
+    crate::metrics::ejection(&shared.service);
+    Some(crate::time::deadline_after(Instant::now(), time))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,0 +1,249 @@
+//! The response body of a call: it keeps the call counted on its endpoint
+//! until the body ends, enforces the call's deadline while it streams, and
+//! reads the gRPC status from the trailers, where a streaming call (and any
+//! call whose status is not in the headers) carries it. A gRPC failure is an
+//! HTTP 200; without reading the trailers a failing backend looks healthy.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+
+use super::deadline;
+use super::endpoint::{InFlight, Outcome};
+
+/// What a [`CallBody`] holds for its call while the body streams.
+pub(crate) trait Tracked {
+    /// The call ended with this gRPC status (`None`: the stream failed).
+    fn ended(&mut self, status: Option<tonic::Code>);
+    /// The deadline passed before the body ended.
+    fn expired(self);
+}
+
+impl Tracked for InFlight {
+    fn ended(&mut self, status: Option<tonic::Code>) {
+        let outcome = match status {
+            Some(code) => Outcome::of(code, self.policy()),
+            None => Outcome::Failure,
+        };
+        self.settle(outcome);
+    }
+
+    fn expired(self) {
+        self.timed_out();
+    }
+}
+
+/// The gRPC status in `headers` (a trailers-only response, or trailers).
+pub(crate) fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(tonic::Code::from(value.trim().parse::<i32>().unwrap_or(2)))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its call counted as in flight on its
+    /// endpoint until the body ends, and fails with `DeadlineExceeded` when
+    /// the call's deadline passes before it does (a server that sent headers
+    /// and then stalled).
+    pub(crate) struct CallBody<B, T = InFlight> {
+        #[pin]
+        inner: B,
+        timer: Option<Pin<Box<Sleep>>>,
+        in_flight: Option<T>,
+        expired: bool,
+    }
+}
+
+impl<B, T> CallBody<B, T> {
+    pub(crate) fn new(inner: B, timer: Option<Pin<Box<Sleep>>>, in_flight: T) -> Self {
+        Self {
+            inner,
+            timer,
+            in_flight: Some(in_flight),
+            expired: false,
+        }
+    }
+}
+
+impl<B, T> Body for CallBody<B, T>
+where
+    T: Tracked,
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if *this.expired {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            match &frame {
+                Some(Ok(f)) => {
+                    if let (Some(trailers), Some(call)) = (f.trailers_ref(), this.in_flight.as_mut()) {
+                        call.ended(Some(status_of(trailers).unwrap_or(tonic::Code::Unknown)));
+                    }
+                }
+                Some(Err(_)) => {
+                    if let Some(mut call) = this.in_flight.take() {
+                        call.ended(None);
+                    }
+                }
+                None => {
+                    this.in_flight.take();
+                }
+            }
+            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+        }
+        if let Some(timer) = this.timer.as_mut() {
+            ready!(timer.as_mut().poll(cx));
+            *this.expired = true;
+            if let Some(in_flight) = this.in_flight.take() {
+                in_flight.expired();
+            }
+            let status = deadline::exceeded(format_args!("while the response was streaming"));
+            return Poll::Ready(Some(Err(Box::new(status))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// 1 once expired, 2 once dropped without expiring, 3 failed stream,
+    /// 10 + code once ended with a status.
+    struct Probe(Arc<AtomicU8>);
+
+    impl Tracked for Probe {
+        fn ended(&mut self, status: Option<tonic::Code>) {
+            let v = status.map_or(3, |c| 10 + c as u8);
+            self.0.store(v, Ordering::SeqCst);
+        }
+
+        fn expired(self) {
+            self.0.store(1, Ordering::SeqCst);
+            std::mem::forget(self);
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if self.0.load(Ordering::SeqCst) == 0 {
+                self.0.store(2, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A body that sends one frame, then nothing: a server that stalled.
+    struct Stalled(bool);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+            }
+        }
+    }
+
+    async fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_at_the_deadline_and_records_the_wait() {
+        let state = Arc::new(AtomicU8::new(0));
+        let start = Instant::now();
+        let timer = Box::pin(tokio::time::sleep_until(start + Duration::from_millis(300)));
+        let mut body = CallBody::new(Stalled(false), Some(timer), Probe(state.clone()));
+        assert!(
+            next(&mut body).await.unwrap().is_ok(),
+            "frames pass through"
+        );
+        let err = next(&mut body).await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(state.load(Ordering::SeqCst), 1, "the wait was recorded");
+        assert!(next(&mut body).await.is_none(), "then the body ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_the_body_waits_and_the_call_ends_with_it() {
+        let state = Arc::new(AtomicU8::new(0));
+        let mut body = CallBody::new(Stalled(false), None, Probe(state.clone()));
+        assert!(next(&mut body).await.is_some());
+        let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut body)).await;
+        assert!(waited.is_err(), "no deadline: nothing cuts the body");
+        assert_eq!(state.load(Ordering::SeqCst), 0);
+        drop(body);
+        assert_eq!(
+            state.load(Ordering::SeqCst),
+            2,
+            "dropping the body ends the call"
+        );
+    }
+
+
+    /// Data, then trailers with `grpc-status: 14`.
+    struct Failing(u8);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0 += 1;
+            Poll::Ready(match self.0 {
+                1 => Some(Ok(Frame::data(Bytes::from_static(b"x")))),
+                2 => {
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("14"));
+                    Some(Ok(Frame::trailers(t)))
+                }
+                _ => None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_in_the_trailers_is_reported() {
+        let state = Arc::new(AtomicU8::new(0));
+        let mut body = CallBody::new(Failing(0), None, Probe(state.clone()));
+        while next(&mut body).await.is_some() {}
+        assert_eq!(
+            state.load(Ordering::SeqCst),
+            10 + tonic::Code::Unavailable as u8
+        );
+    }
+}
