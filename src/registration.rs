@@ -178,6 +178,11 @@ impl RegistrationBuilder {
         self
     }
 
+    /// The service names this registration announces.
+    pub(crate) fn service_names(&self) -> &[String] {
+        &self.services
+    }
+
     pub(crate) fn has_addr(&self) -> bool {
         self.addr.is_some()
     }

@@ -10,6 +10,15 @@
 //!    the server keeps answering for a short grace period while clients see
 //!    the removal, then stops accepting and lets in-flight RPCs finish.
 //!
+//! The server also answers the standard health service (`grpc.health.v1`,
+//! tonic-health): `SERVING` for the whole server (`""`) and each registered
+//! service once it is registered, `NOT_SERVING` before that and from the
+//! moment shutdown begins, so clients that health-check (the
+//! [`Balancer`](crate::Balancer) with `health_check`, grpc-go with A17) stop
+//! sending before etcd's removal even reaches them. If the router already
+//! serves tonic-health, hand its reporter to
+//! [`health_reporter`](RegisteredServer::health_reporter) instead.
+//!
 //! ```no_run
 //! # async fn run(router: tonic::transport::server::Router) -> Result<(), tonic_etcd::Error> {
 //! use tonic_etcd::{Registration, server::RegisteredServer};
@@ -47,6 +56,27 @@ pub struct RegisteredServer {
     registration: RegistrationBuilder,
     grace: Duration,
     drain_timeout: Duration,
+    health: Health,
+}
+
+/// Who serves `grpc.health.v1.Health`.
+enum Health {
+    /// This server adds tonic-health's service to the router.
+    Own,
+    /// The router already serves it; statuses go through this reporter.
+    Reporter(tonic_health::server::HealthReporter),
+    /// Not at all.
+    Off,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Own => "Own",
+            Health::Reporter(_) => "Reporter",
+            Health::Off => "Off",
+        })
+    }
 }
 
 impl RegisteredServer {
@@ -58,7 +88,22 @@ impl RegisteredServer {
             registration,
             grace: DEFAULT_GRACE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            health: Health::Own,
         }
+    }
+
+    /// Reports through `reporter` instead of adding a health service: for a
+    /// router that already serves tonic-health (adding a second one would
+    /// clash).
+    pub fn health_reporter(mut self, reporter: tonic_health::server::HealthReporter) -> Self {
+        self.health = Health::Reporter(reporter);
+        self
+    }
+
+    /// Serves no health service and reports nothing.
+    pub fn without_health_service(mut self) -> Self {
+        self.health = Health::Off;
+        self
     }
 
     /// How long the server keeps accepting new calls after deregistering,
@@ -107,6 +152,30 @@ impl RegisteredServer {
         // Configuration errors surface before anything is served.
         registration.encode()?;
 
+        let (router, reporter) = match self.health {
+            Health::Own => {
+                let (reporter, service) = tonic_health::server::health_reporter();
+                (router.add_service(service), Some(reporter))
+            }
+            Health::Reporter(reporter) => (router, Some(reporter)),
+            Health::Off => (router, None),
+        };
+        let mut names: Vec<String> = registration.service_names().to_vec();
+        names.push(String::new());
+        let report = |status| {
+            let reporter = reporter.clone();
+            let names = names.clone();
+            async move {
+                if let Some(reporter) = reporter {
+                    for name in names {
+                        reporter.set_service_status(name, status).await;
+                    }
+                }
+            }
+        };
+        use tonic_health::ServingStatus;
+        report(ServingStatus::NotServing).await;
+
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = router.serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -135,6 +204,8 @@ impl RegisteredServer {
             }
         };
 
+        report(ServingStatus::Serving).await;
+
         tokio::pin!(signal);
         tokio::select! {
             () = &mut signal => {}
@@ -146,7 +217,9 @@ impl RegisteredServer {
             }
         }
 
-        // Deregister first, while still serving.
+        // Health-checking clients stop first, then etcd's removal follows,
+        // while still serving.
+        report(ServingStatus::NotServing).await;
         let deregistered = tokio::select! {
             r = registered.deregister() => r,
             r = &mut server => { r?; return Ok(()); }

@@ -261,6 +261,7 @@ impl InFlight {
         self.ep
             .load
             .observe(now.saturating_sub(self.started) as f64, now);
+        self.ep.load.timed_out(now);
     }
 }
 

@@ -15,6 +15,8 @@
 //!   frozen backend the most attractive one).
 //! * **Health**: an EWMA of call outcomes (1 = every call succeeded). Errors
 //!   come back fast, so without it a failing backend would look the best.
+//!   It is kept across an ejection: an endpoint back from one regains its
+//!   share as its calls succeed (gRPC's A50 gives it full traffic at once).
 //! * **Probes**: an endpoint that has had no call for the probe interval and
 //!   has none in flight is given the next one, so every endpoint in rotation
 //!   keeps fresh samples (at most one probe per interval, a bounded share).
@@ -173,10 +175,11 @@ impl Load {
         self.health.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// Forgets past failures (an endpoint back from ejection starts afresh,
-    /// as in gRPC's outlier detection).
-    pub(crate) fn reset_health(&self) {
-        self.health.store(1f64.to_bits(), Ordering::Relaxed);
+    /// A call here hit its deadline at `now`: the next probe waits a full
+    /// interval from now, so a frozen endpoint holds at most one caller
+    /// every other interval.
+    pub(crate) fn timed_out(&self, now: u64) {
+        self.picked_at.store(now, Ordering::Relaxed);
     }
 }
 
@@ -260,7 +263,5 @@ mod tests {
         assert!(l.health() < 0.06, "{}", l.health());
         l.outcome(true);
         assert!(l.health() > 0.25);
-        l.reset_health();
-        assert_eq!(l.health(), 1.0);
     }
 }

@@ -14,13 +14,20 @@
 //! * it is ejected for `base_ejection_time` × the number of times it was
 //!   ejected in a row, capped at `max_ejection_time`; the count starts over
 //!   once it has stayed in rotation for ten base ejection times;
+//! * back from an ejection it is on probation: a failure before its first
+//!   success ejects it again at once (a circuit breaker's half-open state;
+//!   A50 waits for the rules to trip again);
 //! * at most `max_ejection_percent` of the connected endpoints are ejected
 //!   at once (default 50 %, A50's is 10 %), and never the last one: a
 //!   service-wide failure is not turned into "no endpoint".
 //!
 //! Differences from A50: no success-rate (standard deviation) ejection; the
 //! window is per endpoint and starts with its first call, not a timer over
-//! all endpoints; an ejected endpoint's connection stays open.
+//! all endpoints; an ejected endpoint's connection stays open; and an
+//! endpoint back from ejection regains its share as its calls succeed
+//! instead of all at once (its success estimate is kept, see
+//! [`super::load`]), so a backend that still fails costs a probe per
+//! second, not another run of failures.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -152,6 +159,9 @@ impl OutlierDetection {
 /// One endpoint's failure accounting, fed by every call.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
+    /// Just back from an ejection: one failure before a success ejects it
+    /// again (a circuit breaker's half-open state).
+    probation: AtomicBool,
     consecutive: AtomicU32,
     window_start: AtomicU64,
     window_calls: AtomicU32,
@@ -178,17 +188,27 @@ impl Tracker {
         let calls = self.window_calls.fetch_add(1, Ordering::Relaxed) + 1;
         if ok {
             self.consecutive.store(0, Ordering::Relaxed);
+            self.probation.store(false, Ordering::Relaxed);
             return;
         }
+        let on_probation = self.probation.load(Ordering::Relaxed);
         let failures = self.window_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let in_a_row = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         let by_count = cfg.consecutive_failures > 0 && in_a_row >= cfg.consecutive_failures;
         let by_rate = cfg.min_requests > 0
             && calls >= cfg.min_requests
             && f64::from(failures) >= cfg.failure_rate * f64::from(calls);
-        if (by_count || by_rate) && !self.requested.swap(true, Ordering::Relaxed) {
+        let ejectable = cfg.consecutive_failures > 0 || cfg.min_requests > 0;
+        if (by_count || by_rate || (on_probation && ejectable))
+            && !self.requested.swap(true, Ordering::Relaxed)
+        {
             self.eject.notify_one();
         }
+    }
+
+    /// The ejection ended: the next failure before a success ejects again.
+    pub(crate) fn on_probation(&self) {
+        self.probation.store(true, Ordering::Relaxed);
     }
 
     /// The connector handled the request (ejected, or refused by the budget):
@@ -222,6 +242,24 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(10), t.eject.notified())
             .await
             .expect("the connector is woken");
+    }
+
+    #[test]
+    fn on_probation_one_failure_asks_and_a_success_ends_it() {
+        let cfg = OutlierDetection::new();
+        let t = Tracker::default();
+        t.on_probation();
+        t.record(true, 1, &cfg);
+        t.record(false, 1, &cfg);
+        assert!(!t.requested.load(Ordering::Relaxed), "a success ended probation");
+        t.clear();
+        t.on_probation();
+        t.record(false, 1, &cfg);
+        assert!(t.requested.load(Ordering::Relaxed));
+        let t = Tracker::default();
+        t.on_probation();
+        t.record(false, 1, &OutlierDetection::disabled());
+        assert!(!t.requested.load(Ordering::Relaxed), "disabled means never");
     }
 
     #[test]

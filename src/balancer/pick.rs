@@ -17,7 +17,7 @@
 //! Endpoints within `TOLERANCE` of the cheapest share calls by weight alone
 //! (so weights hold exactly between equal backends, as with gRPC's weighted
 //! round robin); a costlier one's share falls with the cube of the excess,
-//! so one 17× slower gets about 0.1% of the share of a fast one: enough to
+//! so one 17× slower gets about 0.3% of the share of a fast one: enough to
 //! keep sampling it, too little to hurt the tail. An endpoint idle for the
 //! probe interval is given the call outright (see [`super::load`]).
 //!
@@ -36,7 +36,7 @@ pub(crate) const FULL_SCAN: usize = 16;
 /// Beyond [`FULL_SCAN`], this many random candidates.
 pub(crate) const SAMPLE: usize = 8;
 /// Endpoints whose cost is within this factor of the cheapest are alike.
-const TOLERANCE: f64 = 1.5;
+const TOLERANCE: f64 = 2.5;
 
 /// The outcome of choosing an endpoint.
 pub(crate) enum Pick {

@@ -421,7 +421,7 @@ async fn serve(
                 ejected_until = None;
                 ejections.ended = Some(Instant::now());
                 policy.ejected.fetch_sub(1, Ordering::Relaxed);
-                ep.load.reset_health();
+                ep.outliers.on_probation();
                 tracing::info!(addr = %ep.addr(), service = %shared.service, "ejection over");
             }
             changed = healthy.changed() => {

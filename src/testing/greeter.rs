@@ -1,7 +1,7 @@
 //! The greeter service from `proto/greeter.proto`: its reply names the server
 //! instance that answered, so callers can see where each call went.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +17,32 @@ pub use pb::greeter_client::GreeterClient;
 pub use pb::greeter_server::GreeterServer;
 pub use pb::{HelloReply, HelloRequest};
 
-/// A greeter that answers with its own id, optionally after a delay.
+/// A greeter that answers with its own id, optionally after a delay, or
+/// fails every call while its [`FailSwitch`] is set.
 #[derive(Debug, Clone)]
 pub struct Greeter {
     id: String,
     delay: Duration,
     calls: Arc<AtomicU64>,
+    fail: FailSwitch,
+}
+
+/// Makes a [`Greeter`] fail every call with a status, or answer again.
+#[derive(Debug, Clone, Default)]
+pub struct FailSwitch(Arc<AtomicI32>);
+
+impl FailSwitch {
+    /// Fails every call with `code` (`None`: answer normally).
+    pub fn set(&self, code: Option<tonic::Code>) {
+        self.0.store(code.map_or(0, |c| c as i32), Ordering::Relaxed);
+    }
+
+    fn status(&self) -> Option<Status> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            c => Some(Status::new(tonic::Code::from(c), "failing on purpose")),
+        }
+    }
 }
 
 impl Greeter {
@@ -32,7 +52,13 @@ impl Greeter {
             id: id.into(),
             delay: Duration::ZERO,
             calls: Arc::default(),
+            fail: FailSwitch::default(),
         }
+    }
+
+    /// The switch that makes this greeter (and its clones) fail.
+    pub fn fail_switch(&self) -> FailSwitch {
+        self.fail.clone()
     }
 
     /// Waits `delay` before every reply (a slow backend).
@@ -53,8 +79,29 @@ impl Greeter {
     }
 }
 
+type ReplyStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<HelloReply, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::greeter_server::Greeter for Greeter {
+    type SayHelloStreamStream = ReplyStream;
+
+    async fn say_hello_stream(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let reply = HelloReply {
+            message: format!("hello {}", request.into_inner().name),
+            server_id: self.id.clone(),
+        };
+        let mut items = vec![Ok(reply.clone()), Ok(reply)];
+        if let Some(status) = self.fail.status() {
+            items.push(Err(status));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
     async fn say_hello(
         &self,
         request: Request<HelloRequest>,
@@ -63,6 +110,9 @@ impl pb::greeter_server::Greeter for Greeter {
             tokio::time::sleep(self.delay).await;
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(status) = self.fail.status() {
+            return Err(status);
+        }
         Ok(Response::new(HelloReply {
             message: format!("hello {}", request.into_inner().name),
             server_id: self.id.clone(),
