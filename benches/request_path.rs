@@ -30,6 +30,8 @@
 //! `cargo bench --bench request_path` (`BENCH_SECS` ms per variant and round,
 //! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000).
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 #[path = "../tests/common/proxy.rs"]
@@ -41,15 +43,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backends::{Backends, Setup};
 use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_etcd::balancer::TlsConfig;
-use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
-use tonic_etcd::{Balancer, ChannelBuilder, Discover, Registration};
+use tonic_etcd::{Balancer, ChannelBuilder, Discover};
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
@@ -128,122 +129,6 @@ async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
     (lat.len(), all.len() - lat.len(), lat)
 }
 
-/// How a set of backends is served.
-#[derive(Default, Clone, Copy)]
-struct Setup<'a> {
-    /// This one adds 20 ms to every reply.
-    slow: Option<usize>,
-    /// This one is registered behind a proxy that can freeze it.
-    proxied: Option<usize>,
-    /// Serve TLS with these certificates.
-    tls: Option<&'a pki::Pki>,
-}
-
-/// Four greeter servers, each on a runtime of its own so one can die alone,
-/// registered under `service`.
-struct Backends {
-    addrs: Vec<String>,
-    runtimes: Vec<Option<tokio::runtime::Runtime>>,
-    proxy: Option<proxy::Proxy>,
-    _registrations: Vec<Registration>,
-}
-
-impl Backends {
-    async fn start(client: &etcd_client::Client, service: &str, slow: Option<usize>) -> Self {
-        Self::start_with(
-            client,
-            service,
-            Setup {
-                slow,
-                ..Setup::default()
-            },
-        )
-        .await
-    }
-
-    async fn start_with(client: &etcd_client::Client, service: &str, setup: Setup<'_>) -> Self {
-        let slow = setup.slow;
-        let mut proxy = None;
-        let mut addrs = Vec::new();
-        let mut runtimes = Vec::new();
-        let mut registrations = Vec::new();
-        for i in 0..4 {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            std_listener.set_nonblocking(true).unwrap();
-            let addr = std_listener.local_addr().unwrap().to_string();
-            let delay = if slow == Some(i) {
-                Duration::from_millis(20)
-            } else {
-                Duration::ZERO
-            };
-            let greeter = Greeter::new(format!("s{i}")).with_delay(delay);
-            let mut server = tonic::transport::Server::builder();
-            if let Some(pki) = setup.tls {
-                let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
-                server = server
-                    .tls_config(ServerTlsConfig::new().identity(identity))
-                    .unwrap();
-            }
-            rt.spawn(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                server
-                    .add_service(greeter.into_service())
-                    .serve_with_incoming(
-                        tonic::transport::server::TcpIncoming::from(listener)
-                            .with_nodelay(Some(true)),
-                    )
-                    .await
-            });
-            let registered = if setup.proxied == Some(i) {
-                let p = proxy::Proxy::start(addr.clone()).await;
-                let a = p.addr.to_string();
-                proxy = Some(p);
-                a
-            } else {
-                addr.clone()
-            };
-            // A long TTL: a dead backend's key outlives the measurement.
-            registrations.push(
-                Registration::builder(client.clone())
-                    .service(service)
-                    .addr(&registered)
-                    .ttl(Duration::from_secs(60))
-                    .register()
-                    .await
-                    .unwrap(),
-            );
-            addrs.push(addr);
-            runtimes.push(Some(rt));
-        }
-        Self {
-            addrs,
-            runtimes,
-            proxy,
-            _registrations: registrations,
-        }
-    }
-
-    /// Closes every socket of backend `i` at once, as SIGKILL would.
-    fn kill(&mut self, i: usize) {
-        if let Some(rt) = self.runtimes[i].take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Backends {
-    fn drop(&mut self) {
-        for rt in self.runtimes.iter_mut().filter_map(Option::take) {
-            rt.shutdown_background();
-        }
-    }
-}
-
 async fn etcd_channel(client: &etcd_client::Client, service: &str) -> tonic_etcd::EtcdChannel {
     let c = ChannelBuilder::new(client.clone(), service)
         .build()
@@ -289,7 +174,7 @@ fn main() {
 
 /// Four healthy backends: throughput and latency of every variant.
 async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serde_json::Value {
-    let backends = Backends::start(client, SERVICE, None).await;
+    let backends = Backends::start(client, SERVICE, Setup::default()).await;
     let addrs = &backends.addrs;
     let endpoint = |a: &str| Endpoint::from_shared(format!("http://{a}")).unwrap();
     let plain = endpoint(&addrs[0]).connect_lazy();
@@ -384,7 +269,15 @@ async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serd
 /// One of four backends adds 20 ms: tonic's balanced channel against ours.
 async fn one_slow(client: &etcd_client::Client, millis: u64) -> serde_json::Value {
     let service = "bench.one_slow";
-    let _backends = Backends::start(client, service, Some(3)).await;
+    let _backends = Backends::start(
+        client,
+        service,
+        Setup {
+            delays: &[(3, Duration::from_millis(20))],
+            ..Setup::default()
+        },
+    )
+    .await;
     let variants: Vec<(&str, Call)> = vec![
         (
             "etcd_channel (tonic)",
@@ -436,7 +329,7 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
     let mut rows = Vec::new();
     for name in ["etcd_channel (tonic)", "balancer"] {
         let service = format!("bench.one_killed.{}", rows.len());
-        let mut backends = Backends::start(client, &service, None).await;
+        let mut backends = Backends::start(client, &service, Setup::default()).await;
         let call = if name == "balancer" {
             caller(balancer(client, &service).await)
         } else {
@@ -563,7 +456,7 @@ async fn one_frozen(client: &etcd_client::Client) -> serde_json::Value {
             proxied: Some(3),
             ..Setup::default()
         };
-        let backends = Backends::start_with(client, &service, setup).await;
+        let backends = Backends::start(client, &service, setup).await;
         let call = if name == "balancer" {
             caller_with_deadline(balancer(client, &service).await, Some(deadline))
         } else {
@@ -614,7 +507,7 @@ async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> 
         tls: Some(&pki),
         ..Setup::default()
     };
-    let _backends = Backends::start_with(client, service, setup).await;
+    let _backends = Backends::start(client, service, setup).await;
     let tonic_tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca));
     let channel = ChannelBuilder::new(client.clone(), service)
         .scheme("https")

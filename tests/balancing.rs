@@ -179,7 +179,9 @@ async fn a_frozen_backend_loses_its_share_and_gets_calls_again_after_it_thaws() 
     // their deadline.
     let stuck: Duration = calls
         .iter()
-        .filter(|(t, _, r)| *t >= frozen_at && *t < thawed_at && *r == Err(tonic::Code::DeadlineExceeded))
+        .filter(|(t, _, r)| {
+            *t >= frozen_at && *t < thawed_at && *r == Err(tonic::Code::DeadlineExceeded)
+        })
         .map(|(_, d, _)| *d)
         .sum();
     let stuck_share = stuck.as_secs_f64() / (16.0 * freeze.as_secs_f64());
@@ -187,7 +189,11 @@ async fn a_frozen_backend_loses_its_share_and_gets_calls_again_after_it_thaws() 
         "ok/s before {rate_before:.0}, during {rate_during:.0}; time on the frozen one {:.1}%",
         stuck_share * 100.0
     );
-    assert!(stuck_share < 0.10, "{:.1}% of callers' time", stuck_share * 100.0);
+    assert!(
+        stuck_share < 0.10,
+        "{:.1}% of callers' time",
+        stuck_share * 100.0
+    );
     assert!(
         rate_during >= 0.6 * rate_before,
         "throughput during the freeze {rate_during:.0}/s against {rate_before:.0}/s"
@@ -257,7 +263,10 @@ async fn a_failing_backend_is_ejected_and_rejoins_when_it_recovers() {
         .collect();
     let failed = settled.iter().filter(|(_, _, r)| r.is_err()).count();
     let success = 1.0 - failed as f64 / settled.len() as f64;
-    eprintln!("{failed} of {} calls failed after the first second", settled.len());
+    eprintln!(
+        "{failed} of {} calls failed after the first second",
+        settled.len()
+    );
     assert!(success >= 0.999, "success rate {:.4}", success);
     let rejoined = calls
         .iter()
@@ -297,7 +306,11 @@ async fn with_three_of_four_failing_at_most_half_are_ejected() {
     let calls = collect(tasks).await;
     assert_eq!(most, 2, "two of four ejected at most, and two were");
     let ok = calls.iter().filter(|c| c.2.is_ok()).count();
-    assert!(ok > calls.len() / 2, "the healthy one takes most calls: {ok} of {}", calls.len());
+    assert!(
+        ok > calls.len() / 2,
+        "the healthy one takes most calls: {ok} of {}",
+        calls.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,7 +402,11 @@ async fn weights_set_the_shares_of_equal_backends() {
     }
     let share = heavy_calls as f64 / 10_000.0;
     eprintln!("heavy share {:.1}%", share * 100.0);
-    assert!((share - 0.75).abs() <= 0.03, "heavy got {:.1}%", share * 100.0);
+    assert!(
+        (share - 0.75).abs() <= 0.03,
+        "heavy got {:.1}%",
+        share * 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,9 +453,15 @@ async fn calls_stay_in_zone_fall_back_when_it_is_gone_and_return() {
         m
     };
     let before = answered(killed_at - Duration::from_millis(400), killed_at);
-    assert!(before.len() == 1 && before.contains_key("local"), "{before:?}");
+    assert!(
+        before.len() == 1 && before.contains_key("local"),
+        "{before:?}"
+    );
     let failed = calls.iter().filter(|c| c.2.is_err()).count();
-    assert!(failed <= 4, "{failed} failed calls; 4 were in flight at most");
+    assert!(
+        failed <= 4,
+        "{failed} failed calls; 4 were in flight at most"
+    );
     let away = answered(killed_at + Duration::from_millis(50), restarted_at);
     assert!(!away.contains_key("local") && !away.is_empty(), "{away:?}");
     let after = answered(back_at + Duration::from_millis(50), Instant::now());
@@ -471,10 +494,14 @@ async fn a_backend_that_is_not_serving_gets_no_new_calls() {
     let calls = collect(tasks).await;
     let late = calls
         .iter()
-        .filter(|(t, _, r)| *t >= flipped_at + Duration::from_millis(100) && r.as_deref() == Ok("a"))
+        .filter(|(t, _, r)| {
+            *t >= flipped_at + Duration::from_millis(100) && r.as_deref() == Ok("a")
+        })
         .count();
     assert_eq!(late, 0, "calls to a backend that said NOT_SERVING");
-    assert!(calls.iter().any(|(t, _, r)| *t < flipped_at && r.as_deref() == Ok("a")));
+    assert!(calls
+        .iter()
+        .any(|(t, _, r)| *t < flipped_at && r.as_deref() == Ok("a")));
     let states = balancer.endpoints();
     let a_state = states.iter().find(|e| e.instance.addr == a.addr).unwrap();
     assert_eq!(a_state.state, EndpointState::Unhealthy);
@@ -522,7 +549,10 @@ async fn a_registered_server_reports_not_serving_before_its_key_goes() {
     .await;
     let mut reader = etcd.client().await;
     let key_present = reader
-        .get(svc.as_str(), Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            svc.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
         .await
         .unwrap()
         .count();

@@ -88,7 +88,9 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             match &frame {
                 Some(Ok(f)) => {
-                    if let (Some(trailers), Some(call)) = (f.trailers_ref(), this.in_flight.as_mut()) {
+                    if let (Some(trailers), Some(call)) =
+                        (f.trailers_ref(), this.in_flight.as_mut())
+                    {
                         call.ended(Some(status_of(trailers).unwrap_or(tonic::Code::Unknown)));
                     }
                 }
@@ -211,7 +213,6 @@ mod tests {
             "dropping the body ends the call"
         );
     }
-
 
     /// Data, then trailers with `grpc-status: 14`.
     struct Failing(u8);

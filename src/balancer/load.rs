@@ -209,7 +209,10 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         l.observe(300.0, l.now());
         let e = l.latency_us();
-        assert!(e < 20_000.0 * 0.76 && e > 300.0, "pulled down, not reset: {e}");
+        assert!(
+            e < 20_000.0 * 0.76 && e > 300.0,
+            "pulled down, not reset: {e}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

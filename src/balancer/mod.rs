@@ -88,8 +88,8 @@ use endpoint::{ConnConfig, Outcome, Policy, Ready};
 use load::LoadConfig;
 pub use outlier::OutlierDetection;
 use pick::{pick, Pick};
-use pool::{Filter, PoolConfig, PoolInfo, Shared};
 pub use pool::{EndpointState, EndpointStatus};
+use pool::{Filter, PoolConfig, PoolInfo, Shared};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 

@@ -59,7 +59,12 @@ impl Default for OutlierDetection {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 50,
-            failure_codes: mask(&[Code::Unavailable, Code::Internal, Code::Unknown, Code::DataLoss]),
+            failure_codes: mask(&[
+                Code::Unavailable,
+                Code::Internal,
+                Code::Unknown,
+                Code::DataLoss,
+            ]),
         }
     }
 }
@@ -236,7 +241,10 @@ mod tests {
         for _ in 0..2 {
             t.record(false, 10, &cfg);
         }
-        assert!(!t.requested.load(Ordering::Relaxed), "a success breaks the run");
+        assert!(
+            !t.requested.load(Ordering::Relaxed),
+            "a success breaks the run"
+        );
         t.record(false, 10, &cfg);
         assert!(t.requested.load(Ordering::Relaxed));
         tokio::time::timeout(Duration::from_millis(10), t.eject.notified())
@@ -251,7 +259,10 @@ mod tests {
         t.on_probation();
         t.record(true, 1, &cfg);
         t.record(false, 1, &cfg);
-        assert!(!t.requested.load(Ordering::Relaxed), "a success ended probation");
+        assert!(
+            !t.requested.load(Ordering::Relaxed),
+            "a success ended probation"
+        );
         t.clear();
         t.on_probation();
         t.record(false, 1, &cfg);

@@ -71,7 +71,10 @@ fn pick_in(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
         }
         n
     } else {
-        for (slot, i) in idx.iter_mut().zip(rand::seq::index::sample(&mut rng, n, SAMPLE)) {
+        for (slot, i) in idx
+            .iter_mut()
+            .zip(rand::seq::index::sample(&mut rng, n, SAMPLE))
+        {
             *slot = i;
         }
         SAMPLE

@@ -170,7 +170,13 @@ impl Shared {
     }
 
     /// Records where endpoint `key` stands.
-    fn set_state(&self, key: &str, state: EndpointState, instance: &Arc<Instance>, connected: Option<&Arc<Ready>>) {
+    fn set_state(
+        &self,
+        key: &str,
+        state: EndpointState,
+        instance: &Arc<Instance>,
+        connected: Option<&Arc<Ready>>,
+    ) {
         let entry = Entry {
             state,
             instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),

@@ -34,7 +34,8 @@ pub struct FailSwitch(Arc<AtomicI32>);
 impl FailSwitch {
     /// Fails every call with `code` (`None`: answer normally).
     pub fn set(&self, code: Option<tonic::Code>) {
-        self.0.store(code.map_or(0, |c| c as i32), Ordering::Relaxed);
+        self.0
+            .store(code.map_or(0, |c| c as i32), Ordering::Relaxed);
     }
 
     fn status(&self) -> Option<Status> {

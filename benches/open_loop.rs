@@ -1,0 +1,369 @@
+//! Latency under a fixed offered load: the Balancer against tonic's balanced
+//! channel (`EtcdChannel`) fed by the same etcd discovery.
+//!
+//! Open loop: calls are issued on a fixed schedule (`BENCH_RATE` per second,
+//! default 2,000) whatever happened to earlier ones, each with a 1 s
+//! deadline, and each call's latency is counted from its *scheduled* start,
+//! so queueing in the client is not hidden (closed-loop callers slow down
+//! with the system and under-report it). The two variants run in alternating
+//! short rounds (`BENCH_ROUNDS` × `BENCH_ROUND_MS`), so machine noise hits
+//! them alike; figures are totals over the rounds.
+//!
+//! Scenarios, four backends unless said: healthy; one +5 ms; one +20 ms; two
+//! +5 ms; one failing every call at once with `UNAVAILABLE`; one frozen (a
+//! proxy in front of it stops moving bytes a fifth into each round, sockets
+//! open); sixteen healthy; churn (every 200 ms one backend deregisters and
+//! another registers). Reported: success rate, p50/p99/p99.9 of successful
+//! calls, calls that ended past their deadline + 50 ms, and each backend's
+//! share.
+//!
+//! `cargo bench --bench open_loop` (about 2 minutes); writes
+//! `target/bench/open_loop.json`.
+
+#[path = "support/backends.rs"]
+mod backends;
+#[path = "../tests/common/pki.rs"]
+#[allow(dead_code)]
+mod pki;
+#[path = "../tests/common/proxy.rs"]
+mod proxy;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backends::{Backends, Setup};
+use support::{ms, setting, table, write_json};
+use tokio::time::Instant;
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
+use tonic_etcd::testing::Etcd;
+use tonic_etcd::{Balancer, ChannelBuilder};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Outcome = Result<String, tonic::Code>;
+type Call = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>> + Send + Sync,
+>;
+
+const DEADLINE: Duration = Duration::from_secs(1);
+const MS5: Duration = Duration::from_millis(5);
+const MS20: Duration = Duration::from_millis(20);
+const LATE: Duration = Duration::from_millis(50);
+
+fn caller<T>(svc: T) -> Call
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    Arc::new(move || {
+        let mut client = GreeterClient::new(svc.clone());
+        let mut request = tonic::Request::new(HelloRequest {
+            name: "bench".into(),
+        });
+        request.set_timeout(DEADLINE);
+        Box::pin(async move {
+            client
+                .say_hello(request)
+                .await
+                .map(|r| r.into_inner().server_id)
+                .map_err(|s| s.code())
+        })
+    })
+}
+
+/// One round: `rate` calls per second for `length`, each issued at its
+/// scheduled time on a task of its own. Returns (latency from schedule,
+/// outcome) per call. `at_fifth` runs once a fifth into the round.
+async fn round(
+    call: &Call,
+    rate: u64,
+    length: Duration,
+    at_fifth: Option<&(dyn Fn() + Sync)>,
+) -> Vec<(Duration, Outcome)> {
+    let n = (rate as f64 * length.as_secs_f64()) as u64;
+    let start = Instant::now() + Duration::from_millis(5);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(scheduled).await;
+        if i == n / 5 {
+            if let Some(f) = at_fifth {
+                f();
+            }
+        }
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let outcome = call().await;
+            (scheduled.elapsed(), outcome)
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("call task"));
+    }
+    out
+}
+
+/// Percentile `q` of sorted `v`.
+fn at(v: &[Duration], q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// A fault injected into each round: `start` a fifth into it, `end` after.
+struct Fault<'a> {
+    start: &'a (dyn Fn() + Sync),
+    end: &'a (dyn Fn() + Sync),
+}
+
+/// Alternating rounds of each variant, each with `fault` if any.
+async fn run_rounds(
+    variants: &[(&str, Call)],
+    tallies: &mut [Tally],
+    rate: u64,
+    length: Duration,
+    rounds: u64,
+    fault: Option<Fault<'_>>,
+) {
+    for r in 0..rounds as usize {
+        for j in 0..variants.len() {
+            let i = (j + r) % variants.len();
+            let start = fault.as_ref().map(|f| f.start);
+            tallies[i].add(round(&variants[i].1, rate, length, start).await);
+            if let Some(f) = &fault {
+                (f.end)();
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    calls: usize,
+    failed: usize,
+    late: usize,
+    shares: BTreeMap<String, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, results: Vec<(Duration, Outcome)>) {
+        for (latency, outcome) in results {
+            self.calls += 1;
+            if latency > DEADLINE + LATE {
+                self.late += 1;
+            }
+            match outcome {
+                Ok(id) => {
+                    self.latencies.push(latency);
+                    *self.shares.entry(id).or_default() += 1;
+                }
+                Err(_) => self.failed += 1,
+            }
+        }
+    }
+
+    fn success(&self) -> f64 {
+        1.0 - self.failed as f64 / self.calls.max(1) as f64
+    }
+}
+
+struct Scenario {
+    name: &'static str,
+    setup: Setup<'static>,
+    failing: Option<usize>,
+    churn: bool,
+}
+
+fn main() {
+    let rate = setting("BENCH_RATE", 2_000, 500);
+    let rounds = setting("BENCH_ROUNDS", 3, 1);
+    let length = Duration::from_millis(setting("BENCH_ROUND_MS", 2_000, 200));
+    let scenarios = [
+        Scenario {
+            name: "healthy",
+            setup: Setup::default(),
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "one +5 ms",
+            setup: Setup {
+                delays: &[(3, MS5)],
+                ..Setup::default()
+            },
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "one +20 ms",
+            setup: Setup {
+                delays: &[(3, MS20)],
+                ..Setup::default()
+            },
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "two +5 ms",
+            setup: Setup {
+                delays: &[(2, MS5), (3, MS5)],
+                ..Setup::default()
+            },
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "one failing fast",
+            setup: Setup::default(),
+            failing: Some(3),
+            churn: false,
+        },
+        Scenario {
+            name: "one frozen",
+            setup: Setup {
+                proxied: Some(3),
+                ..Setup::default()
+            },
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "sixteen healthy",
+            setup: Setup {
+                n: 16,
+                ..Setup::default()
+            },
+            failing: None,
+            churn: false,
+        },
+        Scenario {
+            name: "churn",
+            setup: Setup {
+                n: 5,
+                ..Setup::default()
+            },
+            failing: None,
+            churn: true,
+        },
+    ];
+    let etcd = Etcd::start();
+    let rt = support::runtime();
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        let client = etcd.client().await;
+        for (k, scenario) in scenarios.iter().enumerate() {
+            let service = format!("bench.open_loop.{k}");
+            let mut backends = Backends::start(&client, &service, scenario.setup).await;
+            if scenario.churn {
+                // Four of five registered; the churn task rotates them.
+                backends.deregister(4).await;
+            }
+            if let Some(i) = scenario.failing {
+                backends.fail[i].set(Some(tonic::Code::Unavailable));
+            }
+            let ready = scenario.setup.n - usize::from(scenario.churn);
+            let tonic_channel = ChannelBuilder::new(client.clone(), &service).build().unwrap();
+            tonic_channel.wait_for_endpoints(Duration::from_secs(5)).await.unwrap();
+            let balancer = Balancer::builder(client.clone(), &service).build().unwrap();
+            balancer.wait_for_ready(ready, Duration::from_secs(5)).await.unwrap();
+            let variants: [(&str, Call); 2] = [
+                ("tonic", caller(tonic_channel)),
+                ("balancer", caller(balancer)),
+            ];
+            // Warm-up: connections made, estimates seeded.
+            for (_, call) in &variants {
+                round(call, rate, Duration::from_millis(300), None).await;
+            }
+            let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+            if scenario.churn {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let stop2 = stop.clone();
+                let churn = tokio::spawn(async move {
+                    let mut out = 4;
+                    let mut tick = tokio::time::interval(Duration::from_millis(200));
+                    tick.tick().await;
+                    while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                        tick.tick().await;
+                        let leaving = (out + 1) % 5;
+                        backends.register(out).await;
+                        backends.deregister(leaving).await;
+                        out = leaving;
+                    }
+                    backends
+                });
+                run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                drop(churn.await.expect("churn task"));
+            } else {
+                let proxy = backends.proxy.as_ref();
+                let freeze = || proxy.iter().for_each(|p| p.freeze());
+                let thaw = || proxy.iter().for_each(|p| p.thaw());
+                let fault = proxy.map(|_| Fault {
+                    start: &freeze,
+                    end: &thaw,
+                });
+                run_rounds(&variants, &mut tallies, rate, length, rounds, fault).await;
+            }
+            let mut scenario_json = serde_json::Map::new();
+            for ((name, _), t) in variants.iter().zip(&mut tallies) {
+                t.latencies.sort();
+                let total: usize = t.shares.values().sum();
+                let percent = |n: usize| n as f64 * 100.0 / total.max(1) as f64;
+                let shares = if t.shares.len() <= 5 {
+                    t.shares
+                        .iter()
+                        .map(|(id, n)| format!("{id} {:.1}", percent(*n)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                } else {
+                    let min = t.shares.values().min().copied().unwrap_or(0);
+                    let max = t.shares.values().max().copied().unwrap_or(0);
+                    format!("{} backends, {:.1} to {:.1}", t.shares.len(), percent(min), percent(max))
+                };
+                let (p50, p99, p999) = (at(&t.latencies, 0.5), at(&t.latencies, 0.99), at(&t.latencies, 0.999));
+                rows.push(vec![
+                    scenario.name.to_string(),
+                    name.to_string(),
+                    t.calls.to_string(),
+                    format!("{:.3}", t.success() * 100.0),
+                    ms(p50),
+                    ms(p99),
+                    ms(p999),
+                    t.late.to_string(),
+                    shares,
+                ]);
+                scenario_json.insert(
+                    name.to_string(),
+                    serde_json::json!({
+                        "calls": t.calls,
+                        "success_rate": t.success(),
+                        "p50_us": support::us(p50),
+                        "p99_us": support::us(p99),
+                        "p999_us": support::us(p999),
+                        "past_deadline_plus_50ms": t.late,
+                        "shares_percent": t.shares.iter().map(|(id, n)| (id.clone(), *n as f64 * 100.0 / total.max(1) as f64)).collect::<BTreeMap<_, _>>(),
+                    }),
+                );
+            }
+            json.insert(scenario.name.to_string(), serde_json::Value::Object(scenario_json));
+        }
+    });
+    table(
+        &format!(
+            "open_loop: {rate} calls/s offered, 1 s deadline, {rounds} rounds x {} ms per variant (latency ms from the scheduled start)",
+            length.as_millis()
+        ),
+        &["scenario", "variant", "calls", "success %", "p50", "p99", "p99.9", "late", "shares %"],
+        &rows,
+    );
+    write_json("open_loop", &serde_json::Value::Object(json));
+}

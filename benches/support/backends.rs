@@ -1,0 +1,150 @@
+//! Greeter servers for the benchmarks, each on a runtime of its own so one
+//! can die alone (its runtime shut down closes every socket, as SIGKILL
+//! would), registered in etcd.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use tonic::transport::{Identity, ServerTlsConfig};
+use tonic_etcd::testing::greeter::{FailSwitch, Greeter};
+use tonic_etcd::Registration;
+
+use super::pki::Pki;
+use super::proxy::Proxy;
+
+/// How a set of backends is served.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    /// How many (default 4).
+    pub n: usize,
+    /// These add a delay to every reply.
+    pub delays: &'a [(usize, Duration)],
+    /// This one is registered behind a proxy that can freeze it.
+    pub proxied: Option<usize>,
+    /// Serve TLS with these certificates.
+    pub tls: Option<&'a Pki>,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Self {
+            n: 4,
+            delays: &[],
+            proxied: None,
+            tls: None,
+        }
+    }
+}
+
+pub struct Backends {
+    /// Where each listens.
+    pub addrs: Vec<String>,
+    /// Where each is registered (the proxy's address for the proxied one).
+    pub registered: Vec<String>,
+    /// Makes backend `i` fail every call.
+    pub fail: Vec<FailSwitch>,
+    pub proxy: Option<Proxy>,
+    runtimes: Vec<Option<tokio::runtime::Runtime>>,
+    registrations: Vec<Option<Registration>>,
+    client: etcd_client::Client,
+    service: String,
+}
+
+impl Backends {
+    /// Starts and registers `setup.n` greeters named `s0`, `s1`, ...
+    pub async fn start(client: &etcd_client::Client, service: &str, setup: Setup<'_>) -> Self {
+        let mut this = Self {
+            addrs: Vec::new(),
+            registered: Vec::new(),
+            fail: Vec::new(),
+            proxy: None,
+            runtimes: Vec::new(),
+            registrations: Vec::new(),
+            client: client.clone(),
+            service: service.to_owned(),
+        };
+        for i in 0..setup.n {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            std_listener.set_nonblocking(true).unwrap();
+            let addr = std_listener.local_addr().unwrap().to_string();
+            let delay = setup
+                .delays
+                .iter()
+                .find(|(k, _)| *k == i)
+                .map_or(Duration::ZERO, |(_, d)| *d);
+            let greeter = Greeter::new(format!("s{i}")).with_delay(delay);
+            this.fail.push(greeter.fail_switch());
+            let mut server = tonic::transport::Server::builder();
+            if let Some(pki) = setup.tls {
+                let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
+                server = server
+                    .tls_config(ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                server
+                    .add_service(greeter.into_service())
+                    .serve_with_incoming(
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
+                    )
+                    .await
+            });
+            let registered = if setup.proxied == Some(i) {
+                let p = Proxy::start(addr.clone()).await;
+                let a = p.addr.to_string();
+                this.proxy = Some(p);
+                a
+            } else {
+                addr.clone()
+            };
+            this.addrs.push(addr);
+            this.registered.push(registered);
+            this.runtimes.push(Some(rt));
+            this.registrations.push(None);
+            this.register(i).await;
+        }
+        this
+    }
+
+    /// Registers backend `i` (again).
+    pub async fn register(&mut self, i: usize) {
+        // A long TTL: a dead backend's key outlives the measurement.
+        let registration = Registration::builder(self.client.clone())
+            .service(&self.service)
+            .addr(&self.registered[i])
+            .ttl(Duration::from_secs(60))
+            .register()
+            .await
+            .unwrap();
+        self.registrations[i] = Some(registration);
+    }
+
+    /// Deregisters backend `i`; it keeps serving.
+    pub async fn deregister(&mut self, i: usize) {
+        if let Some(r) = self.registrations[i].take() {
+            r.deregister().await.unwrap();
+        }
+    }
+
+    /// Closes every socket of backend `i` at once, as SIGKILL would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(rt) = self.runtimes[i].take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for rt in self.runtimes.iter_mut().filter_map(Option::take) {
+            rt.shutdown_background();
+        }
+    }
+}
