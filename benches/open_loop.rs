@@ -17,8 +17,9 @@
 //! calls, calls that ended past their deadline + 50 ms, and each backend's
 //! share.
 //!
-//! `cargo bench --bench open_loop` (about 2 minutes); writes
-//! `target/bench/open_loop.json`.
+//! `cargo bench --bench open_loop` (about 3 minutes); writes
+//! `target/bench/open_loop.json`. `BENCH_SCENARIOS=healthy,frozen` runs only
+//! the scenarios whose names contain one of those words.
 
 #[path = "support/backends.rs"]
 mod backends;
@@ -260,7 +261,11 @@ fn main() {
     let mut rows = Vec::new();
     rt.block_on(async {
         let client = etcd.client().await;
+        let only = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
         for (k, scenario) in scenarios.iter().enumerate() {
+            if !only.is_empty() && !only.split(',').any(|o| scenario.name.contains(o)) {
+                continue;
+            }
             let service = format!("bench.open_loop.{k}");
             let mut backends = Backends::start(&client, &service, scenario.setup).await;
             if scenario.churn {

@@ -65,7 +65,8 @@ pub async fn list(
         }
         None => schema.root_prefix(),
     };
-    let (kvs, revision) = crate::watcher::list_prefix(client, &prefix, timeout).await?;
+    let crate::watcher::Listed { kvs, revision, .. } =
+        crate::watcher::list_prefix(client, &prefix, timeout).await?;
     let mut listing = Listing {
         revision,
         ..Listing::default()

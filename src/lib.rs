@@ -15,7 +15,7 @@
 //! # Overview
 //!
 //! This runs against a real etcd started for the example
-//! ([`testing::Etcd`], feature `testing`); in production, connect to your
+//! (`testing::Etcd`, feature `testing`); in production, connect to your
 //! cluster.
 //!
 //! ```

@@ -625,7 +625,12 @@ impl Worker {
     }
 
     /// Writes back any key that is missing, changed, or under another lease.
-    /// Read-only (no write to etcd) when everything is in place.
+    ///
+    /// The check is a transaction of compares with no operation in either
+    /// branch: etcd serves it on its read path (`isTxnReadonly` holds only
+    /// when every op is a range), so a healthy registration costs etcd no
+    /// Raft proposal and no WAL write between keep-alives, which are not
+    /// proposals either. Only when a compare fails does a guarded put follow.
     async fn repair(&self, lease: i64) {
         let entries = self.entries();
         let compares: Vec<Compare> = entries
@@ -637,21 +642,32 @@ impl Worker {
                 ]
             })
             .collect();
-        let puts = put_ops(&entries, &PutOptions::new().with_lease(lease));
-        let txn = Txn::new().when(compares).or_else(puts);
-        let check = with_timeout("key check", self.request_timeout, || {
+        let check = Txn::new().when(compares.clone());
+        let checked = with_timeout("key check", self.request_timeout, || {
             let mut c = self.client.clone();
-            let txn = txn.clone();
+            let txn = check.clone();
             async move { c.txn(txn).await }
         });
-        match check.await {
+        match checked.await {
+            Ok(resp) if resp.succeeded() => return,
+            Ok(_) => {}
+            // The keep-alive path notices real outages; this is only a check.
+            Err(e) => return tracing::debug!(error = %e, "key check failed"),
+        }
+        let puts = put_ops(&entries, &PutOptions::new().with_lease(lease));
+        let repair = Txn::new().when(compares).or_else(puts);
+        let repaired = with_timeout("key repair", self.request_timeout, || {
+            let mut c = self.client.clone();
+            let txn = repair.clone();
+            async move { c.txn(txn).await }
+        });
+        match repaired.await {
             Ok(resp) if !resp.succeeded() => {
                 tracing::warn!(services = ?self.services, lease,
                     "a registered key was deleted or changed by someone else; restored it");
             }
             Ok(_) => {}
-            // The keep-alive path notices real outages; this is only a check.
-            Err(e) => tracing::debug!(error = %e, "key check failed"),
+            Err(e) => tracing::debug!(error = %e, "key repair failed"),
         }
     }
 }

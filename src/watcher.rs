@@ -228,6 +228,7 @@ pub(crate) fn spawn(client: Client, schema: Arc<dyn Schema>, cfg: WatchConfig) -
             cfg,
             view: view.clone(),
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            cluster_id: 0,
         }
         .run(),
     );
@@ -240,12 +241,19 @@ struct Task {
     cfg: WatchConfig,
     view: Arc<View>,
     backoff: Backoff,
+    /// The cluster the view was listed from.
+    cluster_id: u64,
 }
 
 /// Why a watch session ended.
 enum SessionEnd {
     /// The start revision was compacted: list again.
     Compacted(i64),
+    /// etcd is behind what the view has applied, or is another cluster: it
+    /// lost its data (or the address now leads elsewhere). A watch from the
+    /// old revision would wait in silence for a revision etcd may reach
+    /// much later, or never; list again.
+    Regressed(String),
     /// Anything else: resume from the last revision after a back-off.
     Failed(String),
 }
@@ -275,6 +283,14 @@ impl Task {
                     // Guards against a list/compact race turning into a hot loop.
                     tokio::time::sleep(self.backoff.next_delay()).await;
                 }
+                SessionEnd::Regressed(why) => {
+                    tracing::warn!(prefix = %self.cfg.prefix, revision = last, %why,
+                        "etcd lost data or changed; listing again");
+                    self.view.update_status(|s| s.resyncs += 1);
+                    crate::metrics::resync(&self.cfg.prefix);
+                    revision = None;
+                    tokio::time::sleep(self.backoff.next_delay()).await;
+                }
                 SessionEnd::Failed(e) => {
                     revision = Some(last);
                     self.failed(e).await;
@@ -295,14 +311,18 @@ impl Task {
 
     /// Lists the prefix at one revision and makes the view equal to it.
     async fn list(&mut self) -> Result<i64, Error> {
-        let (kvs, revision) =
-            list_prefix(&self.client, &self.cfg.prefix, self.cfg.request_timeout).await?;
+        let Listed {
+            kvs,
+            revision,
+            cluster_id,
+        } = list_prefix(&self.client, &self.cfg.prefix, self.cfg.request_timeout).await?;
+        self.cluster_id = cluster_id;
         let mut fresh = HashMap::with_capacity(kvs.len());
         let mut skipped = 0;
         for kv in &kvs {
             match self.decode(kv) {
-                Decoded::Entry(instance) => {
-                    fresh.insert(String::from_utf8_lossy(kv.key()).into_owned(), instance);
+                Decoded::Entry(key, instance) => {
+                    fresh.insert(key, instance);
                 }
                 Decoded::Skipped => skipped += 1,
                 Decoded::Foreign => {}
@@ -336,13 +356,15 @@ impl Task {
 
     /// Watches from `*last + 1`, applying events and advancing `*last`.
     async fn watch(&mut self, last: &mut i64) -> SessionEnd {
-        // Fragments keep each response under etcd's request size limit when
-        // a resumed watch catches up on a backlog.
+        // No fragments: etcd splits them on event boundaries, not revision
+        // boundaries, and etcd-client does not say which response is a
+        // fragment, so a stream lost mid-revision would resume past the rest
+        // of it. Whole responses keep every revision in one piece; the
+        // client's decode limit is raised instead (MAX_DECODE).
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(*last + 1)
-            .with_progress_notify()
-            .with_fragment();
+            .with_progress_notify();
         let mut stream = match with_timeout("watch", self.cfg.request_timeout, || {
             let mut watch = self
                 .client
@@ -388,6 +410,9 @@ impl Task {
                 }
                 return SessionEnd::Failed(format!("watch canceled: {}", resp.cancel_reason()));
             }
+            if let Some(why) = self.regressed(&resp, *last) {
+                return SessionEnd::Regressed(why);
+            }
             if resp.created() {
                 continue;
             }
@@ -410,22 +435,53 @@ impl Task {
         }
     }
 
+    /// Whether a created or progress response shows etcd behind the view's
+    /// revision, or another cluster. (Event responses carry revisions above
+    /// the start revision by construction.)
+    fn regressed(&self, resp: &etcd_client::WatchResponse, last: i64) -> Option<String> {
+        if !resp.events().is_empty() {
+            return None;
+        }
+        let header = resp.header()?;
+        if self.cluster_id != 0 && header.cluster_id() != 0 && header.cluster_id() != self.cluster_id
+        {
+            return Some(format!(
+                "cluster id {:x} instead of {:x}",
+                header.cluster_id(),
+                self.cluster_id
+            ));
+        }
+        // 0 on some responses (cancellations): no information.
+        if header.revision() > 0 && header.revision() < last {
+            return Some(format!(
+                "etcd is at revision {}, the view had applied {last}",
+                header.revision()
+            ));
+        }
+        None
+    }
+
     fn apply(&self, events: &[etcd_client::Event], last: &mut i64) {
         let mut skipped = 0;
         let mut state = self.view.lock();
         for event in events {
             let Some(kv) = event.kv() else { continue };
             *last = (*last).max(kv.mod_revision());
-            let key = String::from_utf8_lossy(kv.key());
+            // Keys are bytes: one that is not UTF-8 is skipped, in a DELETE
+            // too, so it can never stand for (and remove) a valid key.
+            let Ok(key) = std::str::from_utf8(kv.key()) else {
+                skipped += 1;
+                continue;
+            };
             match event.event_type() {
-                EventType::Delete => state.remove(&key),
+                EventType::Delete => state.remove(key),
                 EventType::Put => match self.decode(kv) {
-                    Decoded::Entry(instance) => state.upsert(&key, instance),
+                    Decoded::Entry(_, instance) => state.upsert(key, instance),
                     // A key that was valid and no longer decodes is no
                     // longer an endpoint; others are untouched.
                     Decoded::Skipped => {
                         skipped += 1;
-                        state.remove(&key);
+                        state.remove(key);
                     }
                     Decoded::Foreign => {}
                 },
@@ -439,13 +495,20 @@ impl Task {
     }
 
     fn decode(&self, kv: &KeyValue) -> Decoded {
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),
+                "skipping an etcd key that is not UTF-8"
+            );
+            return Decoded::Skipped;
+        };
         match self.schema.decode(kv.key(), kv.value()) {
             Ok(instance) => match &self.cfg.service {
                 Some(s) if *s != instance.service => {
                     // A nested service (`svc/sub/...`): not ours, not an error.
                     Decoded::Foreign
                 }
-                _ => Decoded::Entry(instance),
+                _ => Decoded::Entry(key.to_owned(), instance),
             },
             Err(error) => {
                 tracing::warn!(
@@ -460,9 +523,18 @@ impl Task {
 }
 
 enum Decoded {
-    Entry(Instance),
+    /// A valid entry under its (UTF-8) key.
+    Entry(String, Instance),
     Skipped,
     Foreign,
+}
+
+/// A prefix as listed: every key with its value, the revision it was read
+/// at, and the cluster that answered.
+pub(crate) struct Listed {
+    pub(crate) kvs: Vec<KeyValue>,
+    pub(crate) revision: i64,
+    pub(crate) cluster_id: u64,
 }
 
 /// Every key under `prefix` with its value, read in pages at one revision
@@ -471,12 +543,13 @@ pub(crate) async fn list_prefix(
     client: &Client,
     prefix: &str,
     timeout: Duration,
-) -> Result<(Vec<KeyValue>, i64), Error> {
+) -> Result<Listed, Error> {
     let prefix = prefix.as_bytes().to_vec();
     let end = prefix_end(&prefix);
     // etcd has no empty key: every key is the range from "\0" to "\0".
     let mut from = if prefix.is_empty() { vec![0] } else { prefix };
     let mut revision = 0;
+    let mut cluster_id = 0;
     let mut kvs: Vec<KeyValue> = Vec::new();
     loop {
         let mut opts = GetOptions::new()
@@ -494,6 +567,7 @@ pub(crate) async fn list_prefix(
         .await?;
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
+            cluster_id = resp.header().map_or(0, |h| h.cluster_id());
         }
         let more = resp.more();
         let page = resp.take_kvs();
@@ -503,7 +577,11 @@ pub(crate) async fn list_prefix(
         }
         kvs.extend(page);
         if !more {
-            return Ok((kvs, revision));
+            return Ok(Listed {
+                kvs,
+                revision,
+                cluster_id,
+            });
         }
     }
 }

@@ -403,3 +403,44 @@ async fn startup_fails_clearly_when_etcd_stays_unreachable() {
     assert!(matches!(err, Error::StartupDeadline { .. }), "{err}");
     assert!(t.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_registrations_cost_etcd_no_raft_writes_and_deleted_keys_still_come_back() {
+    // An etcd of its own: nothing else writes to it during the measurement.
+    let etcd = Etcd::start();
+    let client = etcd.client().await;
+    let svc = unique("idle");
+    let mut regs = Vec::new();
+    for i in 0..3 {
+        regs.push(
+            Registration::builder(client.clone())
+                .service(&svc)
+                .addr(format!("127.0.0.1:{}", 7100 + i))
+                .ttl(Duration::from_secs(2))
+                .register()
+                .await
+                .unwrap(),
+        );
+    }
+    let raft_index = || {
+        let mut c = client.clone();
+        async move { c.status().await.unwrap().raft_index() }
+    };
+    // Let the writes of the start settle, then watch etcd's Raft log while
+    // three registrations keep their leases alive and check their keys
+    // (every TTL/3, so about 13 checks in all).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = raft_index().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = raft_index().await;
+    assert_eq!(before, after, "Raft proposals from idle registrations");
+
+    // The read-only check still notices a deleted key and puts it back.
+    let key = regs[0].keys()[0].clone();
+    client.clone().delete(key.as_str(), None).await.unwrap();
+    eventually(LIMIT, "the deleted key restored", || async {
+        get(&client, &key).await.map(|_| ())
+    })
+    .await;
+    assert!(raft_index().await > after);
+}

@@ -1,9 +1,9 @@
 //! What the balancer knows about one endpoint's load and health, and the
 //! cost the pick compares.
 //!
-//! * **Latency**: a peak-EWMA of response latency (Finagle, tower): a slower
-//!   sample replaces the estimate at once, a faster one pulls it down by at
-//!   least a quarter. A new endpoint starts at a conservative prior (tower
+//! * **Latency**: an asymmetric EWMA of response latency, in the spirit of
+//!   peak-EWMA (Finagle, tower): a slower sample closes a quarter of the gap,
+//!   a faster one pulls the estimate down by at least a quarter. A new endpoint starts at a conservative prior (tower
 //!   does the same) that its first sample replaces, so it is neither flooded
 //!   nor starved before it has a baseline; an estimate older than the probe
 //!   interval is stale and the next sample replaces it, so a backend that
@@ -30,6 +30,8 @@ use tokio::time::Instant;
 const HEALTH_ALPHA: f64 = 0.25;
 /// A faster sample pulls the estimate down by at least this share.
 const MIN_PULL: f64 = 0.25;
+/// A slower sample pushes the estimate up by this share of the gap.
+const RISE: f64 = 0.25;
 
 /// Tunables shared by every endpoint of a balancer.
 #[derive(Debug, Clone, Copy)]
@@ -156,8 +158,14 @@ impl Load {
         let last = self.sampled_at.load(Ordering::Relaxed);
         let elapsed = now.saturating_sub(last);
         let stale = last == 0 || elapsed >= self.cfg.probe_interval.as_micros() as u64;
-        let next = if stale || sample_us > current {
+        let next = if stale {
             sample_us
+        } else if sample_us > current {
+            // Up fast but not all the way: one scheduling hiccup should not
+            // push a healthy endpoint out for a second; a slow one gets
+            // there within a few samples, and calls that stall show in the
+            // cost through their age at once anyway.
+            current + (sample_us - current) * RISE
         } else {
             let tau = self.cfg.tau.as_micros().max(1) as f64;
             let w = (-(elapsed as f64) / tau).exp().min(1.0 - MIN_PULL);
@@ -197,15 +205,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_first_sample_replaces_the_prior_and_slow_ones_count_at_once() {
+    async fn the_first_sample_replaces_the_prior_and_slow_ones_count_fast() {
         let l = load();
         assert_eq!(l.latency_us(), 30_000.0);
         tokio::time::advance(Duration::from_millis(1)).await;
         l.observe(300.0, l.now());
         assert_eq!(l.latency_us(), 300.0, "the prior is not an observation");
         tokio::time::advance(Duration::from_millis(1)).await;
-        l.observe(20_000.0, l.now());
-        assert_eq!(l.latency_us(), 20_000.0, "a slow sample counts at once");
+        l.observe(40_300.0, l.now());
+        assert_eq!(l.latency_us(), 10_300.0, "a slow sample closes a quarter of the gap");
+        l.observe(40_300.0, l.now());
+        assert_eq!(l.latency_us(), 17_800.0);
         tokio::time::advance(Duration::from_millis(1)).await;
         l.observe(300.0, l.now());
         let e = l.latency_us();

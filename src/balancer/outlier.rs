@@ -1,40 +1,39 @@
-//! Passive outlier detection: endpoints that fail calls leave the rotation
-//! for a while and come back by themselves.
-//!
-//! Semantics follow gRPC's outlier detection (gRFC A50) where they fit:
-//!
-//! * a call fails when its gRPC status is one of the failure codes (default
-//!   `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`) or the transport
-//!   failed; the status is read from a trailers-only response's headers or
-//!   from the trailers at the end of the body, so streaming calls count too;
-//! * an endpoint is ejected after `consecutive_failures` failures in a row
-//!   (A50's consecutive-errors ejection, Envoy's `consecutive_5xx`), or when
-//!   at least `min_requests` calls in one `interval` failed at
-//!   `failure_rate` or more (A50's failure-percentage ejection);
-//! * it is ejected for `base_ejection_time` × the number of times it was
-//!   ejected in a row, capped at `max_ejection_time`; the count starts over
-//!   once it has stayed in rotation for ten base ejection times;
-//! * back from an ejection it is on probation: a failure before its first
-//!   success ejects it again at once (a circuit breaker's half-open state;
-//!   A50 waits for the rules to trip again);
-//! * at most `max_ejection_percent` of the connected endpoints are ejected
-//!   at once (default 50 %, A50's is 10 %), and never the last one: a
-//!   service-wide failure is not turned into "no endpoint".
-//!
-//! Differences from A50: no success-rate (standard deviation) ejection; the
-//! window is per endpoint and starts with its first call, not a timer over
-//! all endpoints; an ejected endpoint's connection stays open; and an
-//! endpoint back from ejection regains its share as its calls succeed
-//! instead of all at once (its success estimate is kept, see
-//! [`super::load`]), so a backend that still fails costs a probe per
-//! second, not another run of failures.
+//! Passive outlier detection: see [`OutlierDetection`].
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// Passive outlier detection settings. See the [module docs](self).
+/// Passive outlier detection: endpoints that fail calls leave the rotation
+/// for a while and come back by themselves.
+///
+/// Semantics follow gRPC's outlier detection (gRFC A50) where they fit:
+///
+/// * a call fails when its gRPC status is one of the failure codes (default
+///   `UNAVAILABLE`, `INTERNAL`, `UNKNOWN`, `DATA_LOSS`) or the transport
+///   failed; the status is read from a trailers-only response's headers or
+///   from the trailers at the end of the body, so streaming calls count too;
+/// * an endpoint is ejected after `consecutive_failures` failures in a row
+///   (A50's consecutive-errors ejection, Envoy's `consecutive_5xx`), or when
+///   at least `min_requests` calls in one `interval` failed at
+///   `failure_rate` or more (A50's failure-percentage ejection);
+/// * it is ejected for `base_ejection_time` × the number of times it was
+///   ejected in a row, capped at `max_ejection_time`; the count starts over
+///   once it has stayed in rotation for ten base ejection times;
+/// * back from an ejection it is on probation: a failure before its first
+///   success ejects it again at once (a circuit breaker's half-open state;
+///   A50 waits for the rules to trip again);
+/// * at most `max_ejection_percent` of the connected endpoints are ejected
+///   at once (default 50 %, A50's is 10 %), and never the last one: a
+///   service-wide failure is not turned into "no endpoint".
+///
+/// Differences from A50: no success-rate (standard deviation) ejection; the
+/// window is per endpoint and starts with its first call, not a timer over
+/// all endpoints; an ejected endpoint's connection stays open; and an
+/// endpoint back from ejection regains its share as its calls succeed
+/// instead of all at once (its success estimate is kept), so a backend
+/// that still fails costs a probe per second, not another run of failures.
 #[derive(Debug, Clone)]
 pub struct OutlierDetection {
     pub(crate) consecutive_failures: u32,

@@ -8,16 +8,20 @@
 //! among them at random with a probability proportional to
 //!
 //! ```text
-//! weight × slow-start ramp × health² × min(1, TOLERANCE × cheapest cost / cost)³
+//! weight × slow-start ramp × health² × min(1, TOLERANCE × reference cost / cost)⁴
 //! ```
+//!
+//! where the reference is the first quartile of the candidates' costs (the
+//! cheapest, with four or fewer): against the minimum of many noisy
+//! estimates, healthy endpoints would look costly by chance.
 //!
 //! where an endpoint's cost is its latency × (calls in flight / weight + 1)
 //! (see [`super::load`]).
 //!
-//! Endpoints within `TOLERANCE` of the cheapest share calls by weight alone
+//! Endpoints within `TOLERANCE` of the reference share calls by weight alone
 //! (so weights hold exactly between equal backends, as with gRPC's weighted
-//! round robin); a costlier one's share falls with the cube of the excess,
-//! so one 17× slower gets about 0.3% of the share of a fast one: enough to
+//! round robin); a costlier one's share falls with the fourth power of the
+//! excess, so one 10× slower gets about 0.4% of the share of a fast one: enough to
 //! keep sampling it, too little to hurt the tail. An endpoint idle for the
 //! probe interval is given the call outright (see [`super::load`]).
 //!
@@ -118,6 +122,22 @@ fn pick_in(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
         };
     }
 
+    // The reference: the first quartile of the open candidates' costs (the
+    // cheapest, with four or fewer). Against the minimum of many noisy
+    // estimates, healthy endpoints would look costly by chance.
+    let mut sorted = [0f64; FULL_SCAN];
+    let mut open_count = 0;
+    for k in 0..count {
+        if open[k] {
+            sorted[open_count] = cost[k];
+            open_count += 1;
+        }
+    }
+    let quartile = (open_count - 1) / 4;
+    let (_, reference, _) =
+        sorted[..open_count].select_nth_unstable_by(quartile, |a, b| a.total_cmp(b));
+    let cheapest = *reference;
+
     let mut share = [0f64; FULL_SCAN];
     let mut total = 0.0;
     for k in 0..count {
@@ -127,7 +147,7 @@ fn pick_in(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
         let e = &set[idx[k]];
         let relative = (TOLERANCE * cheapest / cost[k]).min(1.0);
         let health = e.load.health().max(0.01);
-        share[k] = e.share_factor(now) * health * health * relative * relative * relative;
+        share[k] = e.share_factor(now) * health * health * relative.powi(4);
         total += share[k];
     }
     let mut draw = if total > 0.0 && total.is_finite() {
