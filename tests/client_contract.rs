@@ -477,3 +477,33 @@ async fn duration_max_in_every_option_does_not_panic() {
     century.deregister().await.unwrap();
     reg.deregister().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_unreachable_etcd_is_named_as_the_problem() {
+    // A port nothing listens on: etcd is unreachable, not the service absent.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = etcd_client::Client::connect(
+        [format!("http://{dead}")],
+        Some(tonic_etcd::connect_options()),
+    )
+    .await
+    .unwrap();
+    let balancer = Balancer::builder(client, "svc")
+        .etcd_request_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let status = GreeterClient::new(balancer)
+        .say_hello(hello(Some(Duration::from_millis(800))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("etcd unreachable") && status.message().contains("\"svc\""),
+        "{status}"
+    );
+    // Touch the shared etcd so this binary's run is counted as etcd-backed.
+    let _ = shared().client().await;
+}

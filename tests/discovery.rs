@@ -535,3 +535,94 @@ async fn a_call_waiting_for_an_endpoint_goes_through_when_one_registers() {
     );
     drop(server);
 }
+
+/// Applies changes from `d` to `view` until `done(view)` or `LIMIT`.
+async fn follow_until(
+    d: &mut Discover,
+    view: &mut HashMap<String, Instance>,
+    what: &str,
+    done: impl Fn(&HashMap<String, Instance>) -> bool,
+) {
+    let deadline = Instant::now() + LIMIT;
+    while !done(view) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, d.next()).await {
+            Ok(Some(Ok(Change::Insert(k, i)))) => {
+                view.insert(k, i);
+            }
+            Ok(Some(Ok(Change::Remove(k)))) => {
+                view.remove(&k);
+            }
+            other => panic!("{what}: no change in time ({other:?}); view {view:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_discover_follows_an_etcd_that_lost_its_data() {
+    let etcd = Etcd::start();
+    let client = etcd.client().await;
+    let svc = unique("wiped");
+    // Revisions well above what the wiped etcd will be at.
+    for i in 0..50 {
+        client.clone().put(format!("other/{i}"), "x", None).await.unwrap();
+    }
+    let a = Registration::builder(client.clone())
+        .service(&svc)
+        .addr("127.0.0.1:7201")
+        .ttl(Duration::from_secs(2))
+        .register()
+        .await
+        .unwrap();
+    let mut d = Discover::builder(client.clone(), &svc).build().unwrap();
+    let mut view = HashMap::new();
+    follow_until(&mut d, &mut view, "a listed", |v| v.len() == 1).await;
+
+    etcd.wipe_and_restart();
+    // The registration puts itself back on the empty etcd, at a revision far
+    // below the one the watch resumes from.
+    eventually(LIMIT, "a re-registered", || async {
+        matches!(a.state(), tonic_etcd::RegistrationState::Registered { .. })
+            .then_some(())
+            .filter(|_| a.lease_id().is_some())
+    })
+    .await;
+    let b = register(&client, &svc, "127.0.0.1:7202").await;
+    let t = Instant::now();
+    follow_until(&mut d, &mut view, "b seen after the wipe", |v| {
+        v.values().any(|i| i.addr == "127.0.0.1:7202")
+    })
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    a.deregister().await.unwrap();
+    let t = Instant::now();
+    follow_until(&mut d, &mut view, "a's removal seen", |v| {
+        !v.values().any(|i| i.addr == "127.0.0.1:7201")
+    })
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_utf8_never_touches_a_valid_one() {
+    let client = shared().client().await;
+    let svc = unique("bytes");
+    // A valid instance whose key ends in U+FFFD, the character a lossy
+    // conversion would turn the byte 0xFF into.
+    let valid_key = format!("{svc}/\u{FFFD}");
+    let value = r#"{"Op":0,"Addr":"127.0.0.1:7301","Metadata":null}"#;
+    client.clone().put(valid_key.as_str(), value, None).await.unwrap();
+    let mut d = Discover::builder(client.clone(), &svc).build().unwrap();
+    let mut view = HashMap::new();
+    follow_until(&mut d, &mut view, "the valid instance", |v| v.len() == 1).await;
+
+    let mut raw = format!("{svc}/").into_bytes();
+    raw.push(0xff);
+    client.clone().put(raw.clone(), value, None).await.unwrap();
+    client.clone().delete(raw, None).await.unwrap();
+    quiet(&mut d).await;
+    assert!(view.contains_key(&valid_key));
+    assert!(d.status().borrow().skipped >= 2, "both events skipped and counted");
+    client.clone().delete(valid_key.as_str(), None).await.unwrap();
+}

@@ -417,7 +417,8 @@ impl BalancerBuilder {
     pub fn build(mut self) -> Result<Balancer, Error> {
         self.finish()?;
         let discover = self.discover.clone().build()?;
-        Ok(self.discover_into(discover))
+        let etcd = discover.status();
+        Ok(self.discover_into(discover, Some(etcd)))
     }
 
     /// Builds the balancer over any discovery stream of instances instead of
@@ -428,10 +429,14 @@ impl BalancerBuilder {
         E: fmt::Display + Send + 'static,
     {
         self.finish()?;
-        Ok(self.discover_into(discover))
+        Ok(self.discover_into(discover, None))
     }
 
-    fn discover_into<D, E>(self, discover: D) -> Balancer
+    fn discover_into<D, E>(
+        self,
+        discover: D,
+        etcd: Option<tokio::sync::watch::Receiver<crate::WatchStatus>>,
+    ) -> Balancer
     where
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
         E: fmt::Display + Send + 'static,
@@ -450,7 +455,7 @@ impl BalancerBuilder {
             ejected: Arc::default(),
             capacity: Arc::default(),
         });
-        let shared = Arc::new(Shared::new(self.service, policy));
+        let shared = Arc::new(Shared::new(self.service, policy, etcd));
         let cfg = Arc::new(PoolConfig {
             conn: self.conn,
             filter: self.filter.unwrap_or_else(|| Arc::new(|_: &Instance| true)),
@@ -835,8 +840,23 @@ async fn wait_for_endpoint(
         ..
     } = shared.info.borrow().clone();
     let service = &shared.service;
+    let etcd = shared.etcd.as_ref().map(|s| s.borrow().clone());
     let reason = match (registered, filtered_out) {
-        (0, 0) => format!("no instance of service {service:?} is registered in etcd"),
+        (0, 0) => match etcd {
+            // Discovery never reached etcd: say so, not "not registered".
+            Some(s) if !s.synced => format!(
+                "etcd unreachable ({}); no instance known for service {service:?}",
+                s.last_error.as_deref().unwrap_or("no answer yet")
+            ),
+            Some(crate::WatchStatus {
+                last_error: Some(e),
+                ..
+            }) => format!(
+                "no instance of service {service:?} was registered when etcd was last \
+                 reached (etcd failing now: {e})"
+            ),
+            _ => format!("no instance of service {service:?} is registered in etcd"),
+        },
         (0, n) => format!(
             "{n} instance(s) of service {service:?} are registered but none passes the filter"
         ),

@@ -103,10 +103,17 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<Policy>,
     /// Calls waiting in the balancer for an endpoint or a free stream.
     pub(crate) waiting: AtomicUsize,
+    /// How etcd discovery is doing (none for a discovery stream of the
+    /// user's own).
+    pub(crate) etcd: Option<watch::Receiver<crate::WatchStatus>>,
 }
 
 impl Shared {
-    pub(crate) fn new(service: String, policy: Arc<Policy>) -> Self {
+    pub(crate) fn new(
+        service: String,
+        policy: Arc<Policy>,
+        etcd: Option<watch::Receiver<crate::WatchStatus>>,
+    ) -> Self {
         let info = PoolInfo {
             empty_since: Some(Instant::now()),
             ..PoolInfo::default()
@@ -118,6 +125,7 @@ impl Shared {
             info: watch::channel(info).0,
             policy,
             waiting: AtomicUsize::new(0),
+            etcd,
         }
     }
 
