@@ -1,4 +1,5 @@
-//! Generates the greeter service used by examples, tests and benchmarks.
+//! Generates the greeter service used by examples, tests and benchmarks
+//! (feature `testing` only: a plain build compiles no proto of its own).
 
 use std::path::Path;
 
@@ -13,6 +14,9 @@ fn main() {
              Install it: as root on Debian/Ubuntu `apt-get update && apt-get install -y protobuf-compiler`,\n\
              elsewhere see https://protobuf.dev/installation/ and/or set PROTOC=/path/to/protoc."
         );
+    }
+    if std::env::var_os("CARGO_FEATURE_TESTING").is_none() {
+        return;
     }
     if let Err(e) =
         tonic_prost_build::configure().compile_protos(&["proto/greeter.proto"], &["proto"])

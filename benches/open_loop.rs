@@ -24,7 +24,6 @@
 #[path = "support/backends.rs"]
 mod backends;
 #[path = "../tests/common/pki.rs"]
-#[allow(dead_code)]
 mod pki;
 #[path = "../tests/common/proxy.rs"]
 mod proxy;

@@ -79,7 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     tracing::info!(addr = %args.addr, service = %args.service, tls = args.tls_cert.is_some(), "serving");
     RegisteredServer::new(registration)
-        .serve_with_shutdown(router, listener, tonic_etcd::testing::shutdown_signal())
+        .serve_with_shutdown(router, listener, tonic_etcd::server::shutdown_signal())
         .await?;
     tracing::info!("stopped");
     Ok(())

@@ -241,3 +241,27 @@ impl RegisteredServer {
         Ok(())
     }
 }
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes and systemd send):
+/// the signal a server waits for before it shuts down gracefully.
+///
+/// ```no_run
+/// # async fn run(router: tonic::transport::server::Router, reg: tonic_etcd::RegistrationBuilder, l: tokio::net::TcpListener) -> Result<(), tonic_etcd::Error> {
+/// use tonic_etcd::server::{shutdown_signal, RegisteredServer};
+/// RegisteredServer::new(reg).serve_with_shutdown(router, l, shutdown_signal()).await
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -443,7 +443,9 @@ impl Task {
             return None;
         }
         let header = resp.header()?;
-        if self.cluster_id != 0 && header.cluster_id() != 0 && header.cluster_id() != self.cluster_id
+        if self.cluster_id != 0
+            && header.cluster_id() != 0
+            && header.cluster_id() != self.cluster_id
         {
             return Some(format!(
                 "cluster id {:x} instead of {:x}",

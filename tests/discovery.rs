@@ -565,7 +565,11 @@ async fn a_live_discover_follows_an_etcd_that_lost_its_data() {
     let svc = unique("wiped");
     // Revisions well above what the wiped etcd will be at.
     for i in 0..50 {
-        client.clone().put(format!("other/{i}"), "x", None).await.unwrap();
+        client
+            .clone()
+            .put(format!("other/{i}"), "x", None)
+            .await
+            .unwrap();
     }
     let a = Registration::builder(client.clone())
         .service(&svc)
@@ -612,7 +616,11 @@ async fn a_key_that_is_not_utf8_never_touches_a_valid_one() {
     // conversion would turn the byte 0xFF into.
     let valid_key = format!("{svc}/\u{FFFD}");
     let value = r#"{"Op":0,"Addr":"127.0.0.1:7301","Metadata":null}"#;
-    client.clone().put(valid_key.as_str(), value, None).await.unwrap();
+    client
+        .clone()
+        .put(valid_key.as_str(), value, None)
+        .await
+        .unwrap();
     let mut d = Discover::builder(client.clone(), &svc).build().unwrap();
     let mut view = HashMap::new();
     follow_until(&mut d, &mut view, "the valid instance", |v| v.len() == 1).await;
@@ -623,6 +631,13 @@ async fn a_key_that_is_not_utf8_never_touches_a_valid_one() {
     client.clone().delete(raw, None).await.unwrap();
     quiet(&mut d).await;
     assert!(view.contains_key(&valid_key));
-    assert!(d.status().borrow().skipped >= 2, "both events skipped and counted");
-    client.clone().delete(valid_key.as_str(), None).await.unwrap();
+    assert!(
+        d.status().borrow().skipped >= 2,
+        "both events skipped and counted"
+    );
+    client
+        .clone()
+        .delete(valid_key.as_str(), None)
+        .await
+        .unwrap();
 }

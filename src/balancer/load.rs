@@ -213,7 +213,11 @@ mod tests {
         assert_eq!(l.latency_us(), 300.0, "the prior is not an observation");
         tokio::time::advance(Duration::from_millis(1)).await;
         l.observe(40_300.0, l.now());
-        assert_eq!(l.latency_us(), 10_300.0, "a slow sample closes a quarter of the gap");
+        assert_eq!(
+            l.latency_us(),
+            10_300.0,
+            "a slow sample closes a quarter of the gap"
+        );
         l.observe(40_300.0, l.now());
         assert_eq!(l.latency_us(), 17_800.0);
         tokio::time::advance(Duration::from_millis(1)).await;

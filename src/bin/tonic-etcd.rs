@@ -407,7 +407,7 @@ async fn watch(
             ))
         })?
         .map_err(|_| Failure("discovery stopped".into()))?;
-    let signal = tonic_etcd::testing::shutdown_signal();
+    let signal = tonic_etcd::server::shutdown_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
@@ -453,7 +453,7 @@ async fn register(
         .register()
         .await?;
     println!("registered {}", registration.keys().join(" "));
-    tonic_etcd::testing::shutdown_signal().await;
+    tonic_etcd::server::shutdown_signal().await;
     registration.deregister().await?;
     println!("deregistered");
     Ok(())

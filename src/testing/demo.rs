@@ -2,7 +2,7 @@
 //!
 //! Starts a local etcd (unless endpoints are given), three greeter servers as
 //! separate processes that register themselves, and a client that dials the
-//! service by name through [`Balancer`](crate::Balancer). Then one server
+//! service by name through [`Balancer`]. Then one server
 //! shuts down gracefully, one is killed with SIGKILL, and a new one joins,
 //! while calls keep flowing. Prints where the calls went in each phase and
 //! how many failed.

@@ -9,19 +9,4 @@ pub mod greeter;
 
 pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};
 
-/// Resolves on SIGINT or SIGTERM: what a server process waits for before it
-/// shuts down gracefully.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
+pub use crate::server::shutdown_signal;
