@@ -460,6 +460,12 @@ impl Worker {
     }
 
     /// Grants a lease and writes every key with it.
+    ///
+    /// Cancellation-safe: when the future is dropped (deregistration or
+    /// shutdown during start-up or re-registration) after the lease was
+    /// granted, the lease, and with it any key already written, is revoked
+    /// in the background, so clients do not keep routing to a server that
+    /// is leaving for up to a TTL.
     async fn register_once(&mut self) -> Result<i64, Error> {
         let ttl = self.ttl_secs;
         let lease = with_timeout("lease grant", self.request_timeout, || {
@@ -468,23 +474,20 @@ impl Worker {
         })
         .await?
         .id();
-        match put_all(&self.client, &self.entries(), lease, self.request_timeout).await {
-            Ok(()) => {
-                tracing::info!(services = ?self.services, lease, "registered in etcd");
-                self.set_state(RegistrationState::Registered { lease_id: lease });
-                Ok(lease)
-            }
-            Err(e) => {
-                // Don't leave a lease (and maybe keys, if the write was
-                // applied after all) behind; the next attempt starts clean.
-                revoke_in_background(self.client.clone(), lease, self.request_timeout);
-                Err(e)
-            }
-        }
+        let guard = RevokeOnDrop::new(self.client.clone(), lease, self.request_timeout);
+        // On error the guard revokes: no lease (and maybe keys, if the write
+        // was applied after all) is left behind; the next attempt starts clean.
+        put_all(&self.client, &self.entries(), lease, self.request_timeout).await?;
+        guard.disarm();
+        tracing::info!(services = ?self.services, lease, "registered in etcd");
+        self.set_state(RegistrationState::Registered { lease_id: lease });
+        Ok(lease)
     }
 
     /// Keeps the registration alive until stopped, then revokes the lease.
     async fn run(mut self, mut lease: i64, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+        // Whether `lease` is still ours to revoke.
+        let mut live = true;
         loop {
             match self.keep_alive(lease, &mut stop).await {
                 SessionEnd::Stopped => break,
@@ -494,12 +497,21 @@ impl Worker {
                     self.set_state(RegistrationState::Lost { reason });
                     match self.reregister(&mut stop).await {
                         Some(l) => lease = l,
-                        None => break,
+                        None => {
+                            // Stopped mid-way: the old lease is gone and an
+                            // abandoned attempt revokes its own.
+                            live = false;
+                            break;
+                        }
                     }
                 }
             }
         }
-        let result = revoke(&self.client, lease, self.request_timeout).await;
+        let result = if live {
+            revoke(&self.client, lease, self.request_timeout).await
+        } else {
+            Ok(())
+        };
         match &result {
             Ok(()) => tracing::info!(services = ?self.services, lease, "deregistered from etcd"),
             Err(e) => tracing::warn!(services = ?self.services, lease, error = %e,
@@ -579,8 +591,10 @@ impl Worker {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let broken = loop {
                 // A stream that stops answering is as dead as one that
-                // errors: partitions hang silently.
-                let silent_deadline = last_ack + interval * 2 + self.request_timeout;
+                // errors: partitions hang silently. Detected after one and a
+                // half keep-alive intervals (half the TTL), so re-attaching
+                // to the same lease can still succeed before it expires.
+                let silent_deadline = last_ack + interval + interval / 2;
                 tokio::select! {
                     biased;
                     () = stopped(stop) => return SessionEnd::Stopped,
@@ -740,9 +754,39 @@ async fn revoke(client: &Client, lease: i64, timeout: Duration) -> Result<(), Er
 }
 
 fn revoke_in_background(client: Client, lease: i64, timeout: Duration) {
-    tokio::spawn(async move {
-        let _ = revoke(&client, lease, timeout).await;
-    });
+    // A drop outside a runtime (at process exit) leaves the lease to expire.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let _ = revoke(&client, lease, timeout).await;
+        });
+    }
+}
+
+/// Revokes a freshly granted lease unless disarmed: makes a registration
+/// attempt safe to cancel.
+struct RevokeOnDrop {
+    armed: Option<(Client, i64, Duration)>,
+}
+
+impl RevokeOnDrop {
+    fn new(client: Client, lease: i64, timeout: Duration) -> Self {
+        Self {
+            armed: Some((client, lease, timeout)),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl Drop for RevokeOnDrop {
+    fn drop(&mut self) {
+        if let Some((client, lease, timeout)) = self.armed.take() {
+            tracing::debug!(lease, "registration attempt abandoned; revoking its lease");
+            revoke_in_background(client, lease, timeout);
+        }
+    }
 }
 
 /// etcd's "requested lease not found", or etcd-client's check of the first
@@ -750,8 +794,10 @@ fn revoke_in_background(client: Client, lease: i64, timeout: Duration) {
 fn is_lease_not_found(e: &Error) -> bool {
     match e {
         Error::Etcd { source, .. } => match source {
+            // etcd-client's own word for a first answer with TTL 0.
             etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
-            etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+            // etcd's ErrGRPCLeaseNotFound; no other lease RPC answers NotFound.
+            etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
             _ => false,
         },
         _ => false,

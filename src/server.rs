@@ -186,9 +186,17 @@ impl RegisteredServer {
         tokio::pin!(server);
 
         // The listener is bound and the server polled: it accepts before we
-        // announce it.
+        // announce it. A shutdown signal is honoured at any point of start-up:
+        // an abandoned registration attempt revokes its own lease.
+        tokio::pin!(signal);
         let registered = tokio::select! {
             r = registration.register() => r,
+            () = &mut signal => {
+                tracing::info!("shutdown during start-up; not registered");
+                let _ = stop_tx.send(());
+                let _ = tokio::time::timeout(self.drain_timeout, &mut server).await;
+                return Ok(());
+            }
             r = &mut server => {
                 r?;
                 // It cannot end cleanly before its shutdown signal.
@@ -206,7 +214,6 @@ impl RegisteredServer {
 
         report(ServingStatus::Serving).await;
 
-        tokio::pin!(signal);
         tokio::select! {
             () = &mut signal => {}
             r = &mut server => {

@@ -2,6 +2,8 @@
 //! repair, graceful deregistration, and the tonic server integration.
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 
 use std::time::{Duration, Instant};
 
@@ -443,4 +445,51 @@ async fn idle_registrations_cost_etcd_no_raft_writes_and_deleted_keys_still_come
     })
     .await;
     assert!(raft_index().await > after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_start_up_returns_at_once_and_leaves_no_key() {
+    let etcd = shared();
+    let proxy = proxy::Proxy::start(etcd.endpoint().trim_start_matches("http://").into()).await;
+    let client =
+        etcd_client::Client::connect([proxy.endpoint()], Some(tonic_etcd::connect_options()))
+            .await
+            .unwrap();
+    let svc = unique("early-stop");
+    // etcd answers nothing: the registration hangs in its lease grant.
+    proxy.freeze();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = tonic::transport::Server::builder().add_service(Greeter::new("s").into_service());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        RegisteredServer::new(Registration::builder(client).service(&svc))
+            .grace(Duration::ZERO)
+            .serve_with_shutdown(router, listener, async {
+                let _ = stopped.await;
+            }),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("shutdown honoured during start-up, not after the 30 s start-up window");
+    assert!(result.unwrap().is_ok());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    proxy.thaw();
+    // Whatever the abandoned attempt wrote is revoked.
+    let reader = etcd.client().await;
+    eventually(LIMIT, "no key under the service", || async {
+        let mut c = reader.clone();
+        let n = c
+            .get(
+                svc.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .ok()?
+            .count();
+        (n == 0).then_some(())
+    })
+    .await;
 }
