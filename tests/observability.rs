@@ -99,6 +99,36 @@ async fn registration_and_discovery_report_what_they_do() {
         Some(1.0)
     );
 
+    // A Balancer over it: nothing listens at the address, so connections
+    // fail and nothing is ready.
+    let balancer = tonic_etcd::Balancer::builder(etcd.client().await, "observed")
+        .no_endpoint_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+
+    eventually(LIMIT, "balancer connect failures counted", || async {
+        metrics
+            .value("tonic_etcd_balancer_connect_failures_total", &service)
+            .filter(|v| *v >= 1.0)
+    })
+    .await;
+    assert_eq!(
+        metrics.value(
+            "tonic_etcd_balancer_endpoints",
+            &[("service", "observed"), ("state", "ready")]
+        ),
+        Some(0.0)
+    );
+    let mut greeter = tonic_etcd::testing::greeter::GreeterClient::new(balancer.clone());
+    let request = || tonic_etcd::testing::greeter::HelloRequest { name: "x".into() };
+    let _ = greeter.say_hello(request()).await;
+    let _ = greeter.say_hello(request()).await;
+    assert!(balancer.failing_fast());
+    assert_eq!(
+        metrics.value("tonic_etcd_balancer_fail_fast", &service),
+        Some(1.0)
+    );
+
     // etcd loses every lease: the loss, the watch reconnect and the
     // re-registration all show.
     etcd.wipe_and_restart();
