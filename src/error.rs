@@ -109,39 +109,6 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
-/// Runs an etcd request with a deadline, retrying while it fails with
-/// `Unavailable` (a dead member stays in etcd-client's rotation, so about 1/N
-/// of calls fail that way until it is back). Every request this crate makes
-/// is safe to repeat: writes put the same value, a repeated lease grant
-/// leaves at most an unused lease that expires.
-pub(crate) async fn with_timeout<T, F, Fut>(
-    op: &'static str,
-    timeout: Duration,
-    mut call: F,
-) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let deadline = crate::time::deadline_after(tokio::time::Instant::now(), timeout);
-    let mut backoff =
-        crate::backoff::Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
-    loop {
-        match tokio::time::timeout_at(deadline, call()).await {
-            Err(_) => return Err(Error::Timeout { op, timeout }),
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) => {
-                let delay = backoff.next_delay();
-                if !is_unavailable(&e) || tokio::time::Instant::now() + delay >= deadline {
-                    return Err(Error::Etcd { op, source: e });
-                }
-                tracing::debug!(op, error = %e, "etcd member unavailable; retrying");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-}
-
 impl Error {
     /// Whether retrying cannot help: etcd refused the request for what it is
     /// (permission denied, bad credentials, invalid argument), not for a
@@ -164,13 +131,5 @@ impl Error {
             Error::StartupDeadline { .. } | Error::NoEndpoints { .. } => false,
             _ => true,
         }
-    }
-}
-
-fn is_unavailable(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
-        etcd_client::Error::TransportError(_) => true,
-        _ => false,
     }
 }

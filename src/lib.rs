@@ -66,6 +66,7 @@ pub mod error;
 pub mod instance;
 pub mod metrics;
 pub mod registration;
+mod retry;
 pub mod schema;
 pub mod server;
 #[cfg(feature = "testing")]

@@ -39,8 +39,8 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::error::with_timeout;
 use crate::instance::validate_advertised;
+use crate::retry::with_timeout;
 use crate::schema::{Encoded, NamingSchema, Schema};
 use crate::{Error, Instance, Metadata};
 

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
-use crate::error::with_timeout;
+use crate::retry::with_timeout;
 use crate::schema::Schema;
 use crate::{Error, Instance};
 

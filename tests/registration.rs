@@ -493,3 +493,50 @@ async fn shutdown_during_start_up_returns_at_once_and_leaves_no_key() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_during_a_leader_election_completes_soon_after_the_new_leader() {
+    let cluster = EtcdCluster::start();
+    let mut leader = None;
+    for i in 0..cluster.len() {
+        let status = cluster.member_client(i).await.status().await.unwrap();
+        let me = status.header().map(|h| h.member_id());
+        if Some(status.leader()) == me {
+            leader = Some((i, status.leader()));
+        }
+    }
+    let (leader, old_id) = leader.expect("a leader");
+    let follower = (leader + 1) % cluster.len();
+    let client = cluster.member_client(follower).await;
+    let watcher = cluster.member_client(follower).await;
+    cluster.kill_member(leader);
+    // As measured in the issue: a registration started half a second after
+    // the leader died (a proposal then is dropped silently).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let registration = tokio::spawn(
+        Registration::builder(client)
+            .service(unique("election"))
+            .addr("127.0.0.1:7501")
+            .register(),
+    );
+    let new_leader_at = eventually(LIMIT, "a new leader", || {
+        let mut w = watcher.clone();
+        async move {
+            let status = w.status().await.ok()?;
+            (status.leader() != 0 && status.leader() != old_id).then(Instant::now)
+        }
+    })
+    .await;
+    let reg = tokio::time::timeout(LIMIT, registration)
+        .await
+        .expect("registered")
+        .unwrap()
+        .unwrap();
+    let done = Instant::now();
+    let after = done.saturating_duration_since(new_leader_at);
+    assert!(
+        after <= Duration::from_millis(1500),
+        "registered {after:?} after the new leader"
+    );
+    reg.deregister().await.unwrap();
+}
