@@ -53,7 +53,7 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// etcd allows 128 operations per transaction by default.
 const MAX_SERVICES: usize = 64;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(3);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Where a registration stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -40,7 +40,7 @@ const PAGE_SIZE: i64 = 1000;
 /// etcd accepts (`--max-request-bytes`) bounds each entry anyway.
 const MAX_DECODE: usize = 256 << 20;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(3);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What the view's task is doing, for readiness checks and monitoring.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,7 +6,9 @@
 pub mod demo;
 mod etcd;
 pub mod greeter;
+mod proxy;
 
 pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};
+pub use proxy::FaultProxy;
 
 pub use crate::server::shutdown_signal;

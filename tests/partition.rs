@@ -1,0 +1,145 @@
+//! Silent partitions between one client and etcd, made with the harness's
+//! fault proxy: sockets stay open and no byte moves, as when a network path
+//! or a process freezes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{eventually, get, unique};
+use etcd_client::CompactionOptions;
+use tokio_stream::StreamExt;
+use tonic_etcd::testing::{Etcd, FaultProxy};
+use tonic_etcd::{Discover, Instance, Registration};
+use tower::discover::Change;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn through(proxy: &FaultProxy) -> etcd_client::Client {
+    etcd_client::Client::connect([proxy.endpoint()], Some(tonic_etcd::connect_options()))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_client_converges_within_a_second_of_the_heal() {
+    let etcd = Etcd::start();
+    let writer = etcd.client().await;
+    let proxy = FaultProxy::start(etcd.endpoint().trim_start_matches("http://").into()).await;
+    let svc = unique("partitioned");
+    let a = Registration::builder(writer.clone())
+        .service(&svc)
+        .addr("127.0.0.1:7601")
+        .register()
+        .await
+        .unwrap();
+    let mut d = Discover::builder(through(&proxy).await, &svc)
+        .build()
+        .unwrap();
+    let mut view: HashMap<String, Instance> = HashMap::new();
+    let mut apply = |c: Change<String, Instance>, view: &mut HashMap<String, Instance>| match c {
+        Change::Insert(k, i) => {
+            view.insert(k, i);
+        }
+        Change::Remove(k) => {
+            view.remove(&k);
+        }
+    };
+    while view.is_empty() {
+        let c = tokio::time::timeout(LIMIT, d.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        apply(c, &mut view);
+    }
+
+    proxy.freeze();
+    // While the client hears nothing: one instance leaves, one joins, and
+    // the revisions the client last saw are compacted away.
+    a.deregister().await.unwrap();
+    let b = Registration::builder(writer.clone())
+        .service(&svc)
+        .addr("127.0.0.1:7602")
+        .register()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        writer
+            .clone()
+            .put(format!("noise/{i}"), "x", None)
+            .await
+            .unwrap();
+    }
+    let rev = writer
+        .clone()
+        .get("noise/0", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    writer
+        .clone()
+        .compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    proxy.heal();
+    let healed = Instant::now();
+    let converged = |v: &HashMap<String, Instance>| {
+        v.len() == 1 && v.values().all(|i| i.addr == "127.0.0.1:7602")
+    };
+    while !converged(&view) {
+        let left = (healed + LIMIT).saturating_duration_since(Instant::now());
+        let c = tokio::time::timeout(left, d.next())
+            .await
+            .unwrap_or_else(|_| panic!("not converged; view {view:?}"))
+            .unwrap()
+            .unwrap();
+        apply(c, &mut view);
+    }
+    let took = healed.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "converged {took:?} after the heal"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_partitioned_longer_than_its_ttl_is_back_within_a_second_of_the_heal() {
+    let etcd = Etcd::start();
+    let observer = etcd.client().await;
+    let proxy = FaultProxy::start(etcd.endpoint().trim_start_matches("http://").into()).await;
+    let reg = Registration::builder(through(&proxy).await)
+        .service(unique("partitioned-server"))
+        .addr("127.0.0.1:7603")
+        .ttl(Duration::from_secs(2))
+        .register()
+        .await
+        .unwrap();
+    let key = reg.keys()[0].clone();
+    let lease = reg.lease_id();
+    proxy.freeze();
+    // The lease expires in etcd while the server hears nothing.
+    eventually(LIMIT, "the key expired", || async {
+        get(&observer, &key).await.is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.heal();
+    let healed = Instant::now();
+    eventually(LIMIT, "the key back", || async {
+        get(&observer, &key).await.map(|_| ())
+    })
+    .await;
+    let took = healed.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "back {took:?} after the heal"
+    );
+    assert_ne!(reg.lease_id(), lease, "a new lease: the old one expired");
+    reg.deregister().await.unwrap();
+}
