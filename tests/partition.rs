@@ -38,7 +38,7 @@ async fn a_partitioned_client_converges_within_a_second_of_the_heal() {
         .build()
         .unwrap();
     let mut view: HashMap<String, Instance> = HashMap::new();
-    let mut apply = |c: Change<String, Instance>, view: &mut HashMap<String, Instance>| match c {
+    let apply = |c: Change<String, Instance>, view: &mut HashMap<String, Instance>| match c {
         Change::Insert(k, i) => {
             view.insert(k, i);
         }
