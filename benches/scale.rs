@@ -18,11 +18,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
-use support::{ms, rss_bytes, smoke, table, write_json};
+use support::{ms, rss_bytes, setting, smoke, table, write_json};
 use tokio_stream::StreamExt;
 use tonic_etcd::schema::Schema;
 use tonic_etcd::testing::Etcd;
-use tonic_etcd::{Discover, Instance, NamingSchema};
+use tonic_etcd::{Discover, Instance, NamingSchema, Registration};
 use tower::discover::Change;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -272,5 +272,135 @@ async fn run(etcd: &Etcd) {
             "discover_ratio_to_raw_watch": view_done.as_secs_f64() / raw_done.as_secs_f64(),
         }),
     );
+    json.insert("registrations_held".into(), held(etcd).await);
     write_json("scale", &serde_json::Value::Object(json));
+}
+
+/// CPU seconds (user + system) that process `pid` has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // `after` starts at field 3 (state): utime is field 14, stime 15.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Registrations held against one etcd: what a fleet costs etcd in steady
+/// state (Raft proposals, etcd CPU) and what each registration costs its
+/// process (CPU, memory). TTL 10 s: a keep-alive and a key check every 3.3 s.
+async fn held(etcd: &Etcd) -> serde_json::Value {
+    let sizes: &[usize] = if smoke() { &[100] } else { &[1_000, 10_000] };
+    let window = Duration::from_millis(setting("BENCH_HELD_MS", 30_000, 1_000));
+    let etcd_pid = etcd.pid().expect("etcd runs").to_string();
+    let client = etcd.client().await;
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let service = format!("held-{n}");
+        let rss_before = rss_bytes();
+        let mut regs = Vec::with_capacity(n);
+        let started = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+            let batch = chunk.iter().map(|i| {
+                Registration::builder(client.clone())
+                    .service(&service)
+                    .addr(format!(
+                        "10.{}.{}.{}:7000",
+                        i >> 16 & 255,
+                        i >> 8 & 255,
+                        i & 255
+                    ))
+                    .ttl(Duration::from_secs(10))
+                    .register()
+            });
+            for r in futures_join(batch).await {
+                regs.push(r.expect("registered"));
+            }
+        }
+        let registering = started.elapsed();
+        // Steady state: let the first keep-alives and checks pass.
+        tokio::time::sleep(Duration::from_secs(if smoke() { 0 } else { 4 })).await;
+        let mut status = client.clone();
+        let raft0 = status.status().await.unwrap().raft_index();
+        let (etcd0, me0) = (cpu_seconds(&etcd_pid), cpu_seconds("self"));
+        tokio::time::sleep(window).await;
+        let raft1 = status.status().await.unwrap().raft_index();
+        let (etcd1, me1) = (cpu_seconds(&etcd_pid), cpu_seconds("self"));
+        let secs = window.as_secs_f64();
+        let proposals = (raft1 - raft0) as f64 / secs;
+        let etcd_cpu = (etcd1 - etcd0) / secs;
+        let my_cpu = (me1 - me0) / secs;
+        let rss_per = rss_bytes().saturating_sub(rss_before) as f64 / n as f64;
+        rows.push(vec![
+            n.to_string(),
+            format!("{:.1}", registering.as_secs_f64()),
+            format!("{proposals:.2}"),
+            format!("{:.3}", etcd_cpu),
+            format!("{:.3}", etcd_cpu * 1000.0 / n as f64),
+            format!("{:.1}", my_cpu * 1e6 / n as f64),
+            format!("{:.1}", rss_per / 1024.0),
+        ]);
+        json.insert(
+            n.to_string(),
+            serde_json::json!({
+                "register_all_s": registering.as_secs_f64(),
+                "raft_proposals_per_s": proposals,
+                "etcd_cpu_s_per_s": etcd_cpu,
+                "etcd_cpu_s_per_s_per_1000": etcd_cpu * 1000.0 / n as f64,
+                "client_cpu_us_per_s_per_registration": my_cpu * 1e6 / n as f64,
+                "client_rss_kib_per_registration": rss_per / 1024.0,
+                "window_s": secs,
+            }),
+        );
+        // Deregister in batches so the next size starts from a quiet etcd.
+        let mut regs = regs.into_iter();
+        loop {
+            let batch: Vec<_> = regs.by_ref().take(256).collect();
+            if batch.is_empty() {
+                break;
+            }
+            for r in futures_join(batch.into_iter().map(|r| r.deregister())).await {
+                r.expect("deregistered");
+            }
+        }
+    }
+    table(
+        &format!(
+            "scale: registrations held against one etcd (TTL 10 s, {} s in steady state)",
+            window.as_secs()
+        ),
+        &[
+            "n",
+            "register s",
+            "Raft proposals/s",
+            "etcd CPU s/s",
+            "etcd CPU s/s per 1k",
+            "client CPU us/s each",
+            "client KiB each",
+        ],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// Runs every future of `futures` concurrently (spawned), in order.
+async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
 }

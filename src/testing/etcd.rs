@@ -182,6 +182,11 @@ impl Etcd {
         self.cluster.member(0).is_running()
     }
 
+    /// The etcd process's id while it runs (for CPU and memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.cluster.member(0).proc.as_ref().map(|p| p.pid)
+    }
+
     /// A client with the crate's recommended connect options.
     pub async fn client(&self) -> etcd_client::Client {
         connect(&self.endpoints()).await
