@@ -1,5 +1,7 @@
 //! The crate's own balancer against real etcd and real tonic servers.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 #[path = "common/proxy.rs"]
 mod proxy;
@@ -9,59 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::Backend;
 use common::{eventually, unique};
-use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::shared;
 use tonic_etcd::{Balancer, Metadata, Registration};
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-/// A greeter on a runtime of its own: shutting the runtime down closes every
-/// socket at once, as a SIGKILL would, while its etcd key stays registered.
-struct Backend {
-    addr: String,
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Backend {
-    fn start_on(addr: &str, id: &str, delay: Duration) -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let std_listener = std::net::TcpListener::bind(addr).unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap().to_string();
-        let greeter = Greeter::new(id).with_delay(delay);
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            tonic::transport::Server::builder()
-                .add_service(greeter.into_service())
-                .serve_with_incoming(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                )
-                .await
-        });
-        Self { addr, rt: Some(rt) }
-    }
-
-    fn start(id: &str) -> Self {
-        Self::start_on("127.0.0.1:0", id, Duration::ZERO)
-    }
-
-    fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 async fn register(
     client: &etcd_client::Client,
@@ -134,7 +90,7 @@ async fn a_slow_backend_gets_a_clearly_smaller_share() {
     let svc = unique("slow");
     let fast1 = Backend::start("fast1");
     let fast2 = Backend::start("fast2");
-    let slow = Backend::start_on("127.0.0.1:0", "slow", Duration::from_millis(20));
+    let slow = Backend::start_slow("127.0.0.1:0", "slow", Duration::from_millis(20));
     let mut regs = Vec::new();
     for b in [&fast1, &fast2, &slow] {
         regs.push(register(&client, &svc, &b.addr, Metadata::new()).await);
@@ -215,7 +171,7 @@ async fn a_killed_backend_costs_at_most_the_calls_in_flight_and_comes_back() {
     assert!(counts.values().sum::<usize>() > 100);
 
     // The server comes back on the same address: the endpoint rejoins.
-    let _back = Backend::start_on(&victim_addr, "victim", Duration::ZERO);
+    let _back = Backend::start_on(&victim_addr, "victim", false);
     balancer.wait_for_ready(3, LIMIT).await.unwrap();
 }
 
@@ -354,7 +310,7 @@ async fn changes_apply_without_traffic_and_a_removed_connection_closes() {
 async fn in_flight_calls_on_a_removed_endpoint_finish() {
     let client = shared().client().await;
     let svc = unique("inflight");
-    let slow = Backend::start_on("127.0.0.1:0", "slow", Duration::from_millis(300));
+    let slow = Backend::start_slow("127.0.0.1:0", "slow", Duration::from_millis(300));
     let reg = register(&client, &svc, &slow.addr, Metadata::new()).await;
     let balancer = Balancer::builder(client.clone(), &svc).build().unwrap();
     balancer.wait_for_ready(1, LIMIT).await.unwrap();
