@@ -34,47 +34,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backends::{Backends, Setup};
+use backends::{caller, Backends, Call, Outcome, Setup};
 use support::{ms, setting, table, write_json};
 use tokio::time::Instant;
-use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Balancer, ChannelBuilder};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Outcome = Result<String, tonic::Code>;
-type Call = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>> + Send + Sync,
->;
 
 const DEADLINE: Duration = Duration::from_secs(1);
 const MS5: Duration = Duration::from_millis(5);
 const MS20: Duration = Duration::from_millis(20);
 const LATE: Duration = Duration::from_millis(50);
-
-fn caller<T>(svc: T) -> Call
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<BoxError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
-{
-    Arc::new(move || {
-        let mut client = GreeterClient::new(svc.clone());
-        let mut request = tonic::Request::new(HelloRequest {
-            name: "bench".into(),
-        });
-        request.set_timeout(DEADLINE);
-        Box::pin(async move {
-            client
-                .say_hello(request)
-                .await
-                .map(|r| r.into_inner().server_id)
-                .map_err(|s| s.code())
-        })
-    })
-}
 
 /// One round: `rate` calls per second for `length`, each issued at its
 /// scheduled time on a task of its own. Returns (latency from schedule,
@@ -280,8 +249,8 @@ fn main() {
             let balancer = Balancer::builder(client.clone(), &service).build().unwrap();
             balancer.wait_for_ready(ready, Duration::from_secs(5)).await.unwrap();
             let variants: [(&str, Call); 2] = [
-                ("tonic", caller(tonic_channel)),
-                ("balancer", caller(balancer)),
+                ("tonic", caller(tonic_channel, Some(DEADLINE))),
+                ("balancer", caller(balancer, Some(DEADLINE))),
             ];
             // Warm-up: connections made, estimates seeded.
             for (_, call) in &variants {

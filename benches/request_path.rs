@@ -43,60 +43,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backends::{Backends, Setup};
+use backends::{caller, Backends, Call, Setup};
 use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_etcd::balancer::TlsConfig;
-use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Balancer, ChannelBuilder, Discover};
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Call = Arc<
-    dyn Fn()
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>
-        + Send
-        + Sync,
->;
-
 const CALLERS: usize = 64;
 const SERVICE: &str = "bench.request_path";
-
-/// Makes a call function over any tonic-compatible service.
-fn caller<T>(svc: T) -> Call
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<BoxError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
-{
-    caller_with_deadline(svc, None)
-}
-
-/// Like [`caller`], each call with a `grpc-timeout` of `deadline`.
-fn caller_with_deadline<T>(svc: T, deadline: Option<Duration>) -> Call
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<BoxError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
-{
-    Arc::new(move || {
-        let mut client = GreeterClient::new(svc.clone());
-        let mut request = tonic::Request::new(HelloRequest {
-            name: "bench".into(),
-        });
-        if let Some(d) = deadline {
-            request.set_timeout(d);
-        }
-        Box::pin(async move { client.say_hello(request).await.map(|_| ()) })
-    })
-}
 
 /// Runs `CALLERS` closed-loop callers for `length`; returns each call's
 /// duration and whether it succeeded.
@@ -198,11 +156,11 @@ async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serd
         tower::buffer::Buffer::new(tower::balance::p2c::Balance::new(services), 1024)
     };
     let variants: Vec<(&str, Call)> = vec![
-        ("plain (one server)", caller(plain)),
-        ("balance_list", caller(listed)),
-        ("etcd_channel", caller(etcd_channel)),
-        ("p2c_direct", caller(p2c)),
-        ("balancer", caller(balancer)),
+        ("plain (one server)", caller(plain, None)),
+        ("balance_list", caller(listed, None)),
+        ("etcd_channel", caller(etcd_channel, None)),
+        ("p2c_direct", caller(p2c, None)),
+        ("balancer", caller(balancer, None)),
     ];
 
     // Warm-up: connections made, code paths hot.
@@ -281,9 +239,9 @@ async fn one_slow(client: &etcd_client::Client, millis: u64) -> serde_json::Valu
     let variants: Vec<(&str, Call)> = vec![
         (
             "etcd_channel (tonic)",
-            caller(etcd_channel(client, service).await),
+            caller(etcd_channel(client, service).await, None),
         ),
-        ("balancer", caller(balancer(client, service).await)),
+        ("balancer", caller(balancer(client, service).await, None)),
     ];
     for (_, call) in &variants {
         load(call, Duration::from_millis(millis.min(500))).await;
@@ -331,9 +289,9 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
         let service = format!("bench.one_killed.{}", rows.len());
         let mut backends = Backends::start(client, &service, Setup::default()).await;
         let call = if name == "balancer" {
-            caller(balancer(client, &service).await)
+            caller(balancer(client, &service).await, None)
         } else {
-            caller(etcd_channel(client, &service).await)
+            caller(etcd_channel(client, &service).await, None)
         };
         load(&call, Duration::from_millis(200)).await;
         backends.kill(3);
@@ -374,7 +332,7 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
                     .unwrap();
                 // The handle keeps discovery running for the call's life.
                 let handle = Arc::new(handle);
-                let call = caller(plain);
+                let call = caller(plain, None);
                 Arc::new(move || {
                     let _keep = handle.clone();
                     call()
@@ -388,16 +346,17 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
                     ChannelBuilder::new(client.clone(), service)
                         .build()
                         .unwrap(),
+                    None,
                 )
             }),
         ),
         (
             "balancer (3 s no-endpoint wait)",
-            Box::new(move || caller(balancer())),
+            Box::new(move || caller(balancer(), None)),
         ),
         (
             "balancer, call deadline 200 ms",
-            Box::new(move || caller_with_deadline(balancer(), Some(call_deadline))),
+            Box::new(move || caller(balancer(), Some(call_deadline))),
         ),
     ];
     let mut json = serde_json::Map::new();
@@ -413,8 +372,8 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
         let t = Instant::now();
         let outcome = match tokio::time::timeout(limit, call()).await {
             Err(_) => "still waiting (hangs)".to_string(),
-            Ok(Ok(())) => "succeeded?".to_string(),
-            Ok(Err(status)) => format!("{:?}", status.code()),
+            Ok(Ok(_)) => "succeeded?".to_string(),
+            Ok(Err(code)) => format!("{code:?}"),
         };
         (t.elapsed(), outcome)
     };
@@ -429,6 +388,7 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
             .no_endpoint_timeout(Duration::from_millis(100))
             .build()
             .unwrap(),
+        None,
     );
     once(gated.clone()).await;
     let (took, outcome) = once(gated).await;
@@ -458,9 +418,9 @@ async fn one_frozen(client: &etcd_client::Client) -> serde_json::Value {
         };
         let backends = Backends::start(client, &service, setup).await;
         let call = if name == "balancer" {
-            caller_with_deadline(balancer(client, &service).await, Some(deadline))
+            caller(balancer(client, &service).await, Some(deadline))
         } else {
-            caller_with_deadline(etcd_channel(client, &service).await, Some(deadline))
+            caller(etcd_channel(client, &service).await, Some(deadline))
         };
         load(&call, Duration::from_millis(200)).await;
         let proxy = backends.proxy.as_ref().expect("a proxied backend");
@@ -527,8 +487,8 @@ async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> 
         .await
         .unwrap();
     let variants: Vec<(&str, Call)> = vec![
-        ("etcd_channel (tonic, TLS)", caller(channel)),
-        ("balancer (TLS)", caller(balancer)),
+        ("etcd_channel (tonic, TLS)", caller(channel, None)),
+        ("balancer (TLS)", caller(balancer, None)),
     ];
     for (_, call) in &variants {
         load(call, Duration::from_millis(millis.min(700))).await;

@@ -12,27 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::Backend;
-use common::{eventually, unique};
+use common::{eventually, register_with as register, unique};
 use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::shared;
-use tonic_etcd::{Balancer, Metadata, Registration};
+use tonic_etcd::{Balancer, Metadata};
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-async fn register(
-    client: &etcd_client::Client,
-    svc: &str,
-    addr: &str,
-    meta: Metadata,
-) -> Registration {
-    Registration::builder(client.clone())
-        .service(svc)
-        .addr(addr)
-        .metadata(meta)
-        .register()
-        .await
-        .unwrap()
-}
 
 /// Calls from `workers` tasks until `stop` is set; counts replies per server
 /// and failures with the time they happened.

@@ -3,11 +3,50 @@
 //! would), registered in etcd.
 #![allow(dead_code)]
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::{Identity, ServerTlsConfig};
-use tonic_etcd::testing::greeter::{FailSwitch, Greeter};
+use tonic_etcd::testing::greeter::{FailSwitch, Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::Registration;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How one call ended: the id of the server that answered, or the code.
+pub type Outcome = Result<String, tonic::Code>;
+
+/// Makes one greeter call through some channel.
+pub type Call = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync>;
+
+/// A call function over any tonic-compatible channel, each call with a
+/// `grpc-timeout` of `deadline` when given.
+pub fn caller<T>(svc: T, deadline: Option<Duration>) -> Call
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    Arc::new(move || {
+        let mut client = GreeterClient::new(svc.clone());
+        let mut request = tonic::Request::new(HelloRequest {
+            name: "bench".into(),
+        });
+        if let Some(d) = deadline {
+            request.set_timeout(d);
+        }
+        Box::pin(async move {
+            client
+                .say_hello(request)
+                .await
+                .map(|r| r.into_inner().server_id)
+                .map_err(|s| s.code())
+        })
+    })
+}
 
 use super::pki::Pki;
 use super::proxy::Proxy;

@@ -45,6 +45,22 @@ pub async fn absent(client: &etcd_client::Client, key: &str) -> bool {
     )
 }
 
+/// Registers `addr` for `svc` with `meta` through `client`.
+pub async fn register_with(
+    client: &etcd_client::Client,
+    svc: &str,
+    addr: &str,
+    meta: tonic_etcd::Metadata,
+) -> tonic_etcd::Registration {
+    tonic_etcd::Registration::builder(client.clone())
+        .service(svc)
+        .addr(addr)
+        .metadata(meta)
+        .register()
+        .await
+        .expect("registered")
+}
+
 /// A service name unique to this test process and call site.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
