@@ -104,3 +104,9 @@ pub fn connect_options() -> etcd_client::ConnectOptions {
         .with_require_leader(true)
         .with_connect_timeout(Duration::from_secs(2))
 }
+
+/// The README's Rust snippets, compiled as doc tests so that it cannot drift
+/// from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
