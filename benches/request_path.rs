@@ -40,7 +40,6 @@ mod proxy;
 mod support;
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::{caller, Backends, Call, Setup};
@@ -327,16 +326,11 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
         (
             "tonic balance_channel",
             Box::new(|| {
-                let (plain, handle) = ChannelBuilder::new(client.clone(), service)
-                    .build_tonic()
-                    .unwrap();
-                // The handle keeps discovery running for the call's life.
-                let handle = Arc::new(handle);
-                let call = caller(plain, None);
-                Arc::new(move || {
-                    let _keep = handle.clone();
-                    call()
-                })
+                let plain = ChannelBuilder::new(client.clone(), service)
+                    .build()
+                    .unwrap()
+                    .tonic_channel();
+                caller(plain, None)
             }),
         ),
         (

@@ -641,3 +641,30 @@ async fn a_key_that_is_not_utf8_never_touches_a_valid_one() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tonic_channel_stays_fed_after_its_etcd_channel_is_dropped() {
+    let client = shared().client().await;
+    let svc = unique("plain");
+    let plain = ChannelBuilder::new(client.clone(), &svc)
+        .build()
+        .unwrap()
+        .tonic_channel();
+    // The EtcdChannel is gone; the instance registers only now.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Greeter::new("late").into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let _reg = register(&client, &svc, &addr).await;
+    let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+    request.set_timeout(Duration::from_secs(5));
+    let reply = tokio::time::timeout(LIMIT, GreeterClient::new(plain).say_hello(request))
+        .await
+        .expect("no hang")
+        .expect("the channel learned the instance");
+    assert_eq!(reply.into_inner().server_id, "late");
+    server.abort();
+}
