@@ -3,7 +3,9 @@
 //! Built on the same watch task as [`Discover`](crate::Discover): listed, then
 //! watched, resumed after faults, re-listed after compaction. Read a
 //! [`snapshot`](Catalog::snapshot) at any time, or poll the `Stream` of
-//! [`CatalogEvent`]s.
+//! [`CatalogEvent`]s; after a snapshot the stream carries only later
+//! changes. Without a namespace every key in etcd is read, and keys that do
+//! not decode are taken for other applications' (not warned about).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -44,14 +46,18 @@ pub enum CatalogEvent {
 pub struct Listing {
     /// Service -> instances (sorted by id).
     pub services: BTreeMap<String, Vec<Instance>>,
-    /// Keys under the prefix that do not decode, with the reason.
+    /// Keys under the namespace that do not decode, with the reason. Empty
+    /// without a namespace: every key in etcd is then under the prefix, and
+    /// one that does not decode is someone else's, not a broken entry.
     pub undecodable: Vec<(String, DecodeError)>,
     /// The etcd revision the listing was read at.
     pub revision: i64,
 }
 
 /// Reads every instance under `schema`'s namespace (or of one `service`)
-/// once, listing undecodable entries beside them instead of hiding them.
+/// once, listing undecodable entries beside them instead of hiding them
+/// (except without a namespace, where keys that do not decode are other
+/// applications' and are left out).
 pub async fn list(
     client: &Client,
     schema: &dyn Schema,
@@ -65,6 +71,7 @@ pub async fn list(
         }
         None => schema.root_prefix(),
     };
+    let everything = prefix.is_empty();
     let crate::watcher::Listed { kvs, revision, .. } =
         crate::watcher::list_prefix(client, &prefix, timeout).await?;
     let mut listing = Listing {
@@ -80,6 +87,7 @@ pub async fn list(
                 .entry(i.service.clone())
                 .or_default()
                 .push(i),
+            Err(_) if everything => {}
             Err(e) => listing.undecodable.push((key, e)),
         }
     }
@@ -151,9 +159,15 @@ impl Catalog {
     }
 
     /// Service -> instances (sorted by id), as known now.
-    pub fn snapshot(&self) -> BTreeMap<String, Vec<Instance>> {
+    ///
+    /// Taking a snapshot also marks every change up to it as delivered: the
+    /// [`Stream`] continues with what changes after the snapshot, so a
+    /// snapshot followed by the stream never shows an instance twice. (Read
+    /// the stream alone, without snapshots, to get every instance as an
+    /// `Insert` first.)
+    pub fn snapshot(&mut self) -> BTreeMap<String, Vec<Instance>> {
         let mut map: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for (_, instance) in self.watched.view.snapshot() {
+        for (_, instance) in self.watched.view.snapshot_and_catch_up() {
             map.entry(instance.service.clone())
                 .or_default()
                 .push((*instance).clone());

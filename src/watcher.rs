@@ -187,6 +187,20 @@ impl View {
         Poll::Pending
     }
 
+    /// Every entry in the view now, and every change up to now marked as
+    /// told to the consumer: its stream goes on from here.
+    pub(crate) fn snapshot_and_catch_up(&self) -> Vec<(String, Arc<Instance>)> {
+        let mut state = self.lock();
+        state.known = state.entries.clone();
+        state.dirty.clear();
+        state.dirty_set.clear();
+        state
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Every entry in the view now.
     pub(crate) fn snapshot(&self) -> Vec<(String, Arc<Instance>)> {
         self.lock()
@@ -512,6 +526,9 @@ impl Task {
                 }
                 _ => Decoded::Entry(key.to_owned(), instance),
             },
+            // Without a namespace every key in etcd is under the prefix: one
+            // that does not decode is another application's.
+            Err(_) if self.cfg.prefix.is_empty() => Decoded::Foreign,
             Err(error) => {
                 tracing::warn!(
                     key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),

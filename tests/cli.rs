@@ -174,6 +174,11 @@ async fn list_without_a_namespace_reads_every_key() {
     // no empty key, so this once failed with "key is not provided".
     let client = shared().client().await;
     let svc = unique("cli-root");
+    client
+        .clone()
+        .put(format!("{svc}-unrelated/config"), "not an instance", None)
+        .await
+        .unwrap();
     let _reg = Registration::builder(client)
         .service(&svc)
         .addr("127.0.0.1:7104")
@@ -188,4 +193,6 @@ async fn list_without_a_namespace_reads_every_key() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["services"][&svc][0]["addr"], "127.0.0.1:7104");
+    // Other applications' keys are not called undecodable entries.
+    assert_eq!(v["undecodable"], serde_json::json!([]));
 }
