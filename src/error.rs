@@ -83,8 +83,18 @@ pub enum Error {
     StartupDeadline {
         /// The start-up deadline.
         deadline: Duration,
-        /// The last failure seen.
-        last_error: String,
+        /// The last failure seen (its `source()` chain is kept).
+        #[source]
+        last_error: Box<Error>,
+    },
+
+    /// An instance id is empty or contains something the schema cannot store.
+    #[error("invalid instance id {id:?}: {reason}")]
+    InvalidInstanceId {
+        /// The rejected id.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
     },
 
     /// No endpoint appeared within the time waited for one.
@@ -121,6 +131,8 @@ impl Error {
                     tonic::Code::PermissionDenied
                         | tonic::Code::Unauthenticated
                         | tonic::Code::InvalidArgument
+                        // etcd's "too large lease TTL"
+                        | tonic::Code::OutOfRange
                 ),
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
                 _ => false,
@@ -130,6 +142,17 @@ impl Error {
             }
             Error::StartupDeadline { .. } | Error::NoEndpoints { .. } => false,
             _ => true,
+        }
+    }
+}
+
+/// An etcd error outside any named operation (for `?` in user code that
+/// mixes etcd-client calls with this crate's).
+impl From<etcd_client::Error> for Error {
+    fn from(source: etcd_client::Error) -> Self {
+        Error::Etcd {
+            op: "etcd request",
+            source,
         }
     }
 }

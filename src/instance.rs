@@ -135,6 +135,11 @@ pub(crate) fn parse_addr(addr: &str) -> Result<HostPort<'_>, Error> {
         addr: addr.to_owned(),
         reason: reason.to_owned(),
     };
+    if let Some((scheme, _)) = addr.split_once("://") {
+        return Err(invalid(&format!(
+            "write host:port without a scheme (found \"{scheme}://\"), e.g. 10.0.0.1:50051"
+        )));
+    }
     let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
         let (host, after) = rest
             .split_once(']')

@@ -205,6 +205,14 @@ impl RegistrationBuilder {
         if self.ttl < MIN_TTL {
             return Err(Error::TtlTooShort { ttl: self.ttl });
         }
+        if self.ttl.subsec_nanos() != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "ttl {:?} is not a whole number of seconds: etcd leases count whole \
+                 seconds; use e.g. Duration::from_secs({})",
+                self.ttl,
+                self.ttl.as_secs()
+            )));
+        }
         if self.request_timeout.is_zero() {
             return Err(Error::InvalidConfig(
                 "request_timeout must be above zero".into(),
@@ -253,7 +261,7 @@ impl RegistrationBuilder {
                     if Instant::now() + delay >= deadline {
                         return Err(Error::StartupDeadline {
                             deadline: self.startup_timeout,
-                            last_error: e.to_string(),
+                            last_error: Box::new(e),
                         });
                     }
                     worker.retrying(&e);

@@ -217,7 +217,12 @@ impl Schema for NamingSchema {
 
     fn encode(&self, instance: &Instance) -> Result<Encoded, Error> {
         self.validate_service(&instance.service)?;
-        check_name(&instance.id, "instance id", '/')?;
+        check_name(&instance.id, "instance id", '/').map_err(|e| match e {
+            Error::InvalidServiceName { name, reason } => {
+                Error::InvalidInstanceId { id: name, reason }
+            }
+            other => other,
+        })?;
         parse_addr(&instance.addr)?;
         let mut value = String::with_capacity(48 + instance.addr.len());
         value.push_str(r#"{"Op":0,"Addr":"#);

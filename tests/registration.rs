@@ -133,6 +133,23 @@ async fn invalid_input_is_refused_with_a_clear_error() {
     let many = (0..65).fold(b(), |b, i| b.service(format!("s{i}")));
     let e = err(many.register().await);
     assert!(e.to_string().contains("at most 64"), "{e}");
+    // Each mistake gets its own word, not a neighbour's.
+    let e = err(b()
+        .service("s")
+        .addr("http://10.0.0.1:5000")
+        .register()
+        .await);
+    assert!(matches!(e, Error::InvalidAddress { .. }), "{e}");
+    assert!(e.to_string().contains("without a scheme"), "{e}");
+    let e = err(b().service("s").id("a/b").register().await);
+    assert!(matches!(e, Error::InvalidInstanceId { .. }), "{e}");
+    assert!(e.to_string().contains("instance id"), "{e}");
+    let e = err(b()
+        .service("s")
+        .ttl(Duration::from_millis(2500))
+        .register()
+        .await);
+    assert!(e.to_string().contains("whole number of seconds"), "{e}");
 }
 
 #[tokio::test]
@@ -403,6 +420,11 @@ async fn startup_fails_clearly_when_etcd_stays_unreachable() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::StartupDeadline { .. }), "{err}");
+    let cause = std::error::Error::source(&err).expect("the last failure is kept as the source");
+    assert!(
+        cause.to_string().contains("etcd") || cause.to_string().contains("timed out"),
+        "{cause}"
+    );
     assert!(t.elapsed() < Duration::from_secs(3));
 }
 
