@@ -85,7 +85,7 @@ async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
     let wait = Duration::from_secs(5);
     Ok(match args.balancer {
         Kind::Own => {
-            let mut builder = Balancer::builder(client, &args.service).schema_arc(schema);
+            let mut builder = Balancer::builder(client, &args.service).schema(schema);
             if let Some(ca) = ca {
                 let mut tls = TlsConfig::new().ca_certificate(ca);
                 if let Some((cert, key)) = identity {
@@ -103,7 +103,7 @@ async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
             Either::Left(balancer)
         }
         Kind::Tonic => {
-            let mut builder = ChannelBuilder::new(client, &args.service).schema_arc(schema);
+            let mut builder = ChannelBuilder::new(client, &args.service).schema(schema);
             if let Some(ca) = ca {
                 let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
                 if let Some((cert, key)) = identity {

@@ -59,7 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client =
         etcd_client::Client::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
     let registration = Registration::builder(client)
-        .schema_arc(schema)
+        .schema(schema)
         .service(&args.service)
         .addr(&args.addr)
         .ttl(Duration::from_secs(args.ttl));

@@ -94,13 +94,6 @@ impl ChannelBuilder {
         self
     }
 
-    /// The layout, shared with other users.
-    #[must_use]
-    pub fn schema_arc(mut self, schema: Arc<dyn Schema>) -> Self {
-        self.discover = self.discover.schema_arc(schema);
-        self
-    }
-
     /// Per-endpoint settings: applied to every endpoint's
     /// `tonic::transport::Endpoint` (connect timeout, request timeout,
     /// HTTP/2 keep-alive, TLS, ...). The default sets a 2 s connect timeout

@@ -111,13 +111,6 @@ impl DiscoverBuilder {
         self
     }
 
-    /// The layout, shared with other users.
-    #[must_use]
-    pub fn schema_arc(mut self, schema: Arc<dyn Schema>) -> Self {
-        self.opts.schema = schema;
-        self
-    }
-
     /// The limit on each etcd request (default 5 s).
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {

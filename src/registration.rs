@@ -148,13 +148,6 @@ impl RegistrationBuilder {
         self
     }
 
-    /// The layout, shared with other users.
-    #[must_use]
-    pub fn schema_arc(mut self, schema: Arc<dyn Schema>) -> Self {
-        self.schema = schema;
-        self
-    }
-
     /// The lease TTL (default 10 s, at least 2 s): how long a crashed
     /// process's keys outlive it.
     #[must_use]
@@ -460,6 +453,13 @@ impl Worker {
 
     fn retrying(&self, error: &Error) {
         let attempt = self.backoff.attempts();
+        if attempt <= 1 && matches!(*self.state.borrow(), RegistrationState::Registering) {
+            // Said once, loudly, at start-up: the server is up but unknown to
+            // its clients until etcd answers.
+            tracing::error!(services = ?self.services, %error,
+                "etcd unreachable at start-up: serving unregistered and retrying \
+                 until the start-up deadline");
+        }
         tracing::warn!(services = ?self.services, attempt, %error, "etcd registration: retrying");
         self.set_state(RegistrationState::Retrying {
             attempt,

@@ -59,6 +59,35 @@ pub trait Schema: fmt::Debug + Send + Sync + 'static {
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError>;
 }
 
+/// A shared schema is a schema: builders take `Arc<dyn Schema>` (from
+/// [`by_name`], or shared between a registration and its clients) through
+/// the same `schema(..)` method as a concrete one.
+impl Schema for std::sync::Arc<dyn Schema> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn validate_service(&self, service: &str) -> Result<(), Error> {
+        (**self).validate_service(service)
+    }
+
+    fn service_prefix(&self, service: &str) -> String {
+        (**self).service_prefix(service)
+    }
+
+    fn root_prefix(&self) -> String {
+        (**self).root_prefix()
+    }
+
+    fn encode(&self, instance: &Instance) -> Result<Encoded, Error> {
+        (**self).encode(instance)
+    }
+
+    fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
+        (**self).decode(key, value)
+    }
+}
+
 /// A schema chosen by name, as command lines spell it: `naming` (with an
 /// optional namespace) or `colon` (which needs one).
 pub fn by_name(name: &str, namespace: Option<&str>) -> Result<std::sync::Arc<dyn Schema>, Error> {

@@ -4,8 +4,14 @@
 //! [`RegisteredServer::serve_with_shutdown`] is the one call:
 //!
 //! 1. the listener is bound (by the caller) and the server starts accepting;
-//! 2. only then is the instance registered (etcd briefly unreachable is
-//!    retried until the start-up deadline, then the call fails clearly);
+//! 2. only then is the instance registered. An unreachable etcd is retried
+//!    with back-off until the registration's start-up deadline (30 s by
+//!    default), then the call fails with [`Error::StartupDeadline`] carrying
+//!    the last etcd error. Meanwhile the server answers calls from clients
+//!    that already know its address but is in no client's view; the first
+//!    failure is logged at error level ("etcd unreachable at start-up"), the
+//!    health service says `NOT_SERVING`, and a shutdown signal ends it at
+//!    once;
 //! 3. when the shutdown signal fires, the instance is **deregistered first**,
 //!    the server keeps answering for a short grace period while clients see
 //!    the removal, then stops accepting and lets in-flight RPCs finish.

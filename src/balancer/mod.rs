@@ -182,13 +182,6 @@ impl BalancerBuilder {
         self
     }
 
-    /// The layout, shared with other users.
-    #[must_use]
-    pub fn schema_arc(mut self, schema: Arc<dyn Schema>) -> Self {
-        self.discover = self.discover.schema_arc(schema);
-        self
-    }
-
     /// Only instances for which `filter` returns true receive calls, e.g.
     /// `|i| i.metadata.get("version").as_deref() == Some("v2")`.
     #[must_use]

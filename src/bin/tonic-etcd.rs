@@ -394,7 +394,7 @@ async fn watch(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let mut discover = Discover::builder(client, service)
-        .schema_arc(schema)
+        .schema(schema)
         .request_timeout(timeout)
         .build()?;
     let mut known: BTreeMap<String, tonic_etcd::Instance> = BTreeMap::new();
@@ -443,7 +443,7 @@ async fn register(
         .into_iter()
         .fold(Metadata::new(), |m, (k, v)| m.with(k, v));
     let registration = Registration::builder(client)
-        .schema_arc(schema)
+        .schema(schema)
         .service(&service)
         .addr(&addr)
         .metadata(metadata)
