@@ -457,7 +457,7 @@ async fn a_backend_that_is_not_serving_gets_no_new_calls() {
 async fn a_registered_server_reports_not_serving_before_its_key_goes() {
     let svc = unique("health-shutdown");
     let etcd = shared();
-    // The server reaches etcd through a proxy that the test cuts, so its
+    // The server reaches etcd through a proxy that the test freezes, so its
     // deregistration waits while the health change must already be out.
     let proxy = proxy::Proxy::start(etcd.endpoint().trim_start_matches("http://").into()).await;
     let server_client =
@@ -483,7 +483,9 @@ async fn a_registered_server_reports_not_serving_before_its_key_goes() {
         .build()
         .unwrap();
     balancer.wait_for_ready(1, LIMIT).await.unwrap();
-    proxy.cut();
+    // Frozen, not cut: a refused connection can fail the revoke at once,
+    // and the server would be gone before its health change is seen.
+    proxy.freeze();
     stop.send(()).unwrap();
     eventually(LIMIT, "NOT_SERVING seen by the client", || async {
         balancer
@@ -503,6 +505,6 @@ async fn a_registered_server_reports_not_serving_before_its_key_goes() {
         .unwrap()
         .count();
     assert_eq!(key_present, 1, "the key is still there: health went first");
-    proxy.resume();
+    proxy.heal();
     let _ = tokio::time::timeout(LIMIT, server).await;
 }

@@ -128,8 +128,10 @@ impl Load {
     pub(crate) fn claim_probe(&self, now: u64) -> bool {
         let interval = self.cfg.probe_interval.as_micros() as u64;
         let last = self.picked_at.load(Ordering::Relaxed);
+        // Never picked (0): a new endpoint's first call comes at once, so its
+        // first answer replaces the prior.
         self.pending.load(Ordering::Relaxed) == 0
-            && now.saturating_sub(last) >= interval
+            && (last == 0 || now.saturating_sub(last) >= interval)
             && self
                 .picked_at
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -258,6 +260,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn one_probe_per_interval_and_only_when_idle() {
+        let l = load();
+        assert!(
+            l.claim_probe(l.now()),
+            "a new endpoint's first call is a probe"
+        );
         let l = load();
         let t = l.start();
         tokio::time::advance(Duration::from_secs(2)).await;
