@@ -334,9 +334,13 @@ impl Task {
         let mut fresh = HashMap::with_capacity(kvs.len());
         let mut skipped = 0;
         for kv in &kvs {
+            let Some(key) = utf8_key(kv) else {
+                skipped += 1;
+                continue;
+            };
             match self.decode(kv) {
-                Decoded::Entry(key, instance) => {
-                    fresh.insert(key, instance);
+                Decoded::Entry(instance) => {
+                    fresh.insert(key.to_owned(), instance);
                 }
                 Decoded::Skipped => skipped += 1,
                 Decoded::Foreign => {}
@@ -483,16 +487,15 @@ impl Task {
         for event in events {
             let Some(kv) = event.kv() else { continue };
             *last = (*last).max(kv.mod_revision());
-            // Keys are bytes: one that is not UTF-8 is skipped, in a DELETE
-            // too, so it can never stand for (and remove) a valid key.
-            let Ok(key) = std::str::from_utf8(kv.key()) else {
+            // Skipped in a DELETE too (see `utf8_key`).
+            let Some(key) = utf8_key(kv) else {
                 skipped += 1;
                 continue;
             };
             match event.event_type() {
                 EventType::Delete => state.remove(key),
                 EventType::Put => match self.decode(kv) {
-                    Decoded::Entry(_, instance) => state.upsert(key, instance),
+                    Decoded::Entry(instance) => state.upsert(key, instance),
                     // A key that was valid and no longer decodes is no
                     // longer an endpoint; others are untouched.
                     Decoded::Skipped => {
@@ -510,21 +513,15 @@ impl Task {
         }
     }
 
+    /// Decodes `kv` (whose key is UTF-8: see `utf8_key`).
     fn decode(&self, kv: &KeyValue) -> Decoded {
-        let Ok(key) = std::str::from_utf8(kv.key()) else {
-            tracing::warn!(
-                key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),
-                "skipping an etcd key that is not UTF-8"
-            );
-            return Decoded::Skipped;
-        };
         match self.schema.decode(kv.key(), kv.value()) {
             Ok(instance) => match &self.cfg.service {
                 Some(s) if *s != instance.service => {
                     // A nested service (`svc/sub/...`): not ours, not an error.
                     Decoded::Foreign
                 }
-                _ => Decoded::Entry(key.to_owned(), instance),
+                _ => Decoded::Entry(instance),
             },
             // Without a namespace every key in etcd is under the prefix: one
             // that does not decode is another application's.
@@ -541,9 +538,23 @@ impl Task {
     }
 }
 
+/// `kv`'s key as UTF-8, or `None` (with a warning): keys are bytes, and one
+/// that is not UTF-8 is skipped everywhere, so it can never stand for (or
+/// remove) a valid key.
+fn utf8_key(kv: &KeyValue) -> Option<&str> {
+    let key = std::str::from_utf8(kv.key()).ok();
+    if key.is_none() {
+        tracing::warn!(
+            key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),
+            "skipping an etcd key that is not UTF-8"
+        );
+    }
+    key
+}
+
 enum Decoded {
-    /// A valid entry under its (UTF-8) key.
-    Entry(String, Instance),
+    /// A valid entry.
+    Entry(Instance),
     Skipped,
     Foreign,
 }

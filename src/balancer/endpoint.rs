@@ -230,11 +230,13 @@ pub(crate) struct InFlight {
 
 impl InFlight {
     /// The response headers arrived: their latency feeds the estimate.
-    pub(crate) fn responded(&self) {
+    /// Returns the time of the sample.
+    pub(crate) fn responded(&self) -> u64 {
         let now = self.ep.load.now();
         self.ep
             .load
             .observe(now.saturating_sub(self.started) as f64, now);
+        now
     }
 
     /// Records how the call went (once; later calls are ignored).
@@ -257,10 +259,7 @@ impl InFlight {
     /// latency sample too, so a stalled endpoint looks slow, not idle.
     pub(crate) fn timed_out(mut self) {
         self.settled = true;
-        let now = self.ep.load.now();
-        self.ep
-            .load
-            .observe(now.saturating_sub(self.started) as f64, now);
+        let now = self.responded();
         self.ep.load.timed_out(now);
     }
 }

@@ -465,6 +465,14 @@ impl BalancerBuilder {
     }
 }
 
+impl CallConfig {
+    /// When the fail-fast gate closes, for a balancer without endpoints
+    /// since `empty_since`.
+    fn gate(&self, empty_since: Instant) -> Instant {
+        deadline_after(empty_since, self.no_endpoint_timeout)
+    }
+}
+
 const USER_AGENT: &str = concat!("tonic-etcd/", env!("CARGO_PKG_VERSION"));
 /// A new endpoint's latency until its first answer: conservative, so it is
 /// not flooded before it has a baseline (tower does the same); its first
@@ -475,6 +483,7 @@ const LATENCY_TAU: Duration = Duration::from_secs(2);
 /// An endpoint idle this long gets the next call, so none is starved.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A task that ends with its owner.
 #[derive(Debug)]
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -571,9 +580,11 @@ impl Balancer {
     /// Whether the fail-fast gate is closed: no endpoint has been in rotation
     /// for the no-endpoint timeout, and calls fail at once.
     pub fn failing_fast(&self) -> bool {
-        self.shared.info.borrow().empty_since.is_some_and(|since| {
-            deadline_after(since, self.calls.no_endpoint_timeout) <= Instant::now()
-        })
+        self.shared
+            .info
+            .borrow()
+            .empty_since
+            .is_some_and(|since| self.calls.gate(since) <= Instant::now())
     }
 
     /// Waits until at least `n` endpoints are in rotation, up to `timeout`.
@@ -676,7 +687,9 @@ async fn dispatch(
                         }
                         in_flight.settle(outcome);
                     }
-                    None => in_flight.responded(),
+                    None => {
+                        in_flight.responded();
+                    }
                 }
                 return Ok(response
                     .map(|body| tonic::body::Body::new(CallBody::new(body, timer, in_flight))));
@@ -806,7 +819,7 @@ async fn wait_for_endpoint(
     let Some(empty_since) = shared.info.borrow().empty_since else {
         return Ok(()); // one joined since the pick
     };
-    let gate = deadline_after(empty_since, cfg.no_endpoint_timeout);
+    let gate = cfg.gate(empty_since);
     let limit = if cfg.fail_fast {
         deadline.map_or(gate, |d| d.min(gate))
     } else {

@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tower::discover::Change;
 
 use super::endpoint::{connect, ConnConfig, Policy, Ready};
+use super::AbortOnDrop;
 use crate::backoff::Backoff;
 use crate::Instance;
 
@@ -341,7 +342,6 @@ async fn maintain(
                 if serve(&shared, &cfg, conn, &mut instance, &mut ejections).await {
                     return shared.forget(&key);
                 }
-                shared.set_state(&key, EndpointState::Connecting, &current, None);
                 if since.elapsed() >= HEALTHY_LIFETIME {
                     backoff.reset();
                 }
@@ -488,14 +488,6 @@ fn eject(shared: &Shared, ep: &Ready, ejections: &mut Ejections) -> Option<Insta
         seconds = time.as_secs_f64(), "endpoint ejected: its calls fail");
     crate::metrics::ejection(&shared.service);
     Some(crate::time::deadline_after(Instant::now(), time))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Resolves when the pool drops the endpoint. Metadata updates seen meanwhile

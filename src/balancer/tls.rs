@@ -199,11 +199,7 @@ impl Connector {
 
 /// The host of `host:port` (`[v6]:port` too) as a name to verify.
 fn host_name(addr: &str) -> Result<ServerName<'static>, BoxError> {
-    let host = match addr.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => addr,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = crate::instance::parse_addr(addr)?.host;
     ServerName::try_from(host.to_owned())
         .map_err(|e| format!("cannot verify TLS for host {host:?}: {e}").into())
 }
