@@ -1,5 +1,6 @@
 //! The crate's error type.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything that can go wrong in this crate.
@@ -69,6 +70,10 @@ pub enum Error {
         source: etcd_client::Error,
     },
 
+    /// etcd ended a stream (watch or keep-alive) that should have stayed open.
+    #[error("etcd ended the {0} stream")]
+    StreamEnded(&'static str),
+
     /// An etcd request did not complete in time.
     #[error("etcd {op} did not complete within {timeout:?}")]
     Timeout {
@@ -85,7 +90,7 @@ pub enum Error {
         deadline: Duration,
         /// The last failure seen (its `source()` chain is kept).
         #[source]
-        last_error: Box<Error>,
+        last_error: Arc<Error>,
     },
 
     /// An instance id is empty or contains something the schema cannot store.
@@ -137,9 +142,11 @@ impl Error {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
                 _ => false,
             },
-            Error::Timeout { .. } | Error::TaskGone(_) | Error::Io(_) | Error::Transport(_) => {
-                false
-            }
+            Error::Timeout { .. }
+            | Error::StreamEnded(_)
+            | Error::TaskGone(_)
+            | Error::Io(_)
+            | Error::Transport(_) => false,
             Error::StartupDeadline { .. } | Error::NoEndpoints { .. } => false,
             _ => true,
         }

@@ -1,0 +1,158 @@
+//! The etcd operations a registration makes, behind one small trait.
+//!
+//! The worker's timing (keep-alive interval, silence detection, back-off,
+//! start-up deadline, cancellation) is the hard part of registration and is
+//! tested on tokio's paused clock against an in-memory [`Store`]; the
+//! integration tests run the same worker against real etcd through the
+//! [`Client`] implementation below. Limits and retries are the worker's
+//! (through [`crate::retry`]), so a store call may hang forever like a
+//! partitioned etcd does.
+
+use std::future::Future;
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+use crate::schema::Encoded;
+
+pub(super) type EtcdResult<T> = Result<T, etcd_client::Error>;
+
+/// What registration needs from etcd.
+pub(super) trait Store: Clone + Send + Sync + 'static {
+    /// One keep-alive stream for one lease.
+    type KeepAlive: KeepAlive;
+
+    /// Grants a lease of `ttl` seconds.
+    fn grant(&self, ttl: i64) -> impl Future<Output = EtcdResult<i64>> + Send;
+
+    /// Writes every entry under `lease` atomically; returns, per key that
+    /// existed, the lease it was held by.
+    fn put(
+        &self,
+        entries: &[Encoded],
+        lease: i64,
+    ) -> impl Future<Output = EtcdResult<Vec<(String, i64)>>> + Send;
+
+    /// Opens a keep-alive stream; opening it renews the lease once.
+    fn attach(&self, lease: i64) -> impl Future<Output = EtcdResult<Self::KeepAlive>> + Send;
+
+    /// Whether every entry holds its value under `lease`. Must cost etcd no
+    /// write (see [`Client`]'s implementation).
+    fn intact(
+        &self,
+        entries: &[Encoded],
+        lease: i64,
+    ) -> impl Future<Output = EtcdResult<bool>> + Send;
+
+    /// Writes every entry under `lease` unless all are intact; true when it
+    /// wrote.
+    fn restore(
+        &self,
+        entries: &[Encoded],
+        lease: i64,
+    ) -> impl Future<Output = EtcdResult<bool>> + Send;
+
+    /// Revokes `lease`, deleting its keys.
+    fn revoke(&self, lease: i64) -> impl Future<Output = EtcdResult<()>> + Send;
+}
+
+/// A lease's keep-alive stream.
+pub(super) trait KeepAlive: Send + 'static {
+    /// Asks etcd to renew the lease.
+    fn send(&mut self) -> impl Future<Output = EtcdResult<()>> + Send;
+
+    /// The next answer: the lease's remaining TTL (0 when it is gone), or
+    /// `None` when the stream ended. Cancel-safe.
+    fn next(&mut self) -> impl Future<Output = EtcdResult<Option<i64>>> + Send;
+}
+
+fn compares(entries: &[Encoded], lease: i64) -> Vec<Compare> {
+    entries
+        .iter()
+        .flat_map(|e| {
+            [
+                Compare::value(e.key.as_str(), CompareOp::Equal, e.value.clone()),
+                Compare::lease(e.key.as_str(), CompareOp::Equal, lease),
+            ]
+        })
+        .collect()
+}
+
+fn put_ops(entries: &[Encoded], opts: &PutOptions) -> Vec<TxnOp> {
+    entries
+        .iter()
+        .map(|e| TxnOp::put(e.key.as_str(), e.value.clone(), Some(opts.clone())))
+        .collect()
+}
+
+impl Store for Client {
+    type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+    async fn grant(&self, ttl: i64) -> EtcdResult<i64> {
+        Ok(self.clone().lease_grant(ttl, None).await?.id())
+    }
+
+    async fn put(&self, entries: &[Encoded], lease: i64) -> EtcdResult<Vec<(String, i64)>> {
+        let opts = PutOptions::new().with_lease(lease).with_prev_key();
+        let previous = if let [only] = entries {
+            // One key needs no transaction: a plain put is atomic and cheaper.
+            let resp = Client::put(
+                &mut self.clone(),
+                only.key.clone(),
+                only.value.clone(),
+                Some(opts),
+            )
+            .await?;
+            vec![resp.prev_key().cloned()]
+        } else {
+            let txn = Txn::new().and_then(put_ops(entries, &opts));
+            let resp = self.clone().txn(txn).await?;
+            resp.op_responses()
+                .into_iter()
+                .map(|op| match op {
+                    TxnOpResponse::Put(put) => put.prev_key().cloned(),
+                    _ => None,
+                })
+                .collect()
+        };
+        Ok(previous
+            .into_iter()
+            .flatten()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+            .collect())
+    }
+
+    async fn attach(&self, lease: i64) -> EtcdResult<Self::KeepAlive> {
+        self.clone().lease_keep_alive(lease).await
+    }
+
+    /// A transaction of compares with no operation in either branch: etcd
+    /// serves it on its read path (`isTxnReadonly` holds only when every op
+    /// is a range), so a healthy registration costs etcd no Raft proposal and
+    /// no WAL write between keep-alives, which are not proposals either.
+    async fn intact(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
+        let check = Txn::new().when(compares(entries, lease));
+        Ok(self.clone().txn(check).await?.succeeded())
+    }
+
+    /// Guarded by the same compares, so a concurrent repair by another
+    /// attempt writes nothing twice.
+    async fn restore(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
+        let puts = put_ops(entries, &PutOptions::new().with_lease(lease));
+        let txn = Txn::new().when(compares(entries, lease)).or_else(puts);
+        Ok(!self.clone().txn(txn).await?.succeeded())
+    }
+
+    async fn revoke(&self, lease: i64) -> EtcdResult<()> {
+        self.clone().lease_revoke(lease).await.map(drop)
+    }
+}
+
+impl KeepAlive for (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream) {
+    async fn send(&mut self) -> EtcdResult<()> {
+        self.0.keep_alive().await
+    }
+
+    async fn next(&mut self) -> EtcdResult<Option<i64>> {
+        Ok(self.1.message().await?.map(|r| r.ttl()))
+    }
+}

@@ -1,0 +1,466 @@
+//! The worker's timing on tokio's paused clock, against an in-memory etcd
+//! that can go down, freeze (requests and keep-alive answers wait until it
+//! thaws, like a silent partition) and lose leases. The same paths run
+//! against real etcd in `tests/registration.rs` and `tests/partition.rs`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::store::{EtcdResult, KeepAlive, Store};
+use super::*;
+
+const KEY: &str = "svc/127.0.0.1:1";
+
+#[derive(Default)]
+struct State {
+    next_lease: i64,
+    /// Lease → (TTL in seconds, expiry).
+    leases: HashMap<i64, (i64, Instant)>,
+    /// Key → (value, lease).
+    keys: BTreeMap<String, (Vec<u8>, i64)>,
+    /// Every request fails with `Unavailable`.
+    down: bool,
+    /// Every request fails with this (a permanent answer).
+    refuse: Option<tonic::Code>,
+    /// Puts wait forever.
+    stall_puts: bool,
+    grants: u32,
+    puts: u32,
+    checks: u32,
+    restores: u32,
+    keep_alives: u32,
+    attaches: Vec<Instant>,
+    revoked: Vec<i64>,
+}
+
+impl State {
+    /// Drops expired leases and their keys, as etcd does.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let dead: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, (_, expiry))| *expiry <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.drop_lease(id);
+        }
+    }
+
+    fn drop_lease(&mut self, id: i64) {
+        self.leases.remove(&id);
+        self.keys.retain(|_, (_, lease)| *lease != id);
+    }
+
+    /// Renews `lease`; its remaining TTL, 0 when it is gone.
+    fn renew(&mut self, lease: i64) -> i64 {
+        self.expire();
+        self.keep_alives += 1;
+        match self.leases.get_mut(&lease) {
+            Some((ttl, expiry)) => {
+                *expiry = Instant::now() + Duration::from_secs(*ttl as u64);
+                *ttl
+            }
+            None => 0,
+        }
+    }
+
+    fn intact(&self, entries: &[Encoded], lease: i64) -> bool {
+        entries
+            .iter()
+            .all(|e| self.keys.get(&e.key) == Some(&(e.value.clone(), lease)))
+    }
+}
+
+/// An in-memory etcd.
+#[derive(Clone)]
+struct Fake {
+    state: Arc<Mutex<State>>,
+    frozen: Arc<watch::Sender<bool>>,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            frozen: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    /// Waits out a freeze, then fails if etcd is down or refusing.
+    async fn reach(&self) -> EtcdResult<MutexGuard<'_, State>> {
+        let _ = self.frozen.subscribe().wait_for(|f| !f).await;
+        let mut state = self.lock();
+        state.expire();
+        if state.down {
+            return Err(status(tonic::Code::Unavailable));
+        }
+        if let Some(code) = state.refuse {
+            return Err(status(code));
+        }
+        Ok(state)
+    }
+
+    fn lease_of(&self, key: &str) -> Option<i64> {
+        let mut state = self.lock();
+        state.expire();
+        state.keys.get(key).map(|(_, lease)| *lease)
+    }
+}
+
+fn status(code: tonic::Code) -> etcd_client::Error {
+    etcd_client::Error::GRpcStatus(tonic::Status::new(code, "fake etcd"))
+}
+
+impl Store for Fake {
+    type KeepAlive = FakeKeepAlive;
+
+    async fn grant(&self, ttl: i64) -> EtcdResult<i64> {
+        let mut state = self.reach().await?;
+        state.grants += 1;
+        state.next_lease += 1;
+        let id = state.next_lease;
+        let expiry = Instant::now() + Duration::from_secs(ttl as u64);
+        state.leases.insert(id, (ttl, expiry));
+        Ok(id)
+    }
+
+    fn put(
+        &self,
+        entries: &[Encoded],
+        lease: i64,
+    ) -> impl Future<Output = EtcdResult<Vec<(String, i64)>>> + Send {
+        let entries = entries.to_vec();
+        async move {
+            if self.lock().stall_puts {
+                std::future::pending::<()>().await;
+            }
+            let mut state = self.reach().await?;
+            state.puts += 1;
+            if !state.leases.contains_key(&lease) {
+                return Err(status(tonic::Code::NotFound));
+            }
+            let mut previous = Vec::new();
+            for e in entries {
+                if let Some((_, old)) = state.keys.insert(e.key.clone(), (e.value, lease)) {
+                    previous.push((e.key, old));
+                }
+            }
+            Ok(previous)
+        }
+    }
+
+    async fn attach(&self, lease: i64) -> EtcdResult<FakeKeepAlive> {
+        let mut state = self.reach().await?;
+        state.attaches.push(Instant::now());
+        if state.renew(lease) == 0 {
+            // What etcd-client says when the first answer has TTL 0.
+            return Err(etcd_client::Error::LeaseKeepAliveError(
+                "lease not found".into(),
+            ));
+        }
+        Ok(FakeKeepAlive {
+            fake: self.clone(),
+            lease,
+            asked: 0,
+        })
+    }
+
+    async fn intact(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
+        let mut state = self.reach().await?;
+        state.checks += 1;
+        Ok(state.intact(entries, lease))
+    }
+
+    async fn restore(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
+        let mut state = self.reach().await?;
+        if state.intact(entries, lease) {
+            return Ok(false);
+        }
+        state.restores += 1;
+        for e in entries {
+            state.keys.insert(e.key.clone(), (e.value.clone(), lease));
+        }
+        Ok(true)
+    }
+
+    async fn revoke(&self, lease: i64) -> EtcdResult<()> {
+        let mut state = self.reach().await?;
+        state.revoked.push(lease);
+        if !state.leases.contains_key(&lease) {
+            return Err(status(tonic::Code::NotFound));
+        }
+        state.drop_lease(lease);
+        Ok(())
+    }
+}
+
+struct FakeKeepAlive {
+    fake: Fake,
+    lease: i64,
+    /// Keep-alives sent and not answered yet.
+    asked: u32,
+}
+
+impl KeepAlive for FakeKeepAlive {
+    async fn send(&mut self) -> EtcdResult<()> {
+        self.asked += 1;
+        Ok(())
+    }
+
+    async fn next(&mut self) -> EtcdResult<Option<i64>> {
+        if self.fake.lock().down {
+            // A closed connection fails the stream.
+            return Err(status(tonic::Code::Unavailable));
+        }
+        if self.asked == 0 {
+            // Only a send (after this future is dropped) brings an answer.
+            std::future::pending::<()>().await;
+        }
+        let _ = self.fake.frozen.subscribe().wait_for(|f| !f).await;
+        self.asked -= 1;
+        Ok(Some(self.fake.lock().renew(self.lease)))
+    }
+}
+
+fn spec(ttl: u64) -> Spec {
+    let schema: Arc<dyn Schema> = Arc::new(NamingSchema::new());
+    let services = vec!["svc".to_owned()];
+    let addr = "127.0.0.1:1".to_owned();
+    let entries = encode_all(&*schema, &services, &addr, None, &Metadata::new()).unwrap();
+    Spec {
+        schema,
+        services,
+        addr,
+        id: None,
+        entries,
+        ttl: Duration::from_secs(ttl),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn registered(fake: &Fake, ttl: u64) -> Registration {
+    start(fake.clone(), spec(ttl), Duration::from_secs(30))
+        .await
+        .unwrap()
+}
+
+/// Lets the worker run until the clock has moved `by`.
+async fn run_for(by: Duration) {
+    tokio::time::sleep(by).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn steady_state_renews_every_third_of_the_ttl_and_writes_nothing() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    run_for(Duration::from_millis(10_500)).await;
+    let state = fake.lock();
+    assert_eq!((state.grants, state.puts, state.restores), (1, 1, 0));
+    // One on attaching, then one per second.
+    assert_eq!(state.keep_alives, 11);
+    assert_eq!(state.checks, 10);
+    drop(state);
+    assert_eq!(reg.lease_id(), Some(1));
+}
+
+/// A partition shorter than the TTL must not cost the lease: silence is
+/// noticed at half the TTL, and the re-attach that waits out the freeze
+/// lands before the lease expires, for the shortest TTL etcd allows too.
+#[tokio::test(start_paused = true)]
+async fn a_freeze_shorter_than_the_ttl_keeps_the_lease() {
+    for ttl in [2, 3, 10] {
+        let fake = Fake::new();
+        let reg = registered(&fake, ttl).await;
+        let mut states = reg.watch_state();
+        let ttl_d = Duration::from_secs(ttl);
+        run_for(ttl_d).await;
+        fake.freeze(true);
+        // Silence is noticed within half the TTL past the last answer.
+        let noticed = tokio::time::timeout(ttl_d / 2 + Duration::from_millis(10), async {
+            states
+                .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
+                .await
+                .map(drop)
+        })
+        .await;
+        assert!(
+            noticed.is_ok(),
+            "TTL {ttl}s: silence not noticed within TTL/2"
+        );
+        run_for(ttl_d * 7 / 10 - ttl_d / 2).await;
+        fake.freeze(false);
+        run_for(ttl_d).await;
+        let state = fake.lock();
+        assert_eq!(state.grants, 1, "TTL {ttl}s: the lease was lost");
+        assert!(state.attaches.len() >= 2, "TTL {ttl}s: never re-attached");
+        drop(state);
+        assert_eq!(reg.lease_id(), Some(1), "TTL {ttl}s");
+        assert_eq!(fake.lease_of(KEY), Some(1), "TTL {ttl}s");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_longer_than_the_ttl_registers_under_a_new_lease() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    fake.freeze(true);
+    run_for(Duration::from_secs(5)).await;
+    fake.freeze(false);
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(fake.lock().grants, 2);
+    assert_eq!(reg.lease_id(), Some(2));
+    assert_eq!(fake.lease_of(KEY), Some(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_is_replaced_within_one_interval() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    run_for(Duration::from_millis(100)).await;
+    fake.lock().drop_lease(1);
+    let t0 = Instant::now();
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| *s == RegistrationState::Registered { lease_id: 2 })
+        .await
+        .unwrap();
+    assert!(t0.elapsed() <= Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(fake.lease_of(KEY), Some(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_key_is_restored_within_one_interval() {
+    let fake = Fake::new();
+    let _reg = registered(&fake, 3).await;
+    run_for(Duration::from_millis(100)).await;
+    fake.lock().keys.clear();
+    run_for(Duration::from_secs(1)).await;
+    assert_eq!(fake.lease_of(KEY), Some(1));
+    assert_eq!(fake.lock().restores, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_up_backs_off_until_its_deadline() {
+    let fake = Fake::new();
+    fake.lock().down = true;
+    let mut spec = spec(3);
+    spec.request_timeout = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let err = start(fake.clone(), spec, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert!(took <= Duration::from_secs(5), "{took:?}");
+    assert!(took >= Duration::from_secs(4), "gave up early: {took:?}");
+    let Error::StartupDeadline { last_error, .. } = &err else {
+        panic!("{err}");
+    };
+    assert!(last_error.to_string().contains("fake etcd"), "{err}");
+    assert_eq!(fake.lock().grants, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_refusal_ends_start_up_at_once() {
+    let fake = Fake::new();
+    fake.lock().refuse = Some(tonic::Code::OutOfRange);
+    let t0 = Instant::now();
+    let err = start(fake.clone(), spec(3), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert!(err.is_permanent(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn deregister_revokes_the_lease() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    let mut states = reg.watch_state();
+    reg.deregister().await.unwrap();
+    assert_eq!(fake.lease_of(KEY), None);
+    assert_eq!(fake.lock().revoked, [1]);
+    assert_eq!(*states.borrow_and_update(), RegistrationState::Deregistered);
+}
+
+/// The worker is re-registering when told to stop: its lease is granted
+/// but the put hangs. `deregister` returns at once, and the abandoned
+/// attempt's lease is revoked, so no key can appear under it later.
+#[tokio::test(start_paused = true)]
+async fn deregister_during_re_registration_leaves_no_lease() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    fake.lock().stall_puts = true;
+    fake.lock().drop_lease(1);
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| matches!(s, RegistrationState::Lost { .. }))
+        .await
+        .unwrap();
+    run_for(Duration::from_millis(100)).await;
+    assert_eq!(fake.lock().grants, 2, "the new lease is granted");
+    let t0 = Instant::now();
+    reg.deregister().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(10),
+        "{:?}",
+        t0.elapsed()
+    );
+    run_for(Duration::from_millis(100)).await;
+    let state = fake.lock();
+    assert_eq!(state.revoked, [2]);
+    assert!(state.leases.is_empty() && state.keys.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_handle_revokes_the_lease() {
+    let fake = Fake::new();
+    drop(registered(&fake, 3).await);
+    run_for(Duration::from_millis(100)).await;
+    assert_eq!(fake.lock().revoked, [1]);
+    assert_eq!(fake.lease_of(KEY), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn metadata_is_written_now_or_after_an_outage() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    let value = |fake: &Fake| {
+        let state = fake.lock();
+        String::from_utf8(state.keys[KEY].0.clone()).unwrap()
+    };
+    reg.update_metadata(Metadata::new().with("zone", "a"))
+        .await
+        .unwrap();
+    assert!(value(&fake).contains("\"a\""), "{}", value(&fake));
+
+    fake.lock().down = true;
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    reg.update_metadata(Metadata::new().with("zone", "b"))
+        .await
+        .unwrap();
+    assert!(t0.elapsed() <= Duration::from_secs(6), "{:?}", t0.elapsed());
+    fake.lock().down = false;
+    run_for(Duration::from_secs(1)).await;
+    assert!(value(&fake).contains("\"b\""), "{}", value(&fake));
+    assert_eq!(reg.lease_id(), Some(1));
+}

@@ -1,0 +1,527 @@
+//! The task that owns a registration: it grants the lease, writes the keys,
+//! keeps both alive, takes commands from the [`Registration`](super::Registration)
+//! handle, and revokes the lease when it stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::store::{KeepAlive, Store};
+use super::{encode_all, RegistrationState};
+use crate::backoff::Backoff;
+use crate::retry::with_timeout;
+use crate::schema::{Encoded, Schema};
+use crate::{Error, Metadata};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The keep-alive interval never drops below this, whatever the TTL.
+const MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A request from the handle.
+pub(super) enum Command {
+    /// New metadata for every key; answered once written (or kept for the
+    /// next registration while etcd is unreachable).
+    Metadata(Metadata, oneshot::Sender<Result<(), Error>>),
+}
+
+/// What the worker needs to know about the instance.
+pub(super) struct Spec {
+    pub(super) schema: Arc<dyn Schema>,
+    pub(super) services: Vec<String>,
+    pub(super) addr: String,
+    pub(super) id: Option<String>,
+    pub(super) entries: Vec<Encoded>,
+    pub(super) ttl: Duration,
+    pub(super) request_timeout: Duration,
+}
+
+pub(super) struct Worker<S> {
+    store: S,
+    spec: Spec,
+    ttl_secs: i64,
+    state: watch::Sender<RegistrationState>,
+    backoff: Backoff,
+    /// Metadata changed while no lease was attached; the next repair writes it.
+    unwritten: bool,
+}
+
+/// Why a keep-alive session ended.
+enum SessionEnd {
+    Stopped,
+    LeaseLost(String),
+}
+
+impl<S: Store> Worker<S> {
+    pub(super) fn new(store: S, spec: Spec, state: watch::Sender<RegistrationState>) -> Self {
+        Self {
+            store,
+            ttl_secs: i64::try_from(spec.ttl.as_secs()).unwrap_or(i64::MAX),
+            spec,
+            state,
+            backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            unwritten: false,
+        }
+    }
+
+    pub(super) fn keys(&self) -> Vec<String> {
+        self.spec.entries.iter().map(|e| e.key.clone()).collect()
+    }
+
+    /// The first registration, retried until `deadline`; permanent errors
+    /// end it at once. Cancellation-safe (see [`register_once`](Self::register_once)).
+    pub(super) async fn start(&mut self, deadline: Instant, limit: Duration) -> Result<i64, Error> {
+        let timed_out = |last_error| Error::StartupDeadline {
+            deadline: limit,
+            last_error,
+        };
+        let mut last = None;
+        loop {
+            // An attempt in flight at the deadline is cut off there (and
+            // revokes what it granted).
+            let attempt = tokio::time::timeout_at(deadline, self.register_once()).await;
+            match attempt {
+                Ok(Ok(lease)) => {
+                    self.backoff.reset();
+                    return Ok(lease);
+                }
+                Ok(Err(e)) if e.is_permanent() => return Err(e),
+                Ok(Err(e)) => {
+                    let delay = self.backoff.next_delay();
+                    let e = Arc::new(e);
+                    if Instant::now() + delay >= deadline {
+                        return Err(timed_out(e));
+                    }
+                    self.retrying(e.clone());
+                    last = Some(e);
+                    tokio::time::sleep(delay).await;
+                }
+                Err(_) => {
+                    return Err(timed_out(last.unwrap_or_else(|| {
+                        Arc::new(Error::Timeout {
+                            op: "registration",
+                            timeout: limit,
+                        })
+                    })));
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, state: RegistrationState) {
+        crate::metrics::registration_state(&self.spec.services, &state);
+        self.state.send_replace(state);
+    }
+
+    fn retrying(&self, error: impl Into<Arc<Error>>) {
+        let error = error.into();
+        let attempt = self.backoff.attempts();
+        let services = &self.spec.services;
+        if attempt <= 1 && matches!(*self.state.borrow(), RegistrationState::Registering) {
+            // Said once, loudly, at start-up: the server is up but unknown to
+            // its clients until etcd answers.
+            tracing::error!(?services, %error,
+                "etcd unreachable at start-up: serving unregistered and retrying \
+                 until the start-up deadline");
+        }
+        tracing::warn!(?services, attempt, %error, "etcd registration: retrying");
+        self.set_state(RegistrationState::Retrying { attempt, error });
+    }
+
+    /// Grants a lease and writes every key with it.
+    ///
+    /// Cancellation-safe: when the future is dropped (deregistration or
+    /// shutdown during start-up or re-registration) after the lease was
+    /// granted, the lease, and with it any key already written, is revoked
+    /// in the background, so clients do not keep routing to a server that
+    /// is leaving for up to a TTL. A grant whose answer never arrived leaves
+    /// a lease without keys, which expires unseen.
+    async fn register_once(&self) -> Result<i64, Error> {
+        let (ttl, timeout) = (self.ttl_secs, self.spec.request_timeout);
+        let lease = with_timeout("lease grant", timeout, || self.store.grant(ttl)).await?;
+        let guard = RevokeOnDrop::new(self.store.clone(), lease, timeout);
+        // On error the guard revokes: no lease (and maybe keys, if the write
+        // was applied after all) is left behind; the next attempt starts clean.
+        self.put(lease).await?;
+        guard.disarm();
+        tracing::info!(services = ?self.spec.services, lease, "registered in etcd");
+        self.set_state(RegistrationState::Registered { lease_id: lease });
+        Ok(lease)
+    }
+
+    /// Writes every entry under `lease`, warning about keys that were held by
+    /// another lease.
+    async fn put(&self, lease: i64) -> Result<(), Error> {
+        let entries = &self.spec.entries;
+        let previous = with_timeout("put", self.spec.request_timeout, || {
+            self.store.put(entries, lease)
+        })
+        .await?;
+        for (key, old_lease) in previous {
+            if old_lease != 0 && old_lease != lease {
+                tracing::warn!(%key, old_lease,
+                    "overwrote a key held by another lease (a previous process at this address?)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the registration alive until stopped, then revokes the lease.
+    pub(super) async fn run(
+        mut self,
+        mut lease: i64,
+        mut stop: watch::Receiver<bool>,
+        mut commands: mpsc::Receiver<Command>,
+    ) -> Result<(), Error> {
+        // Whether `lease` is still ours to revoke.
+        let mut live = true;
+        loop {
+            match self.keep_alive(lease, &mut stop, &mut commands).await {
+                SessionEnd::Stopped => break,
+                SessionEnd::LeaseLost(reason) => {
+                    tracing::warn!(services = ?self.spec.services, lease, %reason,
+                        "etcd lease lost; registering again");
+                    crate::metrics::lease_lost(&self.spec.services);
+                    self.set_state(RegistrationState::Lost { reason });
+                    match self.reregister(&mut stop, &mut commands).await {
+                        Some(l) => lease = l,
+                        None => {
+                            // Stopped mid-way: the old lease is gone and an
+                            // abandoned attempt revokes its own.
+                            live = false;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let result = if live {
+            revoke(&self.store, lease, self.spec.request_timeout).await
+        } else {
+            Ok(())
+        };
+        let services = &self.spec.services;
+        match &result {
+            Ok(()) => tracing::info!(?services, lease, "deregistered from etcd"),
+            Err(e) => tracing::warn!(?services, lease, error = %e,
+                "deregistration failed; the keys expire with the lease"),
+        }
+        self.set_state(RegistrationState::Deregistered);
+        result
+    }
+
+    /// Grants a new lease and writes every key, retrying until it works or
+    /// the registration is stopped (`None`).
+    async fn reregister(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Option<i64> {
+        loop {
+            let attempt = tokio::select! {
+                biased;
+                () = stopped(stop) => return None,
+                r = self.register_once() => r,
+            };
+            match attempt {
+                Ok(lease) => {
+                    self.backoff.reset();
+                    return Some(lease);
+                }
+                Err(e) => {
+                    self.retrying(e);
+                    let delay = self.backoff.next_delay();
+                    if !self.pause(delay, stop, commands).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `delay` while answering commands (no lease to write under:
+    /// new metadata waits for the next registration); false when stopped.
+    async fn pause(
+        &mut self,
+        delay: Duration,
+        stop: &mut watch::Receiver<bool>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                () = stopped(stop) => return false,
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd, None, stop).await,
+                    None => return false,
+                },
+                () = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+
+    /// Carries out a command; with a lease, new metadata is written at once.
+    async fn command(
+        &mut self,
+        cmd: Command,
+        lease: Option<i64>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let Command::Metadata(metadata, reply) = cmd;
+        let spec = &self.spec;
+        let result = match encode_all(
+            &*spec.schema,
+            &spec.services,
+            &spec.addr,
+            spec.id.as_deref(),
+            &metadata,
+        ) {
+            Err(e) => Err(e),
+            Ok(entries) => {
+                self.spec.entries = entries;
+                match lease {
+                    // Written by the next registration, or by the repair
+                    // after re-attaching.
+                    None => {
+                        self.unwritten = true;
+                        Ok(())
+                    }
+                    Some(lease) => tokio::select! {
+                        biased;
+                        () = stopped(stop) => Err(Error::TaskGone("registration")),
+                        r = self.put(lease) => r,
+                    },
+                }
+            }
+        };
+        let _ = reply.send(result);
+    }
+
+    /// One lease's life: attach a keep-alive stream, keep it fed and drained,
+    /// re-attach when it fails, until the lease is lost or we are stopped.
+    async fn keep_alive(
+        &mut self,
+        lease: i64,
+        stop: &mut watch::Receiver<bool>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> SessionEnd {
+        let interval = (self.spec.ttl / 3).max(MIN_INTERVAL);
+        let mut first = true;
+        loop {
+            let store = self.store.clone();
+            let attach = with_timeout("lease keep-alive", self.spec.request_timeout, move || {
+                let store = store.clone();
+                async move { store.attach(lease).await }
+            });
+            tokio::pin!(attach);
+            // Commands are answered meanwhile: attaching can take a whole
+            // request timeout against an unreachable etcd.
+            let attached = loop {
+                tokio::select! {
+                    biased;
+                    () = stopped(stop) => return SessionEnd::Stopped,
+                    r = &mut attach => break r,
+                    cmd = commands.recv() => match cmd {
+                        Some(cmd) => self.command(cmd, None, stop).await,
+                        None => return SessionEnd::Stopped,
+                    },
+                }
+            };
+            let mut session = match attached {
+                Ok(session) => session,
+                Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost(e.to_string()),
+                Err(e) => {
+                    self.retrying(e);
+                    let delay = self.backoff.next_delay();
+                    if !self.pause(delay, stop, commands).await {
+                        return SessionEnd::Stopped;
+                    }
+                    continue;
+                }
+            };
+            let renewed = Instant::now();
+            if !first {
+                tracing::info!(services = ?self.spec.services, lease, "re-attached to the same etcd lease");
+            }
+            // Keys may have been removed while we were away, or have new
+            // metadata to carry.
+            if (!first || self.unwritten)
+                && self.repair_until(lease, renewed + interval, stop).await
+            {
+                return SessionEnd::Stopped;
+            }
+            first = false;
+            self.backoff.reset();
+            self.set_state(RegistrationState::Registered { lease_id: lease });
+
+            // Attaching already renewed the lease.
+            let mut last_ack = renewed;
+            let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let broken = loop {
+                // A stream that stops answering is as dead as one that
+                // errors: partitions hang silently. Detected after one and a
+                // half keep-alive intervals (half the TTL), so re-attaching
+                // to the same lease can still succeed before it expires.
+                let silent_deadline = last_ack + interval + interval / 2;
+                tokio::select! {
+                    biased;
+                    () = stopped(stop) => return SessionEnd::Stopped,
+                    msg = session.next() => match msg {
+                        Ok(Some(ttl)) if ttl <= 0 => {
+                            return SessionEnd::LeaseLost("keep-alive answered TTL 0".into());
+                        }
+                        Ok(Some(_)) => last_ack = Instant::now(),
+                        Ok(None) => break Error::StreamEnded("lease keep-alive"),
+                        Err(source) => break Error::Etcd { op: "lease keep-alive", source },
+                    },
+                    cmd = commands.recv() => match cmd {
+                        Some(cmd) => self.command(cmd, Some(lease), stop).await,
+                        None => return SessionEnd::Stopped,
+                    },
+                    _ = tick.tick() => {
+                        if let Err(source) = session.send().await {
+                            break Error::Etcd { op: "lease keep-alive send", source };
+                        }
+                        // Bounded so that a check stuck on a frozen etcd
+                        // cannot hide the silence of the keep-alive stream.
+                        if self.repair_until(lease, silent_deadline, stop).await {
+                            return SessionEnd::Stopped;
+                        }
+                    }
+                    () = tokio::time::sleep_until(silent_deadline) => {
+                        break Error::Timeout {
+                            op: "lease keep-alive answer",
+                            timeout: silent_deadline - last_ack,
+                        };
+                    }
+                }
+            };
+            tracing::warn!(services = ?self.spec.services, lease, reason = %broken,
+                "etcd keep-alive broken; re-attaching");
+            self.set_state(RegistrationState::Retrying {
+                attempt: self.backoff.attempts(),
+                error: Arc::new(broken),
+            });
+        }
+    }
+
+    /// Runs [`repair`](Self::repair) until `deadline` unless asked to stop
+    /// first; true when stopped. The check can take a whole request timeout
+    /// against a slow etcd, and neither `deregister` nor the keep-alive may
+    /// wait for it; an unfinished check runs again next tick.
+    async fn repair_until(
+        &mut self,
+        lease: i64,
+        deadline: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            biased;
+            () = stopped(stop) => true,
+            _ = tokio::time::timeout_at(deadline, self.repair(lease)) => false,
+        }
+    }
+
+    /// Writes back any key that is missing, changed, or under another lease,
+    /// or that lacks metadata updated while etcd was away. The check costs
+    /// etcd no write; only when it fails does a guarded put follow.
+    async fn repair(&mut self, lease: i64) {
+        let (entries, timeout) = (&self.spec.entries, self.spec.request_timeout);
+        match with_timeout("key check", timeout, || self.store.intact(entries, lease)).await {
+            Ok(true) => return self.unwritten = false,
+            Ok(false) => {}
+            // The keep-alive path notices real outages; this is only a check.
+            Err(e) => return tracing::debug!(error = %e, "key check failed"),
+        }
+        let services = &self.spec.services;
+        match with_timeout("key repair", timeout, || self.store.restore(entries, lease)).await {
+            Ok(true) if self.unwritten => {
+                tracing::info!(
+                    ?services,
+                    lease,
+                    "wrote the metadata updated while etcd was away"
+                );
+            }
+            Ok(true) => tracing::warn!(
+                ?services,
+                lease,
+                "a registered key was deleted or changed by someone else; restored it"
+            ),
+            Ok(false) => {}
+            Err(e) => return tracing::debug!(error = %e, "key repair failed"),
+        }
+        self.unwritten = false;
+    }
+}
+
+async fn revoke<S: Store>(store: &S, lease: i64, timeout: Duration) -> Result<(), Error> {
+    match with_timeout("lease revoke", timeout, || store.revoke(lease)).await {
+        Ok(()) => Ok(()),
+        // Already gone: so are its keys.
+        Err(e) if is_lease_not_found(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Revokes a freshly granted lease unless disarmed: makes a registration
+/// attempt safe to cancel.
+struct RevokeOnDrop<S: Store> {
+    armed: Option<(S, i64, Duration)>,
+}
+
+impl<S: Store> RevokeOnDrop<S> {
+    fn new(store: S, lease: i64, timeout: Duration) -> Self {
+        Self {
+            armed: Some((store, lease, timeout)),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = None;
+    }
+}
+
+impl<S: Store> Drop for RevokeOnDrop<S> {
+    fn drop(&mut self) {
+        let Some((store, lease, timeout)) = self.armed.take() else {
+            return;
+        };
+        tracing::debug!(lease, "registration attempt abandoned; revoking its lease");
+        // A drop outside a runtime (at process exit) leaves the lease to expire.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = revoke(&store, lease, timeout).await;
+            });
+        }
+    }
+}
+
+/// etcd's "requested lease not found" (gRPC `NotFound`: no other lease RPC
+/// answers it), or etcd-client's check of the first keep-alive answer (TTL
+/// 0), which has no code.
+fn is_lease_not_found(e: &Error) -> bool {
+    match e {
+        Error::Etcd { source, .. } => match source {
+            etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+            etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Resolves once the owner asked to stop or went away.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
