@@ -143,3 +143,65 @@ async fn a_server_partitioned_longer_than_its_ttl_is_back_within_a_second_of_the
     assert_ne!(reg.lease_id(), lease, "a new lease: the old one expired");
     reg.deregister().await.unwrap();
 }
+
+/// A partition shorter than the TTL: the server notices the silence at half
+/// the TTL and re-attaches to the same lease when bytes move again, so its
+/// key is never deleted and clients never see it leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_partitioned_shorter_than_its_ttl_keeps_its_lease_and_key() {
+    let etcd = Etcd::start();
+    let observer = etcd.client().await;
+    let proxy = FaultProxy::start(etcd.endpoint().trim_start_matches("http://").into()).await;
+    let reg = Registration::builder(through(&proxy).await)
+        .service(unique("briefly-partitioned"))
+        .addr("127.0.0.1:7604")
+        .ttl(Duration::from_secs(3))
+        .register()
+        .await
+        .unwrap();
+    let key = reg.keys()[0].clone();
+    let lease = reg.lease_id();
+    let mut events = observer.clone().watch(key.as_str(), None).await.unwrap();
+    let mut states = reg.watch_state();
+    // Just granted: the lease has its whole TTL ahead.
+    proxy.freeze();
+    tokio::time::timeout(LIMIT, async {
+        states
+            .wait_for(|s| matches!(s, tonic_etcd::RegistrationState::Retrying { .. }))
+            .await
+            .map(drop)
+    })
+    .await
+    .expect("the silence noticed")
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.thaw();
+    tokio::time::timeout(LIMIT, async {
+        states
+            .wait_for(|s| matches!(s, tonic_etcd::RegistrationState::Registered { .. }))
+            .await
+            .map(drop)
+    })
+    .await
+    .expect("registered again")
+    .unwrap();
+    assert_eq!(reg.lease_id(), lease, "re-attached to the same lease");
+    // Past the old lease's expiry: had the re-attach failed, the key would
+    // be gone by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(get(&observer, &key).await.is_some());
+    let deleted = tokio::time::timeout(Duration::from_millis(100), async {
+        while let Some(Ok(resp)) = events.next().await {
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(deleted.is_err(), "the key was deleted during the partition");
+    reg.deregister().await.unwrap();
+}
