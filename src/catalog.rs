@@ -17,9 +17,9 @@ use etcd_client::Client;
 use futures_core::Stream;
 use tokio::sync::watch;
 
-use crate::discovery::ViewOptions;
 use crate::schema::{DecodeError, Schema};
-use crate::watcher::{self, ViewChange, WatchConfig, WatchStatus, Watched};
+use crate::time::Waited;
+use crate::watcher::{self, ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
 use crate::{Error, Instance};
 
 /// A change to the catalog.
@@ -181,14 +181,11 @@ impl Catalog {
     /// Waits until the first listing is done, so that a snapshot is complete.
     pub async fn synced(&self, timeout: Duration) -> Result<(), Error> {
         let mut status = self.status();
-        let waited = tokio::time::timeout(timeout, async {
-            status.wait_for(|s| s.synced).await.map(|_| ())
-        })
-        .await;
-        match waited {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Error::TaskGone("catalog")),
-            Err(_) => Err(Error::Timeout {
+        let deadline = crate::time::deadline_after(tokio::time::Instant::now(), timeout);
+        match crate::time::wait_until(&mut status, deadline, |s| s.synced).await {
+            Waited::Ready => Ok(()),
+            Waited::Gone => Err(Error::TaskGone("catalog")),
+            Waited::TimedOut => Err(Error::Timeout {
                 op: "catalog listing",
                 timeout,
             }),

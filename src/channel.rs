@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::transport::channel::Change as TonicChange;
 use tonic::transport::{Channel, Endpoint};
@@ -43,6 +44,7 @@ use tower::Service;
 
 use crate::discovery::{Discover, DiscoverBuilder};
 use crate::schema::Schema;
+use crate::time::Waited;
 use crate::{Error, Instance};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -249,10 +251,11 @@ async fn wait_for_endpoints(
     service: &str,
     timeout: Duration,
 ) -> Result<(), Error> {
-    match tokio::time::timeout(timeout, endpoints.wait_for(|n| *n > 0)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(_)) => Err(Error::TaskGone("discovery")),
-        Err(_) => Err(Error::NoEndpoints {
+    let deadline = crate::time::deadline_after(Instant::now(), timeout);
+    match crate::time::wait_until(&mut endpoints, deadline, |n| *n > 0).await {
+        Waited::Ready => Ok(()),
+        Waited::Gone => Err(Error::TaskGone("discovery")),
+        Waited::TimedOut => Err(Error::NoEndpoints {
             service: service.to_owned(),
             timeout,
         }),

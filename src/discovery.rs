@@ -50,41 +50,9 @@ use futures_core::Stream;
 use tokio::sync::watch;
 use tower::discover::Change;
 
-use crate::schema::{NamingSchema, Schema};
-use crate::watcher::{self, ViewChange, WatchConfig, WatchStatus, Watched};
+use crate::schema::Schema;
+use crate::watcher::{self, ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
 use crate::{Error, Instance};
-
-pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(10);
-
-/// Options shared by every etcd view ([`Discover`], [`Catalog`](crate::Catalog)).
-#[derive(Debug, Clone)]
-pub(crate) struct ViewOptions {
-    pub(crate) schema: Arc<dyn Schema>,
-    pub(crate) request_timeout: Duration,
-    pub(crate) idle: Duration,
-}
-
-impl Default for ViewOptions {
-    fn default() -> Self {
-        Self {
-            schema: Arc::new(NamingSchema::new()),
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            idle: DEFAULT_IDLE,
-        }
-    }
-}
-
-impl ViewOptions {
-    pub(crate) fn check(&self) -> Result<(), Error> {
-        if self.request_timeout.is_zero() || self.idle.is_zero() {
-            return Err(Error::InvalidConfig(
-                "request_timeout and idle_timeout must be above zero".into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Options for a [`Discover`]. Created by [`Discover::builder`].
 #[derive(Clone)]
@@ -104,7 +72,7 @@ impl std::fmt::Debug for DiscoverBuilder {
 }
 
 impl DiscoverBuilder {
-    /// The key layout (default [`NamingSchema::new`]).
+    /// The key layout (default [`NamingSchema::new`](crate::NamingSchema::new)).
     #[must_use]
     pub fn schema(mut self, schema: impl Schema) -> Self {
         self.opts.schema = Arc::new(schema);

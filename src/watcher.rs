@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::retry::with_timeout;
-use crate::schema::Schema;
+use crate::schema::{NamingSchema, Schema};
 use crate::{Error, Instance};
 
 const PAGE_SIZE: i64 = 1000;
@@ -43,7 +43,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What the view's task is doing, for readiness checks and monitoring.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct WatchStatus {
     /// The first listing has completed.
@@ -56,8 +56,62 @@ pub struct WatchStatus {
     pub reconnects: u64,
     /// Times the prefix was listed again because the watched revision was compacted.
     pub resyncs: u64,
-    /// The last failure, while it lasts.
-    pub last_error: Option<String>,
+    /// The last failure, while it lasts, with its `source()` chain.
+    pub last_error: Option<Arc<Error>>,
+}
+
+/// Errors compare by their message.
+impl PartialEq for WatchStatus {
+    fn eq(&self, other: &Self) -> bool {
+        let message = |s: &Self| s.last_error.as_ref().map(ToString::to_string);
+        (
+            self.synced,
+            self.endpoints,
+            self.skipped,
+            self.reconnects,
+            self.resyncs,
+        ) == (
+            other.synced,
+            other.endpoints,
+            other.skipped,
+            other.reconnects,
+            other.resyncs,
+        ) && message(self) == message(other)
+    }
+}
+
+impl Eq for WatchStatus {}
+
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(10);
+
+/// Options shared by every etcd view ([`Discover`], [`Catalog`](crate::Catalog)).
+#[derive(Debug, Clone)]
+pub(crate) struct ViewOptions {
+    pub(crate) schema: Arc<dyn Schema>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) idle: Duration,
+}
+
+impl Default for ViewOptions {
+    fn default() -> Self {
+        Self {
+            schema: Arc::new(NamingSchema::new()),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            idle: DEFAULT_IDLE,
+        }
+    }
+}
+
+impl ViewOptions {
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.request_timeout.is_zero() || self.idle.is_zero() {
+            return Err(Error::InvalidConfig(
+                "request_timeout and idle_timeout must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Tunables shared by Discover and Catalog.
@@ -269,7 +323,7 @@ enum SessionEnd {
     /// much later, or never; list again.
     Regressed(String),
     /// Anything else: resume from the last revision after a back-off.
-    Failed(String),
+    Failed(Error),
 }
 
 impl Task {
@@ -282,7 +336,7 @@ impl Task {
                 None => match self.list().await {
                     Ok(r) => r,
                     Err(e) => {
-                        self.failed(e.to_string()).await;
+                        self.failed(e).await;
                         continue;
                     }
                 },
@@ -315,11 +369,12 @@ impl Task {
         }
     }
 
-    async fn failed(&mut self, error: String) {
+    async fn failed(&mut self, error: Error) {
         let delay = self.backoff.next_delay();
         tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
             "etcd watch failed; keeping the last known endpoints");
-        self.view.update_status(|s| s.last_error = Some(error));
+        self.view
+            .update_status(|s| s.last_error = Some(Arc::new(error)));
         tokio::time::sleep(delay).await;
     }
 
@@ -394,7 +449,7 @@ impl Task {
         .await
         {
             Ok(s) => s,
-            Err(e) => return SessionEnd::Failed(e.to_string()),
+            Err(e) => return SessionEnd::Failed(e),
         };
         let mut asked_progress = false;
         loop {
@@ -405,20 +460,29 @@ impl Task {
             };
             let resp = match tokio::time::timeout(wait, stream.message()).await {
                 Err(_) if asked_progress => {
-                    return SessionEnd::Failed(format!(
-                        "watch silent for {:?} after a progress request",
-                        self.cfg.idle + self.cfg.request_timeout
-                    ));
+                    // Silent through the idle time and a progress request.
+                    return SessionEnd::Failed(Error::Timeout {
+                        op: "watch progress",
+                        timeout: self.cfg.idle + self.cfg.request_timeout,
+                    });
                 }
                 Err(_) => {
                     asked_progress = true;
                     if let Err(e) = stream.request_progress().await {
-                        return SessionEnd::Failed(format!("progress request failed: {e}"));
+                        return SessionEnd::Failed(Error::Etcd {
+                            op: "watch progress request",
+                            source: e,
+                        });
                     }
                     continue;
                 }
-                Ok(Err(e)) => return SessionEnd::Failed(format!("watch stream failed: {e}")),
-                Ok(Ok(None)) => return SessionEnd::Failed("watch stream ended".into()),
+                Ok(Err(source)) => {
+                    return SessionEnd::Failed(Error::Etcd {
+                        op: "watch",
+                        source,
+                    })
+                }
+                Ok(Ok(None)) => return SessionEnd::Failed(Error::StreamEnded("watch")),
                 Ok(Ok(Some(resp))) => resp,
             };
             asked_progress = false;
@@ -426,7 +490,11 @@ impl Task {
                 if resp.compact_revision() > 0 {
                     return SessionEnd::Compacted(resp.compact_revision());
                 }
-                return SessionEnd::Failed(format!("watch canceled: {}", resp.cancel_reason()));
+                let reason = format!("canceled by etcd: {}", resp.cancel_reason());
+                return SessionEnd::Failed(Error::Etcd {
+                    op: "watch",
+                    source: etcd_client::Error::WatchError(reason),
+                });
             }
             if let Some(why) = self.regressed(&resp, *last) {
                 return SessionEnd::Regressed(why);

@@ -31,16 +31,27 @@ struct Load {
 
 impl Load {
     fn start(balancer: &Balancer, workers: usize) -> Self {
+        Self::start_until(balancer, workers, usize::MAX)
+    }
+
+    /// Stops by itself once `calls` calls were made in all: a share
+    /// measured over a count of calls does not depend on how fast a busy
+    /// machine runs them.
+    fn start_until(balancer: &Balancer, workers: usize, calls: usize) -> Self {
+        let made = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicUsize::new(0));
         let counts = (0..workers)
             .map(|_| {
                 let mut client = GreeterClient::new(balancer.clone());
-                let stop = stop.clone();
+                let (stop, made) = (stop.clone(), made.clone());
                 tokio::spawn(async move {
                     let mut counts: HashMap<String, usize> = HashMap::new();
                     let mut failures = Vec::new();
                     let end = Instant::now() + LIMIT;
-                    while stop.load(Ordering::Relaxed) == 0 && Instant::now() < end {
+                    while stop.load(Ordering::Relaxed) == 0
+                        && Instant::now() < end
+                        && made.fetch_add(1, Ordering::Relaxed) < calls
+                    {
                         match client.say_hello(HelloRequest { name: "x".into() }).await {
                             Ok(r) => *counts.entry(r.into_inner().server_id).or_default() += 1,
                             Err(_) => failures.push(Instant::now()),
@@ -56,6 +67,10 @@ impl Load {
 
     async fn finish(self) -> Tally {
         self.stop.store(1, Ordering::Relaxed);
+        self.finish_by_itself().await
+    }
+
+    async fn finish_by_itself(self) -> Tally {
         let mut all: HashMap<String, usize> = HashMap::new();
         let mut failures = Vec::new();
         for t in self.counts {
@@ -85,9 +100,8 @@ async fn a_slow_backend_gets_a_clearly_smaller_share() {
     // Four callers: the fast backends are not saturated, so the slow one is
     // clearly the costlier (with every backend saturated, sending it some
     // calls is right: it adds throughput).
-    let load = Load::start(&balancer, 4);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (counts, failures) = load.finish().await;
+    let load = Load::start_until(&balancer, 4, 1000);
+    let (counts, failures) = load.finish_by_itself().await;
     let total: usize = counts.values().sum();
     let slow_share = counts.get("slow").copied().unwrap_or(0) as f64 / total as f64;
     eprintln!("shares over {total} calls: {counts:?}");
@@ -302,7 +316,16 @@ async fn in_flight_calls_on_a_removed_endpoint_finish() {
     let mut greeter = GreeterClient::new(balancer.clone());
     let call =
         tokio::spawn(async move { greeter.say_hello(HelloRequest { name: "x".into() }).await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(LIMIT, "the call in flight", || async {
+        (balancer
+            .endpoints()
+            .iter()
+            .map(|e| e.in_flight)
+            .sum::<usize>()
+            == 1)
+            .then_some(())
+    })
+    .await;
     reg.deregister().await.unwrap();
     eventually(LIMIT, "removed", || async {
         (balancer.ready() == 0).then_some(())

@@ -106,7 +106,12 @@ async fn a_user_limited_to_a_prefix_works_inside_it_and_is_refused_outside() {
         .build()
         .unwrap();
     let error = eventually(LIMIT, "the refusal is reported", || async {
-        outside.status().borrow().last_error.clone()
+        outside
+            .status()
+            .borrow()
+            .last_error
+            .as_ref()
+            .map(ToString::to_string)
     })
     .await;
     assert!(error.contains("permission denied"), "{error}");

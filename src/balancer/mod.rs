@@ -120,7 +120,7 @@ use tower::Service;
 
 use crate::discovery::{Discover, DiscoverBuilder};
 use crate::schema::Schema;
-use crate::time::{cap, deadline_after};
+use crate::time::{cap, deadline_after, wait_until, Waited};
 use crate::{Error, Instance};
 use body::CallBody;
 use endpoint::{ConnConfig, Outcome, Policy, Ready};
@@ -590,14 +590,11 @@ impl Balancer {
     /// Waits until at least `n` endpoints are in rotation, up to `timeout`.
     pub async fn wait_for_ready(&self, n: usize, timeout: Duration) -> Result<(), Error> {
         let mut info = self.shared.info.subscribe();
-        let waited = tokio::time::timeout(timeout, async {
-            info.wait_for(|i| i.ready >= n).await.map(|_| ())
-        })
-        .await;
-        match waited {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Error::TaskGone("balancer")),
-            Err(_) => Err(Error::NoEndpoints {
+        let deadline = deadline_after(Instant::now(), timeout);
+        match wait_until(&mut info, deadline, |i| i.ready >= n).await {
+            Waited::Ready => Ok(()),
+            Waited::Gone => Err(Error::TaskGone("balancer")),
+            Waited::TimedOut => Err(Error::NoEndpoints {
                 service: self.shared.service.clone(),
                 timeout,
             }),
@@ -828,14 +825,10 @@ async fn wait_for_endpoint(
     if limit > now {
         let _waiting = Waiting::enter(shared, cfg)?;
         let mut info = shared.info.subscribe();
-        let ready = tokio::time::timeout_at(limit, async {
-            info.wait_for(|i| i.ready > 0).await.map(|_| ())
-        })
-        .await;
-        match ready {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(Box::new(Error::TaskGone("balancer"))),
-            Err(_) => {}
+        match wait_until(&mut info, limit, |i| i.ready > 0).await {
+            Waited::Ready => return Ok(()),
+            Waited::Gone => return Err(Box::new(Error::TaskGone("balancer"))),
+            Waited::TimedOut => {}
         }
     }
     let PoolInfo {
@@ -852,7 +845,8 @@ async fn wait_for_endpoint(
             // Discovery never reached etcd: say so, not "not registered".
             Some(s) if !s.synced => format!(
                 "etcd unreachable ({}); no instance known for service {service:?}",
-                s.last_error.as_deref().unwrap_or("no answer yet")
+                s.last_error
+                    .map_or_else(|| "no answer yet".into(), |e| e.to_string())
             ),
             Some(crate::WatchStatus {
                 last_error: Some(e),
