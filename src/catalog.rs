@@ -79,8 +79,8 @@ pub async fn list(
         ..Listing::default()
     };
     for kv in kvs {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match schema.decode(kv.key(), kv.value()) {
+        let key = String::from_utf8_lossy(&kv.key).into_owned();
+        match schema.decode(&kv.key, &kv.value) {
             Ok(i) if service.is_some_and(|s| s != i.service) => {}
             Ok(i) => listing
                 .services

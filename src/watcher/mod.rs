@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, SortOrder, SortTarget, WatchOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -33,12 +32,11 @@ use crate::backoff::Backoff;
 use crate::retry::with_timeout;
 use crate::schema::{NamingSchema, Schema};
 use crate::{Error, Instance};
+use source::{Entry, Event, Reply, Source, WatchStream};
+
+pub(crate) mod source;
 
 const PAGE_SIZE: i64 = 1000;
-/// tonic's default 4 MiB decode limit is below what etcd sends when a watch
-/// catches up on a backlog or a page holds large values; the limit on what
-/// etcd accepts (`--max-request-bytes`) bounds each entry anyway.
-const MAX_DECODE: usize = 256 << 20;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -283,7 +281,7 @@ impl Drop for Watched {
 }
 
 /// Starts the task that keeps a view of `cfg.prefix`.
-pub(crate) fn spawn(client: Client, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
+pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
     let view = Arc::new(View {
         prefix: cfg.prefix.clone(),
         state: Mutex::new(State::default()),
@@ -291,7 +289,7 @@ pub(crate) fn spawn(client: Client, schema: Arc<dyn Schema>, cfg: WatchConfig) -
     });
     let task = tokio::spawn(
         Task {
-            client,
+            source,
             schema,
             cfg,
             view: view.clone(),
@@ -303,8 +301,8 @@ pub(crate) fn spawn(client: Client, schema: Arc<dyn Schema>, cfg: WatchConfig) -
     Watched { view, task }
 }
 
-struct Task {
-    client: Client,
+struct Task<S> {
+    source: S,
     schema: Arc<dyn Schema>,
     cfg: WatchConfig,
     view: Arc<View>,
@@ -326,7 +324,7 @@ enum SessionEnd {
     Failed(Error),
 }
 
-impl Task {
+impl<S: Source> Task<S> {
     async fn run(mut self) {
         // The last revision whose events are all applied; None: list first.
         let mut revision: Option<i64> = None;
@@ -384,7 +382,7 @@ impl Task {
             kvs,
             revision,
             cluster_id,
-        } = list_prefix(&self.client, &self.cfg.prefix, self.cfg.request_timeout).await?;
+        } = list_prefix(&self.source, &self.cfg.prefix, self.cfg.request_timeout).await?;
         self.cluster_id = cluster_id;
         let mut fresh = HashMap::with_capacity(kvs.len());
         let mut skipped = 0;
@@ -429,25 +427,11 @@ impl Task {
 
     /// Watches from `*last + 1`, applying events and advancing `*last`.
     async fn watch(&mut self, last: &mut i64) -> SessionEnd {
-        // No fragments: etcd splits them on event boundaries, not revision
-        // boundaries, and etcd-client does not say which response is a
-        // fragment, so a stream lost mid-revision would resume past the rest
-        // of it. Whole responses keep every revision in one piece; the
-        // client's decode limit is raised instead (MAX_DECODE).
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(*last + 1)
-            .with_progress_notify();
-        let mut stream = match with_timeout("watch", self.cfg.request_timeout, || {
-            let mut watch = self
-                .client
-                .watch_client()
-                .max_decoding_message_size(MAX_DECODE);
-            let (prefix, opts) = (self.cfg.prefix.clone(), opts.clone());
-            async move { watch.watch(prefix, Some(opts)).await }
-        })
-        .await
-        {
+        let start = *last + 1;
+        let watched = with_timeout("watch", self.cfg.request_timeout, || {
+            self.source.watch(self.cfg.prefix.clone(), start)
+        });
+        let mut stream = match watched.await {
             Ok(s) => s,
             Err(e) => return SessionEnd::Failed(e),
         };
@@ -458,7 +442,7 @@ impl Task {
             } else {
                 self.cfg.idle
             };
-            let resp = match tokio::time::timeout(wait, stream.message()).await {
+            let resp = match tokio::time::timeout(wait, stream.next()).await {
                 Err(_) if asked_progress => {
                     // Silent through the idle time and a progress request.
                     return SessionEnd::Failed(Error::Timeout {
@@ -486,11 +470,11 @@ impl Task {
                 Ok(Ok(Some(resp))) => resp,
             };
             asked_progress = false;
-            if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return SessionEnd::Compacted(resp.compact_revision());
+            if resp.canceled {
+                if resp.compact_revision > 0 {
+                    return SessionEnd::Compacted(resp.compact_revision);
                 }
-                let reason = format!("canceled by etcd: {}", resp.cancel_reason());
+                let reason = format!("canceled by etcd: {}", resp.cancel_reason);
                 return SessionEnd::Failed(Error::Etcd {
                     op: "watch",
                     source: etcd_client::Error::WatchError(reason),
@@ -499,7 +483,7 @@ impl Task {
             if let Some(why) = self.regressed(&resp, *last) {
                 return SessionEnd::Regressed(why);
             }
-            if resp.created() {
+            if resp.created {
                 continue;
             }
             // Only a session that delivers something counts as recovered; a
@@ -508,61 +492,57 @@ impl Task {
             self.view
                 .status
                 .send_if_modified(|s| s.last_error.take().is_some());
-            if resp.events().is_empty() {
+            if resp.events.is_empty() {
                 // A progress notification: every event up to its revision
                 // has been delivered, so resuming from there loses nothing
                 // and is less likely to hit a compacted revision.
-                if let Some(h) = resp.header() {
-                    *last = (*last).max(h.revision());
+                if let Some(h) = resp.header {
+                    *last = (*last).max(h.revision);
                 }
                 continue;
             }
-            self.apply(resp.events(), last);
+            self.apply(&resp.events, last);
         }
     }
 
     /// Whether a created or progress response shows etcd behind the view's
     /// revision, or another cluster. (Event responses carry revisions above
     /// the start revision by construction.)
-    fn regressed(&self, resp: &etcd_client::WatchResponse, last: i64) -> Option<String> {
-        if !resp.events().is_empty() {
+    fn regressed(&self, resp: &Reply, last: i64) -> Option<String> {
+        if !resp.events.is_empty() {
             return None;
         }
-        let header = resp.header()?;
-        if self.cluster_id != 0
-            && header.cluster_id() != 0
-            && header.cluster_id() != self.cluster_id
-        {
+        let header = resp.header?;
+        if self.cluster_id != 0 && header.cluster_id != 0 && header.cluster_id != self.cluster_id {
             return Some(format!(
                 "cluster id {:x} instead of {:x}",
-                header.cluster_id(),
-                self.cluster_id
+                header.cluster_id, self.cluster_id
             ));
         }
         // 0 on some responses (cancellations): no information.
-        if header.revision() > 0 && header.revision() < last {
+        if header.revision > 0 && header.revision < last {
             return Some(format!(
                 "etcd is at revision {}, the view had applied {last}",
-                header.revision()
+                header.revision
             ));
         }
         None
     }
 
-    fn apply(&self, events: &[etcd_client::Event], last: &mut i64) {
+    fn apply(&self, events: &[Event], last: &mut i64) {
         let mut skipped = 0;
         let mut state = self.view.lock();
         for event in events {
-            let Some(kv) = event.kv() else { continue };
-            *last = (*last).max(kv.mod_revision());
+            let (Event::Put(kv) | Event::Delete(kv)) = event;
+            *last = (*last).max(kv.mod_revision);
             // Skipped in a DELETE too (see `utf8_key`).
             let Some(key) = utf8_key(kv) else {
                 skipped += 1;
                 continue;
             };
-            match event.event_type() {
-                EventType::Delete => state.remove(key),
-                EventType::Put => match self.decode(kv) {
+            match event {
+                Event::Delete(_) => state.remove(key),
+                Event::Put(_) => match self.decode(kv) {
                     Decoded::Entry(instance) => state.upsert(key, instance),
                     // A key that was valid and no longer decodes is no
                     // longer an endpoint; others are untouched.
@@ -582,8 +562,8 @@ impl Task {
     }
 
     /// Decodes `kv` (whose key is UTF-8: see `utf8_key`).
-    fn decode(&self, kv: &KeyValue) -> Decoded {
-        match self.schema.decode(kv.key(), kv.value()) {
+    fn decode(&self, kv: &Entry) -> Decoded {
+        match self.schema.decode(&kv.key, &kv.value) {
             Ok(instance) => match &self.cfg.service {
                 Some(s) if *s != instance.service => {
                     // A nested service (`svc/sub/...`): not ours, not an error.
@@ -596,7 +576,7 @@ impl Task {
             Err(_) if self.cfg.prefix.is_empty() => Decoded::Foreign,
             Err(error) => {
                 tracing::warn!(
-                    key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),
+                    key = %String::from_utf8_lossy(&kv.key[..kv.key.len().min(256)]),
                     %error,
                     "skipping an etcd entry that does not decode"
                 );
@@ -609,11 +589,11 @@ impl Task {
 /// `kv`'s key as UTF-8, or `None` (with a warning): keys are bytes, and one
 /// that is not UTF-8 is skipped everywhere, so it can never stand for (or
 /// remove) a valid key.
-fn utf8_key(kv: &KeyValue) -> Option<&str> {
-    let key = std::str::from_utf8(kv.key()).ok();
+fn utf8_key(kv: &Entry) -> Option<&str> {
+    let key = std::str::from_utf8(&kv.key).ok();
     if key.is_none() {
         tracing::warn!(
-            key = %String::from_utf8_lossy(&kv.key()[..kv.key().len().min(256)]),
+            key = %String::from_utf8_lossy(&kv.key[..kv.key.len().min(256)]),
             "skipping an etcd key that is not UTF-8"
         );
     }
@@ -630,15 +610,15 @@ enum Decoded {
 /// A prefix as listed: every key with its value, the revision it was read
 /// at, and the cluster that answered.
 pub(crate) struct Listed {
-    pub(crate) kvs: Vec<KeyValue>,
+    pub(crate) kvs: Vec<Entry>,
     pub(crate) revision: i64,
     pub(crate) cluster_id: u64,
 }
 
 /// Every key under `prefix` with its value, read in pages at one revision
 /// (linearizable), and that revision.
-pub(crate) async fn list_prefix(
-    client: &Client,
+pub(crate) async fn list_prefix<S: Source>(
+    source: &S,
     prefix: &str,
     timeout: Duration,
 ) -> Result<Listed, Error> {
@@ -648,33 +628,22 @@ pub(crate) async fn list_prefix(
     let mut from = if prefix.is_empty() { vec![0] } else { prefix };
     let mut revision = 0;
     let mut cluster_id = 0;
-    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut kvs: Vec<Entry> = Vec::new();
     loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(PAGE_SIZE)
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let mut resp = with_timeout("list", timeout, || {
-            let mut kv = client.kv_client().max_decoding_message_size(MAX_DECODE);
-            let (from, opts) = (from.clone(), opts.clone());
-            async move { kv.get(from, Some(opts)).await }
+        let page = with_timeout("list", timeout, || {
+            source.page(from.clone(), end.clone(), PAGE_SIZE, revision)
         })
         .await?;
         if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-            cluster_id = resp.header().map_or(0, |h| h.cluster_id());
+            revision = page.header.revision;
+            cluster_id = page.header.cluster_id;
         }
-        let more = resp.more();
-        let page = resp.take_kvs();
-        if let Some(last) = page.last() {
-            from = last.key().to_vec();
+        if let Some(last) = page.entries.last() {
+            from.clone_from(&last.key);
             from.push(0);
         }
-        kvs.extend(page);
-        if !more {
+        kvs.extend(page.entries);
+        if !page.more {
             return Ok(Listed {
                 kvs,
                 revision,
@@ -764,3 +733,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fake_tests;

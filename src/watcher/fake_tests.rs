@@ -1,0 +1,457 @@
+//! The watch task's timing on tokio's paused clock, against an in-memory
+//! etcd with a revision history, compaction, progress notifications, data
+//! loss and outages. The same paths run against real etcd in
+//! `tests/discovery.rs` and `tests/partition.rs`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::source::{EtcdResult, Header, Page};
+use super::*;
+use crate::schema::NamingSchema;
+
+const IDLE: Duration = Duration::from_secs(10);
+const REQUEST: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Etcd {
+    revision: i64,
+    cluster_id: u64,
+    keys: BTreeMap<Vec<u8>, Entry>,
+    history: Vec<Event>,
+    compacted: i64,
+    /// Every request fails with `Unavailable`.
+    down: bool,
+    /// Progress requests are answered.
+    answers_progress: bool,
+    /// Open watch streams (start revision, sender).
+    streams: Vec<mpsc::UnboundedSender<EtcdResult<Reply>>>,
+    watches: Vec<(Instant, i64)>,
+    progress_requests: Vec<Instant>,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Etcd>>);
+
+fn unavailable() -> etcd_client::Error {
+    etcd_client::Error::GRpcStatus(tonic::Status::unavailable("fake etcd down"))
+}
+
+impl Fake {
+    fn new() -> Self {
+        let fake = Self::default();
+        fake.lock().cluster_id = 7;
+        fake.lock().answers_progress = true;
+        fake
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Etcd> {
+        self.0.lock().unwrap()
+    }
+
+    fn header(etcd: &Etcd) -> Header {
+        Header {
+            revision: etcd.revision,
+            cluster_id: etcd.cluster_id,
+        }
+    }
+
+    fn write(&self, key: &str, addr: Option<&str>) {
+        let mut etcd = self.lock();
+        etcd.revision += 1;
+        let entry = Entry {
+            key: key.as_bytes().to_vec(),
+            value: addr.map_or_else(Vec::new, |a| {
+                format!(r#"{{"Op":0,"Addr":"{a}","Metadata":null}}"#).into_bytes()
+            }),
+            mod_revision: etcd.revision,
+        };
+        let event = match addr {
+            Some(_) => {
+                etcd.keys.insert(entry.key.clone(), entry.clone());
+                Event::Put(entry)
+            }
+            None => {
+                etcd.keys.remove(&entry.key);
+                Event::Delete(entry)
+            }
+        };
+        etcd.history.push(event.clone());
+        let header = Some(Self::header(&etcd));
+        let reply = || Reply {
+            header,
+            events: vec![event.clone()],
+            ..Reply::default()
+        };
+        etcd.streams.retain(|s| s.send(Ok(reply())).is_ok());
+    }
+
+    fn put(&self, addr: &str) {
+        self.write(&format!("svc/{addr}"), Some(addr));
+    }
+
+    fn delete(&self, addr: &str) {
+        self.write(&format!("svc/{addr}"), None);
+    }
+
+    fn compact(&self) {
+        let mut etcd = self.lock();
+        etcd.compacted = etcd.revision;
+    }
+
+    /// etcd loses its data and comes back with the same keys at a low
+    /// revision, as after a restore from an old snapshot.
+    fn wipe_to(&self, revision: i64, addrs: &[&str]) {
+        self.break_streams();
+        let mut etcd = self.lock();
+        etcd.keys.clear();
+        etcd.history.clear();
+        etcd.revision = revision;
+        etcd.compacted = 0;
+        drop(etcd);
+        for a in addrs {
+            self.put(a);
+        }
+    }
+
+    fn break_streams(&self) {
+        let mut etcd = self.lock();
+        for s in etcd.streams.drain(..) {
+            let _ = s.send(Err(unavailable()));
+        }
+    }
+}
+
+impl Source for Fake {
+    type Watch = FakeWatch;
+
+    async fn page(
+        &self,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        limit: i64,
+        _revision: i64,
+    ) -> EtcdResult<Page> {
+        let etcd = self.lock();
+        if etcd.down {
+            return Err(unavailable());
+        }
+        let mut entries: Vec<Entry> = etcd.keys.range(from..end).map(|(_, e)| e.clone()).collect();
+        let more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
+        Ok(Page {
+            header: Self::header(&etcd),
+            entries,
+            more,
+        })
+    }
+
+    async fn watch(&self, _prefix: String, start: i64) -> EtcdResult<FakeWatch> {
+        let mut etcd = self.lock();
+        if etcd.down {
+            return Err(unavailable());
+        }
+        etcd.watches.push((Instant::now(), start));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let header = Some(Self::header(&etcd));
+        let _ = tx.send(Ok(Reply {
+            header,
+            created: true,
+            ..Reply::default()
+        }));
+        if start <= etcd.compacted {
+            let _ = tx.send(Ok(Reply {
+                header,
+                canceled: true,
+                compact_revision: etcd.compacted,
+                ..Reply::default()
+            }));
+        } else {
+            let backlog: Vec<Event> = etcd
+                .history
+                .iter()
+                .filter(
+                    |e| matches!(e, Event::Put(k) | Event::Delete(k) if k.mod_revision >= start),
+                )
+                .cloned()
+                .collect();
+            for event in backlog {
+                let _ = tx.send(Ok(Reply {
+                    header,
+                    events: vec![event],
+                    ..Reply::default()
+                }));
+            }
+            etcd.streams.push(tx.clone());
+        }
+        Ok(FakeWatch {
+            fake: self.clone(),
+            tx,
+            rx,
+        })
+    }
+}
+
+struct FakeWatch {
+    fake: Fake,
+    tx: mpsc::UnboundedSender<EtcdResult<Reply>>,
+    rx: mpsc::UnboundedReceiver<EtcdResult<Reply>>,
+}
+
+impl WatchStream for FakeWatch {
+    async fn next(&mut self) -> EtcdResult<Option<Reply>> {
+        match self.rx.recv().await {
+            Some(r) => r.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn request_progress(&mut self) -> EtcdResult<()> {
+        let mut etcd = self.fake.lock();
+        etcd.progress_requests.push(Instant::now());
+        if etcd.answers_progress {
+            let _ = self.tx.send(Ok(Reply {
+                header: Some(Fake::header(&etcd)),
+                ..Reply::default()
+            }));
+        }
+        Ok(())
+    }
+}
+
+fn start(fake: &Fake) -> Watched {
+    spawn(
+        fake.clone(),
+        Arc::new(NamingSchema::new()),
+        WatchConfig {
+            prefix: "svc/".into(),
+            service: Some("svc".into()),
+            request_timeout: REQUEST,
+            idle: IDLE,
+        },
+    )
+}
+
+fn addrs(w: &Watched) -> Vec<String> {
+    let mut a: Vec<String> = w
+        .view
+        .snapshot()
+        .into_iter()
+        .map(|(_, i)| i.addr.clone())
+        .collect();
+    a.sort();
+    a
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lists_then_follows_from_the_next_revision() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1"]);
+    assert_eq!(
+        fake.lock().watches[0].1,
+        2,
+        "watch starts after the listed revision"
+    );
+    fake.put("b:1");
+    fake.delete("a:1");
+    settle().await;
+    assert_eq!(addrs(&w), ["b:1"]);
+}
+
+/// A quiet watch is asked for progress after the idle time; one that
+/// answers stays, one that does not is replaced after the request timeout.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_watch_is_asked_for_progress_and_replaced_if_silent() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    let t0 = Instant::now();
+    tokio::time::sleep(IDLE * 3 + Duration::from_secs(1)).await;
+    {
+        let etcd = fake.lock();
+        assert_eq!(etcd.watches.len(), 1, "an answering watch is kept");
+        let asked: Vec<Duration> = etcd.progress_requests.iter().map(|t| *t - t0).collect();
+        assert_eq!(asked.len(), 3, "{asked:?}");
+        assert!(
+            asked[0] >= IDLE - Duration::from_millis(2) && asked[0] <= IDLE,
+            "{asked:?}"
+        );
+    }
+
+    fake.lock().answers_progress = false;
+    let silent_from = *fake.lock().progress_requests.last().unwrap();
+    tokio::time::sleep(IDLE * 2 + REQUEST).await;
+    let etcd = fake.lock();
+    assert!(etcd.watches.len() >= 2, "a silent watch is replaced");
+    let replaced = etcd.watches[1].0 - silent_from;
+    // Silent for the idle time, then the request timeout after asking,
+    // then at most the first back-off.
+    assert!(
+        replaced >= IDLE + REQUEST && replaced <= IDLE + REQUEST + Duration::from_millis(200),
+        "replaced {replaced:?} after the last answer"
+    );
+    // Resumed where the progress answers said the view was.
+    assert_eq!(etcd.watches[1].1, etcd.revision + 1);
+    drop(etcd);
+    assert_eq!(addrs(&w), ["a:1"]);
+    assert_eq!(w.view.status().borrow().reconnects, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_watch_resumes_without_losing_or_repeating_events() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    fake.break_streams();
+    fake.lock().down = true;
+    fake.put("b:1");
+    fake.delete("a:1");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        addrs(&w),
+        ["a:1"],
+        "the last known endpoints stay while etcd is down"
+    );
+    let status = w.view.status().borrow().clone();
+    assert!(status.last_error.is_some());
+    fake.lock().down = false;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(addrs(&w), ["b:1"]);
+    assert!(w.view.status().borrow().last_error.is_none());
+    let etcd = fake.lock();
+    assert_eq!(
+        etcd.watches.last().unwrap().1,
+        2,
+        "resumed after the last applied revision"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_up_to_a_second() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let _w = start(&fake);
+    settle().await;
+    fake.lock().down = true;
+    fake.break_streams();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    fake.lock().down = false;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let etcd = fake.lock();
+    let back = etcd.watches.last().unwrap().0 - t0;
+    assert!(
+        back >= Duration::from_secs(20) && back <= Duration::from_secs(21),
+        "{back:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compacted_revision_is_relisted_and_only_the_difference_applied() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    fake.put("b:1");
+    let w = start(&fake);
+    settle().await;
+    fake.lock().down = true;
+    fake.break_streams();
+    fake.put("c:1");
+    fake.delete("b:1");
+    fake.compact();
+    fake.lock().down = false;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(addrs(&w), ["a:1", "c:1"]);
+    assert_eq!(w.view.status().borrow().resyncs, 1);
+}
+
+/// etcd restored from an older snapshot (or wiped and refilled) answers a
+/// resumed watch at a revision below the one the view applied: the view
+/// lists again instead of waiting in silence for revisions that will mean
+/// something else.
+#[tokio::test(start_paused = true)]
+async fn a_revision_regression_is_relisted() {
+    let fake = Fake::new();
+    for i in 0..20 {
+        fake.put(&format!("old:{i}"));
+        fake.delete(&format!("old:{i}"));
+    }
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    fake.wipe_to(0, &["a:1", "b:1"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(addrs(&w), ["a:1", "b:1"]);
+    assert_eq!(w.view.status().borrow().resyncs, 1);
+    // Followed from the new history on.
+    fake.put("c:1");
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1", "b:1", "c:1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_cluster_is_relisted() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    {
+        let mut etcd = fake.lock();
+        etcd.cluster_id = 8;
+        etcd.keys.clear();
+    }
+    fake.put("z:1");
+    fake.break_streams();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(addrs(&w), ["z:1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_or_non_utf8_key_touches_no_other_entry() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    fake.write("svc/\u{fffd}", Some("b:1"));
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1", "b:1"]);
+    // A PUT and a DELETE of a key that is not UTF-8 and whose lossy form
+    // is the valid key above.
+    for value in [Some(b"x".to_vec()), None] {
+        let mut etcd = fake.lock();
+        etcd.revision += 1;
+        let entry = Entry {
+            key: b"svc/\xff".to_vec(),
+            value: value.clone().unwrap_or_default(),
+            mod_revision: etcd.revision,
+        };
+        let event = match value {
+            Some(_) => Event::Put(entry),
+            None => Event::Delete(entry),
+        };
+        let header = Some(Fake::header(&etcd));
+        for s in &etcd.streams {
+            let _ = s.send(Ok(Reply {
+                header,
+                events: vec![event.clone()],
+                ..Reply::default()
+            }));
+        }
+    }
+    fake.write("svc/c:1", Some("not json"));
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1", "b:1"]);
+    assert_eq!(w.view.status().borrow().skipped, 3);
+}
