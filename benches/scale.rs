@@ -2,14 +2,16 @@
 //!
 //! * For 100, 1,000 and 10,000 instances of one service (written in batched
 //!   transactions): time from starting a Discover to every Insert delivered,
-//!   beside one raw etcd `Get` of the same prefix (the floor), and resident
-//!   memory growth per 1,000 endpoints while the Discover holds them.
+//!   beside one raw etcd `Get` of the same prefix (the floor): medians of 7
+//!   rounds that alternate the two. Resident memory growth per 1,000
+//!   endpoints while the Discover holds them (first round).
 //! * Churn: 5,000 updates (half new registrations, half deregistrations)
 //!   written by 16 concurrent writers as fast as etcd takes them; time until
 //!   the Discover's view equals etcd's, beside a raw watch counting the same
 //!   5,000 events, both running during the same churn.
 //!
-//! `cargo bench --bench scale`
+//! `cargo bench --bench scale`; `BENCH_SCENARIOS=initial` (or `churn`,
+//! `held`) runs only those parts.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -61,50 +63,101 @@ fn main() {
     rt.block_on(run(&etcd));
 }
 
+/// Whether `name` is selected by `BENCH_SCENARIOS` (comma-separated; all
+/// when unset).
+fn selected(name: &str) -> bool {
+    let only = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
+    only.is_empty() || only.split(',').any(|o| name.contains(o.trim()))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Every Insert of a fresh Discover on `service`, `n` of them.
+async fn discover_all(client: &Client, service: &str, n: usize) -> (Duration, Discover) {
+    let t = Instant::now();
+    let mut d = Discover::builder(client.clone(), service).build().unwrap();
+    let mut inserts = 0;
+    while inserts < n {
+        assert!(t.elapsed() < LIMIT, "discover too slow");
+        match tokio::time::timeout(LIMIT, d.next()).await.unwrap() {
+            Some(Ok(Change::Insert(..))) => inserts += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (t.elapsed(), d)
+}
+
+async fn raw_get(client: &Client, prefix: &str, n: usize) -> Duration {
+    let mut kv = client.kv_client().max_decoding_message_size(256 << 20);
+    let t = Instant::now();
+    let got = kv
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(got.kvs().len(), n);
+    took
+}
+
 async fn run(etcd: &Etcd) {
     let client = etcd.client().await;
     let mut json = serde_json::Map::new();
+    if selected("initial") {
+        initial(&client, &mut json).await;
+    }
+    if selected("churn") {
+        churn(etcd, &mut json).await;
+    }
+    if selected("held") {
+        json.insert("registrations_held".into(), held(etcd).await);
+    }
+    write_json("scale", &serde_json::Value::Object(json));
+}
+
+/// A Discover starting on n instances, beside a raw Get of the prefix:
+/// rounds alternate the two, so noise hits them alike; medians.
+async fn initial(client: &Client, json: &mut serde_json::Map<String, serde_json::Value>) {
     let mut rows = Vec::new();
     let sizes: &[usize] = if smoke() {
         &[100]
     } else {
         &[100, 1_000, 10_000]
     };
+    let rounds = setting("BENCH_ROUNDS", 7, 1) as usize;
     for &n in sizes {
         let service = format!("scale-{n}");
-        write_all(&client, &service, 0..n).await;
+        write_all(client, &service, 0..n).await;
         let prefix = format!("{service}/");
+        // Warm both paths once (connections, etcd's caches).
+        raw_get(client, &prefix, n).await;
+        drop(discover_all(client, &service, n).await);
 
-        // Floor: one raw Get of the prefix.
-        let mut kv = client.kv_client().max_decoding_message_size(256 << 20);
-        let t = Instant::now();
-        let got = kv
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .unwrap();
-        let floor = t.elapsed();
-        assert_eq!(got.kvs().len(), n);
-        drop(got);
-
-        let rss_before = rss_bytes();
-        let t = Instant::now();
-        let mut d = Discover::builder(client.clone(), &service).build().unwrap();
-        let mut inserts = 0;
-        while inserts < n {
-            assert!(t.elapsed() < LIMIT, "discover too slow");
-            match tokio::time::timeout(LIMIT, d.next()).await.unwrap() {
-                Some(Ok(Change::Insert(..))) => inserts += 1,
-                other => panic!("unexpected {other:?}"),
+        let (mut gets, mut discovers, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rss_growth = 0;
+        for round in 0..rounds {
+            let floor = raw_get(client, &prefix, n).await;
+            let rss_before = rss_bytes();
+            let (took, d) = discover_all(client, &service, n).await;
+            if round == 0 {
+                rss_growth = rss_bytes().saturating_sub(rss_before);
             }
+            drop(d);
+            gets.push(floor);
+            discovers.push(took);
+            ratios.push(took.as_secs_f64() / floor.as_secs_f64());
         }
-        let took = t.elapsed();
-        let rss_growth = rss_bytes().saturating_sub(rss_before);
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
+        let (floor, took) = (median(gets), median(discovers));
         let per_k = rss_growth as f64 / (n as f64 / 1000.0);
         rows.push(vec![
             n.to_string(),
             ms(floor),
             ms(took),
-            format!("{:.2}x", took.as_secs_f64() / floor.as_secs_f64()),
+            format!("{ratio:.2}x"),
             format!("{:.0}", took.as_nanos() as f64 / n as f64 / 1000.0),
             format!("{:.0}", per_k / 1024.0),
         ]);
@@ -112,18 +165,18 @@ async fn run(etcd: &Etcd) {
             format!("initial_{n}"),
             serde_json::json!({
                 "endpoints": n,
-                "raw_get_ms": floor.as_secs_f64() * 1000.0,
-                "discover_all_inserts_ms": took.as_secs_f64() * 1000.0,
-                "ratio_to_raw_get": took.as_secs_f64() / floor.as_secs_f64(),
+                "rounds": rounds,
+                "raw_get_ms_median": floor.as_secs_f64() * 1000.0,
+                "discover_all_inserts_ms_median": took.as_secs_f64() * 1000.0,
+                "ratio_to_raw_get_median": ratio,
                 "us_per_endpoint": took.as_nanos() as f64 / n as f64 / 1000.0,
                 "rss_growth_bytes": rss_growth,
                 "rss_growth_kib_per_1000": per_k / 1024.0,
             }),
         );
-        drop(d);
     }
     table(
-        "scale: a Discover starting on n instances (etcd with fsync)",
+        &format!("scale: a Discover starting on n instances (etcd with fsync; medians of {rounds} interleaved rounds)"),
         &[
             "n",
             "raw Get ms",
@@ -134,7 +187,10 @@ async fn run(etcd: &Etcd) {
         ],
         &rows,
     );
+}
 
+async fn churn(etcd: &Etcd, json: &mut serde_json::Map<String, serde_json::Value>) {
+    let client = etcd.client().await;
     // Churn: 3,000 instances, then 2,500 new ones and 2,500 of the old ones
     // deregistered, interleaved, from 16 writers.
     let service = "churn";
@@ -174,6 +230,7 @@ async fn run(etcd: &Etcd) {
         .header()
         .unwrap()
         .revision();
+    // Its own connection, as another process would have.
     let mut raw = etcd.client().await;
     let mut raw_watch = raw
         .watch(
@@ -272,8 +329,6 @@ async fn run(etcd: &Etcd) {
             "discover_ratio_to_raw_watch": view_done.as_secs_f64() / raw_done.as_secs_f64(),
         }),
     );
-    json.insert("registrations_held".into(), held(etcd).await);
-    write_json("scale", &serde_json::Value::Object(json));
 }
 
 /// CPU seconds (user + system) that process `pid` has used so far.

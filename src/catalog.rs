@@ -72,8 +72,9 @@ pub async fn list(
         None => schema.root_prefix(),
     };
     let everything = prefix.is_empty();
-    let crate::watcher::Listed { kvs, revision, .. } =
-        crate::watcher::list_prefix(client, &prefix, timeout).await?;
+    let mut kvs = Vec::new();
+    let crate::watcher::Listed { revision, .. } =
+        crate::watcher::list_prefix(client, &prefix, timeout, |page| kvs.extend(page)).await?;
     let mut listing = Listing {
         revision,
         ..Listing::default()

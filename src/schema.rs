@@ -278,24 +278,8 @@ impl Schema for NamingSchema {
         if value.len() > MAX_VALUE_LEN {
             return Err(DecodeError::TooLarge(value.len()));
         }
-        let json: Value = serde_json::from_slice(value)
+        let GoUpdate { addr, metadata } = serde_json::from_slice(value)
             .map_err(|e| DecodeError::MalformedValue(format!("not JSON: {e}")))?;
-        let Value::Object(fields) = json else {
-            return Err(DecodeError::MalformedValue(
-                "expected a JSON object with Addr and Metadata".into(),
-            ));
-        };
-        // Go's decoder matches field names case-insensitively; the last
-        // matching field wins, as in Go.
-        let mut addr = None;
-        let mut metadata = Value::Null;
-        for (name, v) in fields {
-            if name.eq_ignore_ascii_case("addr") {
-                addr = Some(v);
-            } else if name.eq_ignore_ascii_case("metadata") {
-                metadata = v;
-            }
-        }
         let addr = match addr {
             Some(Value::String(a)) if !a.is_empty() => a,
             Some(Value::String(_)) | None => {
@@ -311,6 +295,72 @@ impl Schema for NamingSchema {
             addr,
             metadata: Metadata::from_json(metadata),
         })
+    }
+}
+
+/// The fields of Go's `naming.Update` this crate reads, decoded straight
+/// from the bytes (no intermediate map). Go's decoder matches field names
+/// case-insensitively and the last matching field wins; so does this.
+struct GoUpdate {
+    addr: Option<Value>,
+    metadata: Value,
+}
+
+impl<'de> serde::Deserialize<'de> for GoUpdate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        enum Field {
+            Addr,
+            Metadata,
+            Other,
+        }
+        impl<'de> serde::Deserialize<'de> for Field {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct FieldVisitor;
+                impl serde::de::Visitor<'_> for FieldVisitor {
+                    type Value = Field;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Field, E> {
+                        Ok(if name.eq_ignore_ascii_case("addr") {
+                            Field::Addr
+                        } else if name.eq_ignore_ascii_case("metadata") {
+                            Field::Metadata
+                        } else {
+                            Field::Other
+                        })
+                    }
+                }
+                d.deserialize_identifier(FieldVisitor)
+            }
+        }
+        struct UpdateVisitor;
+        impl<'de> serde::de::Visitor<'de> for UpdateVisitor {
+            type Value = GoUpdate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object with Addr and Metadata")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GoUpdate, A::Error> {
+                let mut update = GoUpdate {
+                    addr: None,
+                    metadata: Value::Null,
+                };
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::Addr => update.addr = Some(map.next_value()?),
+                        Field::Metadata => update.metadata = map.next_value()?,
+                        Field::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(update)
+            }
+        }
+        d.deserialize_map(UpdateVisitor)
     }
 }
 
@@ -555,6 +605,15 @@ mod tests {
             ("svc", "x", "h:1")
         );
         assert_eq!(i.metadata.get("k").as_deref(), Some("v"));
+        // The last matching field wins, escaped names match, unknown fields
+        // of any shape are ignored.
+        let i = s
+            .decode(
+                b"svc/x",
+                br#"{"Addr":"h:1","x":[{"y":null}],"A\u0064dr":"h:2"}"#,
+            )
+            .unwrap();
+        assert_eq!(i.addr, "h:2");
     }
 
     #[test]

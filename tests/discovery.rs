@@ -683,3 +683,50 @@ async fn a_plain_tonic_channel_stays_fed_after_its_etcd_channel_is_dropped() {
     assert_eq!(reply.into_inner().server_id, "late");
     server.abort();
 }
+
+/// More instances than one page of a listing holds: every one is found, at
+/// one revision, by a Discover and by `catalog::list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_of_several_pages_finds_every_instance() {
+    let client = shared().client().await;
+    let svc = unique("paged");
+    let n = 12_000;
+    let schema = NamingSchema::new();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let addr = format!("10.1.{}.{}:1", i / 256, i % 256);
+                let e = tonic_etcd::Schema::encode(&schema, &Instance::new(&svc, addr)).unwrap();
+                etcd_client::TxnOp::put(e.key, e.value, None)
+            })
+            .collect();
+        client
+            .clone()
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
+    }
+    let listing = tonic_etcd::catalog::list(&client, &schema, Some(&svc), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(listing.services[&svc].len(), n);
+    let mut d = Discover::builder(client.clone(), &svc).build().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        match next(&mut d).await {
+            Change::Insert(k, _) => assert!(seen.insert(k), "an instance twice"),
+            Change::Remove(k) => panic!("removed {k}"),
+        }
+    }
+    assert_eq!(d.instances().len(), n);
+    client
+        .clone()
+        .delete(
+            format!("{svc}/"),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+}

@@ -28,6 +28,9 @@ struct Etcd {
     down: bool,
     /// Progress requests are answered.
     answers_progress: bool,
+    /// Pages of more keys than this are refused as too large to decode.
+    max_page: Option<usize>,
+    pages: Vec<i64>,
     /// Open watch streams (start revision, sender).
     streams: Vec<mpsc::UnboundedSender<EtcdResult<Reply>>>,
     watches: Vec<(Instant, i64)>,
@@ -136,9 +139,15 @@ impl Source for Fake {
         limit: i64,
         _revision: i64,
     ) -> EtcdResult<Page> {
-        let etcd = self.lock();
+        let mut etcd = self.lock();
         if etcd.down {
             return Err(unavailable());
+        }
+        etcd.pages.push(limit);
+        if etcd.max_page.is_some_and(|max| limit as usize > max) {
+            return Err(etcd_client::Error::GRpcStatus(tonic::Status::out_of_range(
+                "decoded message length too large",
+            )));
         }
         let mut entries: Vec<Entry> = etcd.keys.range(from..end).map(|(_, e)| e.clone()).collect();
         let more = entries.len() > limit as usize;
@@ -454,4 +463,23 @@ async fn an_undecodable_or_non_utf8_key_touches_no_other_entry() {
     settle().await;
     assert_eq!(addrs(&w), ["a:1", "b:1"]);
     assert_eq!(w.view.status().borrow().skipped, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_page_too_large_to_decode_is_read_in_smaller_pages() {
+    let fake = Fake::new();
+    for i in 0..3000 {
+        fake.put(&format!("10.0.{}.{}:1", i / 256, i % 256));
+    }
+    fake.lock().max_page = Some(1000);
+    let w = start(&fake);
+    settle().await;
+    assert_eq!(w.view.snapshot().len(), 3000);
+    let pages = fake.lock().pages.clone();
+    // Halved until it fits, then kept for the rest of the listing.
+    assert_eq!(
+        pages,
+        [5000, 2500, 1250, 625, 625, 625, 625, 625],
+        "{pages:?}"
+    );
 }
