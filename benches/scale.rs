@@ -4,7 +4,7 @@
 //!   transactions): time from starting a Discover to every Insert delivered,
 //!   beside one raw etcd `Get` of the same prefix (the floor): medians of 7
 //!   rounds that alternate the two. Resident memory growth per 1,000
-//!   endpoints while the Discover holds them (first round).
+//!   endpoints while the first Discover holds them.
 //! * Churn: 5,000 updates (half new registrations, half deregistrations)
 //!   written by 16 concurrent writers as fast as etcd takes them; time until
 //!   the Discover's view equals etcd's, beside a raw watch counting the same
@@ -131,19 +131,19 @@ async fn initial(client: &Client, json: &mut serde_json::Map<String, serde_json:
         let service = format!("scale-{n}");
         write_all(client, &service, 0..n).await;
         let prefix = format!("{service}/");
-        // Warm both paths once (connections, etcd's caches).
+        // Warm both paths once (connections, etcd's caches); memory is
+        // measured on this first Discover, before later rounds reuse what
+        // it freed.
         raw_get(client, &prefix, n).await;
-        drop(discover_all(client, &service, n).await);
+        let rss_before = rss_bytes();
+        let (_, d) = discover_all(client, &service, n).await;
+        let rss_growth = rss_bytes().saturating_sub(rss_before);
+        drop(d);
 
         let (mut gets, mut discovers, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let mut rss_growth = 0;
-        for round in 0..rounds {
+        for _ in 0..rounds {
             let floor = raw_get(client, &prefix, n).await;
-            let rss_before = rss_bytes();
             let (took, d) = discover_all(client, &service, n).await;
-            if round == 0 {
-                rss_growth = rss_bytes().saturating_sub(rss_before);
-            }
             drop(d);
             gets.push(floor);
             discovers.push(took);

@@ -12,11 +12,51 @@
 //! * The default key layout, [`NamingSchema`], is byte-compatible with etcd's
 //!   Go naming package; [`ColonSchema`] and custom [`Schema`]s are supported.
 //!
-//! # Overview
+//! # In production
 //!
-//! This runs against a real etcd started for the example
-//! (`testing::Etcd`, feature `testing`); in production, connect to your
-//! cluster.
+//! A server registers itself once it serves and leaves before it stops
+//! (the same code as the README's first section):
+//!
+//! ```no_run
+//! use tonic_etcd::server::{shutdown_signal, RegisteredServer};
+//! use tonic_etcd::{Metadata, Registration};
+//!
+//! // `router` is your tonic::transport::Server::builder().add_service(...)
+//! async fn serve(router: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
+//!     let client = etcd_client::Client::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options())).await?;
+//!     let listener = tokio::net::TcpListener::bind("10.0.0.7:50051").await?;
+//!     let registration = Registration::builder(client)
+//!         .service("greeter.v1.Greeter")
+//!         .metadata(Metadata::new().with("zone", "a"));
+//!     RegisteredServer::new(registration)
+//!         .serve_with_shutdown(router, listener, shutdown_signal())   // SIGINT or SIGTERM
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A client dials the service by name through the [`Balancer`], which any
+//! tonic-generated client takes:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tonic_etcd::Balancer;
+//! # use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
+//!
+//! async fn call(client: etcd_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+//!     let balancer = Balancer::builder(client, "greeter.v1.Greeter")
+//!         .call_timeout(Duration::from_secs(2))   // deadline for calls that set none
+//!         .build()?;
+//!     let mut greeter = GreeterClient::new(balancer);   // your generated client
+//!     greeter.say_hello(HelloRequest { name: "x".into() }).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Try it
+//!
+//! The same, runnable: against a real etcd started for the example
+//! (`testing::Etcd`, feature `testing`), with one server in this process.
 //!
 //! ```
 //! use std::time::Duration;
