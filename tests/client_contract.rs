@@ -266,6 +266,14 @@ async fn tls_and_mutual_tls_to_backends() {
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert!(status.message().contains("certificate"), "{status}");
     assert_eq!(refused.ready(), 0);
+    // The endpoint says the same, with the error itself.
+    let endpoint = &refused.endpoints()[0];
+    assert_eq!(
+        endpoint.state,
+        tonic_etcd::balancer::EndpointState::Connecting
+    );
+    let error = endpoint.last_error.as_ref().expect("the connect error");
+    assert!(error.to_string().contains("TLS handshake"), "{error}");
 
     // mTLS: a server that requires client certificates.
     let svc = unique("mtls");

@@ -127,7 +127,7 @@ use endpoint::{ConnConfig, Outcome, Policy, Ready};
 use load::LoadConfig;
 pub use outlier::OutlierDetection;
 use pick::{pick, Pick};
-pub use pool::{EndpointState, EndpointStatus};
+pub use pool::{ConnectError, EndpointState, EndpointStatus};
 use pool::{Filter, PoolConfig, PoolInfo, Shared};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;

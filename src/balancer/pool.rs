@@ -85,6 +85,8 @@ pub struct EndpointStatus {
     pub weight: u32,
     /// Whether it is in the preferred zone.
     pub local: bool,
+    /// While it is not connected: why the last connection attempt failed.
+    pub last_error: Option<ConnectError>,
 }
 
 /// A registered endpoint in the registry.
@@ -92,7 +94,13 @@ struct Entry {
     state: EndpointState,
     instance: Arc<Instance>,
     connected: Option<Arc<Ready>>,
+    /// Why the last connection attempt failed, until one succeeds.
+    last_error: Option<ConnectError>,
 }
+
+/// Why a connection to an endpoint failed (TCP, TLS, or the HTTP/2 preface),
+/// with its `source()` chain.
+pub type ConnectError = Arc<dyn std::error::Error + Send + Sync>;
 
 /// State shared by the pool task, the connectors and every call.
 pub(crate) struct Shared {
@@ -186,14 +194,31 @@ impl Shared {
         instance: &Arc<Instance>,
         connected: Option<&Arc<Ready>>,
     ) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Reconnecting keeps the reason it had to; a connection clears it.
+        let last_error = match connected {
+            Some(_) => None,
+            None => registry.get(key).and_then(|e| e.last_error.clone()),
+        };
         let entry = Entry {
             state,
             instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),
             connected: connected.cloned(),
+            last_error,
         };
-        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         registry.insert(key.to_owned(), entry);
         self.publish(&registry);
+    }
+
+    /// A connection attempt to endpoint `key` failed.
+    fn connect_failed(&self, key: &str, addr: &str, error: ConnectError) {
+        let msg = format!("{addr}: {error}");
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = registry.get_mut(key) {
+            entry.last_error = Some(error);
+        }
+        drop(registry);
+        self.info.send_modify(|i| i.last_error = Some(msg));
     }
 
     /// Endpoint `key` is no longer registered.
@@ -228,6 +253,7 @@ impl Shared {
                     success_rate: ep.load.health(),
                     weight: ep.weight(),
                     local: ep.is_local(),
+                    last_error: None,
                 },
                 None => EndpointStatus {
                     instance: (*e.instance).clone(),
@@ -237,6 +263,7 @@ impl Shared {
                     success_rate: 1.0,
                     weight: self.policy.weight_of(&e.instance),
                     local: self.policy.is_local(&e.instance),
+                    last_error: e.last_error.clone(),
                 },
             })
             .collect();
@@ -351,8 +378,7 @@ async fn maintain(
             Err(error) => {
                 tracing::debug!(addr = %current.addr, %error, "connect failed");
                 crate::metrics::connect_failure(&shared.service);
-                let msg = format!("{}: {error}", current.addr);
-                shared.info.send_modify(|i| i.last_error = Some(msg));
+                shared.connect_failed(&key, &current.addr, ConnectError::from(error));
             }
         }
         let delay = backoff.next_delay();
