@@ -185,7 +185,7 @@ impl<S: Store> Worker<S> {
                         "etcd lease lost; registering again");
                     crate::metrics::lease_lost(&self.spec.services);
                     self.set_state(RegistrationState::Lost { reason });
-                    match self.reregister(&mut stop, &mut commands).await {
+                    match Box::pin(self.reregister(&mut stop, &mut commands)).await {
                         Some(l) => lease = l,
                         None => {
                             // Stopped mid-way: the old lease is gone and an
@@ -198,7 +198,7 @@ impl<S: Store> Worker<S> {
             }
         }
         let result = if live {
-            revoke(&self.store, lease, self.spec.request_timeout).await
+            Box::pin(revoke(&self.store, lease, self.spec.request_timeout)).await
         } else {
             Ok(())
         };
@@ -223,7 +223,7 @@ impl<S: Store> Worker<S> {
             let attempt = tokio::select! {
                 biased;
                 () = stopped(stop) => return None,
-                r = self.register_once() => r,
+                r = Box::pin(self.register_once()) => r,
             };
             match attempt {
                 Ok(lease) => {
@@ -255,7 +255,7 @@ impl<S: Store> Worker<S> {
                 biased;
                 () = stopped(stop) => return false,
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.command(cmd, None, stop).await,
+                    Some(cmd) => Box::pin(self.command(cmd, None, stop)).await,
                     None => return false,
                 },
                 () = tokio::time::sleep_until(until) => return true,
@@ -316,7 +316,10 @@ impl<S: Store> Worker<S> {
                 let store = store.clone();
                 async move { store.attach(lease).await }
             });
-            tokio::pin!(attach);
+            // Boxed, like every request below: this task lives as long as
+            // the registration, and inlining each request's future would
+            // make its steady state as large as all of them together.
+            let mut attach = Box::pin(attach);
             // Commands are answered meanwhile: attaching can take a whole
             // request timeout against an unreachable etcd.
             let attached = loop {
@@ -325,7 +328,7 @@ impl<S: Store> Worker<S> {
                     () = stopped(stop) => return SessionEnd::Stopped,
                     r = &mut attach => break r,
                     cmd = commands.recv() => match cmd {
-                        Some(cmd) => self.command(cmd, None, stop).await,
+                        Some(cmd) => Box::pin(self.command(cmd, None, stop)).await,
                         None => return SessionEnd::Stopped,
                     },
                 }
@@ -379,7 +382,7 @@ impl<S: Store> Worker<S> {
                         Err(source) => break Error::Etcd { op: "lease keep-alive", source },
                     },
                     cmd = commands.recv() => match cmd {
-                        Some(cmd) => self.command(cmd, Some(lease), stop).await,
+                        Some(cmd) => Box::pin(self.command(cmd, Some(lease), stop)).await,
                         None => return SessionEnd::Stopped,
                     },
                     _ = tick.tick() => {
@@ -422,7 +425,7 @@ impl<S: Store> Worker<S> {
         tokio::select! {
             biased;
             () = stopped(stop) => true,
-            _ = tokio::time::timeout_at(deadline, self.repair(lease)) => false,
+            _ = tokio::time::timeout_at(deadline, Box::pin(self.repair(lease))) => false,
         }
     }
 
