@@ -63,18 +63,25 @@ impl Fake {
         }
     }
 
+    /// Puts (or deletes, without an address) a naming entry.
     fn write(&self, key: &str, addr: Option<&str>) {
+        let value =
+            addr.map(|a| format!(r#"{{"Op":0,"Addr":"{a}","Metadata":null}}"#).into_bytes());
+        self.write_raw(key.as_bytes(), value);
+    }
+
+    /// Puts (or deletes, without a value) any key, and tells every watch.
+    fn write_raw(&self, key: &[u8], value: Option<Vec<u8>>) {
         let mut etcd = self.lock();
         etcd.revision += 1;
-        let entry = Entry {
-            key: key.as_bytes().to_vec(),
-            value: addr.map_or_else(Vec::new, |a| {
-                format!(r#"{{"Op":0,"Addr":"{a}","Metadata":null}}"#).into_bytes()
-            }),
+        let mut entry = Entry {
+            key: key.to_vec(),
+            value: Vec::new(),
             mod_revision: etcd.revision,
         };
-        let event = match addr {
-            Some(_) => {
+        let event = match value {
+            Some(value) => {
+                entry.value = value;
                 etcd.keys.insert(entry.key.clone(), entry.clone());
                 Event::Put(entry)
             }
@@ -438,27 +445,8 @@ async fn an_undecodable_or_non_utf8_key_touches_no_other_entry() {
     assert_eq!(addrs(&w), ["a:1", "b:1"]);
     // A PUT and a DELETE of a key that is not UTF-8 and whose lossy form
     // is the valid key above.
-    for value in [Some(b"x".to_vec()), None] {
-        let mut etcd = fake.lock();
-        etcd.revision += 1;
-        let entry = Entry {
-            key: b"svc/\xff".to_vec(),
-            value: value.clone().unwrap_or_default(),
-            mod_revision: etcd.revision,
-        };
-        let event = match value {
-            Some(_) => Event::Put(entry),
-            None => Event::Delete(entry),
-        };
-        let header = Some(Fake::header(&etcd));
-        for s in &etcd.streams {
-            let _ = s.send(Ok(Reply {
-                header,
-                events: vec![event.clone()],
-                ..Reply::default()
-            }));
-        }
-    }
+    fake.write_raw(b"svc/\xff", Some(b"x".to_vec()));
+    fake.write_raw(b"svc/\xff", None);
     fake.write("svc/c:1", Some("not json"));
     settle().await;
     assert_eq!(addrs(&w), ["a:1", "b:1"]);
