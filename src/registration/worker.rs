@@ -289,11 +289,16 @@ impl<S: Store> Worker<S> {
                         self.unwritten = true;
                         Ok(())
                     }
-                    Some(lease) => tokio::select! {
-                        biased;
-                        () = stopped(stop) => Err(Error::TaskGone("registration")),
-                        r = self.put(lease) => r,
-                    },
+                    Some(lease) => {
+                        let written = tokio::select! {
+                            biased;
+                            () = stopped(stop) => Err(Error::TaskGone("registration")),
+                            r = self.put(lease) => r,
+                        };
+                        // Not written now: the next repair writes it.
+                        self.unwritten = written.is_err();
+                        written
+                    }
                 }
             }
         };
