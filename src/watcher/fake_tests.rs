@@ -471,3 +471,24 @@ async fn a_page_too_large_to_decode_is_read_in_smaller_pages() {
         "{pages:?}"
     );
 }
+
+#[test]
+fn only_a_decode_limit_shrinks_pages() {
+    let status = |code, msg: &str| Error::Etcd {
+        op: "list",
+        source: etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg)),
+    };
+    assert!(too_large(&status(
+        tonic::Code::OutOfRange,
+        "Error, decoded message length too large: found 300 bytes, the limit is: 200 bytes"
+    )));
+    assert!(too_large(&status(
+        tonic::Code::ResourceExhausted,
+        "too big"
+    )));
+    // etcd's word for a compacted revision: the listing starts over.
+    assert!(!too_large(&status(
+        tonic::Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted"
+    )));
+}

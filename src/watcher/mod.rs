@@ -741,10 +741,23 @@ pub(crate) async fn list_prefix<S: Source>(
     }
 }
 
-/// A response over the client's decode limit (tonic says `OutOfRange`).
+/// A response over the client's decode limit, or the server's send limit.
+/// tonic reports the former as `OutOfRange`, the code etcd also uses for a
+/// compacted revision, so its own words tell them apart: a listing whose
+/// revision was compacted must start over, not shrink its pages.
 fn too_large(e: &Error) -> bool {
-    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
-        if matches!(s.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted))
+    let Error::Etcd {
+        source: etcd_client::Error::GRpcStatus(s),
+        ..
+    } = e
+    else {
+        return false;
+    };
+    match s.code() {
+        tonic::Code::ResourceExhausted => true,
+        tonic::Code::OutOfRange => s.message().contains("message length too large"),
+        _ => false,
+    }
 }
 
 /// The end of the key range `[prefix, end)` that holds every key starting
