@@ -86,6 +86,38 @@ async fn load(call: &Call, length: Duration) -> (usize, usize, Vec<Duration>) {
     (lat.len(), all.len() - lat.len(), lat)
 }
 
+/// What one variant did over every round of [`interleaved`].
+#[derive(Default)]
+struct Totals {
+    ok: usize,
+    failed: usize,
+    latencies: Vec<Duration>,
+    took: Duration,
+}
+
+/// Warms every variant up, then runs `rounds` rounds of `millis` each,
+/// rotating the order every round so that noise hits the variants alike.
+async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec<Totals> {
+    // Warm-up: connections made, code paths hot.
+    for (_, call) in variants {
+        load(call, Duration::from_millis(millis.min(700))).await;
+    }
+    let mut totals: Vec<Totals> = variants.iter().map(|_| Totals::default()).collect();
+    for round in 0..rounds as usize {
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let t = Instant::now();
+            let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
+            let total = &mut totals[i];
+            total.ok += n;
+            total.failed += failed;
+            total.latencies.extend(lat);
+            total.took += t.elapsed();
+        }
+    }
+    totals
+}
+
 /// How long set-up waits for the four backends to be discovered or ready.
 const READY_LIMIT: Duration = Duration::from_secs(20);
 
@@ -174,27 +206,7 @@ async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serd
         ("balancer", caller(balancer, None)),
     ];
 
-    // Warm-up: connections made, code paths hot.
-    for (_, call) in &variants {
-        load(call, Duration::from_millis(millis.min(700))).await;
-    }
-    let mut totals: Vec<(usize, usize, Vec<Duration>, Duration)> = variants
-        .iter()
-        .map(|_| (0, 0, Vec::new(), Duration::ZERO))
-        .collect();
-    for round in 0..rounds as usize {
-        for k in 0..variants.len() {
-            // Rotate the order each round.
-            let i = (k + round) % variants.len();
-            let t = Instant::now();
-            let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
-            let total = &mut totals[i];
-            total.0 += n;
-            total.1 += failed;
-            total.2.extend(lat);
-            total.3 += t.elapsed();
-        }
-    }
+    let totals = interleaved(&variants, millis, rounds).await;
 
     let base = variants
         .iter()
@@ -202,7 +214,13 @@ async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serd
         .unwrap();
     let stats: Vec<(f64, Stats, usize)> = totals
         .into_iter()
-        .map(|(n, failed, lat, took)| (n as f64 / took.as_secs_f64(), Stats::of(lat), failed))
+        .map(|t| {
+            (
+                t.ok as f64 / t.took.as_secs_f64(),
+                Stats::of(t.latencies),
+                t.failed,
+            )
+        })
         .collect();
     let (base_rate, base_stats, _) = stats[base];
     let mut rows = Vec::new();
@@ -490,26 +508,13 @@ async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> 
         ("etcd_channel (tonic, TLS)", caller(channel, None)),
         ("balancer (TLS)", caller(balancer, None)),
     ];
-    for (_, call) in &variants {
-        load(call, Duration::from_millis(millis.min(700))).await;
-    }
-    let mut totals: Vec<(usize, Vec<Duration>, Duration)> = variants
-        .iter()
-        .map(|_| (0, Vec::new(), Duration::ZERO))
-        .collect();
-    for round in 0..rounds as usize {
-        for k in 0..variants.len() {
-            let i = (k + round) % variants.len();
-            let t = Instant::now();
-            let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
-            totals[i].0 += n + failed;
-            totals[i].1.extend(lat);
-            totals[i].2 += t.elapsed();
-        }
-    }
-    let stats: Vec<(f64, Stats)> = totals
+    let stats: Vec<(f64, Stats)> = interleaved(&variants, millis, rounds)
+        .await
         .into_iter()
-        .map(|(n, lat, took)| (n as f64 / took.as_secs_f64(), Stats::of(lat)))
+        .map(|t| {
+            let calls = t.ok + t.failed;
+            (calls as f64 / t.took.as_secs_f64(), Stats::of(t.latencies))
+        })
         .collect();
     let (base_rate, base) = stats[0];
     let mut rows = Vec::new();
