@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use super::classify::transport_failure;
 use super::deadline;
 use super::endpoint::{InFlight, Outcome};
 
@@ -21,6 +22,8 @@ pub(crate) trait Tracked {
     fn ended(&mut self, status: Option<tonic::Code>);
     /// The deadline passed before the body ended.
     fn expired(self);
+    /// The endpoint's address, for errors that name it.
+    fn addr(&self) -> &str;
 }
 
 impl Tracked for InFlight {
@@ -34,6 +37,10 @@ impl Tracked for InFlight {
 
     fn expired(self) {
         self.timed_out();
+    }
+
+    fn addr(&self) -> &str {
+        InFlight::addr(self)
     }
 }
 
@@ -86,24 +93,32 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            match &frame {
+            return Poll::Ready(match frame {
                 Some(Ok(f)) => {
                     if let (Some(trailers), Some(call)) =
                         (f.trailers_ref(), this.in_flight.as_mut())
                     {
                         call.ended(Some(status_of(trailers).unwrap_or(tonic::Code::Unknown)));
                     }
+                    Some(Ok(f))
                 }
-                Some(Err(_)) => {
-                    if let Some(mut call) = this.in_flight.take() {
-                        call.ended(None);
-                    }
+                Some(Err(e)) => {
+                    let e: Self::Error = e.into();
+                    Some(Err(match this.in_flight.take() {
+                        // A lost connection reads UNAVAILABLE, naming the
+                        // endpoint (see `classify`).
+                        Some(mut call) => {
+                            call.ended(None);
+                            Box::new(transport_failure(call.addr(), &*e))
+                        }
+                        None => e,
+                    }))
                 }
                 None => {
                     this.in_flight.take();
+                    None
                 }
-            }
-            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+            });
         }
         if let Some(timer) = this.timer.as_mut() {
             ready!(timer.as_mut().poll(cx));
@@ -147,6 +162,10 @@ mod tests {
         fn expired(self) {
             self.0.store(1, Ordering::SeqCst);
             std::mem::forget(self);
+        }
+
+        fn addr(&self) -> &str {
+            "probe:1"
         }
     }
 

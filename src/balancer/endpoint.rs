@@ -197,6 +197,7 @@ impl Ready {
             ep: self.clone(),
             started,
             settled: false,
+            awaiting: true,
         }
     }
 }
@@ -226,17 +227,29 @@ pub(crate) struct InFlight {
     started: u64,
     /// Its outcome has been recorded.
     settled: bool,
+    /// Still waiting for the response headers (the call ages).
+    awaiting: bool,
 }
 
 impl InFlight {
-    /// The response headers arrived: their latency feeds the estimate.
-    /// Returns the time of the sample.
-    pub(crate) fn responded(&self) -> u64 {
+    /// The response headers arrived: the call stops ageing and, with
+    /// `sample`, their latency feeds the estimate (not for failures: errors
+    /// come back fast and would make a failing backend look the fastest).
+    pub(crate) fn headers_arrived(&mut self, sample: bool) {
         let now = self.ep.load.now();
-        self.ep
-            .load
-            .observe(now.saturating_sub(self.started) as f64, now);
-        now
+        if std::mem::take(&mut self.awaiting) {
+            self.ep.load.headers(self.started);
+            if sample {
+                self.ep
+                    .load
+                    .observe(now.saturating_sub(self.started) as f64, now);
+            }
+        }
+    }
+
+    /// The endpoint's address, for errors that name it.
+    pub(crate) fn addr(&self) -> &str {
+        self.ep.addr()
     }
 
     /// Records how the call went (once; later calls are ignored).
@@ -255,18 +268,20 @@ impl InFlight {
         &self.ep.policy
     }
 
-    /// The call's deadline passed on this endpoint: the time it waited is a
-    /// latency sample too, so a stalled endpoint looks slow, not idle.
+    /// The call's deadline passed on this endpoint. Before the response
+    /// headers, the time it waited is a latency sample too, so a stalled
+    /// endpoint looks slow, not idle; after them (a stream reaching its
+    /// deadline is normal) it teaches nothing about latency.
     pub(crate) fn timed_out(mut self) {
         self.settled = true;
-        let now = self.responded();
-        self.ep.load.timed_out(now);
+        self.headers_arrived(true);
+        self.ep.load.timed_out(self.ep.load.now());
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let before = self.ep.load.end(self.started);
+        let before = self.ep.load.end(self.started, self.awaiting);
         if before >= self.ep.max_streams {
             self.ep.policy.capacity.notify_one();
         }

@@ -8,17 +8,26 @@
 //!   nor starved before it has a baseline; an estimate older than the probe
 //!   interval is stale and the next sample replaces it, so a backend that
 //!   recovered is believed as soon as it answers.
-//! * **Pending calls and their age**: the cost multiplies the latency by the
-//!   calls in flight + 1, and the latency is at least the mean age of those
-//!   calls. A backend that stops answering looks slower every millisecond
-//!   instead of looking idle (an estimate fed only by responses made a
-//!   frozen backend the most attractive one).
+//! * **Latency is time to response headers.** A unary call's headers come
+//!   with its answer (tonic and grpc-go servers send them when the handler
+//!   returns), so for unary calls this is the whole call; a stream's are
+//!   sent when it opens, so a stream teaches how fast the server answers,
+//!   never how long the stream stays open.
+//! * **Load and age**: the cost multiplies the latency by the calls in
+//!   flight + 1, streams included: an open stream is load, one call's
+//!   worth. Only the calls still **waiting for their response headers** age:
+//!   the latency is at least their mean age, so a backend that stops
+//!   answering (pending unary calls, stream openings left unanswered) looks
+//!   slower every millisecond instead of looking idle, while a stream that
+//!   has been open for an hour does not make its endpoint look an hour
+//!   slow (that starved an endpoint holding one stream of nearly every
+//!   unary call).
 //! * **Health**: an EWMA of call outcomes (1 = every call succeeded). Errors
 //!   come back fast, so without it a failing backend would look the best.
 //!   It is kept across an ejection: an endpoint back from one regains its
 //!   share as its calls succeed (gRPC's A50 gives it full traffic at once).
 //! * **Probes**: an endpoint that has had no call for the probe interval and
-//!   has none in flight is given the next one, so every endpoint in rotation
+//!   has none waiting for headers is given the next one, so every endpoint in rotation
 //!   keeps fresh samples (at most one probe per interval, a bounded share).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -65,10 +74,13 @@ pub(crate) struct Load {
     rtt_us: AtomicU64,
     /// When the estimate was last fed, µs since `base`; 0 = never.
     sampled_at: AtomicU64,
+    /// Calls in flight, open streams included.
     pending: AtomicUsize,
-    /// Sum of the start times of the calls in flight (µs since `base`),
-    /// wrapping: exact as long as the true sum fits, which it does for
-    /// decades of uptime with thousands of calls in flight.
+    /// Calls in flight still waiting for their response headers.
+    awaiting: AtomicUsize,
+    /// Sum of the start times of the calls waiting for headers (µs since
+    /// `base`), wrapping: exact as long as the true sum fits, which it does
+    /// for decades of uptime with thousands of calls in flight.
     started_sum: AtomicU64,
     /// Success EWMA in [0, 1] (f64 bits).
     health: AtomicU64,
@@ -83,6 +95,7 @@ impl Load {
             rtt_us: AtomicU64::new((cfg.prior.as_secs_f64() * 1e6).to_bits()),
             sampled_at: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
+            awaiting: AtomicUsize::new(0),
             started_sum: AtomicU64::new(0),
             health: AtomicU64::new(1f64.to_bits()),
             picked_at: AtomicU64::new(0),
@@ -98,6 +111,13 @@ impl Load {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// Calls in flight that have their response headers: open streams (and
+    /// unary bodies being read).
+    pub(crate) fn open_streams(&self) -> usize {
+        self.pending()
+            .saturating_sub(self.awaiting.load(Ordering::Relaxed))
+    }
+
     /// The latency estimate in µs, without the pending calls' age.
     pub(crate) fn latency_us(&self) -> f64 {
         f64::from_bits(self.rtt_us.load(Ordering::Relaxed))
@@ -108,16 +128,18 @@ impl Load {
     }
 
     /// The cost of one more call here at `now`: latency (at least the mean
-    /// age of the calls in flight) × (calls in flight / weight + 1). The
+    /// age of the calls waiting for headers) × (calls in flight / weight +
+    /// 1). The
     /// weight scales the queue, as in Envoy's weighted least-request: a
     /// backend of weight 3 is expected to carry three times the calls, so
     /// equal backends keep their weighted shares under any concurrency.
     pub(crate) fn cost(&self, now: u64, weight: f64) -> f64 {
         let pending = self.pending.load(Ordering::Relaxed);
+        let awaiting = self.awaiting.load(Ordering::Relaxed);
         let mut latency = self.latency_us();
-        if pending > 0 {
+        if awaiting > 0 {
             let sum = self.started_sum.load(Ordering::Relaxed);
-            let mean_start = sum / pending as u64;
+            let mean_start = sum / awaiting as u64;
             latency = latency.max(now.saturating_sub(mean_start) as f64);
         }
         latency.max(1.0) * (pending as f64 / weight.max(1.0) + 1.0)
@@ -130,7 +152,7 @@ impl Load {
         let last = self.picked_at.load(Ordering::Relaxed);
         // Never picked (0): a new endpoint's first call comes at once, so its
         // first answer replaces the prior.
-        self.pending.load(Ordering::Relaxed) == 0
+        self.awaiting.load(Ordering::Relaxed) == 0
             && (last == 0 || now.saturating_sub(last) >= interval)
             && self
                 .picked_at
@@ -138,19 +160,31 @@ impl Load {
                 .is_ok()
     }
 
-    /// A call starts: returns its start time for [`end`](Self::end).
+    /// A call starts, waiting for its response headers: returns its start
+    /// time for [`headers`](Self::headers) and [`end`](Self::end).
     pub(crate) fn start(&self) -> u64 {
         let now = self.now();
         self.picked_at.store(now, Ordering::Relaxed);
         self.started_sum.fetch_add(now, Ordering::Relaxed);
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
         self.pending.fetch_add(1, Ordering::Relaxed);
         now
     }
 
-    /// The call that started at `started` is no longer in flight. Returns
-    /// the calls in flight before it ended.
-    pub(crate) fn end(&self, started: u64) -> usize {
+    /// The call that started at `started` got its response headers (or
+    /// gave up waiting for them): from now on it is load, not age.
+    pub(crate) fn headers(&self, started: u64) {
         self.started_sum.fetch_sub(started, Ordering::Relaxed);
+        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The call that started at `started` is no longer in flight (`awaiting`:
+    /// it never had its headers). Returns the calls in flight before it
+    /// ended.
+    pub(crate) fn end(&self, started: u64, awaiting: bool) -> usize {
+        if awaiting {
+            self.headers(started);
+        }
         self.pending.fetch_sub(1, Ordering::Relaxed)
     }
 
@@ -254,8 +288,32 @@ mod tests {
         let c100 = l.cost(l.now(), 1.0);
         assert!(c100 > c50 && c50 > c0, "{c0} {c50} {c100}");
         assert!((c100 - 2.0 * 100_000.0).abs() < 10.0, "{c100}");
-        assert_eq!(l.end(started), 1);
+        assert_eq!(l.end(started, true), 1);
         assert_eq!(l.cost(l.now(), 1.0), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_stream_is_load_not_age() {
+        let l = load();
+        l.observe(300.0, l.now());
+        let idle = l.cost(l.now(), 1.0);
+        let stream = l.start();
+        l.headers(stream);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert_eq!(l.open_streams(), 1);
+        assert_eq!(
+            l.cost(l.now(), 1.0),
+            2.0 * idle,
+            "one call's worth of load, however long it is open"
+        );
+        // A stream opening that gets no answer ages like any call.
+        let unanswered = l.start();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(l.cost(l.now(), 1.0), 100_000.0 * 3.0);
+        l.end(unanswered, true);
+        l.end(stream, false);
+        assert_eq!(l.cost(l.now(), 1.0), idle);
+        assert_eq!(l.open_streams(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -269,7 +327,7 @@ mod tests {
         let t = l.start();
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!l.claim_probe(l.now()), "a call is in flight");
-        l.end(t);
+        l.end(t, true);
         assert!(l.claim_probe(l.now()));
         assert!(!l.claim_probe(l.now()), "claimed once");
         tokio::time::advance(Duration::from_millis(999)).await;

@@ -91,6 +91,7 @@
 //! once as a probe.
 
 mod body;
+mod classify;
 mod deadline;
 mod endpoint;
 mod health;
@@ -675,18 +676,15 @@ async fn dispatch(
                 let status = body::status_of(response.headers());
                 match status {
                     _ if response.status() != http::StatusCode::OK => {
+                        in_flight.headers_arrived(false);
                         in_flight.settle(Outcome::Failure)
                     }
                     Some(code) => {
                         let outcome = Outcome::of(code, in_flight.policy());
-                        if outcome == Outcome::Success {
-                            in_flight.responded();
-                        }
+                        in_flight.headers_arrived(outcome == Outcome::Success);
                         in_flight.settle(outcome);
                     }
-                    None => {
-                        in_flight.responded();
-                    }
+                    None => in_flight.headers_arrived(true),
                 }
                 return Ok(response
                     .map(|body| tonic::body::Body::new(CallBody::new(body, timer, in_flight))));
@@ -709,7 +707,7 @@ async fn dispatch(
                         failed_on = Some(ep);
                         request = r;
                     }
-                    _ => return Err(Box::new(error)),
+                    _ => return Err(Box::new(classify::transport_failure(ep.addr(), &error))),
                 }
             }
         }

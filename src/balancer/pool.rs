@@ -75,8 +75,12 @@ pub struct EndpointStatus {
     pub instance: Instance,
     /// In rotation or why not.
     pub state: EndpointState,
-    /// Calls in flight on it.
+    /// Calls in flight on it, open streams included.
     pub in_flight: usize,
+    /// Of those, calls that have their response headers and are still open:
+    /// streams (and unary answers being read). They count as load, and do
+    /// not make the endpoint look slow however long they stay open.
+    pub open_streams: usize,
     /// Its latency estimate (none before it is connected).
     pub latency: Option<Duration>,
     /// Share of recent calls that succeeded, 0 to 1 (an EWMA).
@@ -249,6 +253,7 @@ impl Shared {
                     instance: (*ep.instance()).clone(),
                     state: e.state,
                     in_flight: ep.load.pending(),
+                    open_streams: ep.load.open_streams(),
                     latency: Some(Duration::from_secs_f64(ep.load.latency_us() / 1e6)),
                     success_rate: ep.load.health(),
                     weight: ep.weight(),
@@ -259,6 +264,7 @@ impl Shared {
                     instance: (*e.instance).clone(),
                     state: e.state,
                     in_flight: 0,
+                    open_streams: 0,
                     latency: None,
                     success_rate: 1.0,
                     weight: self.policy.weight_of(&e.instance),
@@ -411,7 +417,12 @@ async fn serve(
     let ep = conn.ready.clone();
     let policy = &shared.policy;
     ep.set_instance(instance.borrow_and_update().clone());
+    // Without health checking there is no health task and nothing to wait
+    // for: the branch below is disabled, never polled on a closed channel
+    // (a dropped sender makes `changed()` ready at once, forever).
     let (health_tx, mut healthy) = watch::channel(cfg.health_check.is_none());
+    let mut watching_health = cfg.health_check.is_some();
+    let mut is_healthy = *healthy.borrow_and_update();
     let _health = cfg.health_check.as_ref().map(|service| {
         AbortOnDrop(tokio::spawn(super::health::watch(
             ep.clone(),
@@ -423,7 +434,7 @@ async fn serve(
     let mut in_rotation = false;
     let mut state = None;
     let removed = loop {
-        let now_state = match (ejected_until.is_some(), *healthy.borrow()) {
+        let now_state = match (ejected_until.is_some(), is_healthy) {
             (true, _) => EndpointState::Ejected,
             (false, false) => EndpointState::Unhealthy,
             (false, true) => EndpointState::Ready,
@@ -464,12 +475,20 @@ async fn serve(
                 ep.outliers.on_probation();
                 tracing::info!(addr = %ep.addr(), service = %shared.service, "ejection over");
             }
-            changed = healthy.changed() => {
-                if changed.is_err() {
-                    // The health task ended (UNIMPLEMENTED): healthy for good.
-                    healthy = watch::channel(true).1;
+            changed = healthy.changed(), if watching_health => {
+                let now_healthy = match changed {
+                    Ok(()) => *healthy.borrow_and_update(),
+                    Err(_) => {
+                        // The health task ended (UNIMPLEMENTED): healthy for
+                        // good, and no more waiting on its channel.
+                        watching_health = false;
+                        true
+                    }
+                };
+                if now_healthy != is_healthy {
+                    is_healthy = now_healthy;
+                    tracing::debug!(addr = %ep.addr(), healthy = is_healthy, "health changed");
                 }
-                tracing::info!(addr = %ep.addr(), healthy = *healthy.borrow(), "health changed");
             }
         }
     };

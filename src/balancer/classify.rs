@@ -1,0 +1,130 @@
+//! What a call that failed below gRPC reads as.
+//!
+//! hyper reports a lost connection as `connection error` or an h2 body
+//! error, which tonic turns into `UNKNOWN` with no address. gRPC clients
+//! report transport failures as `UNAVAILABLE` (grpc-go's transport, and the
+//! code retry policies retry) and say which address failed. This follows
+//! grpc-go (`internal/transport/http_util.go`, `http2ErrConvTab`):
+//!
+//! * the server **reset the stream** (`RST_STREAM`): its reason maps as in
+//!   grpc-go: `CANCEL` is `CANCELLED` (the server cancelled the call),
+//!   `REFUSED_STREAM` is `UNAVAILABLE` (it never processed it),
+//!   `ENHANCE_YOUR_CALM` and `FLOW_CONTROL_ERROR` are `RESOURCE_EXHAUSTED`,
+//!   `INADEQUATE_SECURITY` is `PERMISSION_DENIED`, the rest `INTERNAL`;
+//! * anything else below gRPC (the connection closed, reset or timed out,
+//!   `GOAWAY`, an I/O error) is `UNAVAILABLE`, naming the address;
+//! * a `tonic::Status` in the error's chain (from the request's own body,
+//!   say) is kept as it is.
+
+use std::error::Error as StdError;
+use std::fmt::Write;
+
+use h2::Reason;
+use tonic::{Code, Status};
+
+/// The status of a call that failed with `error` talking to `addr`.
+pub(crate) fn transport_failure(addr: &str, error: &(dyn StdError + 'static)) -> Status {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(status) = e.downcast_ref::<Status>() {
+            return status.clone();
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.is_reset() && h2.is_remote() {
+                if let Some(reason) = h2.reason() {
+                    return Status::new(
+                        reset_code(reason),
+                        format!("{addr} reset the stream: {reason}"),
+                    );
+                }
+            }
+        }
+        next = e.source();
+    }
+    Status::unavailable(format!("connection to {addr} failed: {}", chain(error)))
+}
+
+/// grpc-go's table for a stream reset by the peer.
+fn reset_code(reason: Reason) -> Code {
+    match reason {
+        Reason::CANCEL => Code::Cancelled,
+        Reason::REFUSED_STREAM => Code::Unavailable,
+        Reason::ENHANCE_YOUR_CALM | Reason::FLOW_CONTROL_ERROR => Code::ResourceExhausted,
+        Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+/// `error` and its sources, `: `-separated, without repeats (hyper's
+/// `Display` often already includes its source's text).
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        next = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn StdError + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connection error")
+        }
+    }
+
+    impl StdError for Wrapped {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_unavailable_and_names_the_address() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = Wrapped(Box::new(io));
+        let status = transport_failure("10.0.0.1:50051", &e);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "connection to 10.0.0.1:50051 failed: connection error: reset by peer"
+        );
+        let goaway = Wrapped(Box::new(h2::Error::from(Reason::NO_ERROR)));
+        assert_eq!(
+            transport_failure("a:1", &goaway).code(),
+            Code::Unavailable,
+            "a local h2 error is no reset by the server"
+        );
+    }
+
+    #[test]
+    fn a_status_in_the_chain_is_kept() {
+        let e = Wrapped(Box::new(Status::cancelled("caller gave up")));
+        let status = transport_failure("a:1", &e);
+        assert_eq!(status.code(), Code::Cancelled);
+        assert_eq!(status.message(), "caller gave up");
+    }
+
+    #[test]
+    fn resets_map_as_in_grpc_go() {
+        for (reason, code) in [
+            (Reason::CANCEL, Code::Cancelled),
+            (Reason::REFUSED_STREAM, Code::Unavailable),
+            (Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
+            (Reason::INADEQUATE_SECURITY, Code::PermissionDenied),
+            (Reason::PROTOCOL_ERROR, Code::Internal),
+        ] {
+            assert_eq!(reset_code(reason), code, "{reason:?}");
+        }
+    }
+}
