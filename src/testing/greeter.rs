@@ -86,6 +86,23 @@ type ReplyStream =
 #[tonic::async_trait]
 impl pb::greeter_server::Greeter for Greeter {
     type SayHelloStreamStream = ReplyStream;
+    type ChatStream = ReplyStream;
+
+    async fn chat(
+        &self,
+        request: Request<tonic::Streaming<HelloRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        use tokio_stream::StreamExt;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let id = self.id.clone();
+        let replies = request.into_inner().map(move |r| {
+            r.map(|r| HelloReply {
+                message: format!("hello {}", r.name),
+                server_id: id.clone(),
+            })
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
 
     async fn say_hello_stream(
         &self,
