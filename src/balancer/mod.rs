@@ -170,6 +170,9 @@ impl fmt::Debug for BalancerBuilder {
 struct CallConfig {
     no_endpoint_timeout: Duration,
     call_timeout: Option<Duration>,
+    /// Paths (`/pkg.Service/Method`) and service prefixes (`/pkg.Service/`)
+    /// of streaming methods, which `call_timeout` does not bound.
+    streams: Arc<std::collections::HashSet<String>>,
     fail_fast: bool,
     max_waiting: usize,
     user_agent: HeaderValue,
@@ -191,14 +194,42 @@ impl BalancerBuilder {
         self
     }
 
-    /// A deadline for calls that carry none, and a cap on those that do: a
-    /// call's deadline is the earlier of its own `grpc-timeout` and this, as
-    /// with tonic's `Endpoint::timeout`. The effective deadline is sent to the
-    /// server in `grpc-timeout`. Default: none (gRPC's default: calls without
-    /// a deadline may wait for their response indefinitely).
+    /// A deadline for unary calls that carry none, and a cap on those that
+    /// do: a call's deadline is the earlier of its own `grpc-timeout` and
+    /// this, as with tonic's `Endpoint::timeout`. The effective deadline is
+    /// sent to the server in `grpc-timeout`. Default: none (gRPC's default:
+    /// calls without a deadline may wait for their response indefinitely).
+    ///
+    /// It does not apply to the methods named in
+    /// [`stream_methods`](Self::stream_methods): a stream is bounded by its
+    /// own deadline if it sets one. On the wire a stream looks like a unary
+    /// call until it ends, so the balancer cannot tell them apart by itself:
+    /// name every streaming method whose calls may outlive this timeout.
     #[must_use]
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.calls.call_timeout = Some(cap(timeout));
+        self
+    }
+
+    /// Methods that stream (server, client or bidi): [`call_timeout`](
+    /// Self::call_timeout) does not apply to them. Each entry is a method
+    /// (`inventory.v1.Inventory/Watch`) or a whole service
+    /// (`inventory.v1.Inventory`), as in gRPC's service config names; a
+    /// leading `/` is allowed. Adds to earlier calls.
+    #[must_use]
+    pub fn stream_methods<I, S>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let streams = Arc::make_mut(&mut self.calls.streams);
+        for m in methods {
+            let m = m.as_ref().trim_start_matches('/');
+            streams.insert(match m.split_once('/') {
+                Some(_) => format!("/{m}"),
+                None => format!("/{m}/"),
+            });
+        }
         self
     }
 
@@ -467,6 +498,15 @@ impl BalancerBuilder {
 }
 
 impl CallConfig {
+    /// Whether `path` names a method declared as streaming.
+    fn is_stream(&self, path: &str) -> bool {
+        if self.streams.is_empty() {
+            return false;
+        }
+        let service = path.rfind('/').map_or(path, |i| &path[..=i]);
+        self.streams.contains(path) || self.streams.contains(service)
+    }
+
     /// When the fail-fast gate closes, for a balancer without endpoints
     /// since `empty_since`.
     fn gate(&self, empty_since: Instant) -> Instant {
@@ -536,6 +576,7 @@ impl Balancer {
             calls: CallConfig {
                 no_endpoint_timeout: Duration::from_secs(3),
                 call_timeout: None,
+                streams: Arc::default(),
                 fail_fast: true,
                 max_waiting: 10_000,
                 user_agent: HeaderValue::from_static(USER_AGENT),
@@ -623,7 +664,10 @@ async fn dispatch(
     cfg: Arc<CallConfig>,
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let deadline = deadline::apply(Instant::now(), request.headers_mut(), cfg.call_timeout);
+    let default = cfg
+        .call_timeout
+        .filter(|_| !cfg.is_stream(request.uri().path()));
+    let deadline = deadline::apply(Instant::now(), request.headers_mut(), default);
     request
         .headers_mut()
         .entry(http::header::USER_AGENT)
@@ -909,6 +953,17 @@ mod tests {
         let err = b.clone().call(req).await.unwrap_err();
         let status = tonic::Status::from_error(err);
         (t0.elapsed(), status)
+    }
+
+    #[tokio::test]
+    async fn stream_methods_are_named_by_method_or_service() {
+        let b = balancer(|b| b.stream_methods(["pkg.S/Watch", "/pkg.T"])).await;
+        let is = |p| b.calls.is_stream(p);
+        assert!(is("/pkg.S/Watch"));
+        assert!(!is("/pkg.S/Get"));
+        assert!(is("/pkg.T/Anything"));
+        assert!(!is("/pkg.TT/Anything"), "a service name is no prefix match");
+        assert!(!balancer(|b| b).await.calls.is_stream("/pkg.S/Watch"));
     }
 
     #[tokio::test(start_paused = true)]
