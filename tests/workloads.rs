@@ -95,9 +95,10 @@ async fn a_replica_holding_a_stream_keeps_its_share_of_unary_calls() {
     let shares = unary_shares(&balancer, 2, 500).await;
     let held = shares.get(&holder).copied().unwrap_or(0);
     eprintln!("stream on {holder}; unary shares: {shares:?}");
-    // Fair share 25 %; an endpoint starved by the stream's age got 0.1 %.
+    // Fair share 25 % (the stream is load: with two callers it costs the
+    // holder a little, about 20 %); starved by the stream's age it got 0.1 %.
     assert!(
-        held >= 200,
+        held >= 150,
         "{holder} holds the stream and got {held} of 1000: {shares:?}"
     );
     assert_eq!(
