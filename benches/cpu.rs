@@ -1,0 +1,264 @@
+//! What a client costs in CPU, beside tonic's: instructions per unary call,
+//! and CPU while idle.
+//!
+//! Three clients of the same four greeter servers (registered in a real
+//! etcd), each in a process of its own so that nothing else is counted:
+//!
+//! * `plain`: a tonic `Channel` to one server (the floor: no balancing);
+//! * `tonic_balanced`: tonic's balanced channel fed by etcd
+//!   ([`tonic_etcd::ChannelBuilder`]);
+//! * `balancer`: this crate's [`tonic_etcd::Balancer`].
+//!
+//! **Instructions per call**: each client runs under `valgrind
+//! --tool=callgrind` twice, making `N1` and then `N2` sequential unary calls
+//! after the same set-up; (I(N2) − I(N1)) / (N2 − N1) is the cost of one
+//! call, start-up and discovery cancelling out. Instruction counts do not
+//! depend on what else the machine is doing.
+//!
+//! **Idle CPU**: each client, connected and warmed up, then idle; process
+//! CPU time from `getrusage` over the idle period, in ms per second.
+//!
+//! The servers run in this (parent) process, on a runtime each; the clients
+//! are this binary started again with `cpu-child` arguments. Writes
+//! `target/bench/cpu.json`. Settings: `BENCH_CALLS` (N2 − N1, default
+//! 2,000), `BENCH_IDLE_SECS` (default 10).
+
+#[path = "support/backends.rs"]
+mod backends;
+#[path = "../tests/common/pki.rs"]
+mod pki;
+#[path = "../tests/common/proxy.rs"]
+mod proxy;
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use backends::{caller, Backends, Call, Setup};
+use support::{setting, smoke, table, write_json};
+use tonic_etcd::testing::Etcd;
+use tonic_etcd::{Balancer, ChannelBuilder};
+
+const SERVICE: &str = "cpu.v1.Greeter";
+const VARIANTS: [&str; 3] = ["plain", "tonic_balanced", "balancer"];
+/// Calls made before anything is counted (connections made, estimates fed).
+const WARM_UP: usize = 50;
+const READY_LIMIT: Duration = Duration::from_secs(30);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("cpu-child") {
+        return child(&args[2..]);
+    }
+    let calls = setting("BENCH_CALLS", 2_000, 20) as usize;
+    let idle_secs = setting("BENCH_IDLE_SECS", 10, 1);
+    let n1 = 100.min(calls);
+    let valgrind = which("valgrind");
+    if !smoke() && !valgrind {
+        panic!(
+            "valgrind not found: the cpu benchmark counts instructions with \
+             `valgrind --tool=callgrind`. Install it (as root on Debian: \
+             `scripts/ensure-deps`, or `apt-get install -y valgrind`)."
+        );
+    }
+    let etcd = Etcd::start();
+    let rt = support::runtime();
+    let backends = rt.block_on(async {
+        let client = etcd.client().await;
+        Backends::start(&client, SERVICE, Setup::default()).await
+    });
+    let endpoint = etcd.endpoint();
+    let plain_addr = backends.addrs[0].clone();
+
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    let mut per_call = std::collections::HashMap::new();
+    for variant in VARIANTS {
+        let spawn = |mode: &str, n: usize, under_valgrind: bool| {
+            run_child(
+                under_valgrind,
+                &[variant, mode, &n.to_string(), &endpoint, &plain_addr],
+            )
+        };
+        // Instructions: the two runs, interleaved per variant.
+        let instructions = if valgrind {
+            let low = spawn("calls", n1, true).instructions;
+            let high = spawn("calls", n1 + calls, true).instructions;
+            Some(high.saturating_sub(low) as f64 / calls as f64)
+        } else {
+            // Without valgrind (a smoke run only): the same runs, uncounted.
+            spawn("calls", n1, false);
+            None
+        };
+        let idle = spawn("idle", idle_secs as usize, false).idle_ms_per_s;
+        if let Some(i) = instructions {
+            per_call.insert(variant, i);
+        }
+        json.insert(
+            variant.into(),
+            serde_json::json!({
+                "instructions_per_call": instructions.map(f64::round),
+                "idle_cpu_ms_per_s": idle,
+            }),
+        );
+        rows.push((variant, instructions, idle));
+    }
+    let floor = per_call.get("plain").copied();
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(v, i, idle)| {
+            vec![
+                v.to_string(),
+                i.map_or("-".into(), |i| format!("{i:.0}")),
+                match (i, floor) {
+                    (Some(i), Some(f)) => format!("{:.2}x", i / f),
+                    _ => "-".into(),
+                },
+                idle.map_or("-".into(), |ms| format!("{ms:.3}")),
+            ]
+        })
+        .collect();
+    table(
+        &format!(
+            "Client CPU: instructions per unary call (callgrind, {calls} calls) and \
+             idle CPU ({idle_secs} s, 4 connected endpoints)"
+        ),
+        &["client", "instr/call", "vs plain", "idle ms CPU/s"],
+        &rows,
+    );
+    for (name, key) in [
+        ("balancer_to_plain", "plain"),
+        ("balancer_to_tonic_balanced", "tonic_balanced"),
+    ] {
+        if let (Some(b), Some(o)) = (per_call.get("balancer"), per_call.get(key)) {
+            json.insert(
+                format!("instructions_ratio_{name}"),
+                ((b / o * 1000.0).round() / 1000.0).into(),
+            );
+        }
+    }
+    json.insert("calls".into(), calls.into());
+    json.insert("idle_secs".into(), idle_secs.into());
+    write_json("cpu", &serde_json::Value::Object(json));
+    drop(backends);
+}
+
+/// What a child reported.
+#[derive(Default)]
+struct Report {
+    instructions: u64,
+    idle_ms_per_s: Option<f64>,
+}
+
+fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
+    let exe = std::env::current_exe().expect("current exe");
+    let out_file = std::env::temp_dir().join(format!("tonic-etcd-cpu-{}.out", std::process::id()));
+    let mut cmd = if under_valgrind {
+        let mut c = Command::new("valgrind");
+        c.arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out_file.display()))
+            .arg(&exe);
+        c
+    } else {
+        Command::new(&exe)
+    };
+    cmd.arg("cpu-child").args(args);
+    let t0 = Instant::now();
+    let output = cmd.output().expect("start the client process");
+    let _ = std::fs::remove_file(&out_file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "client {args:?} failed ({:?} after {:?}):\n{stdout}\n{stderr}",
+        output.status,
+        t0.elapsed()
+    );
+    let mut report = Report::default();
+    if under_valgrind {
+        // "==1234== Collected : 123456789"
+        report.instructions = stderr
+            .lines()
+            .find_map(|l| l.split("Collected :").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no instruction count from callgrind:\n{stderr}"));
+    }
+    report.idle_ms_per_s = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("idle_ms_per_s "))
+        .and_then(|v| v.trim().parse().ok());
+    report
+}
+
+/// The client process: `<variant> calls <n> <etcd> <addr>` makes `n` calls
+/// after the warm-up; `<variant> idle <secs> <etcd> <addr>` idles after it.
+fn child(args: &[String]) {
+    let [variant, mode, n, etcd, addr] = args else {
+        panic!("usage: cpu-child <variant> calls|idle <n> <etcd> <addr>");
+    };
+    let n: usize = n.parse().expect("a count");
+    // One thread: what the client costs, not how a scheduler spreads it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let call: Call = match variant.as_str() {
+            "plain" => {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("endpoint")
+                    .connect()
+                    .await
+                    .expect("connect");
+                caller(channel, None)
+            }
+            "tonic_balanced" => {
+                let client = tonic_etcd::testing::connect(std::slice::from_ref(etcd)).await;
+                let c = ChannelBuilder::new(client, SERVICE)
+                    .build()
+                    .expect("channel");
+                let wait = Instant::now() + READY_LIMIT;
+                while c.endpoints() < 4 {
+                    assert!(Instant::now() < wait, "4 endpoints not discovered");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                caller(c, None)
+            }
+            "balancer" => {
+                let client = tonic_etcd::testing::connect(std::slice::from_ref(etcd)).await;
+                let b = Balancer::builder(client, SERVICE)
+                    .build()
+                    .expect("balancer");
+                b.wait_for_ready(4, READY_LIMIT).await.expect("4 ready");
+                caller(b, None)
+            }
+            other => panic!("unknown variant {other}"),
+        };
+        for _ in 0..WARM_UP {
+            call().await.expect("warm-up call");
+        }
+        match mode.as_str() {
+            "calls" => {
+                for _ in 0..n {
+                    call().await.expect("call");
+                }
+            }
+            "idle" => {
+                let (cpu0, t0) = (support::cpu_time(), Instant::now());
+                tokio::time::sleep(Duration::from_secs(n as u64)).await;
+                let (cpu, wall) = (support::cpu_time() - cpu0, t0.elapsed());
+                println!(
+                    "idle_ms_per_s {:.4}",
+                    cpu.as_secs_f64() * 1000.0 / wall.as_secs_f64()
+                );
+            }
+            other => panic!("unknown mode {other}"),
+        }
+    });
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
+}
