@@ -14,6 +14,29 @@
 //! | `tonic_etcd_balancer_ejections_total` | counter | `service` | endpoints ejected by outlier detection |
 //! | `tonic_etcd_balancer_connect_failures_total` | counter | `service` | failed connection attempts |
 //! | `tonic_etcd_balancer_fail_fast` | gauge | `service` | 1 while the fail-fast gate is closed |
+//! | `tonic_etcd_client_calls_total` | counter | `service`, `code` (`OK`, `UNAVAILABLE`, ...) | calls through a Balancer by final gRPC status; every code present at 0 from the start |
+//! | `tonic_etcd_client_call_duration_seconds` | histogram | `service`, `code` | how long calls took, to their status (calls of [`stream_methods`](crate::balancer::BalancerBuilder::stream_methods) are counted but not timed: a stream's lifetime is no latency) |
+//! | `tonic_etcd_balancer_endpoint_in_flight` | gauge | `service`, `endpoint` | calls in flight on an endpoint, open streams included |
+//! | `tonic_etcd_balancer_endpoint_open_streams` | gauge | `service`, `endpoint` | of those, calls past their response headers (streams) |
+//! | `tonic_etcd_balancer_endpoint_latency_seconds` | gauge | `service`, `endpoint` | the endpoint's latency estimate (time to response headers) |
+//! | `tonic_etcd_balancer_endpoint_success_rate` | gauge | `service`, `endpoint` | share of recent calls that succeeded (EWMA, 0 to 1) |
+//! | `tonic_etcd_balancer_endpoint_state` | gauge | `service`, `endpoint` | 0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed |
+//!
+//! Every name is described (`describe_*`) when a view, registration or
+//! Balancer is built, and a Balancer's series exist at 0 from the moment
+//! it is built (per endpoint: from its first connection), so dashboards
+//! see zeros rather than gaps. An endpoint removed from etcd keeps its
+//! series with state 4 and zeros (the `metrics` facade cannot delete one).
+//!
+//! With [`metrics-exporter-prometheus`](https://docs.rs/metrics-exporter-prometheus):
+//!
+//! ```text
+//! metrics_exporter_prometheus::PrometheusBuilder::new()
+//!     .with_http_listener(([127, 0, 0, 1], 9000))
+//!     .install()?;            // before building the Balancer
+//! // curl 127.0.0.1:9000/metrics
+//! // tonic_etcd_client_calls_total{service="greeter.v1.Greeter",code="OK"} 1234
+//! ```
 
 #[cfg(feature = "metrics")]
 mod imp {
@@ -90,6 +113,305 @@ mod balancer {
             .set(if closed { 1.0 } else { 0.0 });
     }
 }
+
+/// gRPC's status code names, by number.
+#[cfg(feature = "metrics")]
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Describes every metric once per process.
+#[cfg(feature = "metrics")]
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        describe_gauge!(
+            "tonic_etcd_endpoints",
+            "instances in a Discover's or Catalog's view"
+        );
+        describe_counter!("tonic_etcd_changes_total", "changes applied to a view");
+        describe_counter!(
+            "tonic_etcd_watch_reconnects_total",
+            "watches re-established after a failure"
+        );
+        describe_counter!(
+            "tonic_etcd_watch_resyncs_total",
+            "re-listings after compaction or a revision regression"
+        );
+        describe_counter!(
+            "tonic_etcd_skipped_entries_total",
+            "undecodable entries skipped"
+        );
+        describe_counter!("tonic_etcd_lease_losses_total", "leases lost and replaced");
+        describe_gauge!(
+            "tonic_etcd_registration_state",
+            "0 registering, 1 registered, 2 lost, 3 retrying, 4 deregistered"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoints",
+            "a Balancer's endpoints by state"
+        );
+        describe_counter!(
+            "tonic_etcd_balancer_ejections_total",
+            "endpoints ejected by outlier detection"
+        );
+        describe_counter!(
+            "tonic_etcd_balancer_connect_failures_total",
+            "failed connection attempts"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_fail_fast",
+            "1 while the fail-fast gate is closed"
+        );
+        describe_counter!(
+            "tonic_etcd_client_calls_total",
+            "calls through a Balancer by final gRPC status"
+        );
+        describe_histogram!(
+            "tonic_etcd_client_call_duration_seconds",
+            Unit::Seconds,
+            "call duration to its final status (declared streams excluded)"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_in_flight",
+            "calls in flight on an endpoint, open streams included"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_open_streams",
+            "calls on an endpoint past their response headers"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_latency_seconds",
+            Unit::Seconds,
+            "an endpoint's latency estimate (time to response headers)"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_success_rate",
+            "share of an endpoint's recent calls that succeeded"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_state",
+            "0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed"
+        );
+    });
+}
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) fn describe() {}
+
+/// A Balancer's per-call series: handles made once, so a call costs two
+/// atomic updates, not a registry lookup.
+#[cfg(feature = "metrics")]
+pub(crate) struct CallMetrics {
+    service: String,
+    calls: [metrics::Counter; 17],
+    durations: [std::sync::OnceLock<metrics::Histogram>; 17],
+}
+
+#[cfg(feature = "metrics")]
+impl CallMetrics {
+    pub(crate) fn new(service: &str) -> Self {
+        describe();
+        let calls = CODES.map(|code| {
+            let c = metrics::counter!("tonic_etcd_client_calls_total",
+                "service" => service.to_owned(), "code" => code);
+            c.increment(0);
+            c
+        });
+        Self {
+            service: service.to_owned(),
+            calls,
+            durations: Default::default(),
+        }
+    }
+
+    fn record(&self, code: tonic::Code, took: Option<std::time::Duration>) {
+        let i = (code as usize).min(16);
+        self.calls[i].increment(1);
+        if let Some(took) = took {
+            self.durations[i]
+                .get_or_init(|| {
+                    metrics::histogram!("tonic_etcd_client_call_duration_seconds",
+                        "service" => self.service.clone(), "code" => CODES[i])
+                })
+                .record(took.as_secs_f64());
+        }
+    }
+}
+
+/// One call's record: reports its final status exactly once (a call
+/// dropped before its status counts as `CANCELLED`, as grpc-go's do).
+#[cfg(feature = "metrics")]
+pub(crate) struct CallRecord {
+    metrics: Option<std::sync::Arc<CallMetrics>>,
+    started: tokio::time::Instant,
+    timed: bool,
+}
+
+#[cfg(feature = "metrics")]
+impl CallRecord {
+    /// A call that started at `started`; `timed` unless it is a declared stream.
+    pub(crate) fn new(
+        metrics: &std::sync::Arc<CallMetrics>,
+        started: tokio::time::Instant,
+        timed: bool,
+    ) -> Self {
+        Self {
+            metrics: Some(metrics.clone()),
+            started,
+            timed,
+        }
+    }
+
+    /// A record that reports nothing.
+    pub(crate) fn none() -> Self {
+        Self {
+            metrics: None,
+            started: tokio::time::Instant::now(),
+            timed: false,
+        }
+    }
+
+    /// The call ended with `code`.
+    pub(crate) fn finish(&mut self, code: tonic::Code) {
+        if let Some(m) = self.metrics.take() {
+            m.record(code, self.timed.then(|| self.started.elapsed()));
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+/// One endpoint's gauges, made when it connects.
+#[cfg(feature = "metrics")]
+pub(crate) struct EndpointMetrics {
+    in_flight: metrics::Gauge,
+    open_streams: metrics::Gauge,
+    latency: metrics::Gauge,
+    success: metrics::Gauge,
+}
+
+#[cfg(feature = "metrics")]
+impl EndpointMetrics {
+    pub(crate) fn new(service: &str, addr: &str) -> Self {
+        let labels = [
+            ("service", service.to_owned()),
+            ("endpoint", addr.to_owned()),
+        ];
+        let this = Self {
+            in_flight: metrics::gauge!("tonic_etcd_balancer_endpoint_in_flight", &labels),
+            open_streams: metrics::gauge!("tonic_etcd_balancer_endpoint_open_streams", &labels),
+            latency: metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels),
+            success: metrics::gauge!("tonic_etcd_balancer_endpoint_success_rate", &labels),
+        };
+        this.in_flight.set(0.0);
+        this.open_streams.set(0.0);
+        this.success.set(1.0);
+        this
+    }
+
+    pub(crate) fn started(&self) {
+        self.in_flight.increment(1.0);
+    }
+
+    pub(crate) fn headers(&self) {
+        self.open_streams.increment(1.0);
+    }
+
+    pub(crate) fn ended(&self, had_headers: bool) {
+        self.in_flight.decrement(1.0);
+        if had_headers {
+            self.open_streams.decrement(1.0);
+        }
+    }
+
+    pub(crate) fn latency(&self, us: f64) {
+        self.latency.set(us / 1e6);
+    }
+
+    pub(crate) fn success(&self, rate: f64) {
+        self.success.set(rate);
+    }
+}
+
+/// Where endpoint `addr` stands (0 connecting, 1 ready, 2 ejected,
+/// 3 unhealthy, 4 removed).
+#[cfg(feature = "metrics")]
+pub(crate) fn endpoint_state(service: &str, addr: &str, state: u8) {
+    metrics::gauge!("tonic_etcd_balancer_endpoint_state",
+        "service" => service.to_owned(), "endpoint" => addr.to_owned())
+    .set(f64::from(state));
+}
+
+#[cfg(not(feature = "metrics"))]
+mod call_noop {
+    /// Without the `metrics` feature: nothing, at no cost.
+    pub(crate) struct CallMetrics;
+
+    impl CallMetrics {
+        pub(crate) fn new(_: &str) -> Self {
+            Self
+        }
+    }
+
+    pub(crate) struct CallRecord;
+
+    impl CallRecord {
+        pub(crate) fn new(
+            _: &std::sync::Arc<CallMetrics>,
+            _: tokio::time::Instant,
+            _: bool,
+        ) -> Self {
+            Self
+        }
+
+        pub(crate) fn none() -> Self {
+            Self
+        }
+
+        pub(crate) fn finish(&mut self, _: tonic::Code) {}
+    }
+
+    pub(crate) struct EndpointMetrics;
+
+    impl EndpointMetrics {
+        pub(crate) fn new(_: &str, _: &str) -> Self {
+            Self
+        }
+        pub(crate) fn started(&self) {}
+        pub(crate) fn headers(&self) {}
+        pub(crate) fn ended(&self, _: bool) {}
+        pub(crate) fn latency(&self, _: f64) {}
+        pub(crate) fn success(&self, _: f64) {}
+    }
+
+    pub(crate) fn endpoint_state(_: &str, _: &str, _: u8) {}
+}
+
+#[cfg(not(feature = "metrics"))]
+pub(crate) use call_noop::*;
 
 #[cfg(not(feature = "metrics"))]
 mod balancer {

@@ -1,15 +1,20 @@
 //! Metrics through the `metrics` facade (feature `metrics`), read back from
 //! an installed recorder while a real etcd loses its data.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backend::Backend;
 use common::eventually;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Recorder, SharedString, Unit};
 use metrics_util::registry::{AtomicStorage, Registry};
+use tonic_etcd::balancer::OutlierDetection;
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Discover, Registration};
 
@@ -42,6 +47,20 @@ impl Recorder for Metrics {
 }
 
 impl Metrics {
+    /// How many samples the histogram `name` with every `labels` pair holds.
+    fn samples(&self, name: &str, labels: &[(&str, &str)]) -> Option<usize> {
+        self.0
+            .get_histogram_handles()
+            .into_iter()
+            .find(|(k, _)| {
+                k.name() == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
+            })
+            .map(|(_, h)| h.data().len())
+    }
+
     /// The value of `name` whose labels include every `labels` pair.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let matches = |k: &Key| {
@@ -66,10 +85,22 @@ impl Metrics {
     }
 }
 
+/// The recorder of this test binary, installed on first use.
+fn recorder() -> Metrics {
+    static RECORDER: std::sync::OnceLock<Metrics> = std::sync::OnceLock::new();
+    RECORDER
+        .get_or_init(|| {
+            let metrics = Metrics(Arc::new(Registry::atomic()));
+            metrics::set_global_recorder(metrics.clone())
+                .expect("the only recorder in this test binary");
+            metrics
+        })
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_and_discovery_report_what_they_do() {
-    let metrics = Metrics(Arc::new(Registry::atomic()));
-    metrics::set_global_recorder(metrics.clone()).expect("the only recorder in this test binary");
+    let metrics = recorder();
 
     let etcd = Etcd::start();
     let client = etcd.client().await;
@@ -152,5 +183,137 @@ async fn registration_and_discovery_report_what_they_do() {
     assert_eq!(
         metrics.value("tonic_etcd_registration_state", &service),
         Some(4.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
+    let metrics = recorder();
+    let etcd = tonic_etcd::testing::shared();
+    let client = etcd.client().await;
+    let svc = common::unique("metered");
+    let ok = Backend::start("ok");
+    let failing = Backend::start("failing");
+    failing.fail.set(Some(tonic::Code::Unavailable));
+    let _regs = [
+        common::register_with(&client, &svc, &ok.addr, tonic_etcd::Metadata::new()).await,
+        common::register_with(&client, &svc, &failing.addr, tonic_etcd::Metadata::new()).await,
+    ];
+    let balancer = tonic_etcd::Balancer::builder(client, &svc)
+        .stream_methods(["greeter.v1.Greeter/Chat"])
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    // Present at zero before any call.
+    for code in ["OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"] {
+        let labels = [("service", svc.as_str()), ("code", code)];
+        assert_eq!(
+            metrics.value("tonic_etcd_client_calls_total", &labels),
+            Some(0.0),
+            "{code}"
+        );
+    }
+    balancer.wait_for_ready(2, LIMIT).await.unwrap();
+    for addr in [&ok.addr, &failing.addr] {
+        let endpoint = [("service", svc.as_str()), ("endpoint", addr.as_str())];
+        assert_eq!(
+            metrics.value("tonic_etcd_balancer_endpoint_state", &endpoint),
+            Some(1.0)
+        );
+        assert_eq!(
+            metrics.value("tonic_etcd_balancer_endpoint_in_flight", &endpoint),
+            Some(0.0)
+        );
+        assert_eq!(
+            metrics.value("tonic_etcd_balancer_endpoint_open_streams", &endpoint),
+            Some(0.0)
+        );
+    }
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let (mut oks, mut failures) = (0.0, 0.0);
+    for _ in 0..40 {
+        match greeter.say_hello(HelloRequest { name: "m".into() }).await {
+            Ok(_) => oks += 1.0,
+            Err(s) if s.code() == tonic::Code::Unavailable => failures += 1.0,
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert!(oks > 0.0 && failures > 0.0, "{oks} {failures}");
+    let calls = |code| {
+        metrics.value(
+            "tonic_etcd_client_calls_total",
+            &[("service", svc.as_str()), ("code", code)],
+        )
+    };
+    assert_eq!(calls("OK"), Some(oks));
+    assert_eq!(calls("UNAVAILABLE"), Some(failures));
+    assert_eq!(
+        metrics.samples(
+            "tonic_etcd_client_call_duration_seconds",
+            &[("service", svc.as_str()), ("code", "OK")]
+        ),
+        Some(oks as usize)
+    );
+    let failing_ep = [
+        ("service", svc.as_str()),
+        ("endpoint", failing.addr.as_str()),
+    ];
+    let rate = metrics
+        .value("tonic_etcd_balancer_endpoint_success_rate", &failing_ep)
+        .unwrap();
+    let seen = balancer
+        .endpoints()
+        .into_iter()
+        .find(|e| e.instance.addr == failing.addr)
+        .unwrap()
+        .success_rate;
+    assert!(
+        rate < 1.0 && rate == seen,
+        "the failing endpoint's success rate: {rate}, {seen}"
+    );
+    let ok_ep = [("service", svc.as_str()), ("endpoint", ok.addr.as_str())];
+    let latency = metrics
+        .value("tonic_etcd_balancer_endpoint_latency_seconds", &ok_ep)
+        .unwrap();
+    assert!(latency > 0.0 && latency < 1.0, "{latency}");
+
+    // A stream: in flight and open on its endpoint while it lives; counted
+    // when it ends, not timed.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = greeter
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(HelloRequest { name: "s".into() }).await.unwrap();
+    let holder = replies.message().await.unwrap().expect("a reply").server_id;
+    let addr = if holder == "ok" {
+        &ok.addr
+    } else {
+        &failing.addr
+    };
+    let ep = [("service", svc.as_str()), ("endpoint", addr.as_str())];
+    assert_eq!(
+        metrics.value("tonic_etcd_balancer_endpoint_open_streams", &ep),
+        Some(1.0)
+    );
+    assert_eq!(
+        metrics.value("tonic_etcd_balancer_endpoint_in_flight", &ep),
+        Some(1.0)
+    );
+    drop(tx);
+    while let Ok(Some(_)) = replies.message().await {}
+    eventually(LIMIT, "the stream's end counted", || async {
+        (metrics.value("tonic_etcd_balancer_endpoint_open_streams", &ep) == Some(0.0)).then_some(())
+    })
+    .await;
+    assert_eq!(calls("OK"), Some(oks + 1.0), "the stream counts");
+    assert_eq!(
+        metrics.samples(
+            "tonic_etcd_client_call_duration_seconds",
+            &[("service", svc.as_str()), ("code", "OK")]
+        ),
+        Some(oks as usize),
+        "a declared stream is not timed"
     );
 }

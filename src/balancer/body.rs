@@ -15,6 +15,7 @@ use tokio::time::Sleep;
 use super::classify::transport_failure;
 use super::deadline;
 use super::endpoint::{InFlight, Outcome};
+use crate::metrics::CallRecord;
 
 /// What a [`CallBody`] holds for its call while the body streams.
 pub(crate) trait Tracked {
@@ -60,16 +61,24 @@ pin_project_lite::pin_project! {
         inner: B,
         timer: Option<Pin<Box<Sleep>>>,
         in_flight: Option<T>,
+        // The call's final status, for metrics.
+        record: CallRecord,
         expired: bool,
     }
 }
 
 impl<B, T> CallBody<B, T> {
-    pub(crate) fn new(inner: B, timer: Option<Pin<Box<Sleep>>>, in_flight: T) -> Self {
+    pub(crate) fn new(
+        inner: B,
+        timer: Option<Pin<Box<Sleep>>>,
+        in_flight: T,
+        record: CallRecord,
+    ) -> Self {
         Self {
             inner,
             timer,
             in_flight: Some(in_flight),
+            record,
             expired: false,
         }
     }
@@ -95,10 +104,14 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(match frame {
                 Some(Ok(f)) => {
-                    if let (Some(trailers), Some(call)) =
-                        (f.trailers_ref(), this.in_flight.as_mut())
-                    {
-                        call.ended(Some(status_of(trailers).unwrap_or(tonic::Code::Unknown)));
+                    if let Some(trailers) = f.trailers_ref() {
+                        let code = status_of(trailers).unwrap_or(tonic::Code::Unknown);
+                        this.record.finish(code);
+                        // The trailers end the call: it leaves the endpoint's
+                        // load now, not when the caller drops the stream.
+                        if let Some(mut call) = this.in_flight.take() {
+                            call.ended(Some(code));
+                        }
                     }
                     Some(Ok(f))
                 }
@@ -109,12 +122,16 @@ where
                         // endpoint (see `classify`).
                         Some(mut call) => {
                             call.ended(None);
-                            Box::new(transport_failure(call.addr(), &*e))
+                            let status = transport_failure(call.addr(), &*e);
+                            this.record.finish(status.code());
+                            Box::new(status)
                         }
                         None => e,
                     }))
                 }
                 None => {
+                    // Without trailers: tonic reports the missing status.
+                    this.record.finish(tonic::Code::Internal);
                     this.in_flight.take();
                     None
                 }
@@ -126,6 +143,7 @@ where
             if let Some(in_flight) = this.in_flight.take() {
                 in_flight.expired();
             }
+            this.record.finish(tonic::Code::DeadlineExceeded);
             let status = deadline::exceeded(format_args!("while the response was streaming"));
             return Poll::Ready(Some(Err(Box::new(status))));
         }
@@ -204,7 +222,12 @@ mod tests {
         let state = Arc::new(AtomicU8::new(0));
         let start = Instant::now();
         let timer = Box::pin(tokio::time::sleep_until(start + Duration::from_millis(300)));
-        let mut body = CallBody::new(Stalled(false), Some(timer), Probe(state.clone()));
+        let mut body = CallBody::new(
+            Stalled(false),
+            Some(timer),
+            Probe(state.clone()),
+            CallRecord::none(),
+        );
         assert!(
             next(&mut body).await.unwrap().is_ok(),
             "frames pass through"
@@ -220,7 +243,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_a_deadline_the_body_waits_and_the_call_ends_with_it() {
         let state = Arc::new(AtomicU8::new(0));
-        let mut body = CallBody::new(Stalled(false), None, Probe(state.clone()));
+        let mut body = CallBody::new(
+            Stalled(false),
+            None,
+            Probe(state.clone()),
+            CallRecord::none(),
+        );
         assert!(next(&mut body).await.is_some());
         let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut body)).await;
         assert!(waited.is_err(), "no deadline: nothing cuts the body");
@@ -259,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn a_status_in_the_trailers_is_reported() {
         let state = Arc::new(AtomicU8::new(0));
-        let mut body = CallBody::new(Failing(0), None, Probe(state.clone()));
+        let mut body = CallBody::new(Failing(0), None, Probe(state.clone()), CallRecord::none());
         while next(&mut body).await.is_some() {}
         assert_eq!(
             state.load(Ordering::SeqCst),

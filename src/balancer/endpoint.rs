@@ -122,6 +122,7 @@ pub(crate) struct Ready {
     joined_at: AtomicU64,
     /// Woken when a call finds the connection closed.
     pub(crate) closed: Notify,
+    metrics: crate::metrics::EndpointMetrics,
 }
 
 impl Ready {
@@ -193,6 +194,7 @@ impl Ready {
     /// Counts a call in flight until the guard is dropped.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         let started = self.load.start();
+        self.metrics.started();
         InFlight {
             ep: self.clone(),
             started,
@@ -239,10 +241,12 @@ impl InFlight {
         let now = self.ep.load.now();
         if std::mem::take(&mut self.awaiting) {
             self.ep.load.headers(self.started);
+            self.ep.metrics.headers();
             if sample {
                 self.ep
                     .load
                     .observe(now.saturating_sub(self.started) as f64, now);
+                self.ep.metrics.latency(self.ep.load.latency_us());
             }
         }
     }
@@ -259,6 +263,7 @@ impl InFlight {
         }
         let ok = outcome == Outcome::Success;
         self.ep.load.outcome(ok);
+        self.ep.metrics.success(self.ep.load.health());
         let now = self.ep.load.now();
         self.ep.outliers.record(ok, now, &self.ep.policy.outlier);
     }
@@ -282,6 +287,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let before = self.ep.load.end(self.started, self.awaiting);
+        self.ep.metrics.ended(!self.awaiting);
         if before >= self.ep.max_streams {
             self.ep.policy.capacity.notify_one();
         }
@@ -300,6 +306,7 @@ pub(crate) struct Connection {
 /// frame has arrived, all within the connect timeout.
 pub(crate) async fn connect(
     key: &str,
+    service: &str,
     instance: Arc<Instance>,
     cfg: &ConnConfig,
     policy: Arc<Policy>,
@@ -370,6 +377,7 @@ pub(crate) async fn connect(
     let max_streams = settings
         .max_concurrent_streams
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let instance_addr = instance.addr.clone();
     Ok(Connection {
         ready: Arc::new(Ready {
             key: key.to_owned(),
@@ -385,6 +393,7 @@ pub(crate) async fn connect(
             joined_at: AtomicU64::new(0),
             policy,
             closed: Notify::new(),
+            metrics: crate::metrics::EndpointMetrics::new(service, &instance_addr),
         }),
         driver,
     })

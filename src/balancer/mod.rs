@@ -120,6 +120,7 @@ use tower::discover::Change;
 use tower::Service;
 
 use crate::discovery::{Discover, DiscoverBuilder};
+use crate::metrics::{CallMetrics, CallRecord};
 use crate::schema::Schema;
 use crate::time::{cap, deadline_after, wait_until, Waited};
 use crate::{Error, Instance};
@@ -490,6 +491,7 @@ impl BalancerBuilder {
         });
         let task = tokio::spawn(pool::run(discover, shared.clone(), cfg));
         Balancer {
+            metrics: Arc::new(CallMetrics::new(&shared.service)),
             shared,
             calls: Arc::new(self.calls),
             _task: Arc::new(AbortOnDrop(task)),
@@ -542,6 +544,7 @@ impl Drop for AbortOnDrop {
 pub struct Balancer {
     shared: Arc<Shared>,
     calls: Arc<CallConfig>,
+    metrics: Arc<CallMetrics>,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -655,19 +658,40 @@ impl Service<http::Request<tonic::body::Body>> for Balancer {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(dispatch(self.shared.clone(), self.calls.clone(), request))
+        let (shared, cfg, metrics) = (
+            self.shared.clone(),
+            self.calls.clone(),
+            self.metrics.clone(),
+        );
+        Box::pin(async move {
+            let now = Instant::now();
+            let stream = cfg.is_stream(request.uri().path());
+            let mut record = Some(CallRecord::new(&metrics, now, !stream));
+            let result = dispatch(shared, cfg, request, now, stream, &mut record).await;
+            if let (Err(e), Some(mut record)) = (&result, record) {
+                record.finish(
+                    e.downcast_ref::<tonic::Status>()
+                        .map_or(tonic::Code::Unknown, tonic::Status::code),
+                );
+            }
+            result
+        })
     }
 }
 
+/// One call: its deadline, then attempts until one is sent. `record` moves
+/// into the response body (or is finished here for a trailers-only answer);
+/// left in place, the caller records the error.
 async fn dispatch(
     shared: Arc<Shared>,
     cfg: Arc<CallConfig>,
     mut request: http::Request<tonic::body::Body>,
+    now: Instant,
+    stream: bool,
+    record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let default = cfg
-        .call_timeout
-        .filter(|_| !cfg.is_stream(request.uri().path()));
-    let deadline = deadline::apply(Instant::now(), request.headers_mut(), default);
+    let default = cfg.call_timeout.filter(|_| !stream);
+    let deadline = deadline::apply(now, request.headers_mut(), default);
     request
         .headers_mut()
         .entry(http::header::USER_AGENT)
@@ -718,20 +742,24 @@ async fn dispatch(
                 // A trailers-only response carries its status in the headers;
                 // otherwise the body reports it from the trailers.
                 let status = body::status_of(response.headers());
+                let mut record = record.take().unwrap_or_else(CallRecord::none);
                 match status {
                     _ if response.status() != http::StatusCode::OK => {
                         in_flight.headers_arrived(false);
-                        in_flight.settle(Outcome::Failure)
+                        in_flight.settle(Outcome::Failure);
+                        record.finish(tonic::Code::Unknown);
                     }
                     Some(code) => {
                         let outcome = Outcome::of(code, in_flight.policy());
                         in_flight.headers_arrived(outcome == Outcome::Success);
                         in_flight.settle(outcome);
+                        record.finish(code);
                     }
                     None => in_flight.headers_arrived(true),
                 }
-                return Ok(response
-                    .map(|body| tonic::body::Body::new(CallBody::new(body, timer, in_flight))));
+                return Ok(response.map(|body| {
+                    tonic::body::Body::new(CallBody::new(body, timer, in_flight, record))
+                }));
             }
             Err(mut e) => {
                 let mut in_flight = in_flight;

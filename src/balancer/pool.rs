@@ -204,6 +204,16 @@ impl Shared {
             Some(_) => None,
             None => registry.get(key).and_then(|e| e.last_error.clone()),
         };
+        crate::metrics::endpoint_state(
+            &self.service,
+            &instance.addr,
+            match state {
+                EndpointState::Connecting => 0,
+                EndpointState::Ready => 1,
+                EndpointState::Ejected => 2,
+                EndpointState::Unhealthy => 3,
+            },
+        );
         let entry = Entry {
             state,
             instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),
@@ -228,7 +238,9 @@ impl Shared {
     /// Endpoint `key` is no longer registered.
     fn forget(&self, key: &str) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        registry.remove(key);
+        if let Some(gone) = registry.remove(key) {
+            crate::metrics::endpoint_state(&self.service, &gone.instance.addr, 4);
+        }
         self.publish(&registry);
     }
 
@@ -365,7 +377,7 @@ async fn maintain(
         let current = instance.borrow_and_update().clone();
         shared.set_state(&key, EndpointState::Connecting, &current, None);
         let connected = tokio::select! {
-            r = connect(&key, current.clone(), &cfg.conn, shared.policy.clone()) => r,
+            r = connect(&key, &shared.service, current.clone(), &cfg.conn, shared.policy.clone()) => r,
             () = removed(&mut instance) => return shared.forget(&key),
         };
         match connected {
@@ -439,6 +451,12 @@ async fn serve(
             (false, false) => EndpointState::Unhealthy,
             (false, true) => EndpointState::Ready,
         };
+        // The state first: whoever sees the endpoint in rotation (a caller
+        // of `wait_for_ready`) also sees it as ready in `endpoints()`.
+        if state != Some(now_state) {
+            state = Some(now_state);
+            shared.set_state(&ep.key, now_state, &ep.instance(), Some(&ep));
+        }
         let want = now_state == EndpointState::Ready;
         if want != in_rotation {
             in_rotation = want;
@@ -447,10 +465,6 @@ async fn serve(
             } else {
                 shared.remove(&ep);
             }
-        }
-        if state != Some(now_state) {
-            state = Some(now_state);
-            shared.set_state(&ep.key, now_state, &ep.instance(), Some(&ep));
         }
         let ejection_over = tokio::time::sleep_until(ejected_until.unwrap_or_else(Instant::now));
         tokio::select! {

@@ -283,6 +283,7 @@ async fn start<S: store::Store>(
     spec: Spec,
     startup_timeout: Duration,
 ) -> Result<Registration, Error> {
+    crate::metrics::describe();
     let request_timeout = spec.request_timeout;
     let (state_tx, state_rx) = watch::channel(RegistrationState::Registering);
     let mut worker = Worker::new(store, spec, state_tx);

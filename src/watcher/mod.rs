@@ -350,6 +350,7 @@ impl Drop for Watched {
 
 /// Starts the task that keeps a view of `cfg.prefix`.
 pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
+    crate::metrics::describe();
     let view = Arc::new(View {
         prefix: cfg.prefix.clone(),
         state: Mutex::new(State::default()),
