@@ -25,6 +25,7 @@ pub struct Greeter {
     delay: Duration,
     calls: Arc<AtomicU64>,
     fail: FailSwitch,
+    draining: Option<crate::server::Draining>,
 }
 
 /// Makes a [`Greeter`] fail every call with a status, or answer again.
@@ -54,7 +55,17 @@ impl Greeter {
             delay: Duration::ZERO,
             calls: Arc::default(),
             fail: FailSwitch::default(),
+            draining: None,
         }
+    }
+
+    /// Ends its `Chat` streams with `UNAVAILABLE` once its server begins to
+    /// shut down (as a long-lived stream should), instead of holding them
+    /// until the drain limit cuts them.
+    #[must_use]
+    pub fn with_draining(mut self, draining: crate::server::Draining) -> Self {
+        self.draining = Some(draining);
+        self
     }
 
     /// The switch that makes this greeter (and its clones) fail.
@@ -101,6 +112,19 @@ impl pb::greeter_server::Greeter for Greeter {
                 server_id: id.clone(),
             })
         });
+        let Some(draining) = self.draining.clone() else {
+            return Ok(Response::new(Box::pin(replies)));
+        };
+        // Until shutdown begins; then one UNAVAILABLE, and the end.
+        let shutdown = tokio_stream::once(Err(Status::unavailable(
+            "server shutting down; reconnect elsewhere",
+        )));
+        let replies = Until {
+            stream: replies,
+            stop: Box::pin(async move { draining.started().await }),
+            done: false,
+        }
+        .chain(shutdown);
         Ok(Response::new(Box::pin(replies)))
     }
 
@@ -151,4 +175,26 @@ pub async fn serve_registered(
     crate::server::RegisteredServer::new(registration.addr(addr))
         .serve_with_shutdown(router, listener, shutdown)
         .await
+}
+
+/// A stream that ends when `stop` resolves.
+struct Until<S> {
+    stream: S,
+    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    done: bool,
+}
+
+impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for Until<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if self.done || self.stop.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.stream).poll_next(cx)
+    }
 }

@@ -12,9 +12,14 @@
 //!    failure is logged at error level ("etcd unreachable at start-up"), the
 //!    health service says `NOT_SERVING`, and a shutdown signal ends it at
 //!    once;
-//! 3. when the shutdown signal fires, the instance is **deregistered first**,
-//!    the server keeps answering for a short grace period while clients see
-//!    the removal, then stops accepting and lets in-flight RPCs finish.
+//! 3. when the shutdown signal fires, handlers are told
+//!    ([`RegisteredServer::draining`]), the instance is **deregistered
+//!    first**, the server keeps answering for a short grace period while
+//!    clients see the removal, then stops accepting and lets in-flight RPCs
+//!    finish, saying what it waits for. At the drain limit
+//!    ([`drain_timeout`](RegisteredServer::drain_timeout), default 30 s)
+//!    connections still open are cut, streams and all, and the call returns:
+//!    one open watch cannot hold a deploy for ever.
 //!
 //! The server also answers the standard health service (`grpc.health.v1`,
 //! tonic-health): `SERVING` for the whole server (`""`) and each registered
@@ -52,6 +57,16 @@ use tower::{Layer, Service};
 use crate::registration::RegistrationBuilder;
 use crate::Error;
 
+mod drain;
+
+use drain::Connections;
+pub use drain::Draining;
+
+/// While draining, how often the server says what it still waits for.
+const DRAIN_REPORT: Duration = Duration::from_secs(5);
+/// After the cut, how long the cut connections may take to close.
+const AFTER_CUT: Duration = Duration::from_secs(1);
+
 const DEFAULT_GRACE: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -63,6 +78,7 @@ pub struct RegisteredServer {
     grace: Duration,
     drain_timeout: Duration,
     health: Health,
+    draining: Draining,
 }
 
 /// Who serves `grpc.health.v1.Health`.
@@ -95,7 +111,15 @@ impl RegisteredServer {
             grace: DEFAULT_GRACE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             health: Health::Own,
+            draining: Draining::default(),
         }
+    }
+
+    /// The notice handlers select on to learn that shutdown began (see
+    /// [`Draining`]): give a clone to each service before serving. It fires
+    /// when the shutdown signal does, before deregistration.
+    pub fn draining(&self) -> Draining {
+        self.draining.clone()
     }
 
     /// Reports through `reporter` instead of adding a health service: for a
@@ -120,8 +144,10 @@ impl RegisteredServer {
         self
     }
 
-    /// The longest wait for in-flight RPCs after the server stops accepting
-    /// (default 30 s); the call returns when it passes.
+    /// The drain limit: the longest wait for in-flight RPCs after the server
+    /// stops accepting (default 30 s). Connections still open then are cut
+    /// (their streams fail on the client with `UNAVAILABLE`) and the call
+    /// returns.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = crate::time::cap(timeout);
         self
@@ -183,13 +209,23 @@ impl RegisteredServer {
         report(ServingStatus::NotServing).await;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        let connections = Connections::default();
+        let incoming = {
+            use tokio_stream::StreamExt;
+            let connections = connections.clone();
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(move |accepted| accepted.map(|io| connections.track(io)))
+        };
+        let server = router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
         tokio::pin!(server);
+        let drain = |server, stop: tokio::sync::oneshot::Sender<()>| {
+            self.draining.start();
+            let _ = stop.send(());
+            drain(server, &connections, self.drain_timeout)
+        };
 
         // The listener is bound and the server polled: it accepts before we
         // announce it. A shutdown signal is honoured at any point of start-up:
@@ -199,9 +235,7 @@ impl RegisteredServer {
             r = registration.register() => r,
             () = &mut signal => {
                 tracing::info!("shutdown during start-up; not registered");
-                let _ = stop_tx.send(());
-                let _ = tokio::time::timeout(self.drain_timeout, &mut server).await;
-                return Ok(());
+                return drain(server.as_mut(), stop_tx).await;
             }
             r = &mut server => {
                 r?;
@@ -212,8 +246,7 @@ impl RegisteredServer {
         let registered = match registered {
             Ok(r) => r,
             Err(e) => {
-                let _ = stop_tx.send(());
-                let _ = tokio::time::timeout(self.drain_timeout, &mut server).await;
+                let _ = drain(server.as_mut(), stop_tx).await;
                 return Err(e);
             }
         };
@@ -230,8 +263,12 @@ impl RegisteredServer {
             }
         }
 
-        // Health-checking clients stop first, then etcd's removal follows,
-        // while still serving.
+        // Handlers and health-checking clients learn first, then etcd's
+        // removal follows, while still serving.
+        self.draining.start();
+        tracing::info!(grace = ?self.grace, drain_limit = ?self.drain_timeout,
+            "shutting down: deregistering; new calls accepted for the grace period, \
+             then calls in flight get up to the drain limit");
         report(ServingStatus::NotServing).await;
         let deregistered = tokio::select! {
             r = registered.deregister() => r,
@@ -244,14 +281,56 @@ impl RegisteredServer {
             () = tokio::time::sleep(self.grace) => {}
             r = &mut server => { r?; return Ok(()); }
         }
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(self.drain_timeout, &mut server).await {
-            Ok(r) => r?,
-            Err(_) => {
-                tracing::warn!(timeout = ?self.drain_timeout, "in-flight RPCs did not finish in time")
-            }
+        drain(server.as_mut(), stop_tx).await
+    }
+}
+
+/// The server has stopped accepting (GOAWAY sent on every connection):
+/// waits for its connections to close, saying how many are still open, and
+/// cuts those left at `limit`.
+async fn drain<F>(
+    mut server: std::pin::Pin<&mut F>,
+    connections: &Connections,
+    limit: Duration,
+) -> Result<(), Error>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let deadline = crate::time::deadline_after(tokio::time::Instant::now(), limit);
+    let mut reported = false;
+    loop {
+        let open = connections.open();
+        if open > 0 {
+            tracing::info!(connections = open, drain_limit = ?limit,
+                "draining: waiting for connections with calls in flight");
+            reported = true;
         }
-        Ok(())
+        let next = crate::time::deadline_after(tokio::time::Instant::now(), DRAIN_REPORT);
+        tokio::select! {
+            r = server.as_mut() => {
+                if reported {
+                    tracing::info!("drained: every connection closed");
+                }
+                return Ok(r?);
+            }
+            () = tokio::time::sleep_until(next.min(deadline)) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    tracing::warn!(connections = connections.open(), drain_limit = ?limit,
+        "drain limit passed: cutting the connections still open and their streams");
+    connections.cut();
+    match tokio::time::timeout(AFTER_CUT, server).await {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            tracing::warn!(
+                connections = connections.open(),
+                "connections still open after the cut"
+            );
+            Ok(())
+        }
     }
 }
 
