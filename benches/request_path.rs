@@ -16,7 +16,10 @@
 //!
 //! * one backend adds 20 ms to every reply: mean and p99 latency;
 //! * one backend dies (its runtime is shut down, closing every socket as a
-//!   SIGKILL would; its etcd key stays alive): failed calls in the next 10 s;
+//!   SIGKILL would; its etcd key stays alive): failed calls in the next
+//!   10 s, their codes, and whether they name the address;
+//! * one bidi stream open on one backend, unary calls from four callers
+//!   beside it: the holder's share of the unary calls (fair: 25 %);
 //! * no backend registered: how long a call takes to fail;
 //! * one backend frozen (a proxy in front of it stops moving bytes, as a
 //!   SIGSTOPped process would), every call with a 1 s deadline: how many
@@ -47,6 +50,7 @@ use support::{ms, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_etcd::balancer::TlsConfig;
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Balancer, ChannelBuilder, Discover};
 use tower::discover::Change;
@@ -163,6 +167,7 @@ fn main() {
         json.insert("healthy".into(), healthy(&client, millis, rounds).await);
         json.insert("one_slow".into(), one_slow(&client, millis).await);
         json.insert("one_killed".into(), one_killed(&client).await);
+        json.insert("one_stream".into(), one_stream(&client).await);
         json.insert("no_endpoints".into(), no_endpoints(&client).await);
         json.insert("one_frozen".into(), one_frozen(&client).await);
         json.insert(
@@ -317,18 +322,45 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
     for name in ["etcd_channel (tonic)", "balancer"] {
         let service = format!("bench.one_killed.{}", rows.len());
         let mut backends = Backends::start(client, &service, Setup::default()).await;
-        let call = if name == "balancer" {
-            caller(balancer(client, &service).await, None)
+        let (call, call_status) = if name == "balancer" {
+            let b = balancer(client, &service).await;
+            (caller(b.clone(), None), status_caller(b))
         } else {
-            caller(etcd_channel(client, &service).await, None)
+            let c = etcd_channel(client, &service).await;
+            (caller(c.clone(), None), status_caller(c))
         };
         load(&call, Duration::from_millis(200)).await;
         backends.kill(3);
-        let (ok, failed, _) = load(&call, window).await;
-        rows.push(vec![name.to_string(), ok.to_string(), failed.to_string()]);
+        let killed = backends.addrs[3].clone();
+        let statuses = statuses(&call_status, window).await;
+        let ok = statuses.iter().filter(|s| s.is_ok()).count();
+        let failures: Vec<&tonic::Status> =
+            statuses.iter().filter_map(|s| s.as_ref().err()).collect();
+        let unavailable = failures
+            .iter()
+            .filter(|s| s.code() == tonic::Code::Unavailable)
+            .count();
+        let named = failures
+            .iter()
+            .filter(|s| s.message().contains(&killed))
+            .count();
+        rows.push(vec![
+            name.to_string(),
+            ok.to_string(),
+            failures.len().to_string(),
+            unavailable.to_string(),
+            named.to_string(),
+        ]);
         json.insert(
             name.to_string(),
-            serde_json::json!({ "ok": ok, "failed": failed, "window_ms": window.as_millis() as u64 }),
+            serde_json::json!({
+                "ok": ok,
+                "failed": failures.len(),
+                "failed_unavailable": unavailable,
+                "failed_naming_the_address": named,
+                "failed_codes": failures.iter().map(|s| format!("{:?}", s.code())).collect::<Vec<_>>(),
+                "window_ms": window.as_millis() as u64,
+            }),
         );
     }
     table(
@@ -336,10 +368,155 @@ async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
             "request_path: one of four backends killed, key still in etcd ({} ms after the kill)",
             window.as_millis()
         ),
-        &["variant", "ok calls", "failed calls"],
+        &[
+            "variant",
+            "ok calls",
+            "failed calls",
+            "of which UNAVAILABLE",
+            "naming the address",
+        ],
         &rows,
     );
     serde_json::Value::Object(json)
+}
+
+/// One greeter call that reports its whole status.
+type StatusCall = std::sync::Arc<
+    dyn Fn()
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send>>
+        + Send
+        + Sync,
+>;
+
+fn status_caller<T>(svc: T) -> StatusCall
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    std::sync::Arc::new(move || {
+        let mut client = GreeterClient::new(svc.clone());
+        Box::pin(async move {
+            client
+                .say_hello(HelloRequest {
+                    name: "bench".into(),
+                })
+                .await
+                .map(drop)
+        })
+    })
+}
+
+/// `CALLERS` closed-loop callers for `length`: every call's status.
+async fn statuses(call: &StatusCall, length: Duration) -> Vec<Result<(), tonic::Status>> {
+    let end = Instant::now() + length;
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while Instant::now() < end {
+                    out.push(call().await);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// One long-lived bidi stream open on one of four backends, unary calls
+/// from a few callers beside it: each replica's share of the unary calls
+/// (fair: 25 %). An estimate that took a stream's age for latency starved
+/// the replica holding it.
+async fn one_stream(client: &etcd_client::Client) -> serde_json::Value {
+    let calls = setting("BENCH_STREAM_CALLS", 8_000, 400) as usize;
+    let callers = 4;
+    let mut json = serde_json::Map::new();
+    let mut rows = Vec::new();
+    for name in ["etcd_channel (tonic)", "balancer"] {
+        let service = format!("bench.one_stream.{}", rows.len());
+        let backends = Backends::start(client, &service, Setup::default()).await;
+        let (holder, shares) = if name == "balancer" {
+            stream_shares(balancer(client, &service).await, calls, callers).await
+        } else {
+            stream_shares(etcd_channel(client, &service).await, calls, callers).await
+        };
+        drop(backends);
+        let held = shares.get(&holder).copied().unwrap_or(0);
+        let share = held as f64 / calls as f64;
+        let mut sorted: Vec<_> = shares.iter().collect();
+        sorted.sort();
+        rows.push(vec![
+            name.to_string(),
+            holder.clone(),
+            format!("{:.1} %", share * 100.0),
+            format!("{sorted:?}"),
+        ]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({ "holder": holder, "holder_share": share, "shares": shares, "calls": calls, "callers": callers }),
+        );
+    }
+    table(
+        &format!("request_path: one bidi stream open on one of four backends, {calls} unary calls from 4 callers"),
+        &["variant", "stream on", "its unary share", "calls per backend"],
+        &rows,
+    );
+    serde_json::Value::Object(json)
+}
+
+/// Opens a Chat stream through `svc`, then makes `calls` unary calls from
+/// `callers` callers: who holds the stream, and who answered how many.
+async fn stream_shares<T>(
+    svc: T,
+    calls: usize,
+    callers: usize,
+) -> (String, std::collections::HashMap<String, usize>)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = GreeterClient::new(svc.clone())
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("stream opened")
+        .into_inner();
+    tx.send(HelloRequest { name: "s".into() }).await.unwrap();
+    let holder = replies.message().await.unwrap().expect("a reply").server_id;
+    let call = caller(svc, None);
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(calls / callers);
+                for _ in 0..calls / callers {
+                    got.push(call().await.expect("unary call"));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut shares = std::collections::HashMap::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            *shares.entry(id).or_default() += 1;
+        }
+    }
+    drop(tx);
+    (holder, shares)
 }
 
 /// No backend registered: how long a call takes to fail. tonic's plain
