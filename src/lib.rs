@@ -45,7 +45,8 @@
 //!
 //! async fn call(client: etcd_client::Client) -> Result<(), Box<dyn std::error::Error>> {
 //!     let balancer = Balancer::builder(client, "greeter.v1.Greeter")
-//!         .call_timeout(Duration::from_secs(2))   // deadline for calls that set none
+//!         .call_timeout(Duration::from_secs(2))   // deadline for unary calls that set none
+//!         .stream_methods(["greeter.v1.Greeter/Chat"])   // streams: no call_timeout
 //!         .build()?;
 //!     let mut greeter = GreeterClient::new(balancer);   // your generated client
 //!     greeter.say_hello(HelloRequest { name: "x".into() }).await?;

@@ -7,19 +7,28 @@
 //!
 //! * **Deadlines**: a call's deadline (its `grpc-timeout` header, set by
 //!   `Request::set_timeout`, or [`call_timeout`](BalancerBuilder::call_timeout)
-//!   for calls without one) bounds the wait for an endpoint, the wait for the
-//!   response headers *and* the response body. On expiry the call fails with
-//!   `DeadlineExceeded` and the stream is reset. tonic's `Channel` enforces the
-//!   same header until the response headers arrive; a backend that sends
-//!   headers and then stalls cannot hold a call here either.
+//!   for unary calls without one) bounds the wait for an endpoint, the wait
+//!   for the response headers *and* the response body. On expiry the call
+//!   fails with `DeadlineExceeded` and the stream is reset. tonic's `Channel`
+//!   enforces the same header until the response headers arrive; a backend
+//!   that sends headers and then stalls cannot hold a call here either.
+//!   `call_timeout` does not apply to the methods named in
+//!   [`stream_methods`](BalancerBuilder::stream_methods): a watch that lives
+//!   for hours is bounded only by a deadline of its own.
 //! * **Load-aware**: every endpoint (up to 16, else 8 sampled) is weighed by
-//!   its cost, peak-EWMA latency × (calls in flight / weight + 1), where the
-//!   latency is at least the age of its calls in flight, so a backend that
-//!   stalls looks slower every millisecond. Endpoints within 2.5× of the
-//!   cheapest (the first quartile, with more than four) share calls by weight; costlier ones get a share falling with
-//!   the fourth power of the excess (see *Picking* below). Every endpoint idle for a second gets a probe call, so
-//!   none is starved and a recovered one is seen at once. tonic compares a
-//!   load that is always zero, i.e. picks at random.
+//!   its cost, peak-EWMA latency × (calls in flight / weight + 1). The
+//!   latency is learnt from the time to response headers (for a unary call,
+//!   the whole call; for a stream, how fast it was opened), and is at least
+//!   the age of the calls still waiting for their headers, so a backend that
+//!   stalls looks slower every millisecond. An open stream is load, one
+//!   call's worth, however long it stays open: it never makes its endpoint
+//!   look slow (that starved a replica holding one stream of nearly every
+//!   unary call). Endpoints within 2.5× of the cheapest (the first quartile,
+//!   with more than four) share calls by weight; costlier ones get a share
+//!   falling with the fourth power of the excess (see *Picking* below).
+//!   Every endpoint idle for a second gets a probe call, so none is starved
+//!   and a recovered one is seen at once. tonic compares a load that is
+//!   always zero, i.e. picks at random.
 //! * **Errors count**: each call's gRPC status (from a trailers-only
 //!   response's headers, or the trailers after the body) feeds the
 //!   endpoint's success rate, which scales its share, and passive
@@ -31,8 +40,9 @@
 //!   [`slow_start`](BalancerBuilder::slow_start) (A100) and
 //!   [`health_check`](BalancerBuilder::health_check) (A17, opt-in).
 //! * **Introspection**: [`Balancer::endpoints`] lists every endpoint with its
-//!   state and load; with feature `metrics`, gauges and counters (see
-//!   [`crate::metrics`]).
+//!   state and load (calls in flight, open streams, latency estimate,
+//!   success rate); with feature `metrics`, calls by status with a duration
+//!   histogram, and the same per endpoint as gauges (see [`crate::metrics`]).
 //! * **Failure-aware**: every endpoint owns one HTTP/2 connection; when it
 //!   fails, is refused or is closed (a killed server), the endpoint leaves the
 //!   rotation at once and is reconnected in the background with back-off.
@@ -43,6 +53,15 @@
 //! * **No lost calls for a dead backend**: a call that was not sent (the
 //!   connection closed before the request left) is retried once on another
 //!   endpoint. A call that may have reached a server is never retried.
+//! * **Transport failures read `UNAVAILABLE`**: a connection lost before the
+//!   response headers or while the body streams fails the call with
+//!   `UNAVAILABLE` naming the endpoint's address, as grpc-go does (tonic
+//!   says `UNKNOWN`); a stream the server reset maps by grpc-go's table
+//!   (`CANCEL` is `CANCELLED`), and a status the server sent is kept.
+//! * **No work without a reason**: the background tasks (discovery, one
+//!   connector per endpoint, the health watch when asked for) wait on events
+//!   and timers; an idle balancer with four connected endpoints uses about
+//!   0.1 ms of CPU per second (the `cpu` benchmark, with tonic's figures).
 //! * **Fail fast, bounded**: when no endpoint has been in rotation for
 //!   [`no_endpoint_timeout`](BalancerBuilder::no_endpoint_timeout) (default
 //!   3 s), the balancer fails new calls at once with `Unavailable`, naming the
