@@ -229,9 +229,8 @@ fn main() {
     let mut rows = Vec::new();
     rt.block_on(async {
         let client = etcd.client().await;
-        let only = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
         for (k, scenario) in scenarios.iter().enumerate() {
-            if !only.is_empty() && !only.split(',').any(|o| scenario.name.contains(o)) {
+            if !support::selected(scenario.name) {
                 continue;
             }
             let service = format!("bench.open_loop.{k}");

@@ -31,7 +31,8 @@
 //! `balance_list` from the same run.
 //!
 //! `cargo bench --bench request_path` (`BENCH_SECS` ms per variant and round,
-//! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000).
+//! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000;
+//! `BENCH_SCENARIOS=one_stream,one_killed` runs only those scenarios).
 
 #[path = "support/backends.rs"]
 mod backends;
@@ -46,7 +47,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use backends::{caller, Backends, Call, Setup};
-use support::{ms, setting, smoke, table, write_json, Stats};
+use support::{ms, selected, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_etcd::balancer::TlsConfig;
@@ -164,16 +165,30 @@ fn main() {
     let mut json = serde_json::Map::new();
     rt.block_on(async {
         let client = etcd.client().await;
-        json.insert("healthy".into(), healthy(&client, millis, rounds).await);
-        json.insert("one_slow".into(), one_slow(&client, millis).await);
-        json.insert("one_killed".into(), one_killed(&client).await);
-        json.insert("one_stream".into(), one_stream(&client).await);
-        json.insert("no_endpoints".into(), no_endpoints(&client).await);
-        json.insert("one_frozen".into(), one_frozen(&client).await);
-        json.insert(
-            "healthy_tls".into(),
-            healthy_tls(&client, millis, rounds).await,
-        );
+        if selected("healthy") {
+            json.insert("healthy".into(), healthy(&client, millis, rounds).await);
+        }
+        if selected("one_slow") {
+            json.insert("one_slow".into(), one_slow(&client, millis).await);
+        }
+        if selected("one_killed") {
+            json.insert("one_killed".into(), one_killed(&client).await);
+        }
+        if selected("one_stream") {
+            json.insert("one_stream".into(), one_stream(&client).await);
+        }
+        if selected("no_endpoints") {
+            json.insert("no_endpoints".into(), no_endpoints(&client).await);
+        }
+        if selected("one_frozen") {
+            json.insert("one_frozen".into(), one_frozen(&client).await);
+        }
+        if selected("healthy_tls") {
+            json.insert(
+                "healthy_tls".into(),
+                healthy_tls(&client, millis, rounds).await,
+            );
+        }
     });
     write_json("request_path", &serde_json::Value::Object(json));
 }

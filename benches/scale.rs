@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
-use support::{ms, rss_bytes, setting, smoke, table, write_json};
+use support::{ms, rss_bytes, selected, setting, smoke, table, write_json};
 use tokio_stream::StreamExt;
 use tonic_etcd::schema::Schema;
 use tonic_etcd::testing::Etcd;
@@ -61,13 +61,6 @@ fn main() {
     let etcd = Etcd::options().fsync(true).start();
     let rt = support::runtime();
     rt.block_on(run(&etcd));
-}
-
-/// Whether `name` is selected by `BENCH_SCENARIOS` (comma-separated; all
-/// when unset).
-fn selected(name: &str) -> bool {
-    let only = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
-    only.is_empty() || only.split(',').any(|o| name.contains(o.trim()))
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

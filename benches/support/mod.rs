@@ -25,6 +25,13 @@ pub fn samples(default: usize) -> usize {
     setting("BENCH_SAMPLES", default as u64, 10) as usize
 }
 
+/// Whether scenario `name` is selected by `BENCH_SCENARIOS` (comma-separated
+/// words, a scenario runs when its name contains one; all when unset).
+pub fn selected(name: &str) -> bool {
+    let only = std::env::var("BENCH_SCENARIOS").unwrap_or_default();
+    only.is_empty() || only.split(',').any(|o| name.contains(o.trim()))
+}
+
 /// Summary of one series of latencies.
 #[derive(Debug, Clone, Copy)]
 pub struct Stats {
