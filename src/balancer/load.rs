@@ -14,8 +14,8 @@
 //!   sent when it opens, so a stream teaches how fast the server answers,
 //!   never how long the stream stays open.
 //! * **Load and age**: the cost multiplies the latency by the calls in
-//!   flight + 1, streams included: an open stream is load, one call's
-//!   worth. Only the calls still **waiting for their response headers** age:
+//!   flight + 1, streams included: an open stream is load, half a call's
+//!   worth (see [`STREAM_LOAD`]). Only the calls still **waiting for their response headers** age:
 //!   the latency is at least their mean age, so a backend that stops
 //!   answering (pending unary calls, stream openings left unanswered) looks
 //!   slower every millisecond instead of looking idle, while a stream that
@@ -35,6 +35,16 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// How much of a call's load an open stream is. A stream holds server
+/// resources (memory, a slot of the stream limit, the work of its
+/// messages), but unlike a unary call in flight it is mostly not work queued
+/// ahead of the next call. tower's and linkerd's pending count ends at the
+/// response headers (a stream counts as nothing), Envoy's least-request
+/// counts it as one request; at one, a replica holding a single stream lost
+/// half of its unary share to four callers (12-19 % where 25 % is fair).
+/// Half keeps a replica that holds many streams from being loaded with
+/// unary calls too, and one that holds a few at its share.
+const STREAM_LOAD: f64 = 0.5;
 /// How strongly one outcome moves the health estimate.
 const HEALTH_ALPHA: f64 = 0.25;
 /// A faster sample pulls the estimate down by at least this share.
@@ -128,8 +138,9 @@ impl Load {
     }
 
     /// The cost of one more call here at `now`: latency (at least the mean
-    /// age of the calls waiting for headers) × (calls in flight / weight +
-    /// 1). The
+    /// age of the calls waiting for headers) × (load / weight + 1), where the
+    /// load is the calls waiting for headers plus half the open streams
+    /// ([`STREAM_LOAD`]). The
     /// weight scales the queue, as in Envoy's weighted least-request: a
     /// backend of weight 3 is expected to carry three times the calls, so
     /// equal backends keep their weighted shares under any concurrency.
@@ -142,7 +153,9 @@ impl Load {
             let mean_start = sum / awaiting as u64;
             latency = latency.max(now.saturating_sub(mean_start) as f64);
         }
-        latency.max(1.0) * (pending as f64 / weight.max(1.0) + 1.0)
+        let open = pending.saturating_sub(awaiting);
+        let load = awaiting as f64 + open as f64 * STREAM_LOAD;
+        latency.max(1.0) * (load / weight.max(1.0) + 1.0)
     }
 
     /// Claims the probe slot when the endpoint has been left idle for the
@@ -303,13 +316,13 @@ mod tests {
         assert_eq!(l.open_streams(), 1);
         assert_eq!(
             l.cost(l.now(), 1.0),
-            2.0 * idle,
-            "one call's worth of load, however long it is open"
+            1.5 * idle,
+            "half a call's worth of load, however long it is open"
         );
         // A stream opening that gets no answer ages like any call.
         let unanswered = l.start();
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert_eq!(l.cost(l.now(), 1.0), 100_000.0 * 3.0);
+        assert_eq!(l.cost(l.now(), 1.0), 100_000.0 * 2.5);
         l.end(unanswered, true);
         l.end(stream, false);
         assert_eq!(l.cost(l.now(), 1.0), idle);
