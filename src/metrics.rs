@@ -326,8 +326,9 @@ impl EndpointMetrics {
             latency: metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels),
             success: metrics::gauge!("tonic_etcd_balancer_endpoint_success_rate", &labels),
         };
-        this.in_flight.set(0.0);
-        this.open_streams.set(0.0);
+        // Registering makes the series (at 0); in-flight counts are left to
+        // the increments, as calls on a previous connection of the same
+        // endpoint may still end. A new connection starts a new estimate.
         this.success.set(1.0);
         this
     }

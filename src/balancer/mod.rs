@@ -16,14 +16,15 @@
 //!   [`stream_methods`](BalancerBuilder::stream_methods): a watch that lives
 //!   for hours is bounded only by a deadline of its own.
 //! * **Load-aware**: every endpoint (up to 16, else 8 sampled) is weighed by
-//!   its cost, peak-EWMA latency × (calls in flight / weight + 1). The
+//!   its cost, peak-EWMA latency × (load / weight + 1). The
 //!   latency is learnt from the time to response headers (for a unary call,
 //!   the whole call; for a stream, how fast it was opened), and is at least
 //!   the age of the calls still waiting for their headers, so a backend that
-//!   stalls looks slower every millisecond. An open stream is load, one
-//!   call's worth, however long it stays open: it never makes its endpoint
-//!   look slow (that starved a replica holding one stream of nearly every
-//!   unary call). Endpoints within 2.5× of the cheapest (the first quartile,
+//!   stalls looks slower every millisecond. The load is the calls waiting
+//!   for their headers plus half the open streams, however long they stay
+//!   open: a stream never makes its endpoint look slow (taking its age for
+//!   latency starved a replica holding one stream of nearly every unary
+//!   call). Endpoints within 2.5× of the cheapest (the first quartile,
 //!   with more than four) share calls by weight; costlier ones get a share
 //!   falling with the fourth power of the excess (see *Picking* below).
 //!   Every endpoint idle for a second gets a probe call, so none is starved
