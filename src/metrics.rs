@@ -28,7 +28,9 @@
 //! see zeros rather than gaps. An endpoint removed from etcd keeps its
 //! series with state 4 and zeros (the `metrics` facade cannot delete one).
 //!
-//! With [`metrics-exporter-prometheus`](https://docs.rs/metrics-exporter-prometheus):
+//! With [`metrics-exporter-prometheus`](https://docs.rs/metrics-exporter-prometheus)
+//! (`examples/prometheus.rs` runs this against a real etcd and prints a
+//! scrape):
 //!
 //! ```text
 //! metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -36,6 +38,7 @@
 //!     .install()?;            // before building the Balancer
 //! // curl 127.0.0.1:9000/metrics
 //! // tonic_etcd_client_calls_total{service="greeter.v1.Greeter",code="OK"} 1234
+//! // tonic_etcd_balancer_endpoint_open_streams{service="greeter.v1.Greeter",endpoint="10.0.0.7:50051"} 1
 //! ```
 
 #[cfg(feature = "metrics")]

@@ -378,25 +378,25 @@ pub(crate) async fn connect(
         .max_concurrent_streams
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let instance_addr = instance.addr.clone();
-    Ok(Connection {
-        ready: Arc::new(Ready {
-            key: key.to_owned(),
-            weight: AtomicU32::new(policy.weight_of(&instance)),
-            local: AtomicBool::new(policy.is_local(&instance)),
-            instance: RwLock::new(instance),
-            send,
-            scheme: cfg.scheme(),
-            authority,
-            max_streams,
-            load: Load::new(policy.load),
-            outliers: Tracker::default(),
-            joined_at: AtomicU64::new(0),
-            policy,
-            closed: Notify::new(),
-            metrics: crate::metrics::EndpointMetrics::new(service, &instance_addr),
-        }),
-        driver,
-    })
+    let ready = Arc::new(Ready {
+        key: key.to_owned(),
+        weight: AtomicU32::new(policy.weight_of(&instance)),
+        local: AtomicBool::new(policy.is_local(&instance)),
+        instance: RwLock::new(instance),
+        send,
+        scheme: cfg.scheme(),
+        authority,
+        max_streams,
+        load: Load::new(policy.load),
+        outliers: Tracker::default(),
+        joined_at: AtomicU64::new(0),
+        policy,
+        closed: Notify::new(),
+        metrics: crate::metrics::EndpointMetrics::new(service, &instance_addr),
+    });
+    // The gauge starts where the estimate does (the prior), not at zero.
+    ready.metrics.latency(ready.load.latency_us());
+    Ok(Connection { ready, driver })
 }
 
 /// A plaintext or TLS connection.
