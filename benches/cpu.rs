@@ -25,6 +25,8 @@
 
 #[path = "support/backends.rs"]
 mod backends;
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 #[path = "../tests/common/proxy.rs"]
@@ -245,9 +247,9 @@ fn child(args: &[String]) {
                 }
             }
             "idle" => {
-                let (cpu0, t0) = (support::cpu_time(), Instant::now());
+                let (cpu0, t0) = (cpu::cpu_time(), Instant::now());
                 tokio::time::sleep(Duration::from_secs(n as u64)).await;
-                let (cpu, wall) = (support::cpu_time() - cpu0, t0.elapsed());
+                let (cpu, wall) = (cpu::cpu_time() - cpu0, t0.elapsed());
                 println!(
                     "idle_ms_per_s {:.4}",
                     cpu.as_secs_f64() * 1000.0 / wall.as_secs_f64()

@@ -9,7 +9,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cpu_time, eventually};
+use common::cpu::cpu_time;
+use common::eventually;
 use tonic_etcd::server::RegisteredServer;
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: bounded polling, key reads.
 #![allow(dead_code)]
 
+pub mod cpu;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -78,17 +80,4 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-}
-
-/// CPU time (user + system) this process has used so far, from
-/// `getrusage(RUSAGE_SELF)`: every thread, microsecond resolution.
-pub fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
