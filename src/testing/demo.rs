@@ -174,6 +174,11 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
             per.join(" ")
         );
     }
+    for r in &report {
+        for e in r.errors.iter().take(3) {
+            println!("failed in \"{}\": {e}", r.name);
+        }
+    }
     if let Some(d) = report.last().and_then(|r| r.first_call_after) {
         println!("\n{joined_addr}: first call answered {d:?} after its key appeared in etcd");
     }
@@ -266,6 +271,8 @@ struct PhaseReport {
     counts: BTreeMap<String, usize>,
     first_reply: BTreeMap<String, Instant>,
     failed: usize,
+    /// Why calls failed (the first few).
+    errors: Vec<String>,
     first_call_after: Option<Duration>,
 }
 
@@ -292,6 +299,7 @@ async fn run_phase(
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             let mut first_reply: BTreeMap<String, Instant> = BTreeMap::new();
             let mut failed = 0;
+            let mut errors = Vec::new();
             let mut slowest = Duration::ZERO;
             while Instant::now() < end {
                 let started = Instant::now();
@@ -304,12 +312,23 @@ async fn run_phase(
                         first_reply.entry(id.clone()).or_insert_with(Instant::now);
                         *counts.entry(id).or_default() += 1;
                     }
-                    _ => failed += 1,
+                    Ok(Err(status)) => {
+                        failed += 1;
+                        if errors.len() < 3 {
+                            errors.push(format!("{:?}: {}", status.code(), status.message()));
+                        }
+                    }
+                    Err(_) => {
+                        failed += 1;
+                        if errors.len() < 3 {
+                            errors.push("no answer within 2 s".to_owned());
+                        }
+                    }
                 }
                 slowest = slowest.max(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            (counts, first_reply, failed, slowest)
+            (counts, first_reply, failed, errors, slowest)
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -323,10 +342,12 @@ async fn run_phase(
         counts: BTreeMap::new(),
         first_reply: BTreeMap::new(),
         failed: 0,
+        errors: Vec::new(),
         first_call_after: None,
     };
     for w in workers {
-        if let Ok((counts, first, failed, slowest)) = w.await {
+        if let Ok((counts, first, failed, errors, slowest)) = w.await {
+            report.errors.extend(errors);
             report.slowest = report.slowest.max(slowest);
             for (k, v) in counts {
                 *report.counts.entry(k).or_default() += v;
