@@ -110,7 +110,13 @@
 //! 30 ms (not flooded before it has a baseline), and its first call comes at
 //! once as a probe.
 
+// A call's life as layers, each in its own file: `call` (deadline, record,
+// attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
+// it) → `pool` (endpoints, connections, health, ejection). `body` carries
+// the call's deadline and accounting into the response body.
+mod attempt;
 mod body;
+mod call;
 mod classify;
 mod deadline;
 mod endpoint;
@@ -122,11 +128,11 @@ mod pool;
 mod preface;
 #[cfg(feature = "tls")]
 mod tls;
+mod wait;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -140,17 +146,16 @@ use tower::discover::Change;
 use tower::Service;
 
 use crate::discovery::{Discover, DiscoverBuilder};
-use crate::metrics::{CallMetrics, CallRecord};
+use crate::metrics::CallMetrics;
 use crate::schema::Schema;
 use crate::time::{cap, deadline_after, wait_until, Waited};
 use crate::{Error, Instance};
-use body::CallBody;
-use endpoint::{ConnConfig, Outcome, Policy, Ready};
+use call::CallConfig;
+use endpoint::{ConnConfig, Policy};
 use load::LoadConfig;
 pub use outlier::OutlierDetection;
-use pick::{pick, Pick};
 pub use pool::{ConnectError, EndpointState, EndpointStatus};
-use pool::{Filter, PoolConfig, PoolInfo, Shared};
+use pool::{Filter, PoolConfig, Shared};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 
@@ -184,19 +189,6 @@ impl fmt::Debug for BalancerBuilder {
             .field("user_agent", &self.user_agent)
             .finish_non_exhaustive()
     }
-}
-
-/// What every call through one balancer shares.
-#[derive(Debug, Clone)]
-struct CallConfig {
-    no_endpoint_timeout: Duration,
-    call_timeout: Option<Duration>,
-    /// Paths (`/pkg.Service/Method`) and service prefixes (`/pkg.Service/`)
-    /// of streaming methods, which `call_timeout` does not bound.
-    streams: Arc<std::collections::HashSet<String>>,
-    fail_fast: bool,
-    max_waiting: usize,
-    user_agent: HeaderValue,
 }
 
 impl BalancerBuilder {
@@ -519,23 +511,6 @@ impl BalancerBuilder {
     }
 }
 
-impl CallConfig {
-    /// Whether `path` names a method declared as streaming.
-    fn is_stream(&self, path: &str) -> bool {
-        if self.streams.is_empty() {
-            return false;
-        }
-        let service = path.rfind('/').map_or(path, |i| &path[..=i]);
-        self.streams.contains(path) || self.streams.contains(service)
-    }
-
-    /// When the fail-fast gate closes, for a balancer without endpoints
-    /// since `empty_since`.
-    fn gate(&self, empty_since: Instant) -> Instant {
-        deadline_after(empty_since, self.no_endpoint_timeout)
-    }
-}
-
 const USER_AGENT: &str = concat!("tonic-etcd/", env!("CARGO_PKG_VERSION"));
 /// A new endpoint's latency until its first answer: conservative, so it is
 /// not flooded before it has a baseline (tower does the same); its first
@@ -683,293 +658,8 @@ impl Service<http::Request<tonic::body::Body>> for Balancer {
             self.calls.clone(),
             self.metrics.clone(),
         );
-        Box::pin(async move {
-            let now = Instant::now();
-            let stream = cfg.is_stream(request.uri().path());
-            let mut record = Some(CallRecord::new(&metrics, now, !stream));
-            let result = dispatch(shared, cfg, request, now, stream, &mut record).await;
-            if let (Err(e), Some(mut record)) = (&result, record) {
-                record.finish(
-                    e.downcast_ref::<tonic::Status>()
-                        .map_or(tonic::Code::Unknown, tonic::Status::code),
-                );
-            }
-            result
-        })
+        Box::pin(call::call(shared, cfg, metrics, request))
     }
-}
-
-/// One call: its deadline, then attempts until one is sent. `record` moves
-/// into the response body (or is finished here for a trailers-only answer);
-/// left in place, the caller records the error.
-async fn dispatch(
-    shared: Arc<Shared>,
-    cfg: Arc<CallConfig>,
-    mut request: http::Request<tonic::body::Body>,
-    now: Instant,
-    stream: bool,
-    record: &mut Option<CallRecord>,
-) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let default = cfg.call_timeout.filter(|_| !stream);
-    let deadline = deadline::apply(now, request.headers_mut(), default);
-    request
-        .headers_mut()
-        .entry(http::header::USER_AGENT)
-        .or_insert_with(|| cfg.user_agent.clone());
-    // After a request could not be sent, the endpoint it failed on, until its
-    // connector has taken it out of rotation.
-    let mut failed_on: Option<Arc<Ready>> = None;
-    loop {
-        let ready = shared.ready();
-        let ep = match pick(&ready, ready.local, failed_on.as_ref()) {
-            Pick::Endpoint(ep) => ep,
-            Pick::Full => {
-                wait_for_capacity(&shared, &cfg, deadline).await?;
-                continue;
-            }
-            Pick::Empty => {
-                match &failed_on {
-                    Some(bad) if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
-                        wait_for_removal(&shared, bad, deadline).await?;
-                    }
-                    _ => wait_for_endpoint(&shared, &cfg, deadline).await?,
-                }
-                continue;
-            }
-        };
-        *request.uri_mut() = ep.uri(request.uri())?;
-        let in_flight = ep.start();
-        let send = ep.sender().try_send_request(request);
-        // One timer per call: it bounds the response headers here and then
-        // moves into the body.
-        let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
-        let result = match timer.as_mut() {
-            None => send.await,
-            Some(timer) => tokio::select! {
-                biased;
-                r = send => r,
-                () = timer.as_mut() => {
-                    in_flight.timed_out();
-                    return Err(Box::new(deadline::exceeded(format_args!(
-                        "waiting for response headers from {}", ep.addr()
-                    ))));
-                }
-            },
-        };
-        match result {
-            Ok(response) => {
-                let mut in_flight = in_flight;
-                // A trailers-only response carries its status in the headers;
-                // otherwise the body reports it from the trailers.
-                let status = body::status_of(response.headers());
-                let mut record = record.take().unwrap_or_else(CallRecord::none);
-                match status {
-                    _ if response.status() != http::StatusCode::OK => {
-                        in_flight.headers_arrived(false);
-                        in_flight.settle(Outcome::Failure);
-                        record.finish(tonic::Code::Unknown);
-                    }
-                    Some(code) => {
-                        let outcome = Outcome::of(code, in_flight.policy());
-                        in_flight.headers_arrived(outcome == Outcome::Success);
-                        in_flight.settle(outcome);
-                        record.finish(code);
-                    }
-                    None => in_flight.headers_arrived(true),
-                }
-                return Ok(response.map(|body| {
-                    tonic::body::Body::new(CallBody::new(body, timer, in_flight, record))
-                }));
-            }
-            Err(mut e) => {
-                let mut in_flight = in_flight;
-                in_flight.settle(Outcome::Failure);
-                drop(in_flight);
-                let unsent = e.take_message();
-                let error = e.into_error();
-                if error.is_closed() || unsent.is_some() {
-                    // The connector takes it out of rotation and reconnects.
-                    ep.closed.notify_one();
-                }
-                match unsent {
-                    // Never left this process: safe to send elsewhere, once.
-                    Some(r) if failed_on.is_none() => {
-                        tracing::debug!(addr = %ep.addr(), %error,
-                            "request not sent; retrying on another endpoint");
-                        failed_on = Some(ep);
-                        request = r;
-                    }
-                    _ => return Err(Box::new(classify::transport_failure(ep.addr(), &error))),
-                }
-            }
-        }
-    }
-}
-
-/// Counts a call waiting in the balancer; refuses it when too many do.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn enter(shared: &'a Shared, cfg: &CallConfig) -> Result<Self, BoxError> {
-        let before = shared.waiting.fetch_add(1, Ordering::Relaxed);
-        let guard = Waiting(&shared.waiting);
-        if before >= cfg.max_waiting {
-            return Err(Box::new(tonic::Status::resource_exhausted(format!(
-                "{} calls to service {:?} are already waiting for an endpoint \
-                 (max_waiting_calls)",
-                cfg.max_waiting, shared.service
-            ))));
-        }
-        Ok(guard)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Only the endpoint a request just failed on is left: waits for its
-/// connector to act instead of spinning.
-async fn wait_for_removal(
-    shared: &Shared,
-    bad: &Arc<Ready>,
-    deadline: Option<Instant>,
-) -> Result<(), BoxError> {
-    let listed = || shared.ready().iter().any(|e| Arc::ptr_eq(e, bad));
-    // Subscribe first, then look again, so no change is missed.
-    let mut info = shared.info.subscribe();
-    if !listed() {
-        return Ok(());
-    }
-    let changed = match deadline {
-        Some(d) => tokio::time::timeout_at(d, info.changed()).await.is_ok(),
-        None => info.changed().await.is_ok(),
-    };
-    if changed {
-        return Ok(());
-    }
-    Err(Box::new(tonic::Status::unavailable(format!(
-        "no endpoint of service {:?} could take the call: the connection to {} \
-         closed before the request was sent",
-        shared.service,
-        bad.addr()
-    ))))
-}
-
-/// Every endpoint is at its stream limit: waits for a free stream, until the
-/// call's deadline (calls without one: the no-endpoint timeout).
-async fn wait_for_capacity(
-    shared: &Shared,
-    cfg: &CallConfig,
-    deadline: Option<Instant>,
-) -> Result<(), BoxError> {
-    let _waiting = Waiting::enter(shared, cfg)?;
-    let notified = shared.policy.capacity.notified();
-    tokio::pin!(notified);
-    notified.as_mut().enable();
-    // A stream may have been freed between the pick and `enable`.
-    if shared.ready().iter().any(|e| e.has_capacity()) {
-        return Ok(());
-    }
-    let limit = deadline.unwrap_or_else(|| deadline_after(Instant::now(), cfg.no_endpoint_timeout));
-    // An endpoint joining or leaving also changes the picture.
-    let mut info = shared.info.subscribe();
-    tokio::select! {
-        () = notified => Ok(()),
-        _ = info.changed() => Ok(()),
-        () = tokio::time::sleep_until(limit) => {
-            let n = shared.ready().len();
-            let status = tonic::Status::resource_exhausted(format!(
-                "all {n} endpoint(s) of service {:?} are at their servers' concurrent stream limit",
-                shared.service
-            ));
-            Err(Box::new(if deadline.is_some() {
-                deadline::exceeded(format_args!("waiting for a free stream: {}", status.message()))
-            } else {
-                status
-            }))
-        }
-    }
-}
-
-/// Waits for an endpoint to join the rotation, or fails with `Unavailable`
-/// saying why there is none. Fails at once while the fail-fast gate is
-/// closed: no endpoint for longer than the no-endpoint timeout.
-async fn wait_for_endpoint(
-    shared: &Shared,
-    cfg: &CallConfig,
-    deadline: Option<Instant>,
-) -> Result<(), BoxError> {
-    let now = Instant::now();
-    let Some(empty_since) = shared.info.borrow().empty_since else {
-        return Ok(()); // one joined since the pick
-    };
-    let gate = cfg.gate(empty_since);
-    let limit = if cfg.fail_fast {
-        deadline.map_or(gate, |d| d.min(gate))
-    } else {
-        deadline.unwrap_or_else(|| deadline_after(now, cfg.no_endpoint_timeout))
-    };
-    if limit > now {
-        let _waiting = Waiting::enter(shared, cfg)?;
-        let mut info = shared.info.subscribe();
-        match wait_until(&mut info, limit, |i| i.ready > 0).await {
-            Waited::Ready => return Ok(()),
-            Waited::Gone => return Err(Box::new(Error::TaskGone("balancer"))),
-            Waited::TimedOut => {}
-        }
-    }
-    let PoolInfo {
-        registered,
-        filtered_out,
-        last_error,
-        empty_since,
-        ..
-    } = shared.info.borrow().clone();
-    let service = &shared.service;
-    let etcd = shared.etcd.as_ref().map(|s| s.borrow().clone());
-    let reason = match (registered, filtered_out) {
-        (0, 0) => match etcd {
-            // Discovery never reached etcd: say so, not "not registered".
-            Some(s) if !s.synced => format!(
-                "etcd unreachable ({}); no instance known for service {service:?}",
-                s.last_error
-                    .map_or_else(|| "no answer yet".into(), |e| e.to_string())
-            ),
-            Some(crate::WatchStatus {
-                last_error: Some(e),
-                ..
-            }) => format!(
-                "no instance of service {service:?} was registered when etcd was last \
-                 reached (etcd failing now: {e})"
-            ),
-            _ => format!("no instance of service {service:?} is registered in etcd"),
-        },
-        (0, n) => format!(
-            "{n} instance(s) of service {service:?} are registered but none passes the filter"
-        ),
-        (n, _) => format!(
-            "{n} instance(s) of service {service:?} are registered but none is reachable \
-             (last error: {})",
-            last_error.as_deref().unwrap_or("none yet")
-        ),
-    };
-    let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
-    let gate_closed = cfg.fail_fast && Instant::now() >= gate;
-    if gate_closed {
-        crate::metrics::fail_fast(&shared.service, true);
-    }
-    Err(Box::new(tonic::Status::unavailable(format!(
-        "{reason}; no endpoint in rotation for {} ms{}",
-        empty_for.as_millis(),
-        if gate_closed {
-            " (failing fast until one is ready)"
-        } else {
-            ""
-        }
-    ))))
 }
 
 /// The no-endpoint paths on tokio's paused clock: no etcd and no backend

@@ -1,0 +1,134 @@
+//! The attempt layer: one try of a call on one endpoint.
+//!
+//! Pick an endpoint (waiting, within the call's deadline, when none can take
+//! it: see [`super::wait`]), send, wait for the response headers within the
+//! deadline, and classify what came back: a status in the headers
+//! (trailers-only) settles the attempt at once, otherwise the body reads it
+//! from the trailers ([`super::body`]); a transport failure is
+//! `UNAVAILABLE` naming the endpoint ([`super::classify`]). The endpoint's
+//! load and health learn from every attempt ([`super::endpoint::InFlight`]).
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::body::{self, CallBody};
+use super::call::CallConfig;
+use super::endpoint::{Outcome, Ready};
+use super::pick::{pick, Pick};
+use super::pool::Shared;
+use super::wait::{wait_for_capacity, wait_for_endpoint, wait_for_removal};
+use super::{classify, deadline, BoxError};
+use crate::metrics::CallRecord;
+
+/// How one attempt ended.
+pub(crate) enum Attempt {
+    /// The response headers arrived: the call is committed to this attempt.
+    Response(http::Response<tonic::body::Body>),
+    /// The request never left this process: it may be sent again.
+    Unsent {
+        request: http::Request<tonic::body::Body>,
+        endpoint: Arc<Ready>,
+        error: hyper::Error,
+    },
+    /// It failed, possibly after reaching a server.
+    Failed(BoxError),
+}
+
+/// Tries `request` once, never on `avoid` (the endpoint a previous attempt
+/// could not send on) while another can take it. `record` moves into the
+/// response (or is finished for a trailers-only answer).
+pub(crate) async fn attempt(
+    shared: &Shared,
+    cfg: &CallConfig,
+    mut request: http::Request<tonic::body::Body>,
+    deadline: Option<Instant>,
+    avoid: Option<&Arc<Ready>>,
+    record: &mut Option<CallRecord>,
+) -> Attempt {
+    let ep = loop {
+        let ready = shared.ready();
+        let waited = match pick(&ready, ready.local, avoid) {
+            Pick::Endpoint(ep) => break ep,
+            Pick::Full => wait_for_capacity(shared, cfg, deadline).await,
+            Pick::Empty => match avoid {
+                // Only the endpoint the request just failed on is left: wait
+                // for its connector to act instead of spinning.
+                Some(bad) if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
+                    wait_for_removal(shared, bad, deadline).await
+                }
+                _ => wait_for_endpoint(shared, cfg, deadline).await,
+            },
+        };
+        if let Err(e) = waited {
+            return Attempt::Failed(e);
+        }
+    };
+    *request.uri_mut() = match ep.uri(request.uri()) {
+        Ok(uri) => uri,
+        Err(e) => return Attempt::Failed(Box::new(e)),
+    };
+    let mut in_flight = ep.start();
+    let send = ep.sender().try_send_request(request);
+    // One timer per call: it bounds the response headers here and then
+    // moves into the body.
+    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    let result = match timer.as_mut() {
+        None => send.await,
+        Some(timer) => tokio::select! {
+            biased;
+            r = send => r,
+            () = timer.as_mut() => {
+                in_flight.timed_out();
+                return Attempt::Failed(Box::new(deadline::exceeded(format_args!(
+                    "waiting for response headers from {}", ep.addr()
+                ))));
+            }
+        },
+    };
+    match result {
+        Ok(response) => {
+            // A trailers-only response carries its status in the headers;
+            // otherwise the body reports it from the trailers.
+            let status = body::status_of(response.headers());
+            let mut record = record.take().unwrap_or_else(CallRecord::none);
+            match status {
+                _ if response.status() != http::StatusCode::OK => {
+                    in_flight.headers_arrived(false);
+                    in_flight.settle(Outcome::Failure);
+                    record.finish(tonic::Code::Unknown);
+                }
+                Some(code) => {
+                    let outcome = Outcome::of(code, in_flight.policy());
+                    in_flight.headers_arrived(outcome == Outcome::Success);
+                    in_flight.settle(outcome);
+                    record.finish(code);
+                }
+                None => in_flight.headers_arrived(true),
+            }
+            Attempt::Response(
+                response.map(|body| {
+                    tonic::body::Body::new(CallBody::new(body, timer, in_flight, record))
+                }),
+            )
+        }
+        Err(mut e) => {
+            in_flight.settle(Outcome::Failure);
+            drop(in_flight);
+            let unsent = e.take_message();
+            let error = e.into_error();
+            if error.is_closed() || unsent.is_some() {
+                // The connector takes it out of rotation and reconnects.
+                ep.closed.notify_one();
+            }
+            match unsent {
+                Some(request) if avoid.is_none() => Attempt::Unsent {
+                    request,
+                    endpoint: ep,
+                    error,
+                },
+                _ => Attempt::Failed(Box::new(classify::transport_failure(ep.addr(), &error))),
+            }
+        }
+    }
+}

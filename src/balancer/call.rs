@@ -1,0 +1,102 @@
+//! The call layer: what holds for a call as a whole, whatever its attempts.
+//!
+//! Its deadline (the caller's `grpc-timeout`, else `call_timeout` for a
+//! unary call), the `user-agent`, its record for metrics, and the attempts:
+//! today one, plus one transparent retry on another endpoint when the
+//! request never left this process (the connection closed before it was
+//! sent). A call that may have reached a server is not retried. Each attempt
+//! (pick, send, classify) lives in [`super::attempt`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use super::attempt::{attempt, Attempt};
+use super::pool::Shared;
+use super::{classify, deadline, BoxError};
+use crate::metrics::{CallMetrics, CallRecord};
+use crate::time::deadline_after;
+
+/// What every call through one balancer shares.
+#[derive(Debug, Clone)]
+pub(crate) struct CallConfig {
+    pub(crate) no_endpoint_timeout: Duration,
+    pub(crate) call_timeout: Option<Duration>,
+    /// Paths (`/pkg.Service/Method`) and service prefixes (`/pkg.Service/`)
+    /// of streaming methods, which `call_timeout` does not bound.
+    pub(crate) streams: Arc<std::collections::HashSet<String>>,
+    pub(crate) fail_fast: bool,
+    pub(crate) max_waiting: usize,
+    pub(crate) user_agent: HeaderValue,
+}
+
+impl CallConfig {
+    /// Whether `path` names a method declared as streaming.
+    pub(crate) fn is_stream(&self, path: &str) -> bool {
+        if self.streams.is_empty() {
+            return false;
+        }
+        let service = path.rfind('/').map_or(path, |i| &path[..=i]);
+        self.streams.contains(path) || self.streams.contains(service)
+    }
+
+    /// When the fail-fast gate closes, for a balancer without endpoints
+    /// since `empty_since`.
+    pub(crate) fn gate(&self, empty_since: Instant) -> Instant {
+        deadline_after(empty_since, self.no_endpoint_timeout)
+    }
+}
+
+/// Carries out one call through the balancer.
+pub(crate) async fn call(
+    shared: Arc<Shared>,
+    cfg: Arc<CallConfig>,
+    metrics: Arc<CallMetrics>,
+    mut request: http::Request<tonic::body::Body>,
+) -> Result<http::Response<tonic::body::Body>, BoxError> {
+    let now = Instant::now();
+    let stream = cfg.is_stream(request.uri().path());
+    let mut record = Some(CallRecord::new(&metrics, now, !stream));
+    let default = cfg.call_timeout.filter(|_| !stream);
+    let deadline = deadline::apply(now, request.headers_mut(), default);
+    request
+        .headers_mut()
+        .entry(http::header::USER_AGENT)
+        .or_insert_with(|| cfg.user_agent.clone());
+    let mut outcome = attempt(&shared, &cfg, request, deadline, None, &mut record).await;
+    if let Attempt::Unsent {
+        request,
+        endpoint,
+        error,
+    } = outcome
+    {
+        // Never left this process: safe to send elsewhere, once.
+        tracing::debug!(addr = %endpoint.addr(), %error,
+            "request not sent; retrying on another endpoint");
+        outcome = attempt(
+            &shared,
+            &cfg,
+            request,
+            deadline,
+            Some(&endpoint),
+            &mut record,
+        )
+        .await;
+    }
+    let result = match outcome {
+        Attempt::Response(response) => Ok(response),
+        Attempt::Failed(error) => Err(error),
+        Attempt::Unsent {
+            endpoint, error, ..
+        } => Err(Box::new(classify::transport_failure(endpoint.addr(), &error)) as BoxError),
+    };
+    if let (Err(e), Some(mut record)) = (&result, record) {
+        record.finish(
+            e.downcast_ref::<tonic::Status>()
+                .map_or(tonic::Code::Unknown, tonic::Status::code),
+        );
+    }
+    result
+}
