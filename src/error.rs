@@ -51,6 +51,17 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// A service config (gRPC's JSON) was refused whole: `field` is where
+    /// (`methodConfig[0].retryPolicy.maxAttempts`), `reason` what is wrong
+    /// with its value.
+    #[error("invalid service config: {field}: {reason}")]
+    InvalidServiceConfig {
+        /// The path of the field in the JSON document.
+        field: String,
+        /// What is wrong, with the value.
+        reason: String,
+    },
+
     /// The schema cannot represent this instance (e.g. an IPv6 address in colon keys).
     #[error("the {schema} schema cannot represent this: {reason}")]
     Unrepresentable {

@@ -110,6 +110,7 @@ pub mod registration;
 mod retry;
 pub mod schema;
 pub mod server;
+pub mod service_config;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod time;
@@ -123,6 +124,7 @@ pub use error::Error;
 pub use instance::{Instance, Metadata};
 pub use registration::{Registration, RegistrationBuilder, RegistrationState};
 pub use schema::{ColonSchema, DecodeError, NamingSchema, Schema};
+pub use service_config::ServiceConfig;
 pub use watcher::WatchStatus;
 
 use std::time::Duration;

@@ -10,10 +10,8 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use super::body::{self, CallBody};
-use super::call::CallConfig;
+use super::call::{CallConfig, Plan};
 use super::endpoint::{Outcome, Ready};
 use super::pick::{pick, Pick};
 use super::pool::Shared;
@@ -42,10 +40,11 @@ pub(crate) async fn attempt(
     shared: &Shared,
     cfg: &CallConfig,
     mut request: http::Request<tonic::body::Body>,
-    deadline: Option<Instant>,
+    plan: Plan,
     avoid: Option<&Arc<Ready>>,
     record: &mut Option<CallRecord>,
 ) -> Attempt {
+    let deadline = plan.deadline;
     let ep = loop {
         let ready = shared.ready();
         let waited = match pick(&ready, ready.local, avoid) {
@@ -57,7 +56,7 @@ pub(crate) async fn attempt(
                 Some(bad) if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
                     wait_for_removal(shared, bad, deadline).await
                 }
-                _ => wait_for_endpoint(shared, cfg, deadline).await,
+                _ => wait_for_endpoint(shared, cfg, plan).await,
             },
         };
         if let Err(e) = waited {

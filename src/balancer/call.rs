@@ -1,7 +1,9 @@
 //! The call layer: what holds for a call as a whole, whatever its attempts.
 //!
-//! Its deadline (the caller's `grpc-timeout`, else `call_timeout` for a
-//! unary call), the `user-agent`, its record for metrics, and the attempts:
+//! Its deadline (the caller's `grpc-timeout`, capped by the method's
+//! service-config `timeout`, else by `call_timeout` for a unary call),
+//! whether it waits for an endpoint (`waitForReady`), the `user-agent`, its
+//! record for metrics, and the attempts:
 //! today one, plus one transparent retry on another endpoint when the
 //! request never left this process (the connection closed before it was
 //! sent). A call that may have reached a server is not retried. Each attempt
@@ -30,6 +32,18 @@ pub(crate) struct CallConfig {
     pub(crate) fail_fast: bool,
     pub(crate) max_waiting: usize,
     pub(crate) user_agent: HeaderValue,
+    /// Per-method settings (gRPC's service config).
+    pub(crate) service_config: Arc<crate::ServiceConfig>,
+}
+
+/// What holds for one call's attempts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    /// The call's deadline, if any.
+    pub(crate) deadline: Option<Instant>,
+    /// Fail at once while no endpoint is in rotation (false: gRPC's
+    /// wait-for-ready, until the deadline).
+    pub(crate) fail_fast: bool,
 }
 
 impl CallConfig {
@@ -57,15 +71,32 @@ pub(crate) async fn call(
     mut request: http::Request<tonic::body::Body>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
     let now = Instant::now();
-    let stream = cfg.is_stream(request.uri().path());
+    let path = request.uri().path();
+    let stream = cfg.is_stream(path);
+    let method = if cfg.service_config.method_configs.is_empty() {
+        None
+    } else {
+        cfg.service_config.method(path)
+    };
     let mut record = Some(CallRecord::new(&metrics, now, !stream));
-    let default = cfg.call_timeout.filter(|_| !stream);
-    let deadline = deadline::apply(now, request.headers_mut(), default);
+    // The method's configured timeout where set (streams included, as in
+    // gRPC), else call_timeout for unary calls; the call's own deadline
+    // wins when it is earlier.
+    let default = match method.and_then(|m| m.timeout) {
+        Some(t) => Some(t),
+        None => cfg.call_timeout.filter(|_| !stream),
+    };
+    let plan = Plan {
+        deadline: deadline::apply(now, request.headers_mut(), default),
+        fail_fast: method
+            .and_then(|m| m.wait_for_ready)
+            .map_or(cfg.fail_fast, |wait| !wait),
+    };
     request
         .headers_mut()
         .entry(http::header::USER_AGENT)
         .or_insert_with(|| cfg.user_agent.clone());
-    let mut outcome = attempt(&shared, &cfg, request, deadline, None, &mut record).await;
+    let mut outcome = attempt(&shared, &cfg, request, plan, None, &mut record).await;
     if let Attempt::Unsent {
         request,
         endpoint,
@@ -75,15 +106,7 @@ pub(crate) async fn call(
         // Never left this process: safe to send elsewhere, once.
         tracing::debug!(addr = %endpoint.addr(), %error,
             "request not sent; retrying on another endpoint");
-        outcome = attempt(
-            &shared,
-            &cfg,
-            request,
-            deadline,
-            Some(&endpoint),
-            &mut record,
-        )
-        .await;
+        outcome = attempt(&shared, &cfg, request, plan, Some(&endpoint), &mut record).await;
     }
     let result = match outcome {
         Attempt::Response(response) => Ok(response),

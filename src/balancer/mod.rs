@@ -224,6 +224,19 @@ impl BalancerBuilder {
         self
     }
 
+    /// gRPC's service config for this service's calls (see
+    /// [`ServiceConfig`](crate::ServiceConfig)): a method's `timeout`
+    /// replaces `call_timeout` for the methods it names (streams included,
+    /// as in gRPC; the call's own deadline wins when earlier), and
+    /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them.
+    /// Retry and hedging policies and `retryThrottling` are validated but
+    /// not carried out yet: a warning says so when the balancer is built.
+    #[must_use]
+    pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
+        self.calls.service_config = Arc::new(config);
+        self
+    }
+
     /// Methods that stream (server, client or bidi): [`call_timeout`](
     /// Self::call_timeout) does not apply to them. Each entry is a method
     /// (`inventory.v1.Inventory/Watch`) or a whole service
@@ -430,6 +443,18 @@ impl BalancerBuilder {
                 "balancer: slow_start must be above zero".into(),
             ));
         }
+        let config = &self.calls.service_config;
+        let policies = config
+            .method_configs
+            .iter()
+            .filter(|m| m.policy.is_some())
+            .count();
+        if policies > 0 || config.retry_throttling.is_some() {
+            tracing::warn!(service = %self.service, policies,
+                throttling = config.retry_throttling.is_some(),
+                "service config: retry and hedging policies and retryThrottling are \
+                 validated but not carried out yet; calls are not retried or hedged");
+        }
         if self.calls.max_waiting == 0 {
             return Err(Error::InvalidConfig(
                 "balancer: max_waiting_calls must be at least 1".into(),
@@ -578,6 +603,7 @@ impl Balancer {
                 fail_fast: true,
                 max_waiting: 10_000,
                 user_agent: HeaderValue::from_static(USER_AGENT),
+                service_config: Arc::default(),
             },
             user_agent: None,
             backoff_max: Duration::from_secs(5),
@@ -682,7 +708,16 @@ mod tests {
 
     /// Calls once; how long it took and the gRPC status it failed with.
     async fn call(b: &Balancer, deadline: Option<&str>) -> (Duration, tonic::Status) {
-        let mut req = http::Request::builder().uri("http://svc/svc.S/M");
+        call_path(b, "/svc.S/M", deadline).await
+    }
+
+    /// Calls method `path` once; how long it took and the status.
+    async fn call_path(
+        b: &Balancer,
+        path: &str,
+        deadline: Option<&str>,
+    ) -> (Duration, tonic::Status) {
+        let mut req = http::Request::builder().uri(format!("http://svc{path}"));
         if let Some(d) = deadline {
             req = req.header("grpc-timeout", d);
         }
@@ -702,6 +737,37 @@ mod tests {
         assert!(is("/pkg.T/Anything"));
         assert!(!is("/pkg.TT/Anything"), "a service name is no prefix match");
         assert!(!balancer(|b| b).await.calls.is_stream("/pkg.S/Watch"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_method_config_sets_the_deadline_and_wait_for_ready() {
+        let config = crate::ServiceConfig::from_json(
+            r#"{"methodConfig":[
+              {"name":[{"service":"svc.S","method":"M"}],"timeout":"0.5s"},
+              {"name":[{"service":"svc.W"}],"timeout":"10s","waitForReady":true}]}"#,
+        )
+        .unwrap();
+        let b = balancer(|b| {
+            b.no_endpoint_timeout(Duration::from_secs(3))
+                .call_timeout(Duration::from_secs(60))
+                .service_config(config)
+        })
+        .await;
+        // The method's timeout replaces call_timeout...
+        let (took, status) = call_path(&b, "/svc.S/M", None).await;
+        assert_eq!(took, Duration::from_millis(500));
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        // ...and the call's own deadline wins when earlier.
+        let (took, _) = call_path(&b, "/svc.S/M", Some("200m")).await;
+        assert_eq!(took, Duration::from_millis(200));
+        // Once the fail-fast gate has closed, an unconfigured method fails
+        // at once, and a waitForReady one waits for its deadline.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (took, _) = call_path(&b, "/svc.Other/X", None).await;
+        assert_eq!(took, Duration::ZERO);
+        let (took, status) = call_path(&b, "/svc.W/X", None).await;
+        assert_eq!(took, Duration::from_secs(10));
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::call::CallConfig;
+use super::call::{CallConfig, Plan};
 use super::endpoint::Ready;
 use super::pool::{PoolInfo, Shared};
 use super::{deadline, BoxError};
@@ -109,14 +109,18 @@ pub(crate) async fn wait_for_capacity(
 pub(crate) async fn wait_for_endpoint(
     shared: &Shared,
     cfg: &CallConfig,
-    deadline: Option<Instant>,
+    plan: Plan,
 ) -> Result<(), BoxError> {
+    let Plan {
+        deadline,
+        fail_fast,
+    } = plan;
     let now = Instant::now();
     let Some(empty_since) = shared.info.borrow().empty_since else {
         return Ok(()); // one joined since the pick
     };
     let gate = cfg.gate(empty_since);
-    let limit = if cfg.fail_fast {
+    let limit = if fail_fast {
         deadline.map_or(gate, |d| d.min(gate))
     } else {
         deadline.unwrap_or_else(|| deadline_after(now, cfg.no_endpoint_timeout))
@@ -166,7 +170,7 @@ pub(crate) async fn wait_for_endpoint(
         ),
     };
     let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
-    let gate_closed = cfg.fail_fast && Instant::now() >= gate;
+    let gate_closed = fail_fast && Instant::now() >= gate;
     if gate_closed {
         crate::metrics::fail_fast(&shared.service, true);
     }
