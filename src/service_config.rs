@@ -200,7 +200,7 @@ impl ServiceConfig {
         let find = |f: &dyn Fn(&MethodName) -> bool| {
             self.method_configs
                 .iter()
-                .find(|mc| mc.names.iter().any(|n| f(n)))
+                .find(|mc| mc.names.iter().any(f))
         };
         find(&|n| n.service.as_deref() == Some(service) && n.method.as_deref() == Some(method))
             .or_else(|| find(&|n| n.service.as_deref() == Some(service) && n.method.is_none()))
