@@ -126,6 +126,7 @@ mod outlier;
 mod pick;
 mod pool;
 mod preface;
+mod replay;
 #[cfg(feature = "tls")]
 mod tls;
 mod wait;
