@@ -16,6 +16,7 @@
 //! | `tonic_etcd_balancer_fail_fast` | gauge | `service` | 1 while the fail-fast gate is closed |
 //! | `tonic_etcd_client_calls_total` | counter | `service`, `code` (`OK`, `UNAVAILABLE`, ...) | calls through a Balancer by final gRPC status; every code present at 0 from the start |
 //! | `tonic_etcd_client_call_duration_seconds` | histogram | `service`, `code` | how long calls took, to their status (calls of [`stream_methods`](crate::balancer::BalancerBuilder::stream_methods) are counted but not timed: a stream's lifetime is no latency) |
+//! | `tonic_etcd_client_retries_total` | counter | `service`, `result` | `retried` for each retry made; otherwise why a retryable failure was not retried (`attempts used up`, `the server said not to`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
 //! | `tonic_etcd_balancer_endpoint_in_flight` | gauge | `service`, `endpoint` | calls in flight on an endpoint, open streams included |
 //! | `tonic_etcd_balancer_endpoint_open_streams` | gauge | `service`, `endpoint` | of those, calls past their response headers (streams) |
 //! | `tonic_etcd_balancer_endpoint_latency_seconds` | gauge | `service`, `endpoint` | the endpoint's latency estimate (time to response headers) |
@@ -111,6 +112,11 @@ mod balancer {
             .increment(1);
     }
 
+    pub(crate) fn retry(service: &str, result: &'static str) {
+        metrics::counter!("tonic_etcd_client_retries_total", "service" => service.to_owned(), "result" => result)
+            .increment(1);
+    }
+
     pub(crate) fn fail_fast(service: &str, closed: bool) {
         metrics::gauge!("tonic_etcd_balancer_fail_fast", "service" => service.to_owned())
             .set(if closed { 1.0 } else { 0.0 });
@@ -191,6 +197,10 @@ pub(crate) fn describe() {
             "tonic_etcd_client_call_duration_seconds",
             Unit::Seconds,
             "call duration to its final status (declared streams excluded)"
+        );
+        describe_counter!(
+            "tonic_etcd_client_retries_total",
+            "retries made, and retryable failures not retried, by reason"
         );
         describe_gauge!(
             "tonic_etcd_balancer_endpoint_in_flight",
@@ -423,6 +433,7 @@ mod balancer {
     pub(crate) fn ejection(_: &str) {}
     pub(crate) fn connect_failure(_: &str) {}
     pub(crate) fn fail_fast(_: &str, _: bool) {}
+    pub(crate) fn retry(_: &str, _: &'static str) {}
 }
 
 pub(crate) use balancer::*;

@@ -198,9 +198,7 @@ impl ServiceConfig {
             .split_once('/')
             .unwrap_or((path, ""));
         let find = |f: &dyn Fn(&MethodName) -> bool| {
-            self.method_configs
-                .iter()
-                .find(|mc| mc.names.iter().any(f))
+            self.method_configs.iter().find(|mc| mc.names.iter().any(f))
         };
         find(&|n| n.service.as_deref() == Some(service) && n.method.as_deref() == Some(method))
             .or_else(|| find(&|n| n.service.as_deref() == Some(service) && n.method.is_none()))

@@ -21,8 +21,16 @@ use crate::metrics::CallRecord;
 
 /// How one attempt ended.
 pub(crate) enum Attempt {
-    /// The response headers arrived: the call is committed to this attempt.
+    /// The response headers arrived without a status: the call is committed
+    /// to this attempt, whose body reads the status from the trailers.
     Response(http::Response<tonic::body::Body>),
+    /// A trailers-only response: its status is `code`. The call layer
+    /// decides whether it is final (and records it) or retried.
+    Status {
+        response: http::Response<tonic::body::Body>,
+        code: tonic::Code,
+        endpoint: Arc<Ready>,
+    },
     /// The request never left this process: it may be sent again.
     Unsent {
         request: http::Request<tonic::body::Body>,
@@ -35,7 +43,7 @@ pub(crate) enum Attempt {
 
 /// Tries `request` once, never on `avoid` (the endpoint a previous attempt
 /// could not send on) while another can take it. `record` moves into the
-/// response (or is finished for a trailers-only answer).
+/// response body when the response is not trailers-only.
 pub(crate) async fn attempt(
     shared: &Shared,
     cfg: &CallConfig,
@@ -89,27 +97,31 @@ pub(crate) async fn attempt(
         Ok(response) => {
             // A trailers-only response carries its status in the headers;
             // otherwise the body reports it from the trailers.
-            let status = body::status_of(response.headers());
-            let mut record = record.take().unwrap_or_else(CallRecord::none);
-            match status {
-                _ if response.status() != http::StatusCode::OK => {
-                    in_flight.headers_arrived(false);
-                    in_flight.settle(Outcome::Failure);
-                    record.finish(tonic::Code::Unknown);
-                }
-                Some(code) => {
-                    let outcome = Outcome::of(code, in_flight.policy());
-                    in_flight.headers_arrived(outcome == Outcome::Success);
-                    in_flight.settle(outcome);
-                    record.finish(code);
-                }
-                None => in_flight.headers_arrived(true),
-            }
-            Attempt::Response(
-                response.map(|body| {
+            let code = match body::status_of(response.headers()) {
+                _ if response.status() != http::StatusCode::OK => Some(tonic::Code::Unknown),
+                code => code,
+            };
+            let Some(code) = code else {
+                in_flight.headers_arrived(true);
+                let record = record.take().unwrap_or_else(CallRecord::none);
+                return Attempt::Response(response.map(|body| {
                     tonic::body::Body::new(CallBody::new(body, timer, in_flight, record))
-                }),
-            )
+                }));
+            };
+            let outcome = match response.status() {
+                http::StatusCode::OK => Outcome::of(code, in_flight.policy()),
+                _ => Outcome::Failure,
+            };
+            in_flight.headers_arrived(outcome == Outcome::Success);
+            in_flight.settle(outcome);
+            let response = response.map(|body| {
+                tonic::body::Body::new(CallBody::new(body, timer, in_flight, CallRecord::none()))
+            });
+            Attempt::Status {
+                response,
+                code,
+                endpoint: ep,
+            }
         }
         Err(mut e) => {
             in_flight.settle(Outcome::Failure);

@@ -17,8 +17,10 @@ use tokio::time::Instant;
 
 use super::attempt::{attempt, Attempt};
 use super::pool::Shared;
+use super::retry::{call_with_retries, Retries};
 use super::{classify, deadline, BoxError};
 use crate::metrics::{CallMetrics, CallRecord};
+use crate::service_config::Policy;
 use crate::time::deadline_after;
 
 /// What every call through one balancer shares.
@@ -34,6 +36,8 @@ pub(crate) struct CallConfig {
     pub(crate) user_agent: HeaderValue,
     /// Per-method settings (gRPC's service config).
     pub(crate) service_config: Arc<crate::ServiceConfig>,
+    /// What retries share: throttle, budget, replay limits.
+    pub(crate) retries: Arc<Retries>,
 }
 
 /// What holds for one call's attempts.
@@ -96,7 +100,31 @@ pub(crate) async fn call(
         .headers_mut()
         .entry(http::header::USER_AGENT)
         .or_insert_with(|| cfg.user_agent.clone());
-    let mut outcome = attempt(&shared, &cfg, request, plan, None, &mut record).await;
+    let result = match method.and_then(|m| m.policy.as_ref()) {
+        Some(Policy::Retry(policy)) => {
+            call_with_retries(&shared, &cfg, request, plan, policy, &mut record).await
+        }
+        _ => once(&shared, &cfg, request, plan, &mut record).await,
+    };
+    if let (Err(e), Some(mut record)) = (&result, record) {
+        record.finish(
+            e.downcast_ref::<tonic::Status>()
+                .map_or(tonic::Code::Unknown, tonic::Status::code),
+        );
+    }
+    result
+}
+
+/// A call without a retry policy: one attempt, plus one transparent retry
+/// on another endpoint when the request never left this process.
+async fn once(
+    shared: &Shared,
+    cfg: &CallConfig,
+    request: http::Request<tonic::body::Body>,
+    plan: Plan,
+    record: &mut Option<CallRecord>,
+) -> Result<http::Response<tonic::body::Body>, BoxError> {
+    let mut outcome = attempt(shared, cfg, request, plan, None, record).await;
     if let Attempt::Unsent {
         request,
         endpoint,
@@ -106,20 +134,22 @@ pub(crate) async fn call(
         // Never left this process: safe to send elsewhere, once.
         tracing::debug!(addr = %endpoint.addr(), %error,
             "request not sent; retrying on another endpoint");
-        outcome = attempt(&shared, &cfg, request, plan, Some(&endpoint), &mut record).await;
+        outcome = attempt(shared, cfg, request, plan, Some(&endpoint), record).await;
     }
-    let result = match outcome {
+    match outcome {
         Attempt::Response(response) => Ok(response),
+        Attempt::Status { response, code, .. } => {
+            if let Some(mut r) = record.take() {
+                r.finish(code);
+            }
+            Ok(response)
+        }
         Attempt::Failed(error) => Err(error),
         Attempt::Unsent {
             endpoint, error, ..
-        } => Err(Box::new(classify::transport_failure(endpoint.addr(), &error)) as BoxError),
-    };
-    if let (Err(e), Some(mut record)) = (&result, record) {
-        record.finish(
-            e.downcast_ref::<tonic::Status>()
-                .map_or(tonic::Code::Unknown, tonic::Status::code),
-        );
+        } => Err(Box::new(classify::transport_failure(
+            endpoint.addr(),
+            &error,
+        ))),
     }
-    result
 }

@@ -127,6 +127,7 @@ mod pick;
 mod pool;
 mod preface;
 mod replay;
+mod retry;
 #[cfg(feature = "tls")]
 mod tls;
 mod wait;
@@ -229,9 +230,12 @@ impl BalancerBuilder {
     /// [`ServiceConfig`](crate::ServiceConfig)): a method's `timeout`
     /// replaces `call_timeout` for the methods it names (streams included,
     /// as in gRPC; the call's own deadline wins when earlier), and
-    /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them.
-    /// Retry and hedging policies and `retryThrottling` are validated but
-    /// not carried out yet: a warning says so when the balancer is built.
+    /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them, and
+    /// a `retryPolicy` retries their calls as gRFC A6 says, throttled by
+    /// `retryThrottling` and always within a retry budget (see the
+    /// [`retry`](self#retries) section of the module docs). A
+    /// `hedgingPolicy` is validated but not carried out yet: a warning says
+    /// so when the balancer is built.
     #[must_use]
     pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
         self.calls.service_config = Arc::new(config);
@@ -445,17 +449,17 @@ impl BalancerBuilder {
             ));
         }
         let config = &self.calls.service_config;
-        let policies = config
+        let hedged = config
             .method_configs
             .iter()
-            .filter(|m| m.policy.is_some())
+            .filter(|m| matches!(m.policy, Some(crate::service_config::Policy::Hedging(_))))
             .count();
-        if policies > 0 || config.retry_throttling.is_some() {
-            tracing::warn!(service = %self.service, policies,
-                throttling = config.retry_throttling.is_some(),
-                "service config: retry and hedging policies and retryThrottling are \
-                 validated but not carried out yet; calls are not retried or hedged");
+        if hedged > 0 {
+            tracing::warn!(service = %self.service, methods = hedged,
+                "service config: hedgingPolicy is validated but not carried out yet; \
+                 those calls are not hedged");
         }
+        self.calls.retries = Arc::new(retry::Retries::new(config.retry_throttling.as_ref()));
         if self.calls.max_waiting == 0 {
             return Err(Error::InvalidConfig(
                 "balancer: max_waiting_calls must be at least 1".into(),
@@ -605,6 +609,7 @@ impl Balancer {
                 max_waiting: 10_000,
                 user_agent: HeaderValue::from_static(USER_AGENT),
                 service_config: Arc::default(),
+                retries: Arc::new(retry::Retries::new(None)),
             },
             user_agent: None,
             backoff_max: Duration::from_secs(5),

@@ -301,7 +301,10 @@ mod tests {
 
     #[tokio::test]
     async fn every_attempt_sends_the_same_body() {
-        let r = Replay::new(body(vec![Some("a"), None, Some("b")], true), limits(1024, 1 << 20));
+        let r = Replay::new(
+            body(vec![Some("a"), None, Some("b")], true),
+            limits(1024, 1 << 20),
+        );
         let first = drain(r.body()).await;
         assert_eq!(first, ["a", "b", "T"]);
         assert!(r.can_replay());
@@ -311,7 +314,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_attempt_replays_then_reads_on_where_the_first_stopped() {
-        let r = Replay::new(body(vec![Some("a"), Some("b"), Some("c")], false), limits(1024, 1 << 20));
+        let r = Replay::new(
+            body(vec![Some("a"), Some("b"), Some("c")], false),
+            limits(1024, 1 << 20),
+        );
         let mut first = r.body();
         let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
@@ -323,9 +329,17 @@ mod tests {
     async fn a_body_that_outgrows_a_limit_is_sent_once_and_never_again() {
         let in_use = limits(3, 1 << 20);
         let r = Replay::new(body(vec![Some("ab"), Some("cd")], false), in_use.clone());
-        assert_eq!(drain(r.body()).await, ["ab", "cd"], "the attempt itself is unharmed");
+        assert_eq!(
+            drain(r.body()).await,
+            ["ab", "cd"],
+            "the attempt itself is unharmed"
+        );
         assert!(!r.can_replay());
-        assert_eq!(in_use.in_use.load(Ordering::Relaxed), 0, "its copy is released");
+        assert_eq!(
+            in_use.in_use.load(Ordering::Relaxed),
+            0,
+            "its copy is released"
+        );
         // The balancer-wide limit counts every call's copy.
         let shared = limits(1024, 3);
         let a = Replay::new(body(vec![Some("ab")], false), shared.clone());
@@ -339,7 +353,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_attempt_waits_while_the_previous_one_still_holds_the_body() {
-        let r = Replay::new(body(vec![Some("a"), Some("b")], false), limits(1024, 1 << 20));
+        let r = Replay::new(
+            body(vec![Some("a"), Some("b")], false),
+            limits(1024, 1 << 20),
+        );
         let mut first = r.body();
         let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
         assert!(f.is_some());

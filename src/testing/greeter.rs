@@ -26,24 +26,70 @@ pub struct Greeter {
     calls: Arc<AtomicU64>,
     fail: FailSwitch,
     draining: Option<crate::server::Draining>,
+    /// Each `SayHello`'s `grpc-previous-rpc-attempts` (0 when absent).
+    attempts: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
-/// Makes a [`Greeter`] fail every call with a status, or answer again.
+/// Makes a [`Greeter`] fail calls with a status, or answer again.
 #[derive(Debug, Clone, Default)]
-pub struct FailSwitch(Arc<AtomicI32>);
+pub struct FailSwitch(Arc<FailState>);
+
+#[derive(Debug, Default)]
+struct FailState {
+    code: AtomicI32,
+    /// How many more calls fail; negative: every call.
+    times: std::sync::atomic::AtomicI64,
+    /// `grpc-retry-pushback-ms` sent with each failure.
+    pushback: std::sync::Mutex<Option<String>>,
+}
 
 impl FailSwitch {
     /// Fails every call with `code` (`None`: answer normally).
     pub fn set(&self, code: Option<tonic::Code>) {
+        self.0.times.store(-1, Ordering::Relaxed);
         self.0
+            .code
             .store(code.map_or(0, |c| c as i32), Ordering::Relaxed);
     }
 
+    /// Fails the next `n` calls with `code`, then answers again.
+    pub fn fail_next(&self, n: u32, code: tonic::Code) {
+        self.0.times.store(i64::from(n), Ordering::Relaxed);
+        self.0.code.store(code as i32, Ordering::Relaxed);
+    }
+
+    /// Sends `grpc-retry-pushback-ms: value` with every failure.
+    pub fn pushback(&self, value: Option<&str>) {
+        *self.0.pushback.lock().unwrap_or_else(|p| p.into_inner()) = value.map(str::to_owned);
+    }
+
     fn status(&self) -> Option<Status> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            c => Some(Status::new(tonic::Code::from(c), "failing on purpose")),
+        let code = self.0.code.load(Ordering::Relaxed);
+        if code == 0 {
+            return None;
         }
+        let left = self.0.times.load(Ordering::Relaxed);
+        if left == 0 {
+            return None;
+        }
+        if left > 0 {
+            self.0.times.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        let pushback = self
+            .0
+            .pushback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(value) = pushback.and_then(|v| v.parse().ok()) {
+            metadata.insert("grpc-retry-pushback-ms", value);
+        }
+        Some(Status::with_metadata(
+            tonic::Code::from(code),
+            "failing on purpose",
+            metadata,
+        ))
     }
 }
 
@@ -56,7 +102,17 @@ impl Greeter {
             calls: Arc::default(),
             fail: FailSwitch::default(),
             draining: None,
+            attempts: Arc::default(),
         }
+    }
+
+    /// For each `SayHello` so far, the `grpc-previous-rpc-attempts` it
+    /// carried (0 when absent): how a client's retries reached this server.
+    pub fn previous_attempts(&self) -> Vec<u32> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Ends its `Chat` streams with `UNAVAILABLE` once its server begins to
@@ -148,6 +204,15 @@ impl pb::greeter_server::Greeter for Greeter {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
+        let previous = request
+            .metadata()
+            .get("grpc-previous-rpc-attempts")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(previous);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }

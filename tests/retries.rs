@@ -1,0 +1,229 @@
+//! gRFC A6 retries through the Balancer, against real etcd and real tonic
+//! servers, in the manner of grpc-go's `test/retry_test.go`: what is
+//! retried and what is not, the attempt count the server sees, pushback,
+//! the replay buffer's limit, the one deadline, and retries landing on
+//! another endpoint.
+
+#[path = "common/backend.rs"]
+mod backend;
+mod common;
+
+use std::time::{Duration, Instant};
+
+use backend::Backend;
+use common::unique;
+use tonic::Code;
+use tonic_etcd::balancer::OutlierDetection;
+use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::shared;
+use tonic_etcd::{Balancer, Metadata, Registration, ServiceConfig};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn policy(max_attempts: u32, initial: &str, codes: &str) -> ServiceConfig {
+    ServiceConfig::from_json(&format!(
+        r#"{{"methodConfig":[{{"name":[{{"service":"greeter.v1.Greeter"}}],
+          "retryPolicy":{{"maxAttempts":{max_attempts},"initialBackoff":"{initial}",
+          "maxBackoff":"{initial}","backoffMultiplier":1,"retryableStatusCodes":[{codes}]}}}}]}}"#
+    ))
+    .unwrap()
+}
+
+/// Backends serving `greeters`, registered, and a Balancer over them.
+struct Setup {
+    backends: Vec<Backend>,
+    greeters: Vec<Greeter>,
+    _regs: Vec<Registration>,
+    balancer: Balancer,
+}
+
+async fn setup(n: usize, config: Option<ServiceConfig>) -> Setup {
+    let client = shared().client().await;
+    let svc = unique("retries");
+    let greeters: Vec<Greeter> = (0..n).map(|i| Greeter::new(format!("g{i}"))).collect();
+    let backends: Vec<Backend> = greeters
+        .iter()
+        .map(|g| Backend::start_with("127.0.0.1:0", g.clone(), false))
+        .collect();
+    let mut regs = Vec::new();
+    for b in &backends {
+        regs.push(common::register_with(&client, &svc, &b.addr, Metadata::new()).await);
+    }
+    let mut builder =
+        Balancer::builder(client, &svc).outlier_detection(OutlierDetection::disabled());
+    if let Some(c) = config {
+        builder = builder.service_config(c);
+    }
+    let balancer = builder.build().unwrap();
+    balancer.wait_for_ready(n, LIMIT).await.unwrap();
+    Setup {
+        backends,
+        greeters,
+        _regs: regs,
+        balancer,
+    }
+}
+
+async fn hello(
+    b: &Balancer,
+    name: String,
+    deadline: Option<Duration>,
+) -> Result<String, tonic::Status> {
+    let mut request = tonic::Request::new(HelloRequest { name });
+    if let Some(d) = deadline {
+        request.set_timeout(d);
+    }
+    GreeterClient::new(b.clone())
+        .say_hello(request)
+        .await
+        .map(|r| r.into_inner().server_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_retried_on_another_endpoint() {
+    let s = setup(2, Some(policy(3, "0.01s", r#""UNAVAILABLE""#))).await;
+    s.backends[1].fail.set(Some(Code::Unavailable));
+    for _ in 0..60 {
+        let answered = hello(&s.balancer, "r".into(), Some(LIMIT)).await.unwrap();
+        assert_eq!(answered, "g0");
+    }
+    let tried = s.greeters[1].previous_attempts();
+    assert!(
+        !tried.is_empty(),
+        "the failing endpoint was tried first sometimes"
+    );
+    assert!(
+        tried.iter().all(|a| *a == 0),
+        "and never retried on: {tried:?}"
+    );
+    let retried = s.greeters[0].previous_attempts();
+    assert_eq!(
+        retried.iter().filter(|a| **a == 1).count(),
+        tried.len(),
+        "each failure retried once, on the other endpoint, saying so: {retried:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_nothing_that_reached_a_server_is_retried() {
+    let s = setup(1, None).await;
+    s.backends[0].fail.fail_next(1, Code::Unavailable);
+    let status = hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(s.greeters[0].previous_attempts(), [0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_stop_at_max_attempts_capped_at_five() {
+    let s = setup(1, Some(policy(3, "0.001s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    let status = hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "the last attempt's status"
+    );
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 1, 2]);
+
+    let s = setup(1, Some(policy(9, "0.001s", "14"))).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_succeeds_after_transient_failures() {
+    let s = setup(1, Some(policy(4, "0.001s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.fail_next(2, Code::Unavailable);
+    assert_eq!(hello(&s.balancer, "r".into(), None).await.unwrap(), "g0");
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_not_listed_are_not_retried() {
+    let s = setup(1, Some(policy(4, "0.001s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.fail_next(1, Code::Internal);
+    let status = hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert_eq!(s.greeters[0].previous_attempts(), [0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushback_is_obeyed() {
+    let s = setup(1, Some(policy(4, "0.001s", r#""UNAVAILABLE""#))).await;
+    let fail = &s.backends[0].fail;
+    // Negative: stop at once.
+    fail.fail_next(3, Code::Unavailable);
+    fail.pushback(Some("-1"));
+    hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(s.greeters[0].previous_attempts(), [0]);
+    // Malformed: stop too.
+    fail.fail_next(3, Code::Unavailable);
+    fail.pushback(Some("soon"));
+    hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 0]);
+    // A delay: waited exactly, then retried.
+    fail.fail_next(1, Code::Unavailable);
+    fail.pushback(Some("300"));
+    let t0 = Instant::now();
+    assert_eq!(hello(&s.balancer, "r".into(), None).await.unwrap(), "g0");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 0, 0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_deadline_bounds_every_attempt_and_wait() {
+    let s = setup(1, Some(policy(5, "10s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    let t0 = Instant::now();
+    let status = hello(&s.balancer, "r".into(), Some(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took < Duration::from_millis(600), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_larger_than_the_replay_buffer_is_not_retried() {
+    let s = setup(1, Some(policy(4, "0.001s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.fail_next(1, Code::Unavailable);
+    let big = "x".repeat(300 * 1024);
+    let status = hello(&s.balancer, big, None).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(s.greeters[0].previous_attempts(), [0], "256 KiB per call");
+    // A small one is.
+    s.backends[0].fail.fail_next(1, Code::Unavailable);
+    hello(&s.balancer, "small".into(), None).await.unwrap();
+    assert_eq!(s.greeters[0].previous_attempts(), [0, 0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_response_headers_is_not_retried() {
+    let s = setup(1, Some(policy(4, "0.001s", r#""UNAVAILABLE""#))).await;
+    // The stream sends two replies, then UNAVAILABLE in its trailers.
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    let mut stream = GreeterClient::new(s.balancer.clone())
+        .say_hello_stream(HelloRequest { name: "s".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replies = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => replies += 1,
+            Ok(None) => panic!("no status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!((replies, status.code()), (2, Code::Unavailable));
+    assert_eq!(
+        s.greeters[0].calls(),
+        1,
+        "committed at the response headers"
+    );
+}
