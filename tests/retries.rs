@@ -81,8 +81,10 @@ async fn hello(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_is_retried_on_another_endpoint() {
-    let s = setup(2, Some(policy(3, "0.01s", r#""UNAVAILABLE""#))).await;
-    s.backends[1].fail.set(Some(Code::Unavailable));
+    // ABORTED does not lower an endpoint's health, so the pick alone would
+    // send about half of the retries back to the failing endpoint.
+    let s = setup(2, Some(policy(3, "0.001s", r#""ABORTED""#))).await;
+    s.backends[1].fail.set(Some(Code::Aborted));
     for _ in 0..60 {
         let answered = hello(&s.balancer, "r".into(), Some(LIMIT)).await.unwrap();
         assert_eq!(answered, "g0");
@@ -226,4 +228,42 @@ async fn a_failure_after_response_headers_is_not_retried() {
         1,
         "committed at the response headers"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_throttling_stops_retries_when_most_calls_fail() {
+    let config = ServiceConfig::from_json(
+        r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter"}],
+          "retryPolicy":{"maxAttempts":5,"initialBackoff":"0.001s","maxBackoff":"0.001s",
+          "backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}],
+          "retryThrottling":{"maxTokens":10,"tokenRatio":0.1}}"#,
+    )
+    .unwrap();
+    let s = setup(1, Some(config)).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    for _ in 0..20 {
+        hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    }
+    // Tokens 10 -> 9, 8, 7, 6 (four retries), 5: throttled from then on.
+    assert_eq!(s.greeters[0].previous_attempts().len(), 5 + 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_bounds_retries_when_every_call_fails() {
+    let s = setup(1, Some(policy(5, "0.001s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    let t0 = Instant::now();
+    let calls = 300;
+    for _ in 0..calls {
+        hello(&s.balancer, "r".into(), None).await.unwrap_err();
+    }
+    let attempts = s.greeters[0].previous_attempts().len() as f64;
+    // tower's TpsBudget: 20 % of calls, plus 10 per second over its 10 s
+    // window (a reserve of 100 to start with). Unbounded: 5 per call.
+    let bound = calls as f64 * 1.2 + 100.0 + 10.0 * t0.elapsed().as_secs_f64();
+    assert!(
+        attempts <= bound,
+        "{attempts} attempts for {calls} calls (bound {bound})"
+    );
+    assert!(attempts > calls as f64, "some retries were made");
 }

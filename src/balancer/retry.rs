@@ -239,6 +239,9 @@ pub(crate) async fn call_with_retries(
         };
         let retryable =
             policy.retryable_status_codes.contains(&code) && code != tonic::Code::DeadlineExceeded;
+        // Every retryable failure takes a token, whether or not a retry
+        // follows (A6).
+        let throttled = retryable && retries.throttle.as_ref().is_some_and(|t| !t.failure());
         let refused = if !retryable {
             Some("not retryable")
         } else if attempts >= max {
@@ -247,7 +250,7 @@ pub(crate) async fn call_with_retries(
             Some("the server said not to")
         } else if !replay.can_replay() {
             Some("request body outgrew the replay buffer")
-        } else if retries.throttle.as_ref().is_some_and(|t| !t.failure()) {
+        } else if throttled {
             Some("throttled (retryThrottling)")
         } else if !retries.budget.withdraw() {
             Some("retry budget spent")
