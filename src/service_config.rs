@@ -30,10 +30,10 @@
 //! service and method, else the one naming the service, else the default
 //! (a name with neither).
 //!
-//! The [`Balancer`](crate::Balancer) applies `timeout` and `waitForReady`
-//! today. Retry and hedging policies and `retryThrottling` are parsed and
-//! validated but not carried out yet: building a Balancer with one logs a
-//! warning saying so.
+//! The [`Balancer`](crate::Balancer) applies `timeout`, `waitForReady`,
+//! `retryPolicy` and `retryThrottling` (see its module docs, *Retries*).
+//! A `hedgingPolicy` is validated but not carried out yet: building a
+//! Balancer with one logs a warning saying so.
 
 use std::time::Duration;
 

@@ -53,7 +53,8 @@
 //!   accepts TCP but does not speak HTTP/2 never receives a call.
 //! * **No lost calls for a dead backend**: a call that was not sent (the
 //!   connection closed before the request left) is retried once on another
-//!   endpoint. A call that may have reached a server is never retried.
+//!   endpoint. A call that may have reached a server is retried only as the
+//!   method's service config says (see *Retries* below).
 //! * **Transport failures read `UNAVAILABLE`**: a connection lost before the
 //!   response headers or while the body streams fails the call with
 //!   `UNAVAILABLE` naming the endpoint's address, as grpc-go does (tonic
@@ -109,6 +110,31 @@
 //! to hurt the tail. Before its first answer an endpoint is assumed to take
 //! 30 ms (not flooded before it has a baseline), and its first call comes at
 //! once as a probe.
+//!
+//! # Retries
+//!
+//! For the methods whose [`ServiceConfig`](crate::ServiceConfig) sets a
+//! `retryPolicy` ([`BalancerBuilder::service_config`]), as gRFC A6 and
+//! grpc-go do it:
+//!
+//! * an attempt that failed before response headers, or a trailers-only
+//!   response, with a code in `retryableStatusCodes` is retried; response
+//!   headers without a status commit the call (what follows is the
+//!   application's);
+//! * at most `maxAttempts` attempts (capped at 5), all within the call's
+//!   one deadline; back-off `random(0, min(initialBackoff ×
+//!   multiplier^(n−1), maxBackoff))`, or exactly the server's
+//!   `grpc-retry-pushback-ms` (negative or malformed: no retry);
+//! * on another endpoint than the one that failed whenever one is in
+//!   rotation, each carrying `grpc-previous-rpc-attempts`;
+//! * the request body (unary or client-streaming) replays from a buffer of
+//!   256 KiB per call and 16 MiB per balancer; a call that outgrows it is
+//!   not retried;
+//! * `retryThrottling` when set (A6's token bucket), and always a budget as
+//!   linkerd keeps (tower's `TpsBudget`: 20 % of calls over 10 s, plus 10
+//!   per second), so retries never multiply an outage.
+//!
+//! `hedgingPolicy` is validated and not carried out yet (a warning says so).
 
 // A call's life as layers, each in its own file: `call` (deadline, record,
 // attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
@@ -232,8 +258,8 @@ impl BalancerBuilder {
     /// as in gRPC; the call's own deadline wins when earlier), and
     /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them, and
     /// a `retryPolicy` retries their calls as gRFC A6 says, throttled by
-    /// `retryThrottling` and always within a retry budget (see the
-    /// [`retry`](self#retries) section of the module docs). A
+    /// `retryThrottling` and always within a retry budget (see
+    /// [*Retries*](self#retries) in the module docs). A
     /// `hedgingPolicy` is validated but not carried out yet: a warning says
     /// so when the balancer is built.
     #[must_use]
