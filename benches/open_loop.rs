@@ -13,7 +13,10 @@
 //! +5 ms; one failing every call at once with `UNAVAILABLE`; one frozen (a
 //! proxy in front of it stops moving bytes a fifth into each round, sockets
 //! open); sixteen healthy; churn (every 200 ms one backend deregisters and
-//! another registers). Reported: success rate, p50/p99/p99.9 of successful
+//! another registers); rolling kill (four backends with 20 ms of work per
+//! call, `BENCH_KILL_RATE` calls/s, default 1,000; in every round one of them
+//! is killed with calls in flight, its key left in etcd, and replaced),
+//! where a third variant is the Balancer with a retry policy. Reported: success rate, p50/p99/p99.9 of successful
 //! calls, calls that ended past their deadline + 50 ms, and each backend's
 //! share.
 //!
@@ -243,10 +246,18 @@ fn main() {
                 backends.fail[i].set(Some(tonic::Code::Unavailable));
             }
             let ready = scenario.setup.n - usize::from(scenario.churn);
-            let tonic_channel = ChannelBuilder::new(client.clone(), &service).build().unwrap();
-            tonic_channel.wait_for_endpoints(Duration::from_secs(5)).await.unwrap();
+            let tonic_channel = ChannelBuilder::new(client.clone(), &service)
+                .build()
+                .unwrap();
+            tonic_channel
+                .wait_for_endpoints(Duration::from_secs(5))
+                .await
+                .unwrap();
             let balancer = Balancer::builder(client.clone(), &service).build().unwrap();
-            balancer.wait_for_ready(ready, Duration::from_secs(5)).await.unwrap();
+            balancer
+                .wait_for_ready(ready, Duration::from_secs(5))
+                .await
+                .unwrap();
             let variants: [(&str, Call); 2] = [
                 ("tonic", caller(tonic_channel, Some(DEADLINE))),
                 ("balancer", caller(balancer, Some(DEADLINE))),
@@ -285,48 +296,19 @@ fn main() {
                 });
                 run_rounds(&variants, &mut tallies, rate, length, rounds, fault).await;
             }
-            let mut scenario_json = serde_json::Map::new();
-            for ((name, _), t) in variants.iter().zip(&mut tallies) {
-                t.latencies.sort();
-                let total: usize = t.shares.values().sum();
-                let percent = |n: usize| n as f64 * 100.0 / total.max(1) as f64;
-                let shares = if t.shares.len() <= 5 {
-                    t.shares
-                        .iter()
-                        .map(|(id, n)| format!("{id} {:.1}", percent(*n)))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                } else {
-                    let min = t.shares.values().min().copied().unwrap_or(0);
-                    let max = t.shares.values().max().copied().unwrap_or(0);
-                    format!("{} backends, {:.1} to {:.1}", t.shares.len(), percent(min), percent(max))
-                };
-                let (p50, p99, p999) = (at(&t.latencies, 0.5), at(&t.latencies, 0.99), at(&t.latencies, 0.999));
-                rows.push(vec![
-                    scenario.name.to_string(),
-                    name.to_string(),
-                    t.calls.to_string(),
-                    format!("{:.3}", t.success() * 100.0),
-                    ms(p50),
-                    ms(p99),
-                    ms(p999),
-                    t.late.to_string(),
-                    shares,
-                ]);
-                scenario_json.insert(
-                    name.to_string(),
-                    serde_json::json!({
-                        "calls": t.calls,
-                        "success_rate": t.success(),
-                        "p50_us": support::us(p50),
-                        "p99_us": support::us(p99),
-                        "p999_us": support::us(p999),
-                        "past_deadline_plus_50ms": t.late,
-                        "shares_percent": t.shares.iter().map(|(id, n)| (id.clone(), *n as f64 * 100.0 / total.max(1) as f64)).collect::<BTreeMap<_, _>>(),
-                    }),
-                );
-            }
-            json.insert(scenario.name.to_string(), serde_json::Value::Object(scenario_json));
+            let scenario_json = report(scenario.name, &variants, &mut tallies, &mut rows);
+            json.insert(
+                scenario.name.to_string(),
+                serde_json::Value::Object(scenario_json),
+            );
+        }
+        if support::selected("rolling kill") {
+            let kill_rate = setting("BENCH_KILL_RATE", 1_000, 200);
+            let scenario_json = rolling_kill(&client, kill_rate, rounds, length, &mut rows).await;
+            json.insert(
+                "rolling kill".into(),
+                serde_json::Value::Object(scenario_json),
+            );
         }
     });
     table(
@@ -338,4 +320,141 @@ fn main() {
         &rows,
     );
     write_json("open_loop", &serde_json::Value::Object(json));
+}
+
+/// One table row and one JSON entry per variant of `scenario`.
+fn report(
+    scenario: &str,
+    variants: &[(&str, Call)],
+    tallies: &mut [Tally],
+    rows: &mut Vec<Vec<String>>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut scenario_json = serde_json::Map::new();
+    for ((name, _), t) in variants.iter().zip(tallies.iter_mut()) {
+        t.latencies.sort();
+        let total: usize = t.shares.values().sum();
+        let percent = |n: usize| n as f64 * 100.0 / total.max(1) as f64;
+        let shares = if t.shares.len() <= 5 {
+            t.shares
+                .iter()
+                .map(|(id, n)| format!("{id} {:.1}", percent(*n)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            let min = t.shares.values().min().copied().unwrap_or(0);
+            let max = t.shares.values().max().copied().unwrap_or(0);
+            format!(
+                "{} backends, {:.1} to {:.1}",
+                t.shares.len(),
+                percent(min),
+                percent(max)
+            )
+        };
+        let (p50, p99, p999) = (
+            at(&t.latencies, 0.5),
+            at(&t.latencies, 0.99),
+            at(&t.latencies, 0.999),
+        );
+        rows.push(vec![
+            scenario.to_string(),
+            name.to_string(),
+            t.calls.to_string(),
+            format!("{:.3}", t.success() * 100.0),
+            ms(p50),
+            ms(p99),
+            ms(p999),
+            t.late.to_string(),
+            shares,
+        ]);
+        scenario_json.insert(
+            name.to_string(),
+            serde_json::json!({
+                "calls": t.calls,
+                "success_rate": t.success(),
+                "p50_us": support::us(p50),
+                "p99_us": support::us(p99),
+                "p999_us": support::us(p999),
+                "past_deadline_plus_50ms": t.late,
+                "shares_percent": t.shares.iter().map(|(id, n)| (id.clone(), *n as f64 * 100.0 / total.max(1) as f64)).collect::<BTreeMap<_, _>>(),
+            }),
+        );
+    }
+    scenario_json
+}
+
+/// Four backends doing 20 ms of work per call; in each round, a fifth into
+/// it, one of them (in turn) is killed with calls in flight (its key stays
+/// in etcd, as after a SIGKILL) and a replacement joins. tonic's channel,
+/// the Balancer, and the Balancer with a retry policy for the method.
+async fn rolling_kill(
+    client: &etcd_client::Client,
+    rate: u64,
+    rounds: u64,
+    length: Duration,
+    rows: &mut Vec<Vec<String>>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let service = "bench.open_loop.rolling";
+    let setup = Setup {
+        delays: &[(0, MS20), (1, MS20), (2, MS20), (3, MS20)],
+        ..Setup::default()
+    };
+    let backends = Arc::new(tokio::sync::Mutex::new(
+        Backends::start(client, service, setup).await,
+    ));
+    let tonic_channel = ChannelBuilder::new(client.clone(), service)
+        .build()
+        .unwrap();
+    tonic_channel
+        .wait_for_endpoints(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let balancer = Balancer::builder(client.clone(), service).build().unwrap();
+    balancer
+        .wait_for_ready(4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let policy = tonic_etcd::ServiceConfig::from_json(
+        r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
+          "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.1s",
+          "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}"#,
+    )
+    .expect("a valid service config");
+    let retrying = Balancer::builder(client.clone(), service)
+        .service_config(policy)
+        .build()
+        .unwrap();
+    retrying
+        .wait_for_ready(4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let variants: [(&str, Call); 3] = [
+        ("tonic", caller(tonic_channel, Some(DEADLINE))),
+        ("balancer", caller(balancer, Some(DEADLINE))),
+        ("balancer + retry", caller(retrying, Some(DEADLINE))),
+    ];
+    for (_, call) in &variants {
+        round(call, rate, Duration::from_millis(300), None).await;
+    }
+    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+    let generation = std::sync::atomic::AtomicUsize::new(0);
+    let kill = || {
+        let n = generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let backends = backends.clone();
+        tokio::spawn(async move {
+            backends
+                .lock()
+                .await
+                .replace(n % 4, format!("s{}-{}", n % 4, n / 4 + 1), MS20)
+                .await;
+        });
+    };
+    let nothing = || {};
+    let fault = Fault {
+        start: &kill,
+        end: &nothing,
+    };
+    run_rounds(&variants, &mut tallies, rate, length, rounds, Some(fault)).await;
+    let json = report("rolling kill", &variants, &mut tallies, rows);
+    drop(backends);
+    json
 }

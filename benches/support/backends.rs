@@ -85,6 +85,8 @@ pub struct Backends {
     pub proxy: Option<Proxy>,
     runtimes: Vec<Option<tokio::runtime::Runtime>>,
     registrations: Vec<Option<Registration>>,
+    /// Registrations of killed backends, kept so their keys stay.
+    zombies: Vec<Registration>,
     client: etcd_client::Client,
     service: String,
 }
@@ -99,42 +101,18 @@ impl Backends {
             proxy: None,
             runtimes: Vec::new(),
             registrations: Vec::new(),
+            zombies: Vec::new(),
             client: client.clone(),
             service: service.to_owned(),
         };
         for i in 0..setup.n {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            std_listener.set_nonblocking(true).unwrap();
-            let addr = std_listener.local_addr().unwrap().to_string();
             let delay = setup
                 .delays
                 .iter()
                 .find(|(k, _)| *k == i)
                 .map_or(Duration::ZERO, |(_, d)| *d);
-            let greeter = Greeter::new(format!("s{i}")).with_delay(delay);
-            this.fail.push(greeter.fail_switch());
-            let mut server = tonic::transport::Server::builder();
-            if let Some(pki) = setup.tls {
-                let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
-                server = server
-                    .tls_config(ServerTlsConfig::new().identity(identity))
-                    .unwrap();
-            }
-            rt.spawn(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                server
-                    .add_service(greeter.into_service())
-                    .serve_with_incoming(
-                        tonic::transport::server::TcpIncoming::from(listener)
-                            .with_nodelay(Some(true)),
-                    )
-                    .await
-            });
+            let (addr, rt, fail) = serve(format!("s{i}"), delay, setup.tls);
+            this.fail.push(fail);
             let registered = if setup.proxied == Some(i) {
                 let p = Proxy::start(addr.clone()).await;
                 let a = p.addr.to_string();
@@ -165,6 +143,23 @@ impl Backends {
         self.registrations[i] = Some(registration);
     }
 
+    /// Kills backend `i` (its key stays registered, as after a SIGKILL,
+    /// until its lease would expire) and starts a new one in its place, on
+    /// a new port, registered: a rolling restart's step.
+    pub async fn replace(&mut self, i: usize, id: String, delay: Duration) {
+        self.kill(i);
+        // The dead one's registration lives on: its key stays in etcd.
+        if let Some(r) = self.registrations[i].take() {
+            self.zombies.push(r);
+        }
+        let (addr, rt, fail) = serve(id, delay, None);
+        self.addrs[i] = addr.clone();
+        self.registered[i] = addr;
+        self.runtimes[i] = Some(rt);
+        self.fail[i] = fail;
+        self.register(i).await;
+    }
+
     /// Deregisters backend `i`; it keeps serving.
     pub async fn deregister(&mut self, i: usize) {
         if let Some(r) = self.registrations[i].take() {
@@ -186,4 +181,40 @@ impl Drop for Backends {
             rt.shutdown_background();
         }
     }
+}
+
+/// Serves greeter `id` (with `delay` per reply, over TLS with `tls`) on a
+/// runtime of its own: its address, runtime and fail switch.
+fn serve(
+    id: String,
+    delay: Duration,
+    tls: Option<&Pki>,
+) -> (String, tokio::runtime::Runtime, FailSwitch) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap().to_string();
+    let greeter = Greeter::new(id).with_delay(delay);
+    let fail = greeter.fail_switch();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(pki) = tls {
+        let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .unwrap();
+    }
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        server
+            .add_service(greeter.into_service())
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await
+    });
+    (addr, rt, fail)
 }
