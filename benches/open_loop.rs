@@ -157,6 +157,7 @@ struct Scenario {
 fn main() {
     let rate = setting("BENCH_RATE", 2_000, 500);
     let rounds = setting("BENCH_ROUNDS", 3, 1);
+    let kill_rate = setting("BENCH_KILL_RATE", 1_000, 200);
     let length = Duration::from_millis(setting("BENCH_ROUND_MS", 2_000, 200));
     let scenarios = [
         Scenario {
@@ -303,7 +304,6 @@ fn main() {
             );
         }
         if support::selected("rolling kill") {
-            let kill_rate = setting("BENCH_KILL_RATE", 1_000, 200);
             let scenario_json = rolling_kill(&client, kill_rate, rounds, length, &mut rows).await;
             json.insert(
                 "rolling kill".into(),
@@ -313,7 +313,7 @@ fn main() {
     });
     table(
         &format!(
-            "open_loop: {rate} calls/s offered, 1 s deadline, {rounds} rounds x {} ms per variant (latency ms from the scheduled start)",
+            "open_loop: {rate} calls/s offered (rolling kill: {kill_rate}), 1 s deadline, {rounds} rounds x {} ms per variant (latency ms from the scheduled start)",
             length.as_millis()
         ),
         &["scenario", "variant", "calls", "success %", "p50", "p99", "p99.9", "late", "shares %"],
@@ -382,6 +382,59 @@ fn report(
     scenario_json
 }
 
+/// Counts the retries the Balancer reports (`tonic_etcd_client_retries_total`
+/// with `result="retried"`); every other metric goes nowhere.
+#[derive(Default)]
+struct RetryCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl metrics::Recorder for RetryCounter {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let retried = key.name() == "tonic_etcd_client_retries_total"
+            && key
+                .labels()
+                .any(|l| l.key() == "result" && l.value() == "retried");
+        if retried {
+            metrics::Counter::from_arc(self.0.clone())
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
 /// Four backends doing 20 ms of work per call; in each round, a fifth into
 /// it, one of them (in turn) is killed with calls in flight (its key stays
 /// in etcd, as after a SIGKILL) and a replacement joins. tonic's channel,
@@ -394,6 +447,10 @@ async fn rolling_kill(
     rows: &mut Vec<Vec<String>>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let service = "bench.open_loop.rolling";
+    // Only this scenario's Balancer with a retry policy retries.
+    let retries = RetryCounter::default();
+    let retried = retries.0.clone();
+    let counting = metrics::set_global_recorder(retries).is_ok();
     let setup = Setup {
         delays: &[(0, MS20), (1, MS20), (2, MS20), (3, MS20)],
         ..Setup::default()
@@ -454,7 +511,21 @@ async fn rolling_kill(
         end: &nothing,
     };
     run_rounds(&variants, &mut tallies, rate, length, rounds, Some(fault)).await;
-    let json = report("rolling kill", &variants, &mut tallies, rows);
+    let mut json = report("rolling kill", &variants, &mut tallies, rows);
+    if counting {
+        let n = retried.load(std::sync::atomic::Ordering::Relaxed);
+        let calls = tallies[2].calls.max(1);
+        println!(
+            "rolling kill: the Balancer with a retry policy retried {n} of {calls} calls ({:.2} %)",
+            n as f64 * 100.0 / calls as f64
+        );
+        if let Some(v) = json
+            .get_mut("balancer + retry")
+            .and_then(|v| v.as_object_mut())
+        {
+            v.insert("retries".into(), n.into());
+        }
+    }
     drop(backends);
     json
 }
