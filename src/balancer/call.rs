@@ -3,11 +3,11 @@
 //! Its deadline (the caller's `grpc-timeout`, capped by the method's
 //! service-config `timeout`, else by `call_timeout` for a unary call),
 //! whether it waits for an endpoint (`waitForReady`), the `user-agent`, its
-//! record for metrics, and the attempts:
-//! today one, plus one transparent retry on another endpoint when the
-//! request never left this process (the connection closed before it was
-//! sent). A call that may have reached a server is not retried. Each attempt
-//! (pick, send, classify) lives in [`super::attempt`].
+//! record for metrics, and its attempts: as the method's `retryPolicy` says
+//! ([`super::retry`]), else one, plus one transparent retry on another
+//! endpoint when the request never left this process (the connection closed
+//! before it was sent). Each attempt (pick, send, classify) lives in
+//! [`super::attempt`].
 
 use std::sync::Arc;
 use std::time::Duration;
