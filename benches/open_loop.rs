@@ -247,18 +247,7 @@ fn main() {
                 backends.fail[i].set(Some(tonic::Code::Unavailable));
             }
             let ready = scenario.setup.n - usize::from(scenario.churn);
-            let tonic_channel = ChannelBuilder::new(client.clone(), &service)
-                .build()
-                .unwrap();
-            tonic_channel
-                .wait_for_endpoints(Duration::from_secs(5))
-                .await
-                .unwrap();
-            let balancer = Balancer::builder(client.clone(), &service).build().unwrap();
-            balancer
-                .wait_for_ready(ready, Duration::from_secs(5))
-                .await
-                .unwrap();
+            let (tonic_channel, balancer) = dial(&client, &service, ready).await;
             let variants: [(&str, Call); 2] = [
                 ("tonic", caller(tonic_channel, Some(DEADLINE))),
                 ("balancer", caller(balancer, Some(DEADLINE))),
@@ -458,18 +447,7 @@ async fn rolling_kill(
     let backends = Arc::new(tokio::sync::Mutex::new(
         Backends::start(client, service, setup).await,
     ));
-    let tonic_channel = ChannelBuilder::new(client.clone(), service)
-        .build()
-        .unwrap();
-    tonic_channel
-        .wait_for_endpoints(Duration::from_secs(5))
-        .await
-        .unwrap();
-    let balancer = Balancer::builder(client.clone(), service).build().unwrap();
-    balancer
-        .wait_for_ready(4, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (tonic_channel, balancer) = dial(client, service, 4).await;
     let policy = tonic_etcd::ServiceConfig::from_json(
         r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
           "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.1s",
@@ -528,4 +506,26 @@ async fn rolling_kill(
     }
     drop(backends);
     json
+}
+
+/// tonic's balanced channel and a Balancer over `service`, once both see
+/// `ready` endpoints.
+async fn dial(
+    client: &etcd_client::Client,
+    service: &str,
+    ready: usize,
+) -> (tonic_etcd::EtcdChannel, Balancer) {
+    let tonic_channel = ChannelBuilder::new(client.clone(), service)
+        .build()
+        .unwrap();
+    tonic_channel
+        .wait_for_endpoints(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let balancer = Balancer::builder(client.clone(), service).build().unwrap();
+    balancer
+        .wait_for_ready(ready, Duration::from_secs(5))
+        .await
+        .unwrap();
+    (tonic_channel, balancer)
 }

@@ -445,7 +445,7 @@ fn codes(
 }
 
 /// The gRPC status code names, by number.
-const CODE_NAMES: [&str; 17] = [
+pub(crate) const CODE_NAMES: [&str; 17] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",
