@@ -41,36 +41,57 @@ pub(crate) enum Attempt {
     Failed(BoxError),
 }
 
-/// Tries `request` once, never on `avoid` (the endpoint a previous attempt
-/// could not send on) while another can take it. `record` moves into the
+/// Tries `request` once, never on one of `avoid` (endpoints previous
+/// attempts used) while another can take it. `record` moves into the
 /// response body when the response is not trailers-only.
 pub(crate) async fn attempt(
     shared: &Shared,
     cfg: &CallConfig,
-    mut request: http::Request<tonic::body::Body>,
+    request: http::Request<tonic::body::Body>,
     plan: Plan,
-    avoid: Option<&Arc<Ready>>,
+    avoid: &[Arc<Ready>],
     record: &mut Option<CallRecord>,
 ) -> Attempt {
+    match pick_endpoint(shared, cfg, plan, avoid).await {
+        Ok(ep) => send(ep, request, plan, record).await,
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+/// An endpoint for the next attempt, waiting (within the plan's deadline)
+/// while none can take it.
+pub(crate) async fn pick_endpoint(
+    shared: &Shared,
+    cfg: &CallConfig,
+    plan: Plan,
+    avoid: &[Arc<Ready>],
+) -> Result<Arc<Ready>, BoxError> {
     let deadline = plan.deadline;
-    let ep = loop {
+    loop {
         let ready = shared.ready();
-        let waited = match pick(&ready, ready.local, avoid) {
-            Pick::Endpoint(ep) => break ep,
-            Pick::Full => wait_for_capacity(shared, cfg, deadline).await,
+        match pick(&ready, ready.local, avoid) {
+            Pick::Endpoint(ep) => return Ok(ep),
+            Pick::Full => wait_for_capacity(shared, cfg, deadline).await?,
             Pick::Empty => match avoid {
                 // Only the endpoint the request just failed on is left: wait
                 // for its connector to act instead of spinning.
-                Some(bad) if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
-                    wait_for_removal(shared, bad, deadline).await
+                [bad] if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
+                    wait_for_removal(shared, bad, deadline).await?
                 }
-                _ => wait_for_endpoint(shared, cfg, plan).await,
+                _ => wait_for_endpoint(shared, cfg, plan).await?,
             },
-        };
-        if let Err(e) = waited {
-            return Attempt::Failed(e);
         }
-    };
+    }
+}
+
+/// Sends `request` to `ep` and waits for the response headers within the
+/// plan's deadline.
+pub(crate) async fn send(
+    ep: Arc<Ready>,
+    mut request: http::Request<tonic::body::Body>,
+    plan: Plan,
+    record: &mut Option<CallRecord>,
+) -> Attempt {
     *request.uri_mut() = match ep.uri(request.uri()) {
         Ok(uri) => uri,
         Err(e) => return Attempt::Failed(Box::new(e)),
@@ -79,7 +100,7 @@ pub(crate) async fn attempt(
     let send = ep.sender().try_send_request(request);
     // One timer per call: it bounds the response headers here and then
     // moves into the body.
-    let mut timer = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+    let mut timer = plan.deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
     let result = match timer.as_mut() {
         None => send.await,
         Some(timer) => tokio::select! {
@@ -133,12 +154,12 @@ pub(crate) async fn attempt(
                 ep.closed.notify_one();
             }
             match unsent {
-                Some(request) if avoid.is_none() => Attempt::Unsent {
+                Some(request) => Attempt::Unsent {
                     request,
                     endpoint: ep,
                     error,
                 },
-                _ => Attempt::Failed(Box::new(classify::transport_failure(ep.addr(), &error))),
+                None => Attempt::Failed(Box::new(classify::transport_failure(ep.addr(), &error))),
             }
         }
     }

@@ -124,7 +124,7 @@ async fn once(
     plan: Plan,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let mut outcome = attempt(shared, cfg, request, plan, None, record).await;
+    let mut outcome = attempt(shared, cfg, request, plan, &[], record).await;
     if let Attempt::Unsent {
         request,
         endpoint,
@@ -134,7 +134,7 @@ async fn once(
         // Never left this process: safe to send elsewhere, once.
         tracing::debug!(addr = %endpoint.addr(), %error,
             "request not sent; retrying on another endpoint");
-        outcome = attempt(shared, cfg, request, plan, Some(&endpoint), record).await;
+        outcome = attempt(shared, cfg, request, plan, &[endpoint], record).await;
     }
     match outcome {
         Attempt::Response(response) => Ok(response),

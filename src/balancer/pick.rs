@@ -52,8 +52,8 @@ pub(crate) enum Pick {
 }
 
 /// Picks from `set`, whose first `local` entries are in the client's zone,
-/// never `avoid`.
-pub(crate) fn pick(set: &[Arc<Ready>], local: usize, avoid: Option<&Arc<Ready>>) -> Pick {
+/// never one of `avoid`.
+pub(crate) fn pick(set: &[Arc<Ready>], local: usize, avoid: &[Arc<Ready>]) -> Pick {
     if local > 0 && local < set.len() {
         if let found @ Pick::Endpoint(_) = pick_in(&set[..local], avoid) {
             return found;
@@ -62,7 +62,7 @@ pub(crate) fn pick(set: &[Arc<Ready>], local: usize, avoid: Option<&Arc<Ready>>)
     pick_in(set, avoid)
 }
 
-fn pick_in(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
+fn pick_in(set: &[Arc<Ready>], avoid: &[Arc<Ready>]) -> Pick {
     let n = set.len();
     if n == 0 {
         return Pick::Empty;
@@ -83,7 +83,7 @@ fn pick_in(set: &[Arc<Ready>], avoid: Option<&Arc<Ready>>) -> Pick {
         }
         SAMPLE
     };
-    let usable = |e: &Arc<Ready>| avoid.is_none_or(|bad| !Arc::ptr_eq(e, bad));
+    let usable = |e: &Arc<Ready>| !avoid.iter().any(|bad| Arc::ptr_eq(e, bad));
     let Some(first) = set.first() else {
         return Pick::Empty;
     };

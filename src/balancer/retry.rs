@@ -187,7 +187,10 @@ pub(crate) async fn call_with_retries(
                 .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, (attempts - 1).into());
         }
         // Another endpoint than the one that failed, while there is one.
-        let avoid = last.as_ref().filter(|_| shared.ready().len() > 1);
+        let avoid = match &last {
+            Some(ep) if shared.ready().len() > 1 => std::slice::from_ref(ep),
+            _ => &[],
+        };
         let outcome = attempt(shared, cfg, request, plan, avoid, record).await;
         let (code, failed_on, said, failure) = match outcome {
             Attempt::Response(response) => {
