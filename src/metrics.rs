@@ -17,6 +17,7 @@
 //! | `tonic_etcd_client_calls_total` | counter | `service`, `code` (`OK`, `UNAVAILABLE`, ...) | calls through a Balancer by final gRPC status; every code present at 0 from the start |
 //! | `tonic_etcd_client_call_duration_seconds` | histogram | `service`, `code` | how long calls took, to their status (calls of [`stream_methods`](crate::balancer::BalancerBuilder::stream_methods) are counted but not timed: a stream's lifetime is no latency) |
 //! | `tonic_etcd_client_retries_total` | counter | `service`, `result` | `retried` for each retry made; otherwise why a retryable failure was not retried (`attempts used up`, `the server said not to`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
+//! | `tonic_etcd_client_hedges_total` | counter | `service`, `result` | `sent` for each hedge sent (beyond the first attempt); otherwise why no further hedge was sent (`no other endpoint`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
 //! | `tonic_etcd_balancer_endpoint_in_flight` | gauge | `service`, `endpoint` | calls in flight on an endpoint, open streams included |
 //! | `tonic_etcd_balancer_endpoint_open_streams` | gauge | `service`, `endpoint` | of those, calls past their response headers (streams) |
 //! | `tonic_etcd_balancer_endpoint_latency_seconds` | gauge | `service`, `endpoint` | the endpoint's latency estimate (time to response headers) |
@@ -117,6 +118,11 @@ mod balancer {
             .increment(1);
     }
 
+    pub(crate) fn hedge(service: &str, result: &'static str) {
+        metrics::counter!("tonic_etcd_client_hedges_total", "service" => service.to_owned(), "result" => result)
+            .increment(1);
+    }
+
     pub(crate) fn fail_fast(service: &str, closed: bool) {
         metrics::gauge!("tonic_etcd_balancer_fail_fast", "service" => service.to_owned())
             .set(if closed { 1.0 } else { 0.0 });
@@ -178,6 +184,10 @@ pub(crate) fn describe() {
             "tonic_etcd_client_call_duration_seconds",
             Unit::Seconds,
             "call duration to its final status (declared streams excluded)"
+        );
+        describe_counter!(
+            "tonic_etcd_client_hedges_total",
+            "hedges sent, and why no further hedge was sent"
         );
         describe_counter!(
             "tonic_etcd_client_retries_total",
@@ -257,6 +267,8 @@ pub(crate) struct CallRecord {
     metrics: Option<std::sync::Arc<CallMetrics>>,
     started: tokio::time::Instant,
     timed: bool,
+    /// A hedge's copy: it reports only if its attempt won.
+    hedge: Option<(std::sync::Arc<std::sync::atomic::AtomicUsize>, usize)>,
 }
 
 #[cfg(feature = "metrics")]
@@ -271,7 +283,28 @@ impl CallRecord {
             metrics: Some(metrics.clone()),
             started,
             timed,
+            hedge: None,
         }
+    }
+
+    /// A copy for hedge `index` of the call: it reports only once
+    /// `winner` holds `index` (the attempt whose response was taken).
+    pub(crate) fn for_hedge(
+        &self,
+        winner: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        index: usize,
+    ) -> Self {
+        Self {
+            metrics: self.metrics.clone(),
+            started: self.started,
+            timed: self.timed,
+            hedge: Some((winner.clone(), index)),
+        }
+    }
+
+    /// Drops the record without reporting (a hedge reports instead).
+    pub(crate) fn discard(mut self) {
+        self.metrics = None;
     }
 
     /// A record that reports nothing.
@@ -280,11 +313,17 @@ impl CallRecord {
             metrics: None,
             started: tokio::time::Instant::now(),
             timed: false,
+            hedge: None,
         }
     }
 
     /// The call ended with `code`.
     pub(crate) fn finish(&mut self, code: tonic::Code) {
+        if let Some((winner, index)) = &self.hedge {
+            if winner.load(std::sync::atomic::Ordering::Acquire) != *index {
+                self.metrics = None;
+            }
+        }
         if let Some(m) = self.metrics.take() {
             m.record(code, self.timed.then(|| self.started.elapsed()));
         }
@@ -386,6 +425,16 @@ mod call_noop {
             Self
         }
 
+        pub(crate) fn for_hedge(
+            &self,
+            _: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+            _: usize,
+        ) -> Self {
+            Self
+        }
+
+        pub(crate) fn discard(self) {}
+
         pub(crate) fn finish(&mut self, _: tonic::Code) {}
     }
 
@@ -415,6 +464,7 @@ mod balancer {
     pub(crate) fn connect_failure(_: &str) {}
     pub(crate) fn fail_fast(_: &str, _: bool) {}
     pub(crate) fn retry(_: &str, _: &'static str) {}
+    pub(crate) fn hedge(_: &str, _: &'static str) {}
 }
 
 pub(crate) use balancer::*;

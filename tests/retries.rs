@@ -1,8 +1,9 @@
-//! gRFC A6 retries through the Balancer, against real etcd and real tonic
-//! servers, in the manner of grpc-go's `test/retry_test.go`: what is
-//! retried and what is not, the attempt count the server sees, pushback,
-//! the replay buffer's limit, the one deadline, and retries landing on
-//! another endpoint.
+//! gRFC A6 retries and hedging through the Balancer, against real etcd and
+//! real tonic servers, in the manner of grpc-go's `test/retry_test.go`: what
+//! is retried and what is not, the attempt count the server sees, pushback,
+//! the replay buffer's limit, the one deadline, retries landing on another
+//! endpoint; hedges on distinct endpoints, the first answer winning and the
+//! others cancelled on their servers.
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -38,9 +39,17 @@ struct Setup {
 }
 
 async fn setup(n: usize, config: Option<ServiceConfig>) -> Setup {
+    setup_with(
+        (0..n).map(|i| Greeter::new(format!("g{i}"))).collect(),
+        config,
+    )
+    .await
+}
+
+async fn setup_with(greeters: Vec<Greeter>, config: Option<ServiceConfig>) -> Setup {
+    let n = greeters.len();
     let client = shared().client().await;
     let svc = unique("retries");
-    let greeters: Vec<Greeter> = (0..n).map(|i| Greeter::new(format!("g{i}"))).collect();
     let backends: Vec<Backend> = greeters
         .iter()
         .map(|g| Backend::start_with("127.0.0.1:0", g.clone(), false))
@@ -266,4 +275,104 @@ async fn the_retry_budget_bounds_retries_when_every_call_fails() {
         "{attempts} attempts for {calls} calls (bound {bound})"
     );
     assert!(attempts > calls as f64, "some retries were made");
+}
+
+fn hedging(max_attempts: u32, delay: &str, non_fatal: &str) -> ServiceConfig {
+    ServiceConfig::from_json(&format!(
+        r#"{{"methodConfig":[{{"name":[{{"service":"greeter.v1.Greeter"}}],
+          "hedgingPolicy":{{"maxAttempts":{max_attempts},"hedgingDelay":"{delay}",
+          "nonFatalStatusCodes":[{non_fatal}]}}}}]}}"#
+    ))
+    .unwrap()
+}
+
+/// Waits until `check` holds (cancellations reach servers asynchronously).
+async fn until(what: &str, check: impl Fn() -> bool) {
+    common::eventually(LIMIT, what, || {
+        let ok = check();
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_answer_wins_and_the_slow_attempt_is_cancelled() {
+    let greeters = vec![
+        Greeter::new("slow").with_delay(Duration::from_secs(3)),
+        Greeter::new("fast"),
+    ];
+    let s = setup_with(greeters, Some(hedging(2, "0.05s", ""))).await;
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let answered = hello(&s.balancer, "h".into(), Some(LIMIT)).await.unwrap();
+        assert_eq!(answered, "fast");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+    let slow = &s.greeters[0];
+    let tried = slow.previous_attempts().len() as u64;
+    assert!(tried >= 1, "a new endpoint's first call is a probe");
+    until("every attempt on the slow server cancelled", || {
+        slow.cancelled() == tried
+    })
+    .await;
+    // Those calls' hedges reached the fast server, saying so.
+    let hedged = s.greeters[1]
+        .previous_attempts()
+        .iter()
+        .filter(|a| **a == 1)
+        .count();
+    assert_eq!(hedged as u64, tried);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_land_on_distinct_endpoints() {
+    let greeters = (0..3)
+        .map(|i| Greeter::new(format!("g{i}")).with_delay(Duration::from_millis(300)))
+        .collect();
+    let s = setup_with(greeters, Some(hedging(3, "0.01s", ""))).await;
+    for _ in 0..4 {
+        hello(&s.balancer, "h".into(), Some(LIMIT)).await.unwrap();
+    }
+    for g in &s.greeters {
+        assert_eq!(g.previous_attempts().len(), 4, "one attempt of each call");
+    }
+    until("the two losers of each call cancelled", || {
+        s.greeters.iter().map(Greeter::cancelled).sum::<u64>() == 8
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_status_ends_the_call_and_cancels_the_others() {
+    let greeters = vec![
+        Greeter::new("failing").with_delay(Duration::from_millis(100)),
+        Greeter::new("slow").with_delay(Duration::from_secs(3)),
+    ];
+    let s = setup_with(greeters, Some(hedging(2, "0s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.set(Some(Code::Internal));
+    let t0 = Instant::now();
+    let status = hello(&s.balancer, "h".into(), Some(LIMIT))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    let slow = &s.greeters[1];
+    until("the other attempt cancelled", || slow.cancelled() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_fatal_status_sends_the_next_hedge_at_once() {
+    let s = setup(2, Some(hedging(2, "10s", r#""UNAVAILABLE""#))).await;
+    s.backends[0].fail.set(Some(Code::Unavailable));
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        assert_eq!(
+            hello(&s.balancer, "h".into(), Some(LIMIT)).await.unwrap(),
+            "g1"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "not after the 10 s delay"
+        );
+    }
 }

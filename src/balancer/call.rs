@@ -3,8 +3,8 @@
 //! Its deadline (the caller's `grpc-timeout`, capped by the method's
 //! service-config `timeout`, else by `call_timeout` for a unary call),
 //! whether it waits for an endpoint (`waitForReady`), the `user-agent`, its
-//! record for metrics, and its attempts: as the method's `retryPolicy` says
-//! ([`super::retry`]), else one, plus one transparent retry on another
+//! record for metrics, and its attempts: as the method's `retryPolicy`
+//! ([`super::retry`]) or `hedgingPolicy` ([`super::hedge`]) says, else one, plus one transparent retry on another
 //! endpoint when the request never left this process (the connection closed
 //! before it was sent). Each attempt (pick, send, classify) lives in
 //! [`super::attempt`].
@@ -16,6 +16,7 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::attempt::{attempt, Attempt};
+use super::hedge::call_with_hedging;
 use super::pool::Shared;
 use super::retry::{call_with_retries, Retries};
 use super::{classify, deadline, BoxError};
@@ -103,6 +104,9 @@ pub(crate) async fn call(
     let result = match method.and_then(|m| m.policy.as_ref()) {
         Some(Policy::Retry(policy)) => {
             call_with_retries(&shared, &cfg, request, plan, policy, &mut record).await
+        }
+        Some(Policy::Hedging(policy)) => {
+            call_with_hedging(&shared, &cfg, request, plan, policy, &mut record).await
         }
         _ => once(&shared, &cfg, request, plan, &mut record).await,
     };

@@ -147,6 +147,7 @@ mod classify;
 mod deadline;
 mod endpoint;
 mod health;
+mod hedge;
 mod load;
 mod outlier;
 mod pick;
@@ -475,16 +476,6 @@ impl BalancerBuilder {
             ));
         }
         let config = &self.calls.service_config;
-        let hedged = config
-            .method_configs
-            .iter()
-            .filter(|m| matches!(m.policy, Some(crate::service_config::Policy::Hedging(_))))
-            .count();
-        if hedged > 0 {
-            tracing::warn!(service = %self.service, methods = hedged,
-                "service config: hedgingPolicy is validated but not carried out yet; \
-                 those calls are not hedged");
-        }
         self.calls.retries = Arc::new(retry::Retries::new(config.retry_throttling.as_ref()));
         if self.calls.max_waiting == 0 {
             return Err(Error::InvalidConfig(

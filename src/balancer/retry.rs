@@ -22,8 +22,7 @@
 //!   and always a budget as linkerd keeps (tower's `TpsBudget`: retries at
 //!   most 20 % of calls over 10 s, plus 10 per second).
 //!
-//! Hedging is not implemented yet: a `hedgingPolicy` is validated and
-//! ignored, and the balancer says so when it is built.
+//! Hedging lives in [`super::hedge`] and shares all of this.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +49,7 @@ const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// buffer's limits.
 pub(crate) struct Retries {
     throttle: Option<Throttle>,
-    budget: TpsBudget,
+    pub(crate) budget: TpsBudget,
     pub(crate) replay: ReplayLimits,
 }
 
@@ -73,6 +72,27 @@ impl Retries {
                 in_use: Arc::default(),
             },
         }
+    }
+}
+
+impl Retries {
+    /// A call succeeded: the throttle gets `tokenRatio` back.
+    pub(crate) fn success(&self) {
+        if let Some(t) = &self.throttle {
+            t.success();
+        }
+    }
+
+    /// A retryable (or non-fatal) failure takes a token.
+    pub(crate) fn failure(&self) {
+        if let Some(t) = &self.throttle {
+            t.failure();
+        }
+    }
+
+    /// Whether the throttle forbids further attempts now.
+    pub(crate) fn throttle_blocks(&self) -> bool {
+        self.throttle.as_ref().is_some_and(Throttle::blocks)
     }
 }
 
@@ -100,6 +120,11 @@ impl Throttle {
         *t > self.max / 2.0
     }
 
+    /// Whether retries and hedges are held back: tokens at or below half.
+    pub(crate) fn blocks(&self) -> bool {
+        *self.tokens.lock().unwrap_or_else(|p| p.into_inner()) <= self.max / 2.0
+    }
+
     /// A success gives back `ratio`.
     pub(crate) fn success(&self) {
         let mut t = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,7 +139,7 @@ impl Throttle {
 
 /// What the server said about retrying.
 #[derive(Debug, PartialEq)]
-enum Pushback {
+pub(crate) enum Pushback {
     /// Nothing: the back-off decides.
     None,
     /// Retry after exactly this.
@@ -123,7 +148,8 @@ enum Pushback {
     Stop,
 }
 
-fn pushback(headers: &HeaderMap) -> Pushback {
+/// The server's `grpc-retry-pushback-ms`, as grpc-go reads it.
+pub(crate) fn pushback(headers: &HeaderMap) -> Pushback {
     let mut values = headers.get_all(GRPC_RETRY_PUSHBACK_MS).iter();
     let Some(value) = values.next() else {
         return Pushback::None;
@@ -194,9 +220,7 @@ pub(crate) async fn call_with_retries(
         let outcome = attempt(shared, cfg, request, plan, avoid, record).await;
         let (code, failed_on, said, failure) = match outcome {
             Attempt::Response(response) => {
-                if let Some(t) = &retries.throttle {
-                    t.success();
-                }
+                retries.success();
                 return Ok(response);
             }
             Attempt::Status {
@@ -205,9 +229,7 @@ pub(crate) async fn call_with_retries(
                 endpoint,
             } => {
                 if code == tonic::Code::Ok {
-                    if let Some(t) = &retries.throttle {
-                        t.success();
-                    }
+                    retries.success();
                     return Ok(finish(record, code, response));
                 }
                 let said = pushback(response.headers());
@@ -300,7 +322,7 @@ pub(crate) async fn call_with_retries(
 }
 
 /// A trailers-only response is final: its status is the call's.
-fn finish(
+pub(crate) fn finish(
     record: &mut Option<CallRecord>,
     code: tonic::Code,
     response: http::Response<tonic::body::Body>,

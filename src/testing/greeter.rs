@@ -28,6 +28,8 @@ pub struct Greeter {
     draining: Option<crate::server::Draining>,
     /// Each `SayHello`'s `grpc-previous-rpc-attempts` (0 when absent).
     attempts: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// `SayHello` calls cancelled by their client before the reply.
+    cancelled: Arc<AtomicU64>,
 }
 
 /// Makes a [`Greeter`] fail calls with a status, or answer again.
@@ -103,7 +105,13 @@ impl Greeter {
             fail: FailSwitch::default(),
             draining: None,
             attempts: Arc::default(),
+            cancelled: Arc::default(),
         }
+    }
+
+    /// `SayHello` calls its clients cancelled (reset) before it replied.
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     /// For each `SayHello` so far, the `grpc-previous-rpc-attempts` it
@@ -213,9 +221,20 @@ impl pb::greeter_server::Greeter for Greeter {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(previous);
+        /// Counts the call as cancelled unless it got to reply.
+        struct Unless<'a>(&'a AtomicU64, bool);
+        impl Drop for Unless<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut cancelled = Unless(&self.cancelled, false);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        cancelled.1 = true;
         self.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(status) = self.fail.status() {
             return Err(status);

@@ -1,0 +1,198 @@
+//! Hedging as gRFC A6 specifies it (as grpc-java does; grpc-go does not
+//! hedge), for the methods whose service config sets a `hedgingPolicy`.
+//!
+//! * The first attempt goes at once; each further one `hedgingDelay` after
+//!   the previous, up to `maxAttempts` in all (capped at 5), each on an
+//!   endpoint no earlier attempt of the call used: a hedge that would land
+//!   on a busy replica again helps nobody. With no such endpoint in
+//!   rotation, no further hedge is sent.
+//! * The first response headers (or `OK`) win: the call is committed to
+//!   that attempt and the others are cancelled at once (their streams
+//!   reset, so the servers stop working on them).
+//! * A status in `nonFatalStatusCodes` lets the others go on and sends the
+//!   next hedge at once (or after the server's `grpc-retry-pushback-ms`; a
+//!   negative or malformed one stops hedging); any other status ends the
+//!   call with it and cancels the rest.
+//! * Hedges replay the request body from the same buffer as retries; they
+//!   take from `retryThrottling` and the retry budget like retries, so they
+//!   stop when most calls fail; they carry `grpc-previous-rpc-attempts`.
+//! * One deadline covers all of them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
+
+use super::attempt::{pick_endpoint, send, Attempt};
+use super::call::{CallConfig, Plan};
+use super::endpoint::Ready;
+use super::pool::Shared;
+use super::replay::Replay;
+use super::retry::{finish, pushback, Pushback, MAX_ATTEMPTS};
+use super::{classify, deadline, BoxError};
+use crate::metrics::CallRecord;
+use crate::service_config::HedgingPolicy;
+
+/// The call, hedged as `policy` says.
+pub(crate) async fn call_with_hedging(
+    shared: &Shared,
+    cfg: &CallConfig,
+    request: http::Request<tonic::body::Body>,
+    plan: Plan,
+    policy: &HedgingPolicy,
+    record: &mut Option<CallRecord>,
+) -> Result<http::Response<tonic::body::Body>, BoxError> {
+    let retries = &cfg.retries;
+    let (parts, body) = request.into_parts();
+    let replay = Replay::new(body, retries.replay.clone());
+    let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;
+    let winner = Arc::new(AtomicUsize::new(usize::MAX));
+    let mut used: Vec<Arc<Ready>> = Vec::new();
+    let mut running: JoinSet<(usize, Attempt)> = JoinSet::new();
+    let mut next_at = Instant::now();
+    let mut stopped = false;
+    let mut last: Option<(
+        tonic::Code,
+        Result<http::Response<tonic::body::Body>, BoxError>,
+    )> = None;
+    retries.budget.deposit();
+    loop {
+        if !stopped && used.len() < max && Instant::now() >= next_at {
+            let first = used.is_empty();
+            let distinct = shared
+                .ready()
+                .iter()
+                .any(|e| !used.iter().any(|u| Arc::ptr_eq(u, e)));
+            let refused = if first {
+                None
+            } else if !distinct {
+                Some("no other endpoint")
+            } else if !replay.can_replay() {
+                Some("request body outgrew the replay buffer")
+            } else if retries.throttle_blocks() {
+                Some("throttled (retryThrottling)")
+            } else if !retries.budget.withdraw() {
+                Some("retry budget spent")
+            } else {
+                None
+            };
+            if let Some(reason) = refused {
+                tracing::debug!(reason, sent = used.len(), "no further hedge");
+                crate::metrics::hedge(&shared.service, reason);
+                stopped = true;
+            } else {
+                match pick_endpoint(shared, cfg, plan, &used).await {
+                    Ok(ep) => {
+                        let index = used.len();
+                        used.push(ep.clone());
+                        let mut request = http::Request::new(tonic::body::Body::new(replay.body()));
+                        *request.method_mut() = parts.method.clone();
+                        *request.uri_mut() = parts.uri.clone();
+                        *request.version_mut() = parts.version;
+                        *request.headers_mut() = parts.headers.clone();
+                        *request.extensions_mut() = parts.extensions.clone();
+                        if index > 0 {
+                            request
+                                .headers_mut()
+                                .insert("grpc-previous-rpc-attempts", index.into());
+                            tracing::debug!(addr = %ep.addr(), hedge = index, "hedging");
+                            crate::metrics::hedge(&shared.service, "sent");
+                        }
+                        let mut own = record.as_ref().map(|r| r.for_hedge(&winner, index));
+                        running.spawn(async move {
+                            let outcome = send(ep, request, plan, &mut own).await;
+                            (index, outcome)
+                        });
+                        next_at = crate::time::deadline_after(Instant::now(), policy.hedging_delay);
+                    }
+                    Err(e) if first => return Err(e),
+                    Err(_) => stopped = true,
+                }
+            }
+        }
+        if running.is_empty() {
+            // Nothing in flight, nothing more to send: the last answer is
+            // the call's.
+            return match last {
+                Some((code, Ok(response))) => Ok(finish(record, code, response)),
+                Some((_, Err(e))) => Err(e),
+                None => Err(Box::new(tonic::Status::unavailable(
+                    "no hedged attempt could be sent",
+                ))),
+            };
+        }
+        let hedge_due = !stopped && used.len() < max;
+        let joined = tokio::select! {
+            joined = running.join_next() => joined,
+            () = tokio::time::sleep_until(next_at), if hedge_due => continue,
+            () = sleep_until_deadline(plan.deadline) => {
+                return Err(Box::new(deadline::exceeded(format_args!(
+                    "waiting for any of {} hedged attempts", used.len()
+                ))));
+            }
+        };
+        let Some(Ok((index, outcome))) = joined else {
+            continue; // a task that panicked or was cancelled: the others go on
+        };
+        let (code, said, answer) = match outcome {
+            Attempt::Response(response) => {
+                winner.store(index, Ordering::Release);
+                if let Some(r) = record.take() {
+                    r.discard();
+                }
+                retries.success();
+                return Ok(response);
+            }
+            Attempt::Status { response, code, .. } if code == tonic::Code::Ok => {
+                retries.success();
+                return Ok(finish(record, code, response));
+            }
+            Attempt::Status { response, code, .. } => {
+                let said = pushback(response.headers());
+                (code, said, Ok(response))
+            }
+            Attempt::Failed(error) => {
+                let code = error
+                    .downcast_ref::<tonic::Status>()
+                    .map_or(tonic::Code::Unknown, tonic::Status::code);
+                (code, Pushback::None, Err(error))
+            }
+            Attempt::Unsent {
+                endpoint, error, ..
+            } => {
+                // Never left this process: another hedge at once.
+                let status = classify::transport_failure(endpoint.addr(), &error);
+                (
+                    tonic::Code::Unavailable,
+                    Pushback::None,
+                    Err(Box::new(status) as BoxError),
+                )
+            }
+        };
+        if !policy.non_fatal_status_codes.contains(&code) {
+            // Fatal: the call ends with it; the others are cancelled when
+            // `running` is dropped.
+            return match answer {
+                Ok(response) => Ok(finish(record, code, response)),
+                Err(e) => Err(e),
+            };
+        }
+        retries.failure();
+        match said {
+            Pushback::Stop => stopped = true,
+            Pushback::Wait(d) => next_at = crate::time::deadline_after(Instant::now(), d),
+            Pushback::None => next_at = Instant::now(),
+        }
+        last = Some((code, answer));
+    }
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
