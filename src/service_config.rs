@@ -30,10 +30,8 @@
 //! service and method, else the one naming the service, else the default
 //! (a name with neither).
 //!
-//! The [`Balancer`](crate::Balancer) applies `timeout`, `waitForReady`,
-//! `retryPolicy` and `retryThrottling` (see its module docs, *Retries*).
-//! A `hedgingPolicy` is validated but not carried out yet: building a
-//! Balancer with one logs a warning saying so.
+//! The [`Balancer`](crate::Balancer) applies all of it but
+//! `loadBalancingConfig` (see its module docs, *Retries*).
 
 use std::time::Duration;
 

@@ -134,7 +134,12 @@
 //!   linkerd keeps (tower's `TpsBudget`: 20 % of calls over 10 s, plus 10
 //!   per second), so retries never multiply an outage.
 //!
-//! `hedgingPolicy` is validated and not carried out yet (a warning says so).
+//!
+//! A `hedgingPolicy` sends a further attempt every `hedgingDelay` (up to
+//! `maxAttempts`, capped at 5), each on an endpoint the call has not used;
+//! the first response headers win and the others are cancelled at once; a
+//! status in `nonFatalStatusCodes` sends the next hedge at once, any other
+//! ends the call. Hedges share the replay buffer, throttle and budget.
 
 // A call's life as layers, each in its own file: `call` (deadline, record,
 // attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
@@ -260,9 +265,8 @@ impl BalancerBuilder {
     /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them, and
     /// a `retryPolicy` retries their calls as gRFC A6 says, throttled by
     /// `retryThrottling` and always within a retry budget (see
-    /// [*Retries*](self#retries) in the module docs). A
-    /// `hedgingPolicy` is validated but not carried out yet: a warning says
-    /// so when the balancer is built.
+    /// [*Retries*](self#retries) in the module docs), and a
+    /// `hedgingPolicy` hedges them.
     #[must_use]
     pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
         self.calls.service_config = Arc::new(config);
