@@ -16,7 +16,9 @@
 //! another registers); rolling kill (four backends with 20 ms of work per
 //! call, `BENCH_KILL_RATE` calls/s, default 1,000; in every round one of them
 //! is killed with calls in flight, its key left in etcd, and replaced),
-//! where a third variant is the Balancer with a retry policy. Reported: success rate, p50/p99/p99.9 of successful
+//! where a third variant is the Balancer with a retry policy; random spikes
+//! (every backend adds 50 ms to 2 % of its replies), where it is the
+//! Balancer hedging after 10 ms. Reported: success rate, p50/p99/p99.9 of successful
 //! calls, calls that ended past their deadline + 50 ms, and each backend's
 //! share.
 //!
@@ -227,6 +229,9 @@ fn main() {
             churn: true,
         },
     ];
+    // Before any Balancer: their retry and hedge counters register here.
+    let counted = Counted::default();
+    metrics::set_global_recorder(counted.clone()).expect("the only recorder");
     let etcd = Etcd::start();
     let rt = support::runtime();
     let mut json = serde_json::Map::new();
@@ -293,9 +298,18 @@ fn main() {
             );
         }
         if support::selected("rolling kill") {
-            let scenario_json = rolling_kill(&client, kill_rate, rounds, length, &mut rows).await;
+            let scenario_json =
+                rolling_kill(&client, &counted, kill_rate, rounds, length, &mut rows).await;
             json.insert(
                 "rolling kill".into(),
+                serde_json::Value::Object(scenario_json),
+            );
+        }
+        if support::selected("random spikes") {
+            let scenario_json =
+                random_spikes(&client, &counted, rate, rounds, length, &mut rows).await;
+            json.insert(
+                "random spikes".into(),
                 serde_json::Value::Object(scenario_json),
             );
         }
@@ -371,12 +385,26 @@ fn report(
     scenario_json
 }
 
-/// Counts the retries the Balancer reports (`tonic_etcd_client_retries_total`
-/// with `result="retried"`); every other metric goes nowhere.
-#[derive(Default)]
-struct RetryCounter(Arc<std::sync::atomic::AtomicU64>);
+/// Counts the retries and hedges Balancers report
+/// (`tonic_etcd_client_retries_total` / `_hedges_total` with result
+/// `retried` / `sent`); every other metric goes nowhere.
+#[derive(Default, Clone)]
+struct Counted {
+    retried: Arc<std::sync::atomic::AtomicU64>,
+    hedged: Arc<std::sync::atomic::AtomicU64>,
+}
 
-impl metrics::Recorder for RetryCounter {
+impl Counted {
+    fn retried(&self) -> u64 {
+        self.retried.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn hedged(&self) -> u64 {
+        self.hedged.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl metrics::Recorder for Counted {
     fn describe_counter(
         &self,
         _: metrics::KeyName,
@@ -400,14 +428,15 @@ impl metrics::Recorder for RetryCounter {
     }
 
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        let retried = key.name() == "tonic_etcd_client_retries_total"
-            && key
-                .labels()
-                .any(|l| l.key() == "result" && l.value() == "retried");
-        if retried {
-            metrics::Counter::from_arc(self.0.clone())
-        } else {
-            metrics::Counter::noop()
+        let result = |v: &str| key.labels().any(|l| l.key() == "result" && l.value() == v);
+        match key.name() {
+            "tonic_etcd_client_retries_total" if result("retried") => {
+                metrics::Counter::from_arc(self.retried.clone())
+            }
+            "tonic_etcd_client_hedges_total" if result("sent") => {
+                metrics::Counter::from_arc(self.hedged.clone())
+            }
+            _ => metrics::Counter::noop(),
         }
     }
 
@@ -430,6 +459,7 @@ impl metrics::Recorder for RetryCounter {
 /// the Balancer, and the Balancer with a retry policy for the method.
 async fn rolling_kill(
     client: &etcd_client::Client,
+    counted: &Counted,
     rate: u64,
     rounds: u64,
     length: Duration,
@@ -437,9 +467,7 @@ async fn rolling_kill(
 ) -> serde_json::Map<String, serde_json::Value> {
     let service = "bench.open_loop.rolling";
     // Only this scenario's Balancer with a retry policy retries.
-    let retries = RetryCounter::default();
-    let retried = retries.0.clone();
-    let counting = metrics::set_global_recorder(retries).is_ok();
+    let retried_before = counted.retried();
     let setup = Setup {
         delays: &[(0, MS20), (1, MS20), (2, MS20), (3, MS20)],
         ..Setup::default()
@@ -490,19 +518,17 @@ async fn rolling_kill(
     };
     run_rounds(&variants, &mut tallies, rate, length, rounds, Some(fault)).await;
     let mut json = report("rolling kill", &variants, &mut tallies, rows);
-    if counting {
-        let n = retried.load(std::sync::atomic::Ordering::Relaxed);
-        let calls = tallies[2].calls.max(1);
-        println!(
-            "rolling kill: the Balancer with a retry policy retried {n} of {calls} calls ({:.2} %)",
-            n as f64 * 100.0 / calls as f64
-        );
-        if let Some(v) = json
-            .get_mut("balancer + retry")
-            .and_then(|v| v.as_object_mut())
-        {
-            v.insert("retries".into(), n.into());
-        }
+    let n = counted.retried() - retried_before;
+    let calls = tallies[2].calls.max(1);
+    println!(
+        "rolling kill: the Balancer with a retry policy retried {n} of {calls} calls ({:.2} %)",
+        n as f64 * 100.0 / calls as f64
+    );
+    if let Some(v) = json
+        .get_mut("balancer + retry")
+        .and_then(|v| v.as_object_mut())
+    {
+        v.insert("retries".into(), n.into());
     }
     drop(backends);
     json
@@ -528,4 +554,63 @@ async fn dial(
         .await
         .unwrap();
     (tonic_channel, balancer)
+}
+
+/// Every one of four backends adds 50 ms to 2 % of its replies at random:
+/// no backend is worse than another, so picking cannot help. tonic's
+/// channel, the Balancer, and the Balancer hedging after 10 ms.
+async fn random_spikes(
+    client: &etcd_client::Client,
+    counted: &Counted,
+    rate: u64,
+    rounds: u64,
+    length: Duration,
+    rows: &mut Vec<Vec<String>>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let service = "bench.open_loop.spikes";
+    let setup = Setup {
+        spikes: Some((0.02, Duration::from_millis(50))),
+        ..Setup::default()
+    };
+    let backends = Backends::start(client, service, setup).await;
+    let (tonic_channel, balancer) = dial(client, service, 4).await;
+    let policy = tonic_etcd::ServiceConfig::from_json(
+        r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
+          "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.01s"}}]}"#,
+    )
+    .expect("a valid service config");
+    let hedging = Balancer::builder(client.clone(), service)
+        .service_config(policy)
+        .build()
+        .unwrap();
+    hedging
+        .wait_for_ready(4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let variants: [(&str, Call); 3] = [
+        ("tonic", caller(tonic_channel, Some(DEADLINE))),
+        ("balancer", caller(balancer, Some(DEADLINE))),
+        ("balancer + hedging", caller(hedging, Some(DEADLINE))),
+    ];
+    for (_, call) in &variants {
+        round(call, rate, Duration::from_millis(300), None).await;
+    }
+    let hedged_before = counted.hedged();
+    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+    run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
+    let mut json = report("random spikes", &variants, &mut tallies, rows);
+    let n = counted.hedged() - hedged_before;
+    let calls = tallies[2].calls.max(1);
+    println!(
+        "random spikes: the hedging Balancer sent {n} hedges for {calls} calls ({:.2} % extra attempts)",
+        n as f64 * 100.0 / calls as f64
+    );
+    if let Some(v) = json
+        .get_mut("balancer + hedging")
+        .and_then(|v| v.as_object_mut())
+    {
+        v.insert("hedges".into(), n.into());
+    }
+    drop(backends);
+    json
 }

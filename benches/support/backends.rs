@@ -62,6 +62,8 @@ pub struct Setup<'a> {
     pub proxied: Option<usize>,
     /// Serve TLS with these certificates.
     pub tls: Option<&'a Pki>,
+    /// Every backend adds this delay to this share of its replies.
+    pub spikes: Option<(f64, Duration)>,
 }
 
 impl Default for Setup<'_> {
@@ -71,6 +73,7 @@ impl Default for Setup<'_> {
             delays: &[],
             proxied: None,
             tls: None,
+            spikes: None,
         }
     }
 }
@@ -111,7 +114,7 @@ impl Backends {
                 .iter()
                 .find(|(k, _)| *k == i)
                 .map_or(Duration::ZERO, |(_, d)| *d);
-            let (addr, rt, fail) = serve(format!("s{i}"), delay, setup.tls);
+            let (addr, rt, fail) = serve(format!("s{i}"), delay, setup.spikes, setup.tls);
             this.fail.push(fail);
             let registered = if setup.proxied == Some(i) {
                 let p = Proxy::start(addr.clone()).await;
@@ -152,7 +155,7 @@ impl Backends {
         if let Some(r) = self.registrations[i].take() {
             self.zombies.push(r);
         }
-        let (addr, rt, fail) = serve(id, delay, None);
+        let (addr, rt, fail) = serve(id, delay, None, None);
         self.addrs[i] = addr.clone();
         self.registered[i] = addr;
         self.runtimes[i] = Some(rt);
@@ -183,11 +186,12 @@ impl Drop for Backends {
     }
 }
 
-/// Serves greeter `id` (with `delay` per reply, over TLS with `tls`) on a
-/// runtime of its own: its address, runtime and fail switch.
+/// Serves greeter `id` (with `delay` per reply and `spikes`, over TLS with
+/// `tls`) on a runtime of its own: its address, runtime and fail switch.
 fn serve(
     id: String,
     delay: Duration,
+    spikes: Option<(f64, Duration)>,
     tls: Option<&Pki>,
 ) -> (String, tokio::runtime::Runtime, FailSwitch) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -198,7 +202,10 @@ fn serve(
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap().to_string();
-    let greeter = Greeter::new(id).with_delay(delay);
+    let mut greeter = Greeter::new(id).with_delay(delay);
+    if let Some((p, d)) = spikes {
+        greeter = greeter.with_spikes(p, d);
+    }
     let fail = greeter.fail_switch();
     let mut server = tonic::transport::Server::builder();
     if let Some(pki) = tls {

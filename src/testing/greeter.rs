@@ -23,6 +23,8 @@ pub use pb::{HelloReply, HelloRequest};
 pub struct Greeter {
     id: String,
     delay: Duration,
+    /// With this probability per call, this much more delay.
+    spikes: Option<(f64, Duration)>,
     calls: Arc<AtomicU64>,
     fail: FailSwitch,
     draining: Option<crate::server::Draining>,
@@ -101,6 +103,7 @@ impl Greeter {
         Self {
             id: id.into(),
             delay: Duration::ZERO,
+            spikes: None,
             calls: Arc::default(),
             fail: FailSwitch::default(),
             draining: None,
@@ -135,6 +138,15 @@ impl Greeter {
     /// The switch that makes this greeter (and its clones) fail.
     pub fn fail_switch(&self) -> FailSwitch {
         self.fail.clone()
+    }
+
+    /// Adds `delay` to a random share `probability` of its replies: a
+    /// backend no worse than another, whose tail no pick can avoid (a GC
+    /// pause, a cold cache).
+    #[must_use]
+    pub fn with_spikes(mut self, probability: f64, delay: Duration) -> Self {
+        self.spikes = Some((probability, delay));
+        self
     }
 
     /// Waits `delay` before every reply (a slow backend).
@@ -231,8 +243,13 @@ impl pb::greeter_server::Greeter for Greeter {
             }
         }
         let mut cancelled = Unless(&self.cancelled, false);
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+        let spike = self.spikes.and_then(|(p, d)| {
+            use rand::Rng;
+            rand::rng().random_bool(p.clamp(0.0, 1.0)).then_some(d)
+        });
+        let delay = self.delay + spike.unwrap_or_default();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         cancelled.1 = true;
         self.calls.fetch_add(1, Ordering::Relaxed);
