@@ -7,6 +7,11 @@
 //! cargo run --example greeter_client -- --tls-ca ca.pem
 //! # tonic's own balanced channel, for comparison:
 //! cargo run --example greeter_client -- --balancer tonic
+//! # retries for the idempotent SayHello (gRPC service config, gRFC A6):
+//! echo '{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
+//!   "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.02s","maxBackoff":"0.2s",
+//!   "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}' > retry.json
+//! cargo run --example greeter_client -- --service-config retry.json
 //! ```
 //!
 //! Prints `backend <addr> <count>` per backend, then `ok <n> failed <m>`.
@@ -71,6 +76,11 @@ struct Args {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// gRPC service config (JSON) for the Balancer: per-method timeouts,
+    /// retry or hedging policies. Refused whole, with the field named, when
+    /// invalid.
+    #[arg(long)]
+    service_config: Option<std::path::PathBuf>,
 }
 
 async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
@@ -86,6 +96,10 @@ async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
     Ok(match args.balancer {
         Kind::Own => {
             let mut builder = Balancer::builder(client, &args.service).schema(schema);
+            if let Some(path) = &args.service_config {
+                let json = std::fs::read_to_string(path)?;
+                builder = builder.service_config(tonic_etcd::ServiceConfig::from_json(&json)?);
+            }
             if let Some(ca) = ca {
                 let mut tls = TlsConfig::new().ca_certificate(ca);
                 if let Some((cert, key)) = identity {
