@@ -162,13 +162,12 @@ pub(crate) async fn call_with_hedging(
             Attempt::Unsent {
                 endpoint, error, ..
             } => {
-                // Never left this process: another hedge at once.
+                // Never left this process: another hedge at once, elsewhere,
+                // whatever the policy's codes say.
                 let status = classify::transport_failure(endpoint.addr(), &error);
-                (
-                    tonic::Code::Unavailable,
-                    Pushback::None,
-                    Err(Box::new(status) as BoxError),
-                )
+                last = Some((status.code(), Err(Box::new(status))));
+                next_at = Instant::now();
+                continue;
             }
         };
         if !policy.non_fatal_status_codes.contains(&code) {
