@@ -87,12 +87,7 @@ pub(crate) async fn call_with_hedging(
                     Ok(ep) => {
                         let index = used.len();
                         used.push(ep.clone());
-                        let mut request = http::Request::new(tonic::body::Body::new(replay.body()));
-                        *request.method_mut() = parts.method.clone();
-                        *request.uri_mut() = parts.uri.clone();
-                        *request.version_mut() = parts.version;
-                        *request.headers_mut() = parts.headers.clone();
-                        *request.extensions_mut() = parts.extensions.clone();
+                        let mut request = replay.request(&parts);
                         if index > 0 {
                             request
                                 .headers_mut()

@@ -85,6 +85,17 @@ impl Replay {
         !lock(&self.state).spent
     }
 
+    /// The next attempt's request: the call's `parts` with a replayed body.
+    pub(crate) fn request(&self, parts: &http::request::Parts) -> http::Request<Inner> {
+        let mut request = http::Request::new(Inner::new(self.body()));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = parts.uri.clone();
+        *request.version_mut() = parts.version;
+        *request.headers_mut() = parts.headers.clone();
+        *request.extensions_mut() = parts.extensions.clone();
+        request
+    }
+
     /// A body for the next attempt.
     pub(crate) fn body(&self) -> ReplayBody {
         ReplayBody {
