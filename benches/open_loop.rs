@@ -475,26 +475,14 @@ async fn rolling_kill(
     let backends = Arc::new(tokio::sync::Mutex::new(
         Backends::start(client, service, setup).await,
     ));
-    let (tonic_channel, balancer) = dial(client, service, 4).await;
-    let policy = tonic_etcd::ServiceConfig::from_json(
-        r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
-          "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.1s",
-          "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}"#,
+    let variants = three_variants(
+        client,
+        service,
+        "balancer + retry",
+        r#""retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.1s",
+          "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}"#,
     )
-    .expect("a valid service config");
-    let retrying = Balancer::builder(client.clone(), service)
-        .service_config(policy)
-        .build()
-        .unwrap();
-    retrying
-        .wait_for_ready(4, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let variants: [(&str, Call); 3] = [
-        ("tonic", caller(tonic_channel, Some(DEADLINE))),
-        ("balancer", caller(balancer, Some(DEADLINE))),
-        ("balancer + retry", caller(retrying, Some(DEADLINE))),
-    ];
+    .await;
     for (_, call) in &variants {
         round(call, rate, Duration::from_millis(300), None).await;
     }
@@ -573,25 +561,13 @@ async fn random_spikes(
         ..Setup::default()
     };
     let backends = Backends::start(client, service, setup).await;
-    let (tonic_channel, balancer) = dial(client, service, 4).await;
-    let policy = tonic_etcd::ServiceConfig::from_json(
-        r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
-          "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.01s"}}]}"#,
+    let variants = three_variants(
+        client,
+        service,
+        "balancer + hedging",
+        r#""hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.01s"}"#,
     )
-    .expect("a valid service config");
-    let hedging = Balancer::builder(client.clone(), service)
-        .service_config(policy)
-        .build()
-        .unwrap();
-    hedging
-        .wait_for_ready(4, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let variants: [(&str, Call); 3] = [
-        ("tonic", caller(tonic_channel, Some(DEADLINE))),
-        ("balancer", caller(balancer, Some(DEADLINE))),
-        ("balancer + hedging", caller(hedging, Some(DEADLINE))),
-    ];
+    .await;
     for (_, call) in &variants {
         round(call, rate, Duration::from_millis(300), None).await;
     }
@@ -613,4 +589,32 @@ async fn random_spikes(
     }
     drop(backends);
     json
+}
+
+/// tonic's channel, the Balancer, and a Balancer named `name` whose
+/// service config gives `SayHello` the `policy` (a JSON member).
+async fn three_variants(
+    client: &etcd_client::Client,
+    service: &str,
+    name: &'static str,
+    policy: &str,
+) -> [(&'static str, Call); 3] {
+    let (tonic_channel, balancer) = dial(client, service, 4).await;
+    let config = tonic_etcd::ServiceConfig::from_json(&format!(
+        r#"{{"methodConfig":[{{"name":[{{"service":"greeter.v1.Greeter","method":"SayHello"}}],{policy}}}]}}"#
+    ))
+    .expect("a valid service config");
+    let with_policy = Balancer::builder(client.clone(), service)
+        .service_config(config)
+        .build()
+        .unwrap();
+    with_policy
+        .wait_for_ready(4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    [
+        ("tonic", caller(tonic_channel, Some(DEADLINE))),
+        ("balancer", caller(balancer, Some(DEADLINE))),
+        (name, caller(with_policy, Some(DEADLINE))),
+    ]
 }
