@@ -506,18 +506,14 @@ async fn rolling_kill(
     };
     run_rounds(&variants, &mut tallies, rate, length, rounds, Some(fault)).await;
     let mut json = report("rolling kill", &variants, &mut tallies, rows);
-    let n = counted.retried() - retried_before;
-    let calls = tallies[2].calls.max(1);
-    println!(
-        "rolling kill: the Balancer with a retry policy retried {n} of {calls} calls ({:.2} %)",
-        n as f64 * 100.0 / calls as f64
+    let retried = counted.retried() - retried_before;
+    extra_attempts(
+        &mut json,
+        "balancer + retry",
+        "retries",
+        retried,
+        tallies[2].calls,
     );
-    if let Some(v) = json
-        .get_mut("balancer + retry")
-        .and_then(|v| v.as_object_mut())
-    {
-        v.insert("retries".into(), n.into());
-    }
     drop(backends);
     json
 }
@@ -575,18 +571,14 @@ async fn random_spikes(
     let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
     run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
     let mut json = report("random spikes", &variants, &mut tallies, rows);
-    let n = counted.hedged() - hedged_before;
-    let calls = tallies[2].calls.max(1);
-    println!(
-        "random spikes: the hedging Balancer sent {n} hedges for {calls} calls ({:.2} % extra attempts)",
-        n as f64 * 100.0 / calls as f64
+    let hedged = counted.hedged() - hedged_before;
+    extra_attempts(
+        &mut json,
+        "balancer + hedging",
+        "hedges",
+        hedged,
+        tallies[2].calls,
     );
-    if let Some(v) = json
-        .get_mut("balancer + hedging")
-        .and_then(|v| v.as_object_mut())
-    {
-        v.insert("hedges".into(), n.into());
-    }
     drop(backends);
     json
 }
@@ -617,4 +609,22 @@ async fn three_variants(
         ("balancer", caller(balancer, Some(DEADLINE))),
         (name, caller(with_policy, Some(DEADLINE))),
     ]
+}
+
+/// Prints and records the `n` extra attempts (`what`: retries or hedges)
+/// that `variant` made for its `calls`.
+fn extra_attempts(
+    json: &mut serde_json::Map<String, serde_json::Value>,
+    variant: &str,
+    what: &str,
+    n: u64,
+    calls: usize,
+) {
+    println!(
+        "{variant}: {n} {what} for {calls} calls ({:.2} % extra attempts)",
+        n as f64 * 100.0 / calls.max(1) as f64
+    );
+    if let Some(v) = json.get_mut(variant).and_then(|v| v.as_object_mut()) {
+        v.insert(what.into(), n.into());
+    }
 }
