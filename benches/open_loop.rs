@@ -18,7 +18,8 @@
 //! is killed with calls in flight, its key left in etcd, and replaced),
 //! where a third variant is the Balancer with a retry policy; random spikes
 //! (every backend adds 50 ms to 2 % of its replies), where it is the
-//! Balancer hedging after 10 ms. Reported: success rate, p50/p99/p99.9 of successful
+//! Balancer hedging after 10 ms; all failing (every call fails with
+//! `UNAVAILABLE`), where it is the Balancer retrying up to 5 attempts. Reported: success rate, p50/p99/p99.9 of successful
 //! calls, calls that ended past their deadline + 50 ms, and each backend's
 //! share.
 //!
@@ -305,6 +306,14 @@ fn main() {
                 serde_json::Value::Object(scenario_json),
             );
         }
+        if support::selected("all failing") {
+            let scenario_json =
+                all_failing(&client, &counted, rate, rounds, length, &mut rows).await;
+            json.insert(
+                "all failing".into(),
+                serde_json::Value::Object(scenario_json),
+            );
+        }
         if support::selected("random spikes") {
             let scenario_json =
                 random_spikes(&client, &counted, rate, rounds, length, &mut rows).await;
@@ -538,6 +547,57 @@ async fn dial(
         .await
         .unwrap();
     (tonic_channel, balancer)
+}
+
+/// Every one of four backends fails every call with `UNAVAILABLE`: a retry
+/// policy (`maxAttempts` 5) must not multiply the load, which the budget
+/// bounds to about 1.2 attempts per call plus 10 retries per second.
+async fn all_failing(
+    client: &etcd_client::Client,
+    counted: &Counted,
+    rate: u64,
+    rounds: u64,
+    length: Duration,
+    rows: &mut Vec<Vec<String>>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let service = "bench.open_loop.failing";
+    let backends = Backends::start(client, service, Setup::default()).await;
+    for f in &backends.fail {
+        f.set(Some(tonic::Code::Unavailable));
+    }
+    let variants = three_variants(
+        client,
+        service,
+        "balancer + retry",
+        r#""retryPolicy":{"maxAttempts":5,"initialBackoff":"0.01s","maxBackoff":"0.1s",
+          "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}"#,
+    )
+    .await;
+    for (_, call) in &variants {
+        round(call, rate, Duration::from_millis(300), None).await;
+    }
+    let retried_before = counted.retried();
+    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+    let t0 = Instant::now();
+    run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
+    let mut json = report("all failing", &variants, &mut tallies, rows);
+    let retried = counted.retried() - retried_before;
+    extra_attempts(
+        &mut json,
+        "balancer + retry",
+        "retries",
+        retried,
+        tallies[2].calls,
+    );
+    // Its rounds took a third of the time measured.
+    let seconds = t0.elapsed().as_secs_f64() / 3.0;
+    println!(
+        "balancer + retry: budget bound 0.2 x {} calls + 10/s x {seconds:.1} s = {:.0} retries",
+        tallies[2].calls,
+        0.2 * tallies[2].calls as f64 + 10.0 * seconds
+    );
+    drop(backends);
+    json
 }
 
 /// Every one of four backends adds 50 ms to 2 % of its replies at random:
