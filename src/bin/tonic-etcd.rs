@@ -439,6 +439,9 @@ async fn register(
     metadata: Vec<(String, String)>,
     timeout: Duration,
 ) -> Result<(), Failure> {
+    // Handlers first: a SIGTERM while the key is being written must not
+    // kill the process with the key left behind.
+    let signal = tonic_etcd::server::shutdown_signal();
     let metadata = metadata
         .into_iter()
         .fold(Metadata::new(), |m, (k, v)| m.with(k, v));
@@ -453,7 +456,7 @@ async fn register(
         .register()
         .await?;
     println!("registered {}", registration.keys().join(" "));
-    tonic_etcd::server::shutdown_signal().await;
+    signal.await;
     registration.deregister().await?;
     println!("deregistered");
     Ok(())

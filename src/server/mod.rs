@@ -337,23 +337,41 @@ where
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes and systemd send):
 /// the signal a server waits for before it shuts down gracefully.
 ///
+/// The handlers are installed when this is called, not when the future is
+/// first polled: a signal that arrives in between (while a registration is
+/// still being written, say) is not lost, nor does it kill the process with
+/// the default action. Needs a tokio runtime.
+///
 /// ```no_run
 /// # async fn run(router: tonic::transport::server::Router, reg: tonic_etcd::RegistrationBuilder, l: tokio::net::TcpListener) -> Result<(), tonic_etcd::Error> {
 /// use tonic_etcd::server::{shutdown_signal, RegisteredServer};
 /// RegisteredServer::new(reg).serve_with_shutdown(router, l, shutdown_signal()).await
 /// # }
 /// ```
-pub async fn shutdown_signal() {
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            return;
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
