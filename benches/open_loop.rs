@@ -298,29 +298,25 @@ fn main() {
                 serde_json::Value::Object(scenario_json),
             );
         }
-        if support::selected("rolling kill") {
-            let scenario_json =
-                rolling_kill(&client, &counted, kill_rate, rounds, length, &mut rows).await;
-            json.insert(
-                "rolling kill".into(),
-                serde_json::Value::Object(scenario_json),
-            );
-        }
-        if support::selected("all failing") {
-            let scenario_json =
-                all_failing(&client, &counted, rate, rounds, length, &mut rows).await;
-            json.insert(
-                "all failing".into(),
-                serde_json::Value::Object(scenario_json),
-            );
-        }
-        if support::selected("random spikes") {
-            let scenario_json =
-                random_spikes(&client, &counted, rate, rounds, length, &mut rows).await;
-            json.insert(
-                "random spikes".into(),
-                serde_json::Value::Object(scenario_json),
-            );
+        // The scenarios with a third variant: a retry or hedging policy.
+        for (name, rate) in [
+            ("rolling kill", kill_rate),
+            ("all failing", rate),
+            ("random spikes", rate),
+        ] {
+            if !support::selected(name) {
+                continue;
+            }
+            let scenario_json = match name {
+                "rolling kill" => {
+                    rolling_kill(&client, &counted, rate, rounds, length, &mut rows).await
+                }
+                "all failing" => {
+                    all_failing(&client, &counted, rate, rounds, length, &mut rows).await
+                }
+                _ => random_spikes(&client, &counted, rate, rounds, length, &mut rows).await,
+            };
+            json.insert(name.into(), serde_json::Value::Object(scenario_json));
         }
     });
     table(
