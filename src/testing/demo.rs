@@ -186,8 +186,9 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
         "\nready/registered: endpoints in rotation / instances etcd lists at the end of the \
          phase. A killed server stays listed until its lease expires (TTL {} s; the SIGKILL \
          phase spans that window), but leaves the rotation as soon as its connection dies. \
-         A call in flight on it at that instant can fail; it is never retried, since it may \
-         have reached the server.",
+         A call in flight on it at that instant can fail (UNAVAILABLE, naming it): without a \
+         retry policy for the method it is not retried, since it may have reached the server \
+         (see ServiceConfig for idempotent methods).",
         args.ttl
     );
 
