@@ -111,10 +111,7 @@ pub(crate) async fn call(
         _ => once(&shared, &cfg, request, plan, &mut record).await,
     };
     if let (Err(e), Some(mut record)) = (&result, record) {
-        record.finish(
-            e.downcast_ref::<tonic::Status>()
-                .map_or(tonic::Code::Unknown, tonic::Status::code),
-        );
+        record.finish(classify::code_of(&**e));
     }
     result
 }
@@ -142,12 +139,7 @@ async fn once(
     }
     match outcome {
         Attempt::Response(response) => Ok(response),
-        Attempt::Status { response, code, .. } => {
-            if let Some(mut r) = record.take() {
-                r.finish(code);
-            }
-            Ok(response)
-        }
+        Attempt::Status { response, code, .. } => Ok(finish(record, code, response)),
         Attempt::Failed(error) => Err(error),
         Attempt::Unsent {
             endpoint, error, ..
@@ -156,4 +148,16 @@ async fn once(
             &error,
         ))),
     }
+}
+
+/// A trailers-only response is final: its status is the call's.
+pub(crate) fn finish(
+    record: &mut Option<CallRecord>,
+    code: tonic::Code,
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    if let Some(mut r) = record.take() {
+        r.finish(code);
+    }
+    response
 }

@@ -44,6 +44,13 @@ pub(crate) fn transport_failure(addr: &str, error: &(dyn StdError + 'static)) ->
     Status::unavailable(format!("connection to {addr} failed: {}", chain(error)))
 }
 
+/// The gRPC code a call failed with: its `Status`, else `UNKNOWN`.
+pub(crate) fn code_of(error: &(dyn StdError + Send + Sync + 'static)) -> Code {
+    error
+        .downcast_ref::<Status>()
+        .map_or(Code::Unknown, Status::code)
+}
+
 /// grpc-go's table for a stream reset by the peer.
 fn reset_code(reason: Reason) -> Code {
     match reason {

@@ -26,11 +26,11 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 use super::attempt::{pick_endpoint, send, Attempt};
-use super::call::{CallConfig, Plan};
+use super::call::{finish, CallConfig, Plan};
 use super::endpoint::Ready;
 use super::pool::Shared;
 use super::replay::Replay;
-use super::retry::{finish, pushback, Pushback, MAX_ATTEMPTS};
+use super::retry::{pushback, Pushback, MAX_ATTEMPTS};
 use super::{classify, deadline, BoxError};
 use crate::metrics::CallRecord;
 use crate::service_config::HedgingPolicy;
@@ -148,12 +148,7 @@ pub(crate) async fn call_with_hedging(
                 let said = pushback(response.headers());
                 (code, said, Ok(response))
             }
-            Attempt::Failed(error) => {
-                let code = error
-                    .downcast_ref::<tonic::Status>()
-                    .map_or(tonic::Code::Unknown, tonic::Status::code);
-                (code, Pushback::None, Err(error))
-            }
+            Attempt::Failed(error) => (classify::code_of(&*error), Pushback::None, Err(error)),
             Attempt::Unsent {
                 endpoint, error, ..
             } => {
@@ -173,7 +168,9 @@ pub(crate) async fn call_with_hedging(
                 Err(e) => Err(e),
             };
         }
-        retries.failure();
+        // Takes a token; whether more hedges may follow is asked before
+        // each is sent.
+        let _ = retries.failure();
         match said {
             Pushback::Stop => stopped = true,
             Pushback::Wait(d) => next_at = crate::time::deadline_after(Instant::now(), d),

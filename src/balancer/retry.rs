@@ -32,7 +32,7 @@ use rand::Rng;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use super::attempt::{attempt, Attempt};
-use super::call::{CallConfig, Plan};
+use super::call::{finish, CallConfig, Plan};
 use super::endpoint::Ready;
 use super::pool::Shared;
 use super::replay::{Replay, ReplayLimits};
@@ -83,11 +83,10 @@ impl Retries {
         }
     }
 
-    /// A retryable (or non-fatal) failure takes a token.
-    pub(crate) fn failure(&self) {
-        if let Some(t) = &self.throttle {
-            t.failure();
-        }
+    /// A retryable (or non-fatal) failure takes a token; whether a retry
+    /// may follow (always, without `retryThrottling`).
+    pub(crate) fn failure(&self) -> bool {
+        self.throttle.as_ref().is_none_or(Throttle::failure)
     }
 
     /// Whether the throttle forbids further attempts now.
@@ -231,10 +230,7 @@ pub(crate) async fn call_with_retries(
                 (code, Some(endpoint), said, Ok(response))
             }
             Attempt::Failed(error) => {
-                let code = error
-                    .downcast_ref::<tonic::Status>()
-                    .map_or(tonic::Code::Unknown, tonic::Status::code);
-                (code, None, Pushback::None, Err(error))
+                (classify::code_of(&*error), None, Pushback::None, Err(error))
             }
             Attempt::Unsent {
                 endpoint, error, ..
@@ -261,7 +257,7 @@ pub(crate) async fn call_with_retries(
             policy.retryable_status_codes.contains(&code) && code != tonic::Code::DeadlineExceeded;
         // Every retryable failure takes a token, whether or not a retry
         // follows (A6).
-        let throttled = retryable && retries.throttle.as_ref().is_some_and(|t| !t.failure());
+        let throttled = retryable && !retries.failure();
         let refused = if !retryable {
             Some("not retryable")
         } else if attempts >= max {
@@ -314,18 +310,6 @@ pub(crate) async fn call_with_retries(
         last = failed_on;
         attempts += 1;
     }
-}
-
-/// A trailers-only response is final: its status is the call's.
-pub(crate) fn finish(
-    record: &mut Option<CallRecord>,
-    code: tonic::Code,
-    response: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    if let Some(mut r) = record.take() {
-        r.finish(code);
-    }
-    response
 }
 
 #[cfg(test)]
