@@ -307,14 +307,15 @@ fn main() {
             if !support::selected(name) {
                 continue;
             }
+            let pace = Pace {
+                rate,
+                rounds,
+                length,
+            };
             let scenario_json = match name {
-                "rolling kill" => {
-                    rolling_kill(&client, &counted, rate, rounds, length, &mut rows).await
-                }
-                "all failing" => {
-                    all_failing(&client, &counted, rate, rounds, length, &mut rows).await
-                }
-                _ => random_spikes(&client, &counted, rate, rounds, length, &mut rows).await,
+                "rolling kill" => rolling_kill(&client, &counted, pace, &mut rows).await,
+                "all failing" => all_failing(&client, &counted, pace, &mut rows).await,
+                _ => random_spikes(&client, &counted, pace, &mut rows).await,
             };
             json.insert(name.into(), serde_json::Value::Object(scenario_json));
         }
@@ -465,14 +466,10 @@ impl metrics::Recorder for Counted {
 async fn rolling_kill(
     client: &etcd_client::Client,
     counted: &Counted,
-    rate: u64,
-    rounds: u64,
-    length: Duration,
+    pace: Pace,
     rows: &mut Vec<Vec<String>>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let service = "bench.open_loop.rolling";
-    // Only this scenario's Balancer with a retry policy retries.
-    let retried_before = counted.retried();
     let setup = Setup {
         delays: &[(0, MS20), (1, MS20), (2, MS20), (3, MS20)],
         ..Setup::default()
@@ -488,10 +485,6 @@ async fn rolling_kill(
           "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}"#,
     )
     .await;
-    for (_, call) in &variants {
-        round(call, rate, Duration::from_millis(300), None).await;
-    }
-    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
     let generation = std::sync::atomic::AtomicUsize::new(0);
     let kill = || {
         let n = generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -509,16 +502,16 @@ async fn rolling_kill(
         start: &kill,
         end: &nothing,
     };
-    run_rounds(&variants, &mut tallies, rate, length, rounds, Some(fault)).await;
-    let mut json = report("rolling kill", &variants, &mut tallies, rows);
-    let retried = counted.retried() - retried_before;
-    extra_attempts(
-        &mut json,
-        "balancer + retry",
+    let (json, _, _) = measure_policy(
+        "rolling kill",
+        &variants,
         "retries",
-        retried,
-        tallies[2].calls,
-    );
+        || counted.retried(),
+        pace,
+        Some(fault),
+        rows,
+    )
+    .await;
     drop(backends);
     json
 }
@@ -551,9 +544,7 @@ async fn dial(
 async fn all_failing(
     client: &etcd_client::Client,
     counted: &Counted,
-    rate: u64,
-    rounds: u64,
-    length: Duration,
+    pace: Pace,
     rows: &mut Vec<Vec<String>>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let service = "bench.open_loop.failing";
@@ -569,28 +560,21 @@ async fn all_failing(
           "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}"#,
     )
     .await;
-    for (_, call) in &variants {
-        round(call, rate, Duration::from_millis(300), None).await;
-    }
-    let retried_before = counted.retried();
-    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
-    let t0 = Instant::now();
-    run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
-    let mut json = report("all failing", &variants, &mut tallies, rows);
-    let retried = counted.retried() - retried_before;
-    extra_attempts(
-        &mut json,
-        "balancer + retry",
+    let (json, calls, took) = measure_policy(
+        "all failing",
+        &variants,
         "retries",
-        retried,
-        tallies[2].calls,
-    );
+        || counted.retried(),
+        pace,
+        None,
+        rows,
+    )
+    .await;
     // Its rounds took a third of the time measured.
-    let seconds = t0.elapsed().as_secs_f64() / 3.0;
+    let seconds = took.as_secs_f64() / 3.0;
     println!(
-        "balancer + retry: budget bound 0.2 x {} calls + 10/s x {seconds:.1} s = {:.0} retries",
-        tallies[2].calls,
-        0.2 * tallies[2].calls as f64 + 10.0 * seconds
+        "balancer + retry: budget bound 0.2 x {calls} calls + 10/s x {seconds:.1} s = {:.0} retries",
+        0.2 * calls as f64 + 10.0 * seconds
     );
     drop(backends);
     json
@@ -602,9 +586,7 @@ async fn all_failing(
 async fn random_spikes(
     client: &etcd_client::Client,
     counted: &Counted,
-    rate: u64,
-    rounds: u64,
-    length: Duration,
+    pace: Pace,
     rows: &mut Vec<Vec<String>>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let service = "bench.open_loop.spikes";
@@ -620,21 +602,16 @@ async fn random_spikes(
         r#""hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.01s"}"#,
     )
     .await;
-    for (_, call) in &variants {
-        round(call, rate, Duration::from_millis(300), None).await;
-    }
-    let hedged_before = counted.hedged();
-    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
-    run_rounds(&variants, &mut tallies, rate, length, rounds, None).await;
-    let mut json = report("random spikes", &variants, &mut tallies, rows);
-    let hedged = counted.hedged() - hedged_before;
-    extra_attempts(
-        &mut json,
-        "balancer + hedging",
+    let (json, _, _) = measure_policy(
+        "random spikes",
+        &variants,
         "hedges",
-        hedged,
-        tallies[2].calls,
-    );
+        || counted.hedged(),
+        pace,
+        None,
+        rows,
+    )
+    .await;
     drop(backends);
     json
 }
@@ -683,4 +660,47 @@ fn extra_attempts(
     if let Some(v) = json.get_mut(variant).and_then(|v| v.as_object_mut()) {
         v.insert(what.into(), n.into());
     }
+}
+
+/// How a scenario's variants are driven.
+#[derive(Clone, Copy)]
+struct Pace {
+    rate: u64,
+    rounds: u64,
+    length: Duration,
+}
+
+/// Warms the three `variants` up, runs their rounds (with `fault`), reports
+/// them, and the extra attempts (`what`) the third made in the measured
+/// rounds, as `count` tells. Returns the scenario's JSON, the third
+/// variant's calls, and how long the measured rounds took.
+async fn measure_policy(
+    name: &str,
+    variants: &[(&'static str, Call); 3],
+    what: &str,
+    count: impl Fn() -> u64,
+    pace: Pace,
+    fault: Option<Fault<'_>>,
+    rows: &mut Vec<Vec<String>>,
+) -> (serde_json::Map<String, serde_json::Value>, usize, Duration) {
+    for (_, call) in variants {
+        round(call, pace.rate, Duration::from_millis(300), None).await;
+    }
+    let before = count();
+    let mut tallies: Vec<Tally> = variants.iter().map(|_| Tally::default()).collect();
+    let t0 = Instant::now();
+    run_rounds(
+        variants,
+        &mut tallies,
+        pace.rate,
+        pace.length,
+        pace.rounds,
+        fault,
+    )
+    .await;
+    let took = t0.elapsed();
+    let mut json = report(name, variants, &mut tallies, rows);
+    let calls = tallies[2].calls;
+    extra_attempts(&mut json, variants[2].0, what, count() - before, calls);
+    (json, calls, took)
 }
