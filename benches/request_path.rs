@@ -48,7 +48,7 @@ mod support;
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use backends::{caller, Backends, Call, Setup};
+use backends::{caller, Backends, Call, GrpcChannel, Setup};
 use support::{ms, selected, setting, smoke, table, write_json, Stats};
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -405,15 +405,7 @@ type StatusCall = std::sync::Arc<
         + Sync,
 >;
 
-fn status_caller<T>(svc: T) -> StatusCall
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
-{
+fn status_caller<T: GrpcChannel>(svc: T) -> StatusCall {
     std::sync::Arc::new(move || {
         let mut client = GreeterClient::new(svc.clone());
         Box::pin(async move {
@@ -504,15 +496,7 @@ async fn one_stream(client: &etcd_client::Client) -> serde_json::Value {
 
 /// Opens a Chat stream through `svc`, then makes `calls` unary calls from
 /// `callers` callers: the share of them that the stream's holder answered.
-async fn stream_shares<T>(svc: T, calls: usize, callers: usize) -> f64
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
-{
+async fn stream_shares<T: GrpcChannel>(svc: T, calls: usize, callers: usize) -> f64 {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut replies = GreeterClient::new(svc.clone())
         .chat(tokio_stream::wrappers::ReceiverStream::new(rx))

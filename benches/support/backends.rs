@@ -20,16 +20,41 @@ pub type Outcome = Result<String, tonic::Code>;
 /// Makes one greeter call through some channel.
 pub type Call = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Outcome> + Send>> + Send + Sync>;
 
+/// Any channel a tonic-generated client takes (a `Channel`, an
+/// `EtcdChannel`, a `Balancer`), shareable across tasks.
+pub trait GrpcChannel:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Future: Send,
+        Error: Into<BoxError>,
+        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
+                          + Send
+                          + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> GrpcChannel for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Future: Send,
+            Error: Into<BoxError>,
+            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError> + Send>
+                              + Send
+                              + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A call function over any tonic-compatible channel, each call with a
 /// `grpc-timeout` of `deadline` when given.
-pub fn caller<T>(svc: T, deadline: Option<Duration>) -> Call
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<BoxError>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
-{
+pub fn caller<T: GrpcChannel>(svc: T, deadline: Option<Duration>) -> Call {
     Arc::new(move || {
         let mut client = GreeterClient::new(svc.clone());
         let mut request = tonic::Request::new(HelloRequest {
