@@ -72,6 +72,17 @@ impl std::fmt::Debug for DiscoverBuilder {
 }
 
 impl DiscoverBuilder {
+    /// The options given so far (the balancer's service-config watch
+    /// shares them).
+    pub(crate) fn options(&self) -> &ViewOptions {
+        &self.opts
+    }
+
+    /// The etcd client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The key layout (default [`NamingSchema::new`](crate::NamingSchema::new)).
     #[must_use]
     pub fn schema(mut self, schema: impl Schema) -> Self {

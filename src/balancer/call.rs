@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::attempt::{attempt, Attempt};
@@ -20,6 +21,7 @@ use super::hedge::call_with_hedging;
 use super::pool::Shared;
 use super::retry::{call_with_retries, Retries};
 use super::{classify, deadline, BoxError};
+use crate::config_store::ServiceConfigStatus;
 use crate::metrics::{CallMetrics, CallRecord};
 use crate::service_config::Policy;
 use crate::time::deadline_after;
@@ -35,8 +37,9 @@ pub(crate) struct CallConfig {
     pub(crate) fail_fast: bool,
     pub(crate) max_waiting: usize,
     pub(crate) user_agent: HeaderValue,
-    /// Per-method settings (gRPC's service config).
-    pub(crate) service_config: Arc<crate::ServiceConfig>,
+    /// Per-method settings (gRPC's service config) in force: the
+    /// builder's, or etcd's (see [`crate::config_store`]).
+    pub(crate) config: watch::Receiver<ServiceConfigStatus>,
     /// What retries share: throttle, budget, replay limits.
     pub(crate) retries: Arc<Retries>,
 }
@@ -78,10 +81,13 @@ pub(crate) async fn call(
     let now = Instant::now();
     let path = request.uri().path();
     let stream = cfg.is_stream(path);
-    let method = if cfg.service_config.method_configs.is_empty() {
+    // One read lock and one reference count: a config that changes during
+    // the call does not change it.
+    let config = cfg.config.borrow().config.clone();
+    let method = if config.method_configs.is_empty() {
         None
     } else {
-        cfg.service_config.method(path)
+        config.method(path)
     };
     let mut record = Some(CallRecord::new(&metrics, now, !stream));
     // The method's configured timeout where set (streams included, as in
@@ -101,12 +107,31 @@ pub(crate) async fn call(
         .headers_mut()
         .entry(http::header::USER_AGENT)
         .or_insert_with(|| cfg.user_agent.clone());
+    let throttling = config.retry_throttling.as_ref();
     let result = match method.and_then(|m| m.policy.as_ref()) {
         Some(Policy::Retry(policy)) => {
-            call_with_retries(&shared, &cfg, request, plan, policy, &mut record).await
+            call_with_retries(
+                &shared,
+                &cfg,
+                request,
+                plan,
+                policy,
+                throttling,
+                &mut record,
+            )
+            .await
         }
         Some(Policy::Hedging(policy)) => {
-            call_with_hedging(&shared, &cfg, request, plan, policy, &mut record).await
+            call_with_hedging(
+                &shared,
+                &cfg,
+                request,
+                plan,
+                policy,
+                throttling,
+                &mut record,
+            )
+            .await
         }
         _ => once(&shared, &cfg, request, plan, &mut record).await,
     };

@@ -33,7 +33,7 @@ use super::replay::Replay;
 use super::retry::{pushback, Pushback, MAX_ATTEMPTS};
 use super::{classify, deadline, BoxError};
 use crate::metrics::CallRecord;
-use crate::service_config::HedgingPolicy;
+use crate::service_config::{HedgingPolicy, RetryThrottling};
 
 /// The call, hedged as `policy` says.
 pub(crate) async fn call_with_hedging(
@@ -42,9 +42,10 @@ pub(crate) async fn call_with_hedging(
     request: http::Request<tonic::body::Body>,
     plan: Plan,
     policy: &HedgingPolicy,
+    throttling: Option<&RetryThrottling>,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let retries = &cfg.retries;
+    let retries = cfg.retries.for_call(throttling);
     let (parts, body) = request.into_parts();
     let replay = Replay::new(body, retries.replay.clone());
     let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;

@@ -179,6 +179,7 @@ use tokio::time::Instant;
 use tower::discover::Change;
 use tower::Service;
 
+use crate::config_store::ServiceConfigStatus;
 use crate::discovery::{Discover, DiscoverBuilder};
 use crate::metrics::CallMetrics;
 use crate::schema::Schema;
@@ -211,6 +212,8 @@ pub struct BalancerBuilder {
     slow_start: Option<Duration>,
     outlier: OutlierDetection,
     health_check: Option<String>,
+    service_config: Arc<crate::ServiceConfig>,
+    config_from_etcd: bool,
 }
 
 impl fmt::Debug for BalancerBuilder {
@@ -268,8 +271,22 @@ impl BalancerBuilder {
     /// [*Retries*](self#retries) in the module docs), and a
     /// `hedgingPolicy` hedges them.
     #[must_use]
+    ///
+    /// A config for the service in etcd replaces this one (see
+    /// [`service_config_from_etcd`](Self::service_config_from_etcd)).
     pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
-        self.calls.service_config = Arc::new(config);
+        self.service_config = Arc::new(config);
+        self
+    }
+
+    /// Whether the service's config in etcd (see [`crate::config_store`])
+    /// is watched and, while there is one, replaces
+    /// [`service_config`](Self::service_config), as a gRPC resolver's
+    /// config does. Default `true`; `false` keeps the builder's whatever
+    /// etcd holds.
+    #[must_use]
+    pub fn service_config_from_etcd(mut self, enabled: bool) -> Self {
+        self.config_from_etcd = enabled;
         self
     }
 
@@ -479,8 +496,6 @@ impl BalancerBuilder {
                 "balancer: slow_start must be above zero".into(),
             ));
         }
-        let config = &self.calls.service_config;
-        self.calls.retries = Arc::new(retry::Retries::new(config.retry_throttling.as_ref()));
         if self.calls.max_waiting == 0 {
             return Err(Error::InvalidConfig(
                 "balancer: max_waiting_calls must be at least 1".into(),
@@ -507,7 +522,19 @@ impl BalancerBuilder {
         self.finish()?;
         let discover = self.discover.clone().build()?;
         let etcd = discover.status();
-        Ok(self.discover_into(discover, Some(etcd)))
+        let config = if self.config_from_etcd {
+            let opts = self.discover.options();
+            Some(crate::config_store::WatchConfig {
+                key: crate::config_store::config_key(&*opts.schema, &self.service)?,
+                default: self.service_config.clone(),
+                request_timeout: opts.request_timeout,
+                idle: opts.idle,
+            })
+        } else {
+            None
+        };
+        let client = self.discover.client().clone();
+        Ok(self.discover_into(discover, Some(etcd), config.map(|c| (client, c))))
     }
 
     /// Builds the balancer over any discovery stream of instances instead of
@@ -518,13 +545,14 @@ impl BalancerBuilder {
         E: fmt::Display + Send + 'static,
     {
         self.finish()?;
-        Ok(self.discover_into(discover, None))
+        Ok(self.discover_into(discover, None, None))
     }
 
     fn discover_into<D, E>(
-        self,
+        mut self,
         discover: D,
         etcd: Option<tokio::sync::watch::Receiver<crate::WatchStatus>>,
+        config: Option<(Client, crate::config_store::WatchConfig)>,
     ) -> Balancer
     where
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
@@ -545,6 +573,7 @@ impl BalancerBuilder {
             capacity: Arc::default(),
         });
         let shared = Arc::new(Shared::new(self.service, policy, etcd));
+        let shared_for_pool = shared.clone();
         let cfg = Arc::new(PoolConfig {
             conn: self.conn,
             filter: self.filter.unwrap_or_else(|| Arc::new(|_: &Instance| true)),
@@ -552,12 +581,31 @@ impl BalancerBuilder {
             backoff_max: self.backoff_max,
             health_check: self.health_check,
         });
-        let task = tokio::spawn(pool::run(discover, shared.clone(), cfg));
+        let (config_tx, config_rx) =
+            tokio::sync::watch::channel(ServiceConfigStatus::builder(self.service_config.clone()));
+        self.calls.config = config_rx.clone();
+        let (config_task, first_read) = match config {
+            Some((client, watch)) => {
+                let limit = watch.request_timeout;
+                let task = tokio::spawn(crate::config_store::watch(client, watch, config_tx));
+                (Some(AbortOnDrop(task)), Some((config_rx, limit)))
+            }
+            None => (None, None),
+        };
+        let task = tokio::spawn(async move {
+            // No endpoint (so no call) before the config in etcd is read or
+            // its first reading failed, bounded by the request timeout.
+            if let Some((mut rx, limit)) = first_read {
+                let _ =
+                    tokio::time::timeout(limit, rx.wait_for(ServiceConfigStatus::settled)).await;
+            }
+            pool::run(discover, shared_for_pool, cfg).await;
+        });
         Balancer {
             metrics: Arc::new(CallMetrics::new(&shared.service)),
             shared,
             calls: Arc::new(self.calls),
-            _task: Arc::new(AbortOnDrop(task)),
+            _task: Arc::new((AbortOnDrop(task), config_task)),
         }
     }
 }
@@ -591,7 +639,8 @@ pub struct Balancer {
     shared: Arc<Shared>,
     calls: Arc<CallConfig>,
     metrics: Arc<CallMetrics>,
-    _task: Arc<AbortOnDrop>,
+    /// The pool's task, and the service config's watch.
+    _task: Arc<(AbortOnDrop, Option<AbortOnDrop>)>,
 }
 
 impl fmt::Debug for Balancer {
@@ -629,8 +678,9 @@ impl Balancer {
                 fail_fast: true,
                 max_waiting: 10_000,
                 user_agent: HeaderValue::from_static(USER_AGENT),
-                service_config: Arc::default(),
-                retries: Arc::new(retry::Retries::new(None)),
+                // Replaced when built.
+                config: tokio::sync::watch::channel(ServiceConfigStatus::builder(Arc::default())).1,
+                retries: Arc::new(retry::Retries::new()),
             },
             user_agent: None,
             backoff_max: Duration::from_secs(5),
@@ -641,6 +691,8 @@ impl Balancer {
             slow_start: None,
             outlier: OutlierDetection::new(),
             health_check: None,
+            service_config: Arc::default(),
+            config_from_etcd: true,
         }
     }
 
@@ -668,6 +720,12 @@ impl Balancer {
     /// flight, latency estimate, success rate, weight, zone.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
         self.shared.snapshot()
+    }
+
+    /// The service config in force and where it came from (the builder or
+    /// etcd), with the last document etcd held that was refused, if any.
+    pub fn service_config(&self) -> ServiceConfigStatus {
+        self.calls.config.borrow().clone()
     }
 
     /// Whether the fail-fast gate is closed: no endpoint has been in rotation

@@ -48,9 +48,10 @@ const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 /// What a balancer's retries share: the throttle, the budget, the replay
 /// buffer's limits.
 pub(crate) struct Retries {
-    throttle: Option<Throttle>,
-    pub(crate) budget: TpsBudget,
-    pub(crate) replay: ReplayLimits,
+    /// A6's token bucket of the config in force (see [`Retries::for_call`]).
+    throttle: Mutex<Option<Arc<Throttle>>>,
+    budget: TpsBudget,
+    replay: ReplayLimits,
 }
 
 impl std::fmt::Debug for Retries {
@@ -62,9 +63,9 @@ impl std::fmt::Debug for Retries {
 }
 
 impl Retries {
-    pub(crate) fn new(throttling: Option<&RetryThrottling>) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            throttle: throttling.map(Throttle::new),
+            throttle: Mutex::default(),
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
             replay: ReplayLimits {
                 per_call: 256 * 1024,
@@ -73,9 +74,35 @@ impl Retries {
             },
         }
     }
+
+    /// What one call's retries or hedges use, under the config's
+    /// `retryThrottling`. The bucket is kept while its parameters stay the
+    /// same, so a config written again (or another field changed) keeps
+    /// its tokens; new parameters start a full bucket, as in grpc-go.
+    pub(crate) fn for_call(&self, throttling: Option<&RetryThrottling>) -> CallRetries<'_> {
+        let throttle = throttling.map(|params| {
+            let mut current = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
+            match &*current {
+                Some(t) if t.params == *params => t.clone(),
+                _ => current.insert(Arc::new(Throttle::new(params))).clone(),
+            }
+        });
+        CallRetries {
+            throttle,
+            budget: &self.budget,
+            replay: &self.replay,
+        }
+    }
 }
 
-impl Retries {
+/// One call's view of [`Retries`].
+pub(crate) struct CallRetries<'a> {
+    throttle: Option<Arc<Throttle>>,
+    pub(crate) budget: &'a TpsBudget,
+    pub(crate) replay: &'a ReplayLimits,
+}
+
+impl CallRetries<'_> {
     /// A call succeeded: the throttle gets `tokenRatio` back.
     pub(crate) fn success(&self) {
         if let Some(t) = &self.throttle {
@@ -86,18 +113,19 @@ impl Retries {
     /// A retryable (or non-fatal) failure takes a token; whether a retry
     /// may follow (always, without `retryThrottling`).
     pub(crate) fn failure(&self) -> bool {
-        self.throttle.as_ref().is_none_or(Throttle::failure)
+        self.throttle.as_deref().is_none_or(Throttle::failure)
     }
 
     /// Whether the throttle forbids further attempts now.
     pub(crate) fn throttle_blocks(&self) -> bool {
-        self.throttle.as_ref().is_some_and(Throttle::blocks)
+        self.throttle.as_deref().is_some_and(Throttle::blocks)
     }
 }
 
 /// A6's token bucket.
 #[derive(Debug)]
 pub(crate) struct Throttle {
+    params: RetryThrottling,
     max: f64,
     ratio: f64,
     tokens: Mutex<f64>,
@@ -106,6 +134,7 @@ pub(crate) struct Throttle {
 impl Throttle {
     pub(crate) fn new(t: &RetryThrottling) -> Self {
         Self {
+            params: t.clone(),
             max: t.max_tokens,
             ratio: t.token_ratio,
             tokens: Mutex::new(t.max_tokens),
@@ -188,9 +217,10 @@ pub(crate) async fn call_with_retries(
     request: http::Request<tonic::body::Body>,
     plan: Plan,
     policy: &RetryPolicy,
+    throttling: Option<&RetryThrottling>,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let retries = &cfg.retries;
+    let retries = cfg.retries.for_call(throttling);
     let (parts, body) = request.into_parts();
     let replay = Replay::new(body, retries.replay.clone());
     let max = policy.max_attempts.min(MAX_ATTEMPTS);

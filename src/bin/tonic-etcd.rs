@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tonic_etcd::catalog::{self, Listing};
 use tonic_etcd::schema::{self, Schema};
 use tonic_etcd::testing::demo::{self, DemoOptions};
-use tonic_etcd::{Discover, Metadata, Registration};
+use tonic_etcd::{ConfigStore, Discover, Metadata, Registration};
 use tower::discover::Change;
 
 #[derive(Parser, Debug)]
@@ -113,6 +113,12 @@ enum Command {
         #[arg(long = "metadata", value_parser = parse_kv)]
         metadata: Vec<(String, String)>,
     },
+    /// A service's gRPC service config in etcd (retries, hedging, timeouts),
+    /// which every Balancer of the service applies to its next call.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// The demo: a local etcd (unless --etcd is given), self-registering
     /// servers, and a client that dials them by name.
     Demo {
@@ -127,6 +133,28 @@ enum Command {
         serve: Option<String>,
         /// Internal: the demo's service name.
         #[arg(long, hide = true, default_value = "greeter.v1.Greeter")]
+        service: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Print the stored document (and say on stderr when balancers refuse it).
+    Get {
+        /// The service.
+        service: String,
+    },
+    /// Validate a document (a file, or `-` for stdin) and store it; nothing
+    /// is written when it does not validate.
+    Set {
+        /// The service.
+        service: String,
+        /// The JSON document, or `-` to read stdin.
+        file: String,
+    },
+    /// Delete the stored document: balancers go back to their own config.
+    Rm {
+        /// The service.
         service: String,
     },
 }
@@ -209,7 +237,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ttl,
             metadata,
         } => register(client, schema, service, addr, ttl, metadata, timeout).await,
+        Command::Config { action } => {
+            let store = ConfigStore::new(client)
+                .schema(schema)
+                .request_timeout(timeout);
+            config(&store, action).await
+        }
         Command::Demo { .. } => Ok(()),
+    }
+}
+
+async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure> {
+    match action {
+        ConfigAction::Get { service } => match store.get(&service).await? {
+            None => {
+                eprintln!(
+                    "no service config for {service} in etcd (key {})",
+                    store.key(&service)?
+                );
+                Ok(())
+            }
+            Some(stored) => {
+                println!("{}", stored.json.trim_end());
+                match stored.config {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Failure(format!(
+                        "balancers refuse this document (revision {}), and keep the config they had: {e}",
+                        stored.revision
+                    ))),
+                }
+            }
+        },
+        ConfigAction::Set { service, file } => {
+            let json = if file == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure(format!("cannot read stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Failure(format!("cannot read {file}: {e}")))?
+            };
+            if let Err(e) = tonic_etcd::ServiceConfig::from_json(&json) {
+                return Err(Failure(format!("{e}; nothing written")));
+            }
+            let revision = store.set(&service, &json).await?;
+            eprintln!("stored at {} (revision {revision})", store.key(&service)?);
+            Ok(())
+        }
+        ConfigAction::Rm { service } => {
+            if store.remove(&service).await? {
+                eprintln!("removed {}", store.key(&service)?);
+            } else {
+                eprintln!("no service config for {service} in etcd");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -508,41 +508,12 @@ impl<S: Source> Task<S> {
             Ok(s) => s,
             Err(e) => return SessionEnd::Failed(e),
         };
-        let mut asked_progress = false;
         loop {
-            let wait = if asked_progress {
-                self.cfg.request_timeout
-            } else {
-                self.cfg.idle
+            let resp = match next_reply(&mut stream, self.cfg.idle, self.cfg.request_timeout).await
+            {
+                Ok(resp) => resp,
+                Err(e) => return SessionEnd::Failed(e),
             };
-            let resp = match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) if asked_progress => {
-                    // Silent through the idle time and a progress request.
-                    return SessionEnd::Failed(Error::Timeout {
-                        op: "watch progress",
-                        timeout: self.cfg.idle + self.cfg.request_timeout,
-                    });
-                }
-                Err(_) => {
-                    asked_progress = true;
-                    if let Err(e) = stream.request_progress().await {
-                        return SessionEnd::Failed(Error::Etcd {
-                            op: "watch progress request",
-                            source: e,
-                        });
-                    }
-                    continue;
-                }
-                Ok(Err(source)) => {
-                    return SessionEnd::Failed(Error::Etcd {
-                        op: "watch",
-                        source,
-                    })
-                }
-                Ok(Ok(None)) => return SessionEnd::Failed(Error::StreamEnded("watch")),
-                Ok(Ok(Some(resp))) => resp,
-            };
-            asked_progress = false;
             if resp.canceled {
                 if resp.compact_revision > 0 {
                     return SessionEnd::Compacted(resp.compact_revision);
@@ -655,6 +626,50 @@ impl<S: Source> Task<S> {
                 );
                 Decoded::Skipped
             }
+        }
+    }
+}
+
+/// The next response of a watch. When it has been quiet for `idle`, asks
+/// for a progress notification, and gives up when that goes unanswered for
+/// `request_timeout`: a partition leaves a watch silent, not closed.
+pub(crate) async fn next_reply<W: WatchStream>(
+    stream: &mut W,
+    idle: Duration,
+    request_timeout: Duration,
+) -> Result<Reply, Error> {
+    let mut asked_progress = false;
+    loop {
+        let wait = if asked_progress {
+            request_timeout
+        } else {
+            idle
+        };
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) if asked_progress => {
+                return Err(Error::Timeout {
+                    op: "watch progress",
+                    timeout: idle + request_timeout,
+                })
+            }
+            Err(_) => {
+                asked_progress = true;
+                stream
+                    .request_progress()
+                    .await
+                    .map_err(|source| Error::Etcd {
+                        op: "watch progress request",
+                        source,
+                    })?;
+            }
+            Ok(Err(source)) => {
+                return Err(Error::Etcd {
+                    op: "watch",
+                    source,
+                })
+            }
+            Ok(Ok(None)) => return Err(Error::StreamEnded("watch")),
+            Ok(Ok(Some(resp))) => return Ok(resp),
         }
     }
 }
