@@ -492,3 +492,79 @@ fn only_a_decode_limit_shrinks_pages() {
         "etcdserver: mvcc: required revision has been compacted"
     )));
 }
+
+/// The service config watch (`crate::config_store::watch`) on the same
+/// in-memory etcd: a key that only starts with the config's is not it, a
+/// refused document keeps the config in force, an outage keeps it too and a
+/// change made meanwhile is read on recovery, a compacted watch reads again,
+/// and a delete brings the builder's back.
+#[tokio::test(start_paused = true)]
+async fn a_service_config_survives_outages_and_refuses_what_does_not_validate() {
+    use crate::config_store::{self, ConfigSource, ServiceConfigStatus};
+    let timeout =
+        |secs: u32| format!(r#"{{"methodConfig":[{{"name":[{{}}],"timeout":"{secs}s"}}]}}"#);
+    let key = "_tonic-etcd/service-config/svc";
+    let fake = Fake::new();
+    fake.write_raw(key.as_bytes(), Some(timeout(1).into_bytes()));
+    let (tx, rx) = watch::channel(ServiceConfigStatus::builder(Arc::default()));
+    let task = tokio::spawn(config_store::watch(
+        fake.clone(),
+        config_store::WatchConfig {
+            key: key.into(),
+            default: Arc::default(),
+            request_timeout: REQUEST,
+            idle: IDLE,
+        },
+        tx,
+    ));
+    let secs = || {
+        let s = rx.borrow();
+        s.config
+            .method_configs
+            .first()
+            .and_then(|m| m.timeout)
+            .map(|t| t.as_secs())
+    };
+    settle().await;
+    assert!(rx.borrow().synced);
+    assert_eq!(secs(), Some(1));
+    assert!(matches!(
+        rx.borrow().source,
+        ConfigSource::Etcd { revision: 1, .. }
+    ));
+
+    fake.write_raw(format!("{key}2").as_bytes(), Some(b"not json".to_vec()));
+    settle().await;
+    assert!(rx.borrow().rejected.is_none(), "svc2's config is not svc's");
+
+    fake.write_raw(key.as_bytes(), Some(b"{".to_vec()));
+    settle().await;
+    assert_eq!(secs(), Some(1), "refused whole");
+    assert_eq!(rx.borrow().rejected.as_ref().map(|r| r.revision), Some(3));
+
+    // An outage keeps the config in force; what changed meanwhile is read
+    // on recovery.
+    fake.lock().down = true;
+    fake.break_streams();
+    fake.write_raw(key.as_bytes(), Some(timeout(2).into_bytes()));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(secs(), Some(1));
+    assert!(rx.borrow().last_error.is_some());
+    fake.lock().down = false;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(secs(), Some(2));
+    assert!(rx.borrow().last_error.is_none() && rx.borrow().rejected.is_none());
+
+    // A watch whose revision was compacted reads the key again.
+    fake.compact();
+    fake.break_streams();
+    fake.write_raw(key.as_bytes(), Some(timeout(3).into_bytes()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(secs(), Some(3));
+
+    fake.write_raw(key.as_bytes(), None);
+    settle().await;
+    assert_eq!(rx.borrow().source, ConfigSource::Builder);
+    assert_eq!(secs(), None);
+    task.abort();
+}
