@@ -196,3 +196,56 @@ async fn list_without_a_namespace_reads_every_key() {
     // Other applications' keys are not called undecodable entries.
     assert_eq!(v["undecodable"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn config_set_validates_then_get_and_rm() {
+    let svc = unique("cli-config");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"methodConfig":[{"name":[{}],"retryPolicy":{"maxAttempts":1}}]}"#,
+    )
+    .unwrap();
+    let out = cli(&["config", "set", &svc, bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("maxAttempts") && err.contains("nothing written"),
+        "{err}"
+    );
+    let client = shared().client().await;
+    let key = format!("_tonic-etcd/service-config/{svc}");
+    assert!(absent(&client, &key).await);
+
+    let good = r#"{"methodConfig":[{"name":[{"service":"a.B"}],"timeout":"1s"}]}"#;
+    let mut child = Command::new(BIN)
+        .args(["--etcd", &shared().endpoint(), "config", "set", &svc, "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), good.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(get(&client, &key).await.unwrap().0, good.as_bytes());
+
+    let out = cli(&["config", "get", &svc]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), good);
+
+    // A document written past the CLI that balancers refuse: shown, and
+    // said so.
+    let mut raw = client.clone();
+    raw.put(key.as_str(), "{", None).await.unwrap();
+    let out = cli(&["config", "get", &svc]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refuse"),
+        "{out:?}"
+    );
+
+    let out = cli(&["config", "rm", &svc]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(absent(&client, &key).await);
+}
