@@ -16,7 +16,8 @@
 //! | `tonic_etcd_balancer_fail_fast` | gauge | `service` | 1 while the fail-fast gate is closed |
 //! | `tonic_etcd_client_calls_total` | counter | `service`, `code` (`OK`, `UNAVAILABLE`, ...) | calls through a Balancer by final gRPC status; every code present at 0 from the start |
 //! | `tonic_etcd_client_call_duration_seconds` | histogram | `service`, `code` | how long calls took, to their status (calls of [`stream_methods`](crate::balancer::BalancerBuilder::stream_methods) are counted but not timed: a stream's lifetime is no latency) |
-//! | `tonic_etcd_client_retries_total` | counter | `service`, `result` | `retried` for each retry made; otherwise why a retryable failure was not retried (`attempts used up`, `the server said not to`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
+//! | `tonic_etcd_client_attempts_total` | counter | `service` | attempts sent to an endpoint: first attempts, retries, hedges and transparent retries (over `calls_total`: what retries and hedges add) |
+//! | `tonic_etcd_client_retries_total` | counter | `service`, `result` | `retried` for each retry made, `transparent` for each request no server processed that was sent again (not counted against the policy); otherwise why a retryable failure was not retried (`attempts used up`, `the server said not to`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
 //! | `tonic_etcd_client_hedges_total` | counter | `service`, `result` | `sent` for each hedge sent (beyond the first attempt); otherwise why no further hedge was sent (`no other endpoint`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
 //! | `tonic_etcd_balancer_endpoint_in_flight` | gauge | `service`, `endpoint` | calls in flight on an endpoint, open streams included |
 //! | `tonic_etcd_balancer_endpoint_open_streams` | gauge | `service`, `endpoint` | of those, calls past their response headers (streams) |
@@ -186,6 +187,10 @@ pub(crate) fn describe() {
             "call duration to its final status (declared streams excluded)"
         );
         describe_counter!(
+            "tonic_etcd_client_attempts_total",
+            "attempts sent: first attempts, retries, hedges, transparent retries"
+        );
+        describe_counter!(
             "tonic_etcd_client_hedges_total",
             "hedges sent, and why no further hedge was sent"
         );
@@ -239,6 +244,8 @@ impl CallMetrics {
             c.increment(0);
             c
         });
+        metrics::counter!("tonic_etcd_client_attempts_total", "service" => service.to_owned())
+            .increment(0);
         Self {
             service: service.to_owned(),
             calls,
@@ -340,6 +347,7 @@ impl Drop for CallRecord {
 /// One endpoint's gauges, made when it connects.
 #[cfg(feature = "metrics")]
 pub(crate) struct EndpointMetrics {
+    attempts: metrics::Counter,
     in_flight: metrics::Gauge,
     open_streams: metrics::Gauge,
     latency: metrics::Gauge,
@@ -354,6 +362,7 @@ impl EndpointMetrics {
             ("endpoint", addr.to_owned()),
         ];
         let this = Self {
+            attempts: metrics::counter!("tonic_etcd_client_attempts_total", "service" => service.to_owned()),
             in_flight: metrics::gauge!("tonic_etcd_balancer_endpoint_in_flight", &labels),
             open_streams: metrics::gauge!("tonic_etcd_balancer_endpoint_open_streams", &labels),
             latency: metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels),
@@ -367,6 +376,7 @@ impl EndpointMetrics {
     }
 
     pub(crate) fn started(&self) {
+        self.attempts.increment(1);
         self.in_flight.increment(1.0);
     }
 

@@ -9,6 +9,8 @@
 mod backend;
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backend::Backend;
@@ -375,4 +377,174 @@ async fn a_non_fatal_status_sends_the_next_hedge_at_once() {
             "not after the 10 s delay"
         );
     }
+}
+
+// Transparent retries: a request no server processed is sent again on
+// another endpoint whatever the policy, without counting as an attempt.
+
+/// An HTTP/2 server (no gRPC) that answers every stream with
+/// `RST_STREAM(REFUSED_STREAM)`. Counts the streams it refused.
+async fn refusing_server() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    // Ends with the test's runtime.
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+/// An HTTP/2 server written frame by frame, for what h2's server cannot
+/// do: once `goaway` is notified, it sends `GOAWAY(NO_ERROR)` naming the
+/// first stream it received as the last it processes, although later
+/// streams arrived (as when streams cross a graceful shutdown's `GOAWAY` on
+/// the wire), and closes the connection. It never answers a stream. Counts
+/// the streams it received.
+async fn goaway_server(goaway: Arc<tokio::sync::Notify>) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const SETTINGS_ACK: [u8; 9] = [0, 0, 0, 4, 1, 0, 0, 0, 0];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let count = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (count, goaway) = (count.clone(), goaway.clone());
+            tokio::spawn(async move {
+                socket.write_all(&SETTINGS).await?;
+                let mut preface = [0u8; 24];
+                socket.read_exact(&mut preface).await?;
+                let mut first = None;
+                let told = goaway.notified();
+                tokio::pin!(told);
+                loop {
+                    let mut header = [0u8; 9];
+                    tokio::select! {
+                        r = socket.read_exact(&mut header) => { r?; }
+                        () = &mut told => {
+                            let last: u32 = first.unwrap_or(0);
+                            let mut frame = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            frame.extend_from_slice(&last.to_be_bytes());
+                            frame.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                            socket.write_all(&frame).await?;
+                            // Then it dies: the first stream, which it
+                            // may have processed, fails.
+                            return Ok::<(), std::io::Error>(());
+                        }
+                    }
+                    let len = usize::from(header[0]) << 16
+                        | usize::from(header[1]) << 8
+                        | usize::from(header[2]);
+                    let mut payload = vec![0u8; len];
+                    socket.read_exact(&mut payload).await?;
+                    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]])
+                        & 0x7fff_ffff;
+                    match header[3] {
+                        1 => {
+                            first.get_or_insert(stream);
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        4 if header[4] & 1 == 0 => socket.write_all(&SETTINGS_ACK).await?,
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again_elsewhere_whatever_the_policy() {
+    let client = shared().client().await;
+    let svc = unique("refused");
+    let (refuser, refused) = refusing_server().await;
+    let greeter = Greeter::new("g");
+    let backend = Backend::start_with("127.0.0.1:0", greeter.clone(), false);
+    let _regs = [
+        common::register_with(&client, &svc, &refuser, Metadata::new()).await,
+        common::register_with(&client, &svc, &backend.addr, Metadata::new()).await,
+    ];
+    // No retry policy; outlier detection off so the refuser stays in rotation.
+    let b = Balancer::builder(client, &svc)
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    b.wait_for_ready(2, LIMIT).await.unwrap();
+    for _ in 0..100 {
+        if refused.load(Ordering::SeqCst) >= 3 {
+            break;
+        }
+        assert_eq!(hello(&b, "r".into(), Some(LIMIT)).await.unwrap(), "g");
+        // The refuser's share falls with its success rate; its idle probe
+        // (every second) still reaches it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused.load(Ordering::SeqCst) >= 3, "the refuser was tried");
+    assert!(
+        greeter.previous_attempts().iter().all(|a| *a == 0),
+        "a transparent retry is no attempt of a policy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_above_a_goaways_last_stream_are_sent_again() {
+    let client = shared().client().await;
+    let svc = unique("goaway");
+    let goaway = Arc::new(tokio::sync::Notify::new());
+    let (server, received) = goaway_server(goaway.clone()).await;
+    let reg = common::register_with(&client, &svc, &server, Metadata::new()).await;
+    let b = Balancer::builder(client.clone(), &svc)
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    b.wait_for_ready(1, LIMIT).await.unwrap();
+    // Four calls on the only endpoint: the server holds the first, the
+    // others are on the wire beside it.
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move { hello(&b, "g".into(), Some(LIMIT)).await })
+        })
+        .collect();
+    common::eventually(LIMIT, "four streams at the server", || async {
+        (received.load(Ordering::SeqCst) == 4).then_some(())
+    })
+    .await;
+    // A real backend to go to, then the GOAWAY for streams 3, 5 and 7.
+    let backend = Backend::start_with("127.0.0.1:0", Greeter::new("g"), false);
+    let _backend_reg = common::register_with(&client, &svc, &backend.addr, Metadata::new()).await;
+    b.wait_for_ready(2, LIMIT).await.unwrap();
+    drop(reg);
+    goaway.notify_one();
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(id) => {
+                assert_eq!(id, "g");
+                ok += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}")
+            }
+        }
+    }
+    assert_eq!(
+        ok, 3,
+        "the three streams above the GOAWAY's last one were sent again"
+    );
 }

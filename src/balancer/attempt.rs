@@ -31,9 +31,11 @@ pub(crate) enum Attempt {
         code: tonic::Code,
         endpoint: Arc<Ready>,
     },
-    /// The request never left this process: it may be sent again.
-    Unsent {
-        request: http::Request<tonic::body::Body>,
+    /// No server processed the request: it never left this process, or
+    /// the server refused its stream (`REFUSED_STREAM`, or a stream above
+    /// the last one a graceful `GOAWAY` said it would process). It may be
+    /// sent again, whatever the retry policy (gRPC's transparent retry).
+    Unprocessed {
         endpoint: Arc<Ready>,
         error: hyper::Error,
     },
@@ -153,13 +155,13 @@ pub(crate) async fn send(
                 // The connector takes it out of rotation and reconnects.
                 ep.closed.notify_one();
             }
-            match unsent {
-                Some(request) => Attempt::Unsent {
-                    request,
+            if unsent.is_some() || classify::unprocessed(&error) {
+                Attempt::Unprocessed {
                     endpoint: ep,
                     error,
-                },
-                None => Attempt::Failed(Box::new(classify::transport_failure(ep.addr(), &error))),
+                }
+            } else {
+                Attempt::Failed(Box::new(classify::transport_failure(ep.addr(), &error)))
             }
         }
     }

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::attempt::{attempt, Attempt};
 use super::hedge::call_with_hedging;
 use super::pool::Shared;
+use super::replay::Replay;
 use super::retry::{call_with_retries, Retries};
 use super::{classify, deadline, BoxError};
 use crate::config_store::ServiceConfigStatus;
@@ -142,7 +143,10 @@ pub(crate) async fn call(
 }
 
 /// A call without a retry policy: one attempt, plus one transparent retry
-/// on another endpoint when the request never left this process.
+/// on another endpoint when no server processed the request (it never left
+/// this process, or the server refused the stream). The body replays from
+/// the buffer retries use, so a refused stream can be sent again; a body
+/// that outgrew it cannot.
 async fn once(
     shared: &Shared,
     cfg: &CallConfig,
@@ -150,25 +154,34 @@ async fn once(
     plan: Plan,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let mut outcome = attempt(shared, cfg, request, plan, &[], record).await;
-    if let Attempt::Unsent {
-        request,
-        endpoint,
-        error,
-    } = outcome
-    {
-        // Never left this process: safe to send elsewhere, once.
+    let (parts, body) = request.into_parts();
+    let replay = Replay::new(body, cfg.retries.replay().clone());
+    let mut outcome = attempt(shared, cfg, replay.request(&parts), plan, &[], record).await;
+    if let Attempt::Unprocessed { endpoint, error } = outcome {
+        if !replay.can_replay() {
+            return Err(Box::new(classify::transport_failure(
+                endpoint.addr(),
+                &error,
+            )));
+        }
         tracing::debug!(addr = %endpoint.addr(), %error,
-            "request not sent; retrying on another endpoint");
-        outcome = attempt(shared, cfg, request, plan, &[endpoint], record).await;
+            "request not processed; sending it to another endpoint");
+        crate::metrics::retry(&shared.service, "transparent");
+        outcome = attempt(
+            shared,
+            cfg,
+            replay.request(&parts),
+            plan,
+            &[endpoint],
+            record,
+        )
+        .await;
     }
     match outcome {
         Attempt::Response(response) => Ok(response),
         Attempt::Status { response, code, .. } => Ok(finish(record, code, response)),
         Attempt::Failed(error) => Err(error),
-        Attempt::Unsent {
-            endpoint, error, ..
-        } => Err(Box::new(classify::transport_failure(
+        Attempt::Unprocessed { endpoint, error } => Err(Box::new(classify::transport_failure(
             endpoint.addr(),
             &error,
         ))),

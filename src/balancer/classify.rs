@@ -44,6 +44,28 @@ pub(crate) fn transport_failure(addr: &str, error: &(dyn StdError + 'static)) ->
     Status::unavailable(format!("connection to {addr} failed: {}", chain(error)))
 }
 
+/// Whether `error` proves that the server never processed the stream: it
+/// reset it with `REFUSED_STREAM`, or it was above the last stream id of a
+/// graceful `GOAWAY` (h2 fails exactly those streams with the remote
+/// `GOAWAY`'s reason; a `GOAWAY` with an error fails every stream with it,
+/// so only `NO_ERROR` proves it). As grpc-go's "unprocessed" streams, such
+/// a request may be sent again without risk.
+pub(crate) fn unprocessed(error: &(dyn StdError + 'static)) -> bool {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = next {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && match h2.reason() {
+                    Some(Reason::REFUSED_STREAM) => h2.is_reset(),
+                    Some(Reason::NO_ERROR) => h2.is_go_away(),
+                    _ => false,
+                };
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The gRPC code a call failed with: its `Status`, else `UNKNOWN`.
 pub(crate) fn code_of(error: &(dyn StdError + Send + Sync + 'static)) -> Code {
     error

@@ -150,10 +150,8 @@ pub(crate) async fn call_with_hedging(
                 (code, said, Ok(response))
             }
             Attempt::Failed(error) => (classify::code_of(&*error), Pushback::None, Err(error)),
-            Attempt::Unsent {
-                endpoint, error, ..
-            } => {
-                // Never left this process: another hedge at once, elsewhere,
+            Attempt::Unprocessed { endpoint, error } => {
+                // No server processed it: another hedge at once, elsewhere,
                 // whatever the policy's codes say.
                 let status = classify::transport_failure(endpoint.addr(), &error);
                 last = Some((status.code(), Err(Box::new(status))));

@@ -54,6 +54,13 @@ pub(crate) struct Retries {
     replay: ReplayLimits,
 }
 
+impl Retries {
+    /// The replay buffer's limits, which every call shares.
+    pub(crate) fn replay(&self) -> &ReplayLimits {
+        &self.replay
+    }
+}
+
 impl std::fmt::Debug for Retries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Retries")
@@ -262,15 +269,14 @@ pub(crate) async fn call_with_retries(
             Attempt::Failed(error) => {
                 (classify::code_of(&*error), None, Pushback::None, Err(error))
             }
-            Attempt::Unsent {
-                endpoint, error, ..
-            } => {
-                if !transparent {
-                    // Never left this process: again at once, elsewhere,
+            Attempt::Unprocessed { endpoint, error } => {
+                if !transparent && replay.can_replay() {
+                    // No server processed it: again at once, elsewhere,
                     // not counted as an attempt.
                     transparent = true;
                     tracing::debug!(addr = %endpoint.addr(), %error,
-                        "request not sent; retrying on another endpoint");
+                        "request not processed; sending it to another endpoint");
+                    crate::metrics::retry(&shared.service, "transparent");
                     last = Some(endpoint);
                     continue;
                 }
