@@ -7,10 +7,14 @@
 //! cargo run --example greeter_client -- --tls-ca ca.pem
 //! # tonic's own balanced channel, for comparison:
 //! cargo run --example greeter_client -- --balancer tonic
-//! # retries for the idempotent SayHello (gRPC service config, gRFC A6):
+//! # retries for the idempotent SayHello (gRPC service config, gRFC A6),
+//! # stored in etcd for every client of the service (read by default):
 //! echo '{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
 //!   "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.02s","maxBackoff":"0.2s",
 //!   "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}' > retry.json
+//! cargo run --features cli --bin tonic-etcd -- config set greeter.v1.Greeter retry.json
+//! cargo run --example greeter_client
+//! # or this client's own, used while etcd holds none:
 //! cargo run --example greeter_client -- --service-config retry.json
 //! ```
 //!
@@ -78,7 +82,8 @@ struct Args {
     tls_key: Option<std::path::PathBuf>,
     /// gRPC service config (JSON) for the Balancer: per-method timeouts,
     /// retry or hedging policies. Refused whole, with the field named, when
-    /// invalid.
+    /// invalid. The service's config in etcd, when there is one, replaces
+    /// it (`tonic-etcd config set`).
     #[arg(long)]
     service_config: Option<std::path::PathBuf>,
 }
@@ -113,6 +118,24 @@ async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
             let balancer = builder.build()?;
             if let Err(e) = balancer.wait_for_ready(1, wait).await {
                 eprintln!("warning: {e}; calls will fail with Unavailable");
+            }
+            let config = balancer.service_config();
+            match &config.source {
+                tonic_etcd::config_store::ConfigSource::Etcd { key, revision } => {
+                    eprintln!("service config: from etcd ({key}, revision {revision})");
+                }
+                tonic_etcd::config_store::ConfigSource::Builder => {
+                    eprintln!(
+                        "service config: this client's ({} method configs)",
+                        config.config.method_configs.len()
+                    );
+                }
+            }
+            if let Some(rejected) = &config.rejected {
+                eprintln!(
+                    "warning: the service config in etcd is refused: {}",
+                    rejected.reason
+                );
             }
             Either::Left(balancer)
         }

@@ -51,10 +51,14 @@
 //!   connection joins the rotation only after the server's HTTP/2 SETTINGS
 //!   arrived (as grpc-go waits for the server preface), so a port that
 //!   accepts TCP but does not speak HTTP/2 never receives a call.
-//! * **No lost calls for a dead backend**: a call that was not sent (the
-//!   connection closed before the request left) is retried once on another
-//!   endpoint. A call that may have reached a server is retried only as the
-//!   method's service config says (see *Retries* below).
+//! * **No lost calls for a dead backend**: a call no server processed (the
+//!   connection closed before the request left, the server refused the
+//!   stream with `REFUSED_STREAM`, or it was above the last stream id of a
+//!   graceful `GOAWAY`) is sent once more on another endpoint, whatever the
+//!   policy (gRPC's transparent retry; the request body is kept until the
+//!   response headers for it). A call that may have reached a server is
+//!   retried only as the method's service config says (see *Retries*
+//!   below).
 //! * **Transport failures read `UNAVAILABLE`**: a connection lost before the
 //!   response headers or while the body streams fails the call with
 //!   `UNAVAILABLE` naming the endpoint's address, as grpc-go does (tonic
@@ -114,8 +118,9 @@
 //! # Retries
 //!
 //! For the methods whose [`ServiceConfig`](crate::ServiceConfig) sets a
-//! `retryPolicy` ([`BalancerBuilder::service_config`]), as gRFC A6 and
-//! grpc-go do it:
+//! `retryPolicy` ([`BalancerBuilder::service_config`], or the service's
+//! document in etcd, watched live: see [`crate::config_store`]), as gRFC A6
+//! and grpc-go do it:
 //!
 //! * an attempt that failed before response headers, or a trailers-only
 //!   response, with a code in `retryableStatusCodes` is retried; response

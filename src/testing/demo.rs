@@ -188,7 +188,7 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
          phase spans that window), but leaves the rotation as soon as its connection dies. \
          A call in flight on it at that instant can fail (UNAVAILABLE, naming it): without a \
          retry policy for the method it is not retried, since it may have reached the server \
-         (see ServiceConfig for idempotent methods).",
+         (give idempotent methods a retry policy: ServiceConfig, or `tonic-etcd config set`).",
         args.ttl
     );
 
