@@ -571,10 +571,10 @@ async fn all_failing(
     )
     .await;
     let _ = (calls, took);
-    // The budget's floor is 10 retries per second of wall time (per 10 s
-    // window), whether or not this variant is the one running, so the
-    // interleaved rounds above allow it about three times its share. Its
-    // bound is checked on the policy variant alone, for two windows.
+    // The budget's floor is 10 retries per second of wall time, whether or
+    // not this variant is the one running, so the interleaved rounds above
+    // allow it about three times its share. Its bound is checked on the
+    // policy variant alone.
     let (name, call) = &variants[2];
     let before = counted.retried();
     let t0 = Instant::now();
@@ -599,8 +599,8 @@ async fn all_failing(
     json
 }
 
-/// How long the all-failing scenario's policy variant runs alone: two of
-/// the retry budget's 10 s windows.
+/// How long the all-failing scenario's policy variant runs alone (the
+/// budget saves up at most 10 s of its floor).
 const BUDGET_CHECK: Duration = Duration::from_secs(20);
 
 /// Every one of four backends adds 50 ms to 2 % of its replies at random:

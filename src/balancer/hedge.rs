@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::retry::budget::Budget;
 
 use super::attempt::{pick_endpoint, send, Attempt};
 use super::call::{finish, CallConfig, Plan};

@@ -136,8 +136,9 @@
 //!   256 KiB per call and 16 MiB per balancer; a call that outgrows it is
 //!   not retried;
 //! * `retryThrottling` when set (A6's token bucket), and always a budget as
-//!   linkerd keeps (tower's `TpsBudget`: 20 % of calls over 10 s, plus 10
-//!   per second), so retries never multiply an outage.
+//!   linkerd keeps (20 % of calls plus 10 per second, at most 100 saved up;
+//!   see `budget.rs` for why not tower's `TpsBudget`), so retries never
+//!   multiply an outage.
 //!
 //!
 //! A `hedgingPolicy` sends a further attempt every `hedgingDelay` (up to
@@ -152,6 +153,7 @@
 // the call's deadline and accounting into the response body.
 mod attempt;
 mod body;
+mod budget;
 mod call;
 mod classify;
 mod deadline;

@@ -19,8 +19,8 @@
 //! * **Never making an outage worse**: A6's `retryThrottling` when the
 //!   config sets it (tokens start at `maxTokens`, a retryable failure takes
 //!   one, a success gives back `tokenRatio`, no retry while at or below half),
-//!   and always a budget as linkerd keeps (tower's `TpsBudget`: retries at
-//!   most 20 % of calls over 10 s, plus 10 per second).
+//!   and always a budget as linkerd keeps ([`super::budget`]: retries at
+//!   most 20 % of calls, plus 10 per second).
 //!
 //! Hedging lives in [`super::hedge`] and shares all of this.
 
@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use rand::Rng;
-use tower::retry::budget::{Budget, TpsBudget};
 
 use super::attempt::{attempt, Attempt};
+use super::budget::RetryBudget;
 use super::call::{finish, CallConfig, Plan};
 use super::endpoint::Ready;
 use super::pool::Shared;
@@ -50,7 +50,7 @@ const GRPC_RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 pub(crate) struct Retries {
     /// A6's token bucket of the config in force (see [`Retries::for_call`]).
     throttle: Mutex<Option<Arc<Throttle>>>,
-    budget: TpsBudget,
+    budget: RetryBudget,
     replay: ReplayLimits,
 }
 
@@ -73,7 +73,7 @@ impl Retries {
     pub(crate) fn new() -> Self {
         Self {
             throttle: Mutex::default(),
-            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            budget: RetryBudget::new(),
             replay: ReplayLimits {
                 per_call: 256 * 1024,
                 total: 16 * 1024 * 1024,
@@ -105,7 +105,7 @@ impl Retries {
 /// One call's view of [`Retries`].
 pub(crate) struct CallRetries<'a> {
     throttle: Option<Arc<Throttle>>,
-    pub(crate) budget: &'a TpsBudget,
+    pub(crate) budget: &'a RetryBudget,
     pub(crate) replay: &'a ReplayLimits,
 }
 
