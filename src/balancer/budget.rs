@@ -11,19 +11,24 @@
 //! above the bound it is meant to keep. A token bucket keeps it exactly:
 //! every call adds 0.2 tokens, time adds 10 per second, a retry takes one,
 //! and the balance is capped at 100 (what ten quiet seconds save, as the
-//! window's reserve), starting at 10. Over any interval the retries are at
-//! most 0.2 × its calls + 10 per second + what was saved at its start.
+//! window's reserve), where it starts, so that a new client can retry its
+//! first failures. Over any interval the retries are at most 0.2 × its
+//! calls + 10 per second + what was saved at its start.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Tokens one call adds.
-const RATIO: f64 = 0.2;
-/// Tokens one second adds.
-const PER_SECOND: f64 = 10.0;
-/// The most that can be saved up.
-const CAP: f64 = 100.0;
+// In thousandths of a token, so that five calls make exactly one retry.
+/// One retry.
+const TOKEN: u64 = 1_000;
+/// What one call adds: a fifth of a retry.
+const PER_CALL: u64 = TOKEN / 5;
+/// What time adds: 10 retries per second, one thousandth every 100 us.
+const TICK: Duration = Duration::from_micros(100);
+/// The most that can be saved up: ten seconds of the floor.
+const CAP: u64 = 100 * TOKEN;
 
 /// See the [module docs](self).
 #[derive(Debug)]
@@ -33,7 +38,9 @@ pub(crate) struct RetryBudget {
 
 #[derive(Debug)]
 struct State {
-    tokens: f64,
+    /// Thousandths of a token.
+    tokens: u64,
+    /// Time is counted up to here.
     at: Instant,
 }
 
@@ -41,7 +48,7 @@ impl RetryBudget {
     pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                tokens: PER_SECOND,
+                tokens: CAP,
                 at: Instant::now(),
             }),
         }
@@ -49,15 +56,15 @@ impl RetryBudget {
 
     /// A call was made.
     pub(crate) fn deposit(&self) {
-        self.with(|s| s.tokens = (s.tokens + RATIO).min(CAP));
+        self.with(|s| s.tokens = (s.tokens + PER_CALL).min(CAP));
     }
 
     /// Whether a retry (or hedge) may be made now; takes its token if so.
     pub(crate) fn withdraw(&self) -> bool {
         self.with(|s| {
-            let allowed = s.tokens >= 1.0;
+            let allowed = s.tokens >= TOKEN;
             if allowed {
-                s.tokens -= 1.0;
+                s.tokens -= TOKEN;
             }
             allowed
         })
@@ -65,18 +72,20 @@ impl RetryBudget {
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(s.at).as_secs_f64();
-        s.tokens = (s.tokens + elapsed * PER_SECOND).min(CAP);
-        s.at = now;
+        let elapsed = Instant::now().saturating_duration_since(s.at);
+        let ticks = elapsed.as_micros() / TICK.as_micros();
+        if ticks > 0 {
+            let ticks = u64::try_from(ticks).unwrap_or(u64::MAX);
+            s.tokens = s.tokens.saturating_add(ticks).min(CAP);
+            // The remainder counts towards the next tick.
+            s.at += TICK * u32::try_from(ticks).unwrap_or(u32::MAX);
+        }
         f(&mut s)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn spend(b: &RetryBudget) -> u32 {
@@ -91,7 +100,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_are_a_fifth_of_the_calls_plus_ten_per_second() {
         let b = RetryBudget::new();
-        assert_eq!(spend(&b), 10, "one second's worth to start with");
+        assert_eq!(spend(&b), 100, "ten seconds' worth to start with");
         for _ in 0..100 {
             b.deposit();
         }
@@ -109,13 +118,15 @@ mod tests {
     async fn every_call_failing_stays_within_the_bound() {
         // 1,000 calls per second for 20 s, each retried while allowed.
         let b = RetryBudget::new();
+        let saved = spend(&b);
         let mut retries = 0;
         for _ in 0..20_000 {
             b.deposit();
             retries += u32::from(b.withdraw());
             tokio::time::advance(Duration::from_millis(1)).await;
         }
-        let bound = 0.2 * 20_000.0 + 10.0 * 20.0 + PER_SECOND;
+        assert_eq!(saved, 100);
+        let bound = 0.2 * 20_000.0 + 10.0 * 20.0;
         assert!(f64::from(retries) <= bound, "{retries} > {bound}");
         assert!(
             f64::from(retries) >= bound - 2.0,
