@@ -277,10 +277,10 @@ impl BalancerBuilder {
     /// `retryThrottling` and always within a retry budget (see
     /// [*Retries*](self#retries) in the module docs), and a
     /// `hedgingPolicy` hedges them.
-    #[must_use]
     ///
     /// A config for the service in etcd replaces this one (see
     /// [`service_config_from_etcd`](Self::service_config_from_etcd)).
+    #[must_use]
     pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
         self.service_config = Arc::new(config);
         self

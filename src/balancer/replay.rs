@@ -51,6 +51,10 @@ struct State {
     ended: bool,
     /// Outgrew a limit, or the caller's body failed: no more replays.
     spent: bool,
+    /// The call settled on an attempt (the call layer dropped its
+    /// [`Replay`]): what that attempt still reads is not kept, so a stream
+    /// that lives for hours holds only what it sent before its response.
+    committed: bool,
     /// An attempt waiting for the caller's body to be handed back.
     waiter: Option<Waker>,
     limits: ReplayLimits,
@@ -74,6 +78,7 @@ impl Replay {
                 trailers: None,
                 ended: false,
                 spent: false,
+                committed: false,
                 waiter: None,
                 limits,
             })),
@@ -104,6 +109,12 @@ impl Replay {
             inner: None,
             trailers_sent: false,
         }
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        lock(&self.state).committed = true;
     }
 }
 
@@ -215,7 +226,7 @@ impl Body for ReplayBody {
 impl State {
     /// Keeps a copy of `data` for later attempts, while it fits.
     fn keep(&mut self, data: &Bytes) {
-        if self.spent {
+        if self.spent || self.committed {
             return;
         }
         let len = data.len();
@@ -360,6 +371,27 @@ mod tests {
         assert!(a.can_replay() && !b.can_replay());
         drop(a);
         assert_eq!(shared.in_use.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_committed_call_keeps_nothing_more_of_what_it_sends() {
+        let l = limits(1024, 1 << 20);
+        let r = Replay::new(
+            body(vec![Some("ab"), Some("cd"), Some("ef")], false),
+            l.clone(),
+        );
+        let mut attempt = r.body();
+        let f = std::future::poll_fn(|cx| Pin::new(&mut attempt).poll_frame(cx)).await;
+        assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "ab");
+        // Response headers: the call layer lets go of its Replay, and the
+        // stream goes on sending.
+        drop(r);
+        assert_eq!(drain(attempt).await, ["cd", "ef"]);
+        assert_eq!(
+            l.in_use.load(Ordering::Relaxed),
+            0,
+            "released with the stream"
+        );
     }
 
     #[tokio::test]
