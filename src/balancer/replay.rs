@@ -386,7 +386,12 @@ mod tests {
         // Response headers: the call layer lets go of its Replay, and the
         // stream goes on sending.
         drop(r);
-        assert_eq!(drain(attempt).await, ["cd", "ef"]);
+        for expected in ["cd", "ef"] {
+            let f = std::future::poll_fn(|cx| Pin::new(&mut attempt).poll_frame(cx)).await;
+            assert_eq!(f.unwrap().unwrap().into_data().unwrap(), expected);
+        }
+        assert_eq!(l.in_use.load(Ordering::Relaxed), 2, "only what came before");
+        drop(attempt);
         assert_eq!(
             l.in_use.load(Ordering::Relaxed),
             0,
