@@ -1,6 +1,8 @@
 //! gRPC's service config, the parts a client balancer uses: per-method
-//! `timeout`, `waitForReady`, `retryPolicy` and `hedgingPolicy`, and
-//! `retryThrottling` (gRFC A6); `loadBalancingConfig` is kept as given.
+//! `timeout`, `waitForReady`, `retryPolicy` and `hedgingPolicy`,
+//! `retryThrottling` (gRFC A6), and `loadBalancingConfig`, whose first
+//! policy this crate knows is used, as in gRPC ([`LoadBalancing`]: the
+//! cost-weighted pick, or ring hash as gRFC A42/A76 with bounded load).
 //!
 //! Parsed from and written to the standard JSON, and validated whole, as
 //! A6 says: a config with one invalid field is refused with an error that
@@ -30,8 +32,8 @@
 //! service and method, else the one naming the service, else the default
 //! (a name with neither).
 //!
-//! The [`Balancer`](crate::Balancer) applies all of it but
-//! `loadBalancingConfig` (see its module docs, *Retries*).
+//! The [`Balancer`](crate::Balancer) applies all of it (see its module
+//! docs, *Retries* and *Ring hash*).
 
 use std::time::Duration;
 
@@ -47,9 +49,61 @@ pub struct ServiceConfig {
     pub method_configs: Vec<MethodConfig>,
     /// Throttling of retries and hedges (A6).
     pub retry_throttling: Option<RetryThrottling>,
-    /// `loadBalancingConfig` as given (a JSON array), for the routing
-    /// policies.
+    /// `loadBalancingConfig` as given (a JSON array).
     pub load_balancing_config: Option<Value>,
+    /// The policy `loadBalancingConfig` selects (its first entry this crate
+    /// knows, as in gRPC); the cost-weighted pick without one.
+    pub load_balancing: LoadBalancing,
+    /// Under ring hash, the header hashed (`requestHashHeader`); without
+    /// one (or when a request lacks it) each call hashes at random.
+    pub hash_header: HashHeader,
+}
+
+/// How a balancer picks an endpoint, from `loadBalancingConfig`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub enum LoadBalancing {
+    /// The [`Balancer`](crate::Balancer)'s own cost-weighted pick (see its
+    /// module docs). `tonic_etcd_cost_weighted` names it; gRPC's
+    /// `round_robin`, `weighted_round_robin`, `least_request_experimental`
+    /// and `pick_first` select it too, so that a config shared with Go
+    /// clients is not refused: it spreads calls at least as well as they do.
+    #[default]
+    CostWeighted,
+    /// Consistent hashing of a request header (gRFC A42/A76), with optional
+    /// bounded load. `ring_hash_experimental` (or `ring_hash`).
+    RingHash(RingHashConfig),
+}
+
+/// `ring_hash_experimental`'s settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingHashConfig {
+    /// `minRingSize`: the fewest ring entries (default 1,024).
+    pub min_ring_size: u32,
+    /// `maxRingSize`: the most ring entries (default 4,096; at most
+    /// 8,388,608).
+    pub max_ring_size: u32,
+    /// `hashBalanceFactor` (beyond A42, as Envoy's `hash_balance_factor`):
+    /// with `Some(c)`, an endpoint with more calls in flight than
+    /// `c` % of the average (+1) is passed over. At least 100.
+    pub hash_balance_factor: Option<u32>,
+}
+
+/// The request header whose value is hashed under ring hash (A76's
+/// `requestHashHeader`), kept apart from [`RingHashConfig`] so that the
+/// latter stays `Copy`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HashHeader(pub Option<http::HeaderName>);
+
+impl RingHashConfig {
+    /// A42's defaults.
+    pub const DEFAULT: Self = Self {
+        min_ring_size: 1_024,
+        max_ring_size: 4_096,
+        hash_balance_factor: None,
+    };
+    /// A42's cap on either size.
+    pub const MAX_RING_SIZE: u32 = 8_388_608;
 }
 
 /// Settings for the methods it names.
@@ -158,7 +212,9 @@ impl ServiceConfig {
             config.retry_throttling = Some(throttling(t, "retryThrottling")?);
         }
         if let Some(lb) = field(obj, "loadBalancingConfig") {
-            array(lb, "loadBalancingConfig")?;
+            let (policy, header) = load_balancing(lb, "loadBalancingConfig")?;
+            config.load_balancing = policy;
+            config.hash_header = header;
             config.load_balancing_config = Some(lb.clone());
         }
         Ok(config)
@@ -336,6 +392,111 @@ fn retry_policy(value: &Value, at: &str) -> Result<RetryPolicy, Error> {
         retryable_status_codes: codes(obj, "retryableStatusCodes", at, true)?,
     };
     Ok(policy)
+}
+
+/// The first policy of `loadBalancingConfig` this crate knows.
+fn load_balancing(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader), Error> {
+    let list = array(value, at)?;
+    let mut names = Vec::new();
+    for (i, entry) in list.iter().enumerate() {
+        let e_at = format!("{at}[{i}]");
+        let obj = object(entry, &e_at)?;
+        let mut fields = obj.iter();
+        let (Some((name, config)), None) = (fields.next(), fields.next()) else {
+            return Err(invalid(
+                &e_at,
+                format!(
+                    "{} must have exactly one field, the policy's name",
+                    brief(entry)
+                ),
+            ));
+        };
+        let p_at = format!("{e_at}.{name}");
+        match name.as_str() {
+            "ring_hash_experimental" | "ring_hash" => return ring_hash(config, &p_at),
+            "tonic_etcd_cost_weighted"
+            | "round_robin"
+            | "weighted_round_robin"
+            | "least_request_experimental"
+            | "pick_first" => {
+                object(config, &p_at)?;
+                return Ok((LoadBalancing::CostWeighted, HashHeader::default()));
+            }
+            other => names.push(other.to_owned()),
+        }
+    }
+    Err(invalid(
+        at,
+        format!(
+            "names no policy this client knows ({names:?}; known: ring_hash_experimental, \
+             tonic_etcd_cost_weighted, round_robin, weighted_round_robin, \
+             least_request_experimental, pick_first)"
+        ),
+    ))
+}
+
+fn ring_hash(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader), Error> {
+    let obj = object(value, at)?;
+    let size = |name: &str, default: u32| -> Result<u32, Error> {
+        let Some(v) = field(obj, name) else {
+            return Ok(default);
+        };
+        v.as_u64()
+            .filter(|n| (1..=u64::from(RingHashConfig::MAX_RING_SIZE)).contains(n))
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{at}.{name}"),
+                    format!("{v} is not a whole number from 1 to 8388608"),
+                )
+            })
+    };
+    let min_ring_size = size("minRingSize", RingHashConfig::DEFAULT.min_ring_size)?;
+    let max_ring_size = size("maxRingSize", RingHashConfig::DEFAULT.max_ring_size)?;
+    if min_ring_size > max_ring_size {
+        return Err(invalid(
+            &format!("{at}.minRingSize"),
+            format!("{min_ring_size} is above maxRingSize {max_ring_size}"),
+        ));
+    }
+    let hash_balance_factor = match field(obj, "hashBalanceFactor") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n >= 100)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("{at}.hashBalanceFactor"),
+                        format!("{v} is not a whole percentage of at least 100"),
+                    )
+                })?,
+        ),
+    };
+    let header = match opt_string(obj, "requestHashHeader", at)? {
+        None => None,
+        Some(h) if h.is_empty() => None,
+        Some(h) => {
+            let h_at = format!("{at}.requestHashHeader");
+            let name = http::HeaderName::try_from(h.to_ascii_lowercase())
+                .map_err(|_| invalid(&h_at, format!("{h:?} is not a header name")))?;
+            if name.as_str().ends_with("-bin") {
+                return Err(invalid(
+                    &h_at,
+                    format!("{h:?} is a binary header, which A76 does not hash"),
+                ));
+            }
+            Some(name)
+        }
+    };
+    Ok((
+        LoadBalancing::RingHash(RingHashConfig {
+            min_ring_size,
+            max_ring_size,
+            hash_balance_factor,
+        }),
+        HashHeader(header),
+    ))
 }
 
 fn hedging_policy(value: &Value, at: &str) -> Result<HedgingPolicy, Error> {
@@ -735,10 +896,64 @@ mod tests {
                 r#"{"loadBalancingConfig":{}}"#,
                 "loadBalancingConfig: {} is not a JSON array",
             ),
+            (
+                r#"{"loadBalancingConfig":[{"grpclb":{}},{"xds":{}}]}"#,
+                r#"loadBalancingConfig: names no policy this client knows (["grpclb", "xds"]"#,
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash":{},"round_robin":{}}]}"#,
+                "loadBalancingConfig[0]: ",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"minRingSize":9000}}]}"#,
+                "loadBalancingConfig[0].ring_hash_experimental.minRingSize: 9000 is above maxRingSize 4096",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"maxRingSize":0}}]}"#,
+                "maxRingSize: 0 is not a whole number from 1 to 8388608",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"requestHashHeader":"x-id-bin"}}]}"#,
+                r#"requestHashHeader: "x-id-bin" is a binary header"#,
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"requestHashHeader":"a b"}}]}"#,
+                r#"requestHashHeader: "a b" is not a header name"#,
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"hashBalanceFactor":99}}]}"#,
+                "hashBalanceFactor: 99 is not a whole percentage of at least 100",
+            ),
         ] {
             let got = err(json);
             assert!(got.contains(want), "{json}\n  got:  {got}\n  want: {want}");
         }
+    }
+
+    #[test]
+    fn load_balancing_takes_the_first_policy_it_knows() {
+        let c = ServiceConfig::from_json(
+            r#"{"loadBalancingConfig":[{"grpclb":{}},
+                {"ring_hash_experimental":{"maxRingSize":2048,"requestHashHeader":"X-Key",
+                 "hashBalanceFactor":125}},{"round_robin":{}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.load_balancing,
+            LoadBalancing::RingHash(RingHashConfig {
+                min_ring_size: 1_024,
+                max_ring_size: 2_048,
+                hash_balance_factor: Some(125),
+            })
+        );
+        assert_eq!(c.hash_header.0.as_ref().map(|h| h.as_str()), Some("x-key"));
+        let c = ServiceConfig::from_json(r#"{"loadBalancingConfig":[{"round_robin":{}}]}"#)
+            .unwrap();
+        assert_eq!(c.load_balancing, LoadBalancing::CostWeighted);
+        assert_eq!(
+            ServiceConfig::from_json("{}").unwrap().load_balancing,
+            LoadBalancing::CostWeighted
+        );
     }
 
     #[test]

@@ -71,7 +71,15 @@ pub(crate) async fn pick_endpoint(
     let deadline = plan.deadline;
     loop {
         let ready = shared.ready();
-        match pick(&ready, ready.local, avoid) {
+        let found = match &plan.ring {
+            Some(r) => {
+                shared
+                    .ring(&ready, r.config)
+                    .pick(r.hash, r.config.hash_balance_factor, avoid)
+            }
+            None => pick(&ready, ready.local, avoid),
+        };
+        match found {
             Pick::Endpoint(ep) => return Ok(ep),
             Pick::Full => wait_for_capacity(shared, cfg, deadline).await?,
             Pick::Empty => match avoid {

@@ -21,10 +21,11 @@ use super::hedge::call_with_hedging;
 use super::pool::Shared;
 use super::replay::Replay;
 use super::retry::{call_with_retries, Retries};
+use super::ring_hash::{request_hash, RingPlan};
 use super::{classify, deadline, BoxError};
 use crate::config_store::ServiceConfigStatus;
 use crate::metrics::{CallMetrics, CallRecord};
-use crate::service_config::Policy;
+use crate::service_config::{LoadBalancing, Policy};
 use crate::time::deadline_after;
 
 /// What every call through one balancer shares.
@@ -53,6 +54,9 @@ pub(crate) struct Plan {
     /// Fail at once while no endpoint is in rotation (false: gRPC's
     /// wait-for-ready, until the deadline).
     pub(crate) fail_fast: bool,
+    /// Under ring hash, the call's key and the ring's settings; else the
+    /// cost-weighted pick.
+    pub(crate) ring: Option<RingPlan>,
 }
 
 impl CallConfig {
@@ -103,6 +107,13 @@ pub(crate) async fn call(
         fail_fast: method
             .and_then(|m| m.wait_for_ready)
             .map_or(cfg.fail_fast, |wait| !wait),
+        ring: match config.load_balancing {
+            LoadBalancing::RingHash(ring) => Some(RingPlan {
+                hash: request_hash(request.headers(), &config.hash_header),
+                config: ring,
+            }),
+            _ => None,
+        },
     };
     request
         .headers_mut()

@@ -167,6 +167,7 @@ mod pool;
 mod preface;
 mod replay;
 mod retry;
+mod ring_hash;
 #[cfg(feature = "tls")]
 mod tls;
 mod wait;

@@ -14,8 +14,10 @@ use tokio_stream::StreamExt;
 use tower::discover::Change;
 
 use super::endpoint::{connect, ConnConfig, Policy, Ready};
+use super::ring_hash::Ring;
 use super::AbortOnDrop;
 use crate::backoff::Backoff;
+use crate::service_config::RingHashConfig;
 use crate::Instance;
 
 /// Decides which instances receive calls.
@@ -91,6 +93,9 @@ pub struct EndpointStatus {
     pub local: bool,
     /// While it is not connected: why the last connection attempt failed.
     pub last_error: Option<ConnectError>,
+    /// Under ring hash, the share of the hash space (of keys) it owns now,
+    /// once a call has built the ring.
+    pub ring_share: Option<f64>,
 }
 
 /// A registered endpoint in the registry.
@@ -119,7 +124,13 @@ pub(crate) struct Shared {
     /// How etcd discovery is doing (none for a discovery stream of the
     /// user's own).
     pub(crate) etcd: Option<watch::Receiver<crate::WatchStatus>>,
+    /// The ring-hash ring of the last ready set it was asked for, with its
+    /// settings: rebuilt only when either changes.
+    ring: RwLock<Option<CachedRing>>,
 }
+
+/// A ring with the ready set and settings it was built from.
+type CachedRing = (Arc<ReadySet>, RingHashConfig, Arc<Ring>);
 
 impl Shared {
     pub(crate) fn new(
@@ -139,7 +150,26 @@ impl Shared {
             policy,
             waiting: AtomicUsize::new(0),
             etcd,
+            ring: RwLock::new(None),
         }
+    }
+
+    /// The ring over `set` with `config`, built once per ready set.
+    pub(crate) fn ring(&self, set: &Arc<ReadySet>, config: RingHashConfig) -> Arc<Ring> {
+        let fresh = |cached: &Option<CachedRing>| match cached {
+            Some((s, c, ring)) if Arc::ptr_eq(s, set) && *c == config => Some(ring.clone()),
+            _ => None,
+        };
+        if let Some(ring) = fresh(&self.ring.read().unwrap_or_else(|p| p.into_inner())) {
+            return ring;
+        }
+        let mut cached = self.ring.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(ring) = fresh(&cached) {
+            return ring;
+        }
+        let ring = Arc::new(Ring::new(set, config));
+        *cached = Some((set.clone(), config, ring.clone()));
+        ring
     }
 
     /// The endpoints in rotation now.
@@ -157,6 +187,8 @@ impl Shared {
             let local = endpoints.iter().take_while(|e| e.is_local()).count();
             let count = endpoints.len();
             *guard = Arc::new(ReadySet { endpoints, local });
+            // A ring holds its endpoints: never past their removal.
+            *self.ring.write().unwrap_or_else(|p| p.into_inner()) = None;
             count
         };
         self.info.send_modify(|i| {
@@ -257,6 +289,13 @@ impl Shared {
 
     /// Every registered endpoint that passes the filter, as it is now.
     pub(crate) fn snapshot(&self) -> Vec<EndpointStatus> {
+        let shares: HashMap<String, f64> = self
+            .ring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, _, ring)| ring.shares().into_iter().collect())
+            .unwrap_or_default();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<EndpointStatus> = registry
             .values()
@@ -271,6 +310,7 @@ impl Shared {
                     weight: ep.weight(),
                     local: ep.is_local(),
                     last_error: None,
+                    ring_share: shares.get(&ep.key).copied(),
                 },
                 None => EndpointStatus {
                     instance: (*e.instance).clone(),
@@ -282,6 +322,7 @@ impl Shared {
                     weight: self.policy.weight_of(&e.instance),
                     local: self.policy.is_local(&e.instance),
                     last_error: e.last_error.clone(),
+                    ring_share: None,
                 },
             })
             .collect();

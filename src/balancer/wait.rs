@@ -114,6 +114,7 @@ pub(crate) async fn wait_for_endpoint(
     let Plan {
         deadline,
         fail_fast,
+        ..
     } = plan;
     let now = Instant::now();
     let Some(empty_since) = shared.info.borrow().empty_since else {
