@@ -947,8 +947,8 @@ mod tests {
             })
         );
         assert_eq!(c.hash_header.0.as_ref().map(|h| h.as_str()), Some("x-key"));
-        let c = ServiceConfig::from_json(r#"{"loadBalancingConfig":[{"round_robin":{}}]}"#)
-            .unwrap();
+        let c =
+            ServiceConfig::from_json(r#"{"loadBalancingConfig":[{"round_robin":{}}]}"#).unwrap();
         assert_eq!(c.load_balancing, LoadBalancing::CostWeighted);
         assert_eq!(
             ServiceConfig::from_json("{}").unwrap().load_balancing,

@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 use tower::discover::Change;
 
 use super::endpoint::{connect, ConnConfig, Policy, Ready};
-use super::ring_hash::Ring;
+use super::ring_hash::{self, Member, Points, Ring};
 use super::AbortOnDrop;
 use crate::backoff::Backoff;
 use crate::service_config::RingHashConfig;
@@ -127,7 +127,13 @@ pub(crate) struct Shared {
     /// The ring-hash ring of the last ready set it was asked for, with its
     /// settings: rebuilt only when either changes.
     ring: RwLock<Option<CachedRing>>,
+    /// The ring's entries, with the members and settings they were built
+    /// for (kept while only the ready set changes).
+    ring_points: std::sync::Mutex<Option<CachedPoints>>,
 }
+
+/// A ring's entries with the members and settings they were built for.
+type CachedPoints = (Vec<Member>, RingHashConfig, Arc<Points>);
 
 /// A ring with the ready set and settings it was built from.
 type CachedRing = (Arc<ReadySet>, RingHashConfig, Arc<Ring>);
@@ -151,10 +157,13 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             etcd,
             ring: RwLock::new(None),
+            ring_points: Default::default(),
         }
     }
 
-    /// The ring over `set` with `config`, built once per ready set.
+    /// The ring of every registered endpoint with `config`, and those of
+    /// `set` in rotation: built once per ready set and membership, its
+    /// entries once per membership.
     pub(crate) fn ring(&self, set: &Arc<ReadySet>, config: RingHashConfig) -> Arc<Ring> {
         let fresh = |cached: &Option<CachedRing>| match cached {
             Some((s, c, ring)) if Arc::ptr_eq(s, set) && *c == config => Some(ring.clone()),
@@ -167,9 +176,33 @@ impl Shared {
         if let Some(ring) = fresh(&cached) {
             return ring;
         }
-        let ring = Arc::new(Ring::new(set, config));
+        let members = {
+            let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            ring_hash::members(registry.iter().map(|(key, e)| {
+                let id = ring_hash::stable_id(&e.instance);
+                (key.clone(), id, self.policy.weight_of(&e.instance))
+            }))
+        };
+        let points = {
+            let mut points = self.ring_points.lock().unwrap_or_else(|p| p.into_inner());
+            match &*points {
+                Some((m, c, p)) if *m == members && *c == config => p.clone(),
+                _ => {
+                    let p = ring_hash::points(&members, config);
+                    *points = Some((members.clone(), config, p.clone()));
+                    p
+                }
+            }
+        };
+        let ring = Arc::new(Ring::new(points, &members, set));
         *cached = Some((set.clone(), config, ring.clone()));
         ring
+    }
+
+    /// Forgets the ring: it holds its endpoints, and must not outlive a
+    /// change of the ready set or of the registered instances.
+    fn drop_ring(&self) {
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The endpoints in rotation now.
@@ -187,8 +220,7 @@ impl Shared {
             let local = endpoints.iter().take_while(|e| e.is_local()).count();
             let count = endpoints.len();
             *guard = Arc::new(ReadySet { endpoints, local });
-            // A ring holds its endpoints: never past their removal.
-            *self.ring.write().unwrap_or_else(|p| p.into_inner()) = None;
+            self.drop_ring();
             count
         };
         self.info.send_modify(|i| {
@@ -254,6 +286,8 @@ impl Shared {
         };
         registry.insert(key.to_owned(), entry);
         self.publish(&registry);
+        drop(registry);
+        self.drop_ring();
     }
 
     /// A connection attempt to endpoint `key` failed.
@@ -274,6 +308,8 @@ impl Shared {
             crate::metrics::endpoint_state(&self.service, &gone.instance.addr, 4);
         }
         self.publish(&registry);
+        drop(registry);
+        self.drop_ring();
     }
 
     fn publish(&self, registry: &HashMap<String, Entry>) {

@@ -41,6 +41,7 @@ use xxhash_rust::xxh64::xxh64;
 use super::endpoint::Ready;
 use super::pick::Pick;
 use crate::service_config::{HashHeader, RingHashConfig};
+use crate::Instance;
 
 /// Key-seeded positions tried for a key whose endpoint is full under
 /// bounded load, before the least loaded endpoint is taken.
@@ -76,27 +77,57 @@ pub(crate) fn request_hash(headers: &HeaderMap, header: &HashHeader) -> u64 {
     }
 }
 
-/// The ring over a set of endpoints in rotation.
+/// One registered endpoint as the ring sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    /// The endpoint's key in the balancer (its discovery key).
+    pub(crate) key: String,
+    /// What its entries are keyed by (see [`stable_id`]).
+    pub(crate) id: String,
+    pub(crate) weight: u32,
+}
+
+/// The members of a ring, sorted by id so that every client builds the
+/// same ring from the same instances whatever order it learnt them in.
+pub(crate) fn members(registered: impl Iterator<Item = (String, String, u32)>) -> Vec<Member> {
+    let mut members: Vec<Member> = registered
+        .map(|(key, id, weight)| Member { key, id, weight })
+        .collect();
+    members.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.key.cmp(&b.key)));
+    members
+}
+
+/// The ring's entries for `members` (built once per membership and
+/// settings; see [`Ring`]).
+pub(crate) fn points(members: &[Member], config: RingHashConfig) -> Arc<Points> {
+    let ids: Vec<(&str, u32)> = members.iter().map(|m| (m.id.as_str(), m.weight)).collect();
+    Arc::new(Points::new(&ids, config))
+}
+
+/// The ring of every registered endpoint (as A42 builds it over every
+/// address, whatever its state), with those in rotation now: an endpoint
+/// out of rotation keeps its entries and is walked past, so no other key
+/// moves while it is away.
 pub(crate) struct Ring {
-    points: Points,
-    /// In the order of `points`' indices (by stable id).
-    endpoints: Vec<Arc<Ready>>,
+    points: Arc<Points>,
+    keys: Vec<String>,
+    /// Each member's connection while it is in rotation.
+    ready: Vec<Option<Arc<Ready>>>,
 }
 
 impl Ring {
-    /// Builds the ring of `set` as A42 sizes it.
-    pub(crate) fn new(set: &[Arc<Ready>], config: RingHashConfig) -> Self {
-        let mut members: Vec<(String, Arc<Ready>)> =
-            set.iter().map(|e| (stable_id(e), e.clone())).collect();
-        members.sort_by(|a, b| a.0.cmp(&b.0));
-        let ids: Vec<(&str, u32)> = members
-            .iter()
-            .map(|(id, e)| (id.as_str(), e.weight()))
-            .collect();
-        let points = Points::new(&ids, config);
+    /// The ring of `members` over `points`, with the endpoints of `set` in
+    /// rotation.
+    pub(crate) fn new(points: Arc<Points>, members: &[Member], set: &[Arc<Ready>]) -> Self {
+        let in_rotation: std::collections::HashMap<&str, &Arc<Ready>> =
+            set.iter().map(|e| (e.key.as_str(), e)).collect();
         Self {
             points,
-            endpoints: members.into_iter().map(|(_, e)| e).collect(),
+            keys: members.iter().map(|m| m.key.clone()).collect(),
+            ready: members
+                .iter()
+                .map(|m| in_rotation.get(m.key.as_str()).map(|e| (*e).clone()))
+                .collect(),
         }
     }
 
@@ -104,27 +135,35 @@ impl Ring {
     /// already used), with bounded load when `factor` is set.
     pub(crate) fn pick(&self, hash: u64, factor: Option<u32>, avoid: &[Arc<Ready>]) -> Pick {
         let usable = |i: usize| {
-            let e = &self.endpoints[i];
-            !avoid.iter().any(|bad| Arc::ptr_eq(e, bad))
+            self.ready[i]
+                .as_ref()
+                .is_some_and(|e| !avoid.iter().any(|bad| Arc::ptr_eq(e, bad)))
         };
-        let open = |i: usize| self.endpoints[i].has_capacity();
+        let open = |i: usize| self.ready[i].as_ref().is_some_and(|e| e.has_capacity());
         let in_flight: Vec<usize> = match factor {
-            Some(_) => self.endpoints.iter().map(|e| e.load.pending()).collect(),
+            Some(_) => self
+                .ready
+                .iter()
+                .map(|e| e.as_ref().map_or(0, |e| e.load.pending()))
+                .collect(),
             None => Vec::new(),
         };
         match self.points.choose(hash, factor, &usable, &open, &in_flight) {
-            Choice::Endpoint(i) => Pick::Endpoint(self.endpoints[i].clone()),
+            Choice::Endpoint(i) => match &self.ready[i] {
+                Some(e) => Pick::Endpoint(e.clone()),
+                None => Pick::Empty,
+            },
             Choice::Full => Pick::Full,
             Choice::Empty => Pick::Empty,
         }
     }
 
-    /// The share of the hash space each endpoint owns, by endpoint key.
+    /// The share of the hash space each member owns, by endpoint key.
     pub(crate) fn shares(&self) -> Vec<(String, f64)> {
-        self.endpoints
+        self.keys
             .iter()
+            .cloned()
             .zip(self.points.shares())
-            .map(|(e, share)| (e.key.clone(), share))
             .collect()
     }
 }
@@ -140,7 +179,7 @@ enum Choice {
 }
 
 /// The ring's entries over endpoints known by index.
-struct Points {
+pub(crate) struct Points {
     /// Sorted by hash: (hash, endpoint index).
     entries: Vec<(u64, u32)>,
     /// Each endpoint's share of the weight, summing to 1.
@@ -204,10 +243,15 @@ impl Points {
         };
         // Bounded load: the key's endpoint if it has room, else positions
         // drawn from the key's own hashes, else the least loaded.
+        // Shares among the endpoints in rotation, as Envoy weighs healthy
+        // hosts only.
         let total: usize = in_flight.iter().sum();
         let allowed = ((total + 1) as f64 * f64::from(factor) / 100.0).ceil();
+        let weight: f64 = (0..n).filter(|&i| usable(i)).map(|i| self.weights[i]).sum();
         let room = |i: usize| {
-            usable(i) && open(i) && (in_flight[i] as f64) < (allowed * self.weights[i]).ceil()
+            usable(i)
+                && open(i)
+                && (in_flight[i] as f64) < (allowed * self.weights[i] / weight).ceil()
         };
         if room(home) {
             return Choice::Endpoint(home);
@@ -265,10 +309,9 @@ impl Points {
     }
 }
 
-/// What an endpoint's ring entries are keyed by: metadata `hash_key` (A76),
-/// else the instance id.
-fn stable_id(e: &Ready) -> String {
-    let instance = e.instance();
+/// What an instance's ring entries are keyed by: metadata `hash_key`
+/// (A76), else the instance id.
+pub(crate) fn stable_id(instance: &Instance) -> String {
     instance
         .metadata
         .get("hash_key")

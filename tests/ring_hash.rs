@@ -1,0 +1,199 @@
+//! Ring hash through the Balancer, against real etcd and real tonic
+//! servers, in the manner of grpc-go's `ringhash_e2e_test.go`: a key's calls
+//! stay on one endpoint, in every Balancer; a down endpoint's keys go to the
+//! next one and come back with it, the others stay; an instance that
+//! re-registers at a new address keeps its keys; without the header calls
+//! spread; bounded load spreads a hot key.
+
+#[path = "common/backend.rs"]
+mod backend;
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use backend::Backend;
+use common::{eventually, unique};
+use tonic_etcd::balancer::OutlierDetection;
+use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::shared;
+use tonic_etcd::{Balancer, Metadata, Registration, ServiceConfig};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn ring_hash(extra: &str) -> ServiceConfig {
+    ServiceConfig::from_json(&format!(
+        r#"{{"loadBalancingConfig":[{{"ring_hash_experimental":
+            {{"requestHashHeader":"x-key"{extra}}}}}]}}"#
+    ))
+    .unwrap()
+}
+
+async fn register(client: &etcd_client::Client, svc: &str, id: &str, addr: &str) -> Registration {
+    Registration::builder(client.clone())
+        .service(svc)
+        .id(id)
+        .addr(addr)
+        .metadata(Metadata::new())
+        .register()
+        .await
+        .unwrap()
+}
+
+async fn balancer(
+    client: &etcd_client::Client,
+    svc: &str,
+    config: ServiceConfig,
+    n: usize,
+) -> Balancer {
+    let b = Balancer::builder(client.clone(), svc)
+        .outlier_detection(OutlierDetection::disabled())
+        .service_config(config)
+        .build()
+        .unwrap();
+    b.wait_for_ready(n, LIMIT).await.unwrap();
+    b
+}
+
+/// Which server answered a call with key `key` (`None`: no header).
+async fn hello(b: &Balancer, key: Option<&str>) -> String {
+    let mut request = tonic::Request::new(HelloRequest { name: "k".into() });
+    request.set_timeout(LIMIT);
+    if let Some(k) = key {
+        request.metadata_mut().insert("x-key", k.parse().unwrap());
+    }
+    GreeterClient::new(b.clone())
+        .say_hello(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .server_id
+}
+
+/// Each key's server, asked `times` times (all must agree).
+async fn homes(b: &Balancer, keys: &[String], times: usize) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let mut seen = BTreeSet::new();
+        for _ in 0..times {
+            seen.insert(hello(b, Some(k)).await);
+        }
+        assert_eq!(seen.len(), 1, "key {k} went to {seen:?}");
+        out.insert(k.clone(), seen.into_iter().next().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_stay_home_move_only_with_their_endpoint_and_come_back() {
+    let client = shared().client().await;
+    let svc = unique("ring");
+    let mut backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("g{i}"))).collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        regs.push(register(&client, &svc, &format!("instance-{i}"), &b.addr).await);
+    }
+    let keys: Vec<String> = (0..40).map(|i| format!("item-{i}")).collect();
+    let a = balancer(&client, &svc, ring_hash(""), 4).await;
+    let before = homes(&a, &keys, 3).await;
+    let used: BTreeSet<&String> = before.values().collect();
+    assert_eq!(used.len(), 4, "40 keys reach every endpoint: {before:?}");
+    // Another Balancer (another client) sends every key to the same place.
+    let b = balancer(&client, &svc, ring_hash(""), 4).await;
+    assert_eq!(homes(&b, &keys, 1).await, before);
+
+    // g0 dies: only its keys move, each to one other endpoint.
+    backends[0].kill();
+    eventually(LIMIT, "g0 out of rotation", || async {
+        (a.ready() == 3).then_some(())
+    })
+    .await;
+    let during = homes(&a, &keys, 2).await;
+    for (k, home) in &before {
+        if home == "g0" {
+            assert_ne!(during[k], "g0");
+        } else {
+            assert_eq!(
+                &during[k], home,
+                "key {k} moved although its endpoint is up"
+            );
+        }
+    }
+    // g0 comes back (same id, new address): its keys come home.
+    backends[0] = Backend::start("g0");
+    drop(regs.remove(0));
+    regs.push(register(&client, &svc, "instance-0", &backends[0].addr).await);
+    eventually(LIMIT, "g0 back in rotation", || async {
+        a.ready_instances()
+            .iter()
+            .any(|i| i.addr == backends[0].addr)
+            .then_some(())
+    })
+    .await;
+    eventually(LIMIT, "a full ring", || async {
+        (a.ready() == 4).then_some(())
+    })
+    .await;
+    assert_eq!(homes(&a, &keys, 2).await, before);
+    let shares: f64 = a.endpoints().iter().filter_map(|e| e.ring_share).sum();
+    assert!(
+        (shares - 1.0).abs() < 1e-6,
+        "ring shares sum to 1: {shares}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_header_calls_spread() {
+    let client = shared().client().await;
+    let svc = unique("ring-spread");
+    let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("g{i}"))).collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        regs.push(register(&client, &svc, &format!("i{i}"), &b.addr).await);
+    }
+    let a = balancer(&client, &svc, ring_hash(""), 4).await;
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..200 {
+        *seen.entry(hello(&a, None).await).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 20), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_load_spreads_a_hot_key() {
+    let client = shared().client().await;
+    let svc = unique("ring-hot");
+    let greeters: Vec<Greeter> = (0..4)
+        .map(|i| Greeter::new(format!("g{i}")).with_delay(Duration::from_millis(50)))
+        .collect();
+    let backends: Vec<Backend> = greeters
+        .iter()
+        .map(|g| Backend::start_with("127.0.0.1:0", g.clone(), false))
+        .collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        regs.push(register(&client, &svc, &format!("i{i}"), &b.addr).await);
+    }
+    // 32 concurrent calls of one key, each held 50 ms by its server.
+    let burst = |b: Balancer| async move {
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { hello(&b, Some("hot")).await })
+            })
+            .collect();
+        let mut per = BTreeMap::<String, u32>::new();
+        for c in calls {
+            *per.entry(c.await.unwrap()).or_default() += 1;
+        }
+        per
+    };
+    let plain = burst(balancer(&client, &svc, ring_hash(""), 4).await).await;
+    assert_eq!(plain.len(), 1, "one key, one endpoint: {plain:?}");
+    let bounded =
+        burst(balancer(&client, &svc, ring_hash(r#","hashBalanceFactor":125"#), 4).await).await;
+    // Each endpoint holds at most ceil(ceil(33 × 1.25) / 4) = 11 at once.
+    let most = bounded.values().max().copied().unwrap_or(0);
+    assert!(bounded.len() >= 3 && most <= 11, "{bounded:?}");
+}
