@@ -147,6 +147,38 @@
 //! status in `nonFatalStatusCodes` sends the next hedge at once, any other
 //! ends the call. Hedges share the replay buffer, throttle and budget.
 
+//! # Ring hash
+//!
+//! A service config whose `loadBalancingConfig` selects
+//! `ring_hash_experimental` (gRFC A42/A76) sends every call with the same
+//! key to the same endpoint, from every client:
+//!
+//! ```json
+//! {"loadBalancingConfig": [{"ring_hash_experimental": {
+//!     "requestHashHeader": "x-item-id", "minRingSize": 1024, "maxRingSize": 4096,
+//!     "hashBalanceFactor": 125}}]}
+//! ```
+//!
+//! * the key is the `requestHashHeader` value (several joined by `,`; a
+//!   call without it hashes at random); XXH64, seed 0;
+//! * the ring holds every registered instance, `XXH64("<id>_<n>")` per
+//!   entry as grpc-go hashes `"<address>_<n>"`, sized as A42 says; the id
+//!   is the instance's metadata `hash_key` (A76) or its instance id, so an
+//!   instance that re-registers at another address keeps its keys (grpc-go
+//!   keys by address: Go and Rust clients of one service agree only when
+//!   instances set `hash_key` to their address);
+//! * an endpoint out of rotation (connecting, ejected, unhealthy, at its
+//!   stream limit, or already tried by this call's retry or hedge) is
+//!   walked past to the next one on the ring; no other key moves;
+//! * `hashBalanceFactor` (beyond A42; Envoy's `hash_balance_factor`,
+//!   consistent hashing with bounded loads): an endpoint takes at most
+//!   `ceil(ceil((calls in flight + 1) × factor / 100) × its weight share)`
+//!   calls; a key whose endpoint is full goes to positions drawn from its
+//!   own hash, so a hot key spreads instead of overloading one replica;
+//! * zones, slow start and the cost-weighted shares do not apply; the
+//!   call's deadline, outlier ejection, retries and hedging do.
+//!   [`EndpointStatus::ring_share`] is each endpoint's share of the keys.
+
 // A call's life as layers, each in its own file: `call` (deadline, record,
 // attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
 // it) → `pool` (endpoints, connections, health, ejection). `body` carries
