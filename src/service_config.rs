@@ -57,6 +57,34 @@ pub struct ServiceConfig {
     /// Under ring hash, the header hashed (`requestHashHeader`); without
     /// one (or when a request lacks it) each call hashes at random.
     pub hash_header: HashHeader,
+    /// Connecting to a subset of the instances only (gRFC A68's
+    /// `random_subsetting_experimental`, or
+    /// `tonic_etcd_coordinated_subsetting`), with `load_balancing` as the
+    /// child policy within the subset.
+    pub subsetting: Option<Subsetting>,
+}
+
+/// Each client connects to `size` of the instances only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subsetting {
+    /// How the subset is chosen.
+    pub scheme: SubsetScheme,
+    /// `subsetSize`: instances per client.
+    pub size: u32,
+}
+
+/// How a client's subset is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubsetScheme {
+    /// gRFC A68 (`random_subsetting_experimental`): the instances whose
+    /// addresses hash lowest with a seed of the client's own.
+    Random,
+    /// `tonic_etcd_coordinated_subsetting`: clients register in etcd and
+    /// take deterministic subsets by their rank among each other (the SRE
+    /// book's deterministic subsetting), so every instance gets the same
+    /// number of clients; random while etcd cannot tell.
+    Coordinated,
 }
 
 /// How a balancer picks an endpoint, from `loadBalancingConfig`.
@@ -212,9 +240,10 @@ impl ServiceConfig {
             config.retry_throttling = Some(throttling(t, "retryThrottling")?);
         }
         if let Some(lb) = field(obj, "loadBalancingConfig") {
-            let (policy, header) = load_balancing(lb, "loadBalancingConfig")?;
-            config.load_balancing = policy;
-            config.hash_header = header;
+            let chosen = load_balancing(lb, "loadBalancingConfig", true)?;
+            config.load_balancing = chosen.policy;
+            config.hash_header = chosen.header;
+            config.subsetting = chosen.subsetting;
             config.load_balancing_config = Some(lb.clone());
         }
         Ok(config)
@@ -394,8 +423,21 @@ fn retry_policy(value: &Value, at: &str) -> Result<RetryPolicy, Error> {
     Ok(policy)
 }
 
-/// The first policy of `loadBalancingConfig` this crate knows.
-fn load_balancing(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader), Error> {
+/// What `loadBalancingConfig` selects.
+struct Chosen {
+    policy: LoadBalancing,
+    header: HashHeader,
+    subsetting: Option<Subsetting>,
+}
+
+/// The names [`load_balancing`] knows, for its error message.
+const KNOWN_POLICIES: &str = "random_subsetting_experimental, tonic_etcd_coordinated_subsetting, \
+     ring_hash_experimental, tonic_etcd_cost_weighted, round_robin, weighted_round_robin, \
+     least_request_experimental, pick_first";
+
+/// The first policy of `loadBalancingConfig` this crate knows (a
+/// subsetting policy only at the top: `outer`).
+fn load_balancing(value: &Value, at: &str, outer: bool) -> Result<Chosen, Error> {
     let list = array(value, at)?;
     let mut names = Vec::new();
     for (i, entry) in list.iter().enumerate() {
@@ -412,27 +454,61 @@ fn load_balancing(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader)
             ));
         };
         let p_at = format!("{e_at}.{name}");
+        let plain = |policy| Chosen {
+            policy,
+            header: HashHeader::default(),
+            subsetting: None,
+        };
         match name.as_str() {
-            "ring_hash_experimental" | "ring_hash" => return ring_hash(config, &p_at),
+            "random_subsetting_experimental" | "tonic_etcd_coordinated_subsetting" if outer => {
+                let scheme = if name == "random_subsetting_experimental" {
+                    SubsetScheme::Random
+                } else {
+                    SubsetScheme::Coordinated
+                };
+                return subsetting(config, &p_at, scheme);
+            }
+            "ring_hash_experimental" | "ring_hash" => {
+                let (policy, header) = ring_hash(config, &p_at)?;
+                return Ok(Chosen {
+                    policy,
+                    header,
+                    subsetting: None,
+                });
+            }
             "tonic_etcd_cost_weighted"
             | "round_robin"
             | "weighted_round_robin"
             | "least_request_experimental"
             | "pick_first" => {
                 object(config, &p_at)?;
-                return Ok((LoadBalancing::CostWeighted, HashHeader::default()));
+                return Ok(plain(LoadBalancing::CostWeighted));
             }
             other => names.push(other.to_owned()),
         }
     }
     Err(invalid(
         at,
-        format!(
-            "names no policy this client knows ({names:?}; known: ring_hash_experimental, \
-             tonic_etcd_cost_weighted, round_robin, weighted_round_robin, \
-             least_request_experimental, pick_first)"
-        ),
+        format!("names no policy this client knows ({names:?}; known: {KNOWN_POLICIES})"),
     ))
+}
+
+fn subsetting(value: &Value, at: &str, scheme: SubsetScheme) -> Result<Chosen, Error> {
+    let obj = object(value, at)?;
+    let s_at = format!("{at}.subsetSize");
+    let size = field(obj, "subsetSize").ok_or_else(|| invalid(&s_at, "is required".into()))?;
+    let size = size
+        .as_u64()
+        .filter(|n| *n >= 1)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| invalid(&s_at, format!("{size} is not a whole number of at least 1")))?;
+    let c_at = format!("{at}.childPolicy");
+    let child = field(obj, "childPolicy").ok_or_else(|| invalid(&c_at, "is required".into()))?;
+    let child = load_balancing(child, &c_at, false)?;
+    Ok(Chosen {
+        subsetting: Some(Subsetting { scheme, size }),
+        ..child
+    })
 }
 
 fn ring_hash(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader), Error> {
@@ -924,6 +1000,23 @@ mod tests {
                 r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"hashBalanceFactor":99}}]}"#,
                 "hashBalanceFactor: 99 is not a whole percentage of at least 100",
             ),
+            (
+                r#"{"loadBalancingConfig":[{"random_subsetting_experimental":{"childPolicy":[]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting_experimental.subsetSize: is required",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"random_subsetting_experimental":{"subsetSize":0,"childPolicy":[]}}]}"#,
+                "subsetSize: 0 is not a whole number of at least 1",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"tonic_etcd_coordinated_subsetting":{"subsetSize":3}}]}"#,
+                "tonic_etcd_coordinated_subsetting.childPolicy: is required",
+            ),
+            (
+                r#"{"loadBalancingConfig":[{"random_subsetting_experimental":{"subsetSize":3,
+                   "childPolicy":[{"random_subsetting_experimental":{"subsetSize":2,"childPolicy":[]}}]}}]}"#,
+                "childPolicy: names no policy this client knows ([\"random_subsetting_experimental\"]",
+            ),
         ] {
             let got = err(json);
             assert!(got.contains(want), "{json}\n  got:  {got}\n  want: {want}");
@@ -954,6 +1047,23 @@ mod tests {
             ServiceConfig::from_json("{}").unwrap().load_balancing,
             LoadBalancing::CostWeighted
         );
+        let c = ServiceConfig::from_json(
+            r#"{"loadBalancingConfig":[{"tonic_etcd_coordinated_subsetting":{"subsetSize":10,
+                "childPolicy":[{"ring_hash_experimental":{"requestHashHeader":"x-key"}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.subsetting,
+            Some(Subsetting {
+                scheme: SubsetScheme::Coordinated,
+                size: 10
+            })
+        );
+        assert_eq!(
+            c.load_balancing,
+            LoadBalancing::RingHash(RingHashConfig::DEFAULT)
+        );
+        assert!(c.hash_header.0.is_some());
     }
 
     #[test]

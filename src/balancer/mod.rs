@@ -200,6 +200,7 @@ mod preface;
 mod replay;
 mod retry;
 mod ring_hash;
+mod subset;
 #[cfg(feature = "tls")]
 mod tls;
 mod wait;
@@ -231,6 +232,7 @@ use load::LoadConfig;
 pub use outlier::OutlierDetection;
 pub use pool::{ConnectError, EndpointState, EndpointStatus};
 use pool::{Filter, PoolConfig, Shared};
+pub use subset::SubsetStatus;
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 
@@ -254,6 +256,8 @@ pub struct BalancerBuilder {
     health_check: Option<String>,
     service_config: Arc<crate::ServiceConfig>,
     config_from_etcd: bool,
+    /// Set by `build`: where coordinated subsetting registers the client.
+    registry: Option<subset::Registry>,
 }
 
 impl fmt::Debug for BalancerBuilder {
@@ -574,6 +578,13 @@ impl BalancerBuilder {
             None
         };
         let client = self.discover.client().clone();
+        let opts = self.discover.options();
+        let registry = subset::Registry {
+            client: client.clone(),
+            service: format!("{}{}", opts.schema.root_prefix(), self.service),
+            request_timeout: opts.request_timeout,
+        };
+        self.registry = Some(registry);
         Ok(self.discover_into(discover, Some(etcd), config.map(|c| (client, c))))
     }
 
@@ -620,10 +631,12 @@ impl BalancerBuilder {
             backoff_base: Duration::from_millis(50),
             backoff_max: self.backoff_max,
             health_check: self.health_check,
+            registry: self.registry,
         });
         let (config_tx, config_rx) =
             tokio::sync::watch::channel(ServiceConfigStatus::builder(self.service_config.clone()));
         self.calls.config = config_rx.clone();
+        let pool_config = config_rx.clone();
         let (config_task, first_read) = match config {
             Some((client, watch)) => {
                 let limit = watch.request_timeout;
@@ -639,7 +652,7 @@ impl BalancerBuilder {
                 let _ =
                     tokio::time::timeout(limit, rx.wait_for(ServiceConfigStatus::settled)).await;
             }
-            pool::run(discover, shared_for_pool, cfg).await;
+            pool::run(discover, shared_for_pool, cfg, pool_config).await;
         });
         Balancer {
             metrics: Arc::new(CallMetrics::new(&shared.service)),
@@ -733,6 +746,7 @@ impl Balancer {
             health_check: None,
             service_config: Arc::default(),
             config_from_etcd: true,
+            registry: None,
         }
     }
 
@@ -766,6 +780,13 @@ impl Balancer {
     /// etcd), with the last document etcd held that was refused, if any.
     pub fn service_config(&self) -> ServiceConfigStatus {
         self.calls.config.borrow().clone()
+    }
+
+    /// Under subsetting (the service config's `loadBalancingConfig`): the
+    /// scheme, this client's rank among the service's clients (coordinated
+    /// scheme), and how many instances it connects to of how many.
+    pub fn subset(&self) -> Option<SubsetStatus> {
+        self.shared.info.borrow().subset.clone()
     }
 
     /// Whether the fail-fast gate is closed: no endpoint has been in rotation

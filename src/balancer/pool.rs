@@ -1,7 +1,7 @@
 //! The background side of the balancer: applies discovery changes as they
 //! come (not only when calls flow) and keeps one connector task per endpoint.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -15,9 +15,11 @@ use tower::discover::Change;
 
 use super::endpoint::{connect, ConnConfig, Policy, Ready};
 use super::ring_hash::{self, Member, Points, Ring};
+use super::subset::{self, SubsetStatus};
 use super::AbortOnDrop;
 use crate::backoff::Backoff;
-use crate::service_config::RingHashConfig;
+use crate::config_store::ServiceConfigStatus;
+use crate::service_config::{RingHashConfig, SubsetScheme, Subsetting};
 use crate::Instance;
 
 /// Decides which instances receive calls.
@@ -38,6 +40,8 @@ pub(crate) struct PoolInfo {
     /// the fail-fast gate closes once this is older than the no-endpoint
     /// timeout.
     pub(crate) empty_since: Option<Instant>,
+    /// Under subsetting, where it stands.
+    pub(crate) subset: Option<SubsetStatus>,
 }
 
 /// The endpoints in rotation, those of the client's zone first.
@@ -197,6 +201,18 @@ impl Shared {
         let ring = Arc::new(Ring::new(points, &members, set));
         *cached = Some((set.clone(), config, ring.clone()));
         ring
+    }
+
+    /// Whether endpoint `key` counts as a usable subset member: in
+    /// rotation, or connecting without a failure yet (a new member is
+    /// given its chance before a replacement is added).
+    pub(crate) fn usable(&self, key: &str) -> bool {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.get(key).is_none_or(|e| match e.state {
+            EndpointState::Ready => true,
+            EndpointState::Connecting => e.last_error.is_none(),
+            _ => false,
+        })
     }
 
     /// Forgets the ring: it holds its endpoints, and must not outlive a
@@ -373,44 +389,157 @@ struct Connector {
     instance: watch::Sender<Arc<Instance>>,
 }
 
-/// Applies discovery changes until the stream ends or the balancer is dropped.
-///
-/// Updates are idempotent: an Insert for a key already connected at the same
-/// address only replaces the instance (metadata), as linkerd's pool does.
-pub(crate) async fn run<D, E>(mut discover: D, shared: Arc<Shared>, cfg: Arc<PoolConfig>)
-where
+/// Applies discovery changes until the stream ends or the balancer is
+/// dropped: keeps a connector for every instance, or, under subsetting
+/// (from the service config in force, `config`), for the subset's members
+/// only (see [`super::subset`]).
+pub(crate) async fn run<D, E>(
+    mut discover: D,
+    shared: Arc<Shared>,
+    cfg: Arc<PoolConfig>,
+    mut config: watch::Receiver<ServiceConfigStatus>,
+) where
     D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin,
     E: Display,
 {
-    let mut connectors: HashMap<String, Connector> = HashMap::new();
-    let mut filtered: HashSet<String> = HashSet::new();
-    while let Some(change) = discover.next().await {
-        match change {
-            Ok(Change::Insert(key, instance)) => {
-                filtered.remove(&key);
-                if !(cfg.filter)(&instance) {
-                    tracing::debug!(%key, "instance does not pass the filter");
-                    connectors.remove(&key);
-                    filtered.insert(key);
-                } else if let Some(c) = connectors
-                    .get(&key)
-                    .filter(|c| c.instance.borrow().addr == instance.addr)
-                {
+    let mut pool = Pool {
+        instances: BTreeMap::new(),
+        filtered: HashSet::new(),
+        connectors: HashMap::new(),
+        seed: rand::random(),
+        coordinator: None,
+    };
+    let mut info = shared.info.subscribe();
+    let mut config_open = true;
+    loop {
+        let subsetting = config.borrow().config.subsetting;
+        pool.coordinate(subsetting, &cfg);
+        pool.reconcile(&shared, &cfg, subsetting);
+        let rank = pool.coordinator.as_mut().map(|(_, rank)| rank);
+        tokio::select! {
+            change = discover.next() => match change {
+                None => return,
+                Some(Ok(Change::Insert(key, instance))) => {
+                    pool.filtered.remove(&key);
+                    if (cfg.filter)(&instance) {
+                        pool.instances.insert(key, Arc::new(instance));
+                    } else {
+                        tracing::debug!(%key, "instance does not pass the filter");
+                        pool.instances.remove(&key);
+                        pool.filtered.insert(key);
+                    }
+                }
+                Some(Ok(Change::Remove(key))) => {
+                    pool.instances.remove(&key);
+                    pool.filtered.remove(&key);
+                }
+                Some(Err(error)) => tracing::warn!(%error, "discovery error"),
+            },
+            changed = config.changed(), if config_open => config_open = changed.is_ok(),
+            _ = async { rank?.changed().await.ok() }, if subsetting.is_some() => {}
+            // Members' states decide replacements.
+            _ = info.changed(), if subsetting.is_some() => {}
+        }
+    }
+}
+
+/// The pool task's state.
+struct Pool {
+    /// Every registered instance that passes the filter.
+    instances: BTreeMap<String, Arc<Instance>>,
+    /// Registered instances the filter rejects.
+    filtered: HashSet<String>,
+    connectors: HashMap<String, Connector>,
+    /// This client's seed for random subsets (A68).
+    seed: u64,
+    /// Under coordinated subsetting: the task holding this client's key,
+    /// and its rank.
+    coordinator: Option<(AbortOnDrop, watch::Receiver<subset::Rank>)>,
+}
+
+impl Pool {
+    /// Starts or stops taking part in the client registry as the scheme in
+    /// force says (only for a balancer over etcd).
+    fn coordinate(&mut self, subsetting: Option<Subsetting>, cfg: &PoolConfig) {
+        let wanted = subsetting.is_some_and(|s| s.scheme == SubsetScheme::Coordinated);
+        match (&self.coordinator, &cfg.registry) {
+            (None, Some(registry)) if wanted => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                let (tx, rx) = watch::channel(None);
+                let task = tokio::spawn(subset::coordinate(registry.clone(), id, tx));
+                self.coordinator = Some((AbortOnDrop(task), rx));
+            }
+            (Some(_), _) if !wanted => self.coordinator = None,
+            _ => {}
+        }
+    }
+
+    /// Makes the connectors match the instances to connect to.
+    fn reconcile(
+        &mut self,
+        shared: &Arc<Shared>,
+        cfg: &Arc<PoolConfig>,
+        subsetting: Option<Subsetting>,
+    ) {
+        let desired: HashSet<String> = match subsetting {
+            None => self.instances.keys().cloned().collect(),
+            Some(s) => {
+                let list: Vec<(String, Arc<Instance>)> = self
+                    .instances
+                    .iter()
+                    .map(|(k, i)| (k.clone(), i.clone()))
+                    .collect();
+                let rank = self.coordinator.as_ref().and_then(|(_, r)| *r.borrow());
+                let who = match rank {
+                    Some((index, count)) => subset::Who::Rank { index, count },
+                    None => subset::Who::Seed(self.seed),
+                };
+                let size = s.size as usize;
+                let order = subset::order(&list, size, who);
+                let members: HashSet<String> =
+                    subset::select(&order, size, |i| shared.usable(&list[i].0))
+                        .into_iter()
+                        .map(|i| list[i].0.clone())
+                        .collect();
+                let status = SubsetStatus {
+                    scheme: s.scheme,
+                    size: s.size,
+                    rank: rank.filter(|_| s.scheme == SubsetScheme::Coordinated),
+                    instances: list.len(),
+                    members: members.len(),
+                };
+                shared.info.send_if_modified(|i| {
+                    let changed = i.subset.as_ref() != Some(&status);
+                    i.subset = Some(status);
+                    changed
+                });
+                members
+            }
+        };
+        if subsetting.is_none() {
+            shared.info.send_if_modified(|i| i.subset.take().is_some());
+        }
+        // Dropping a connector stops it; its connection closes once the
+        // calls on it finish.
+        self.connectors.retain(|key, _| desired.contains(key));
+        for key in desired {
+            let Some(instance) = self.instances.get(&key) else {
+                continue;
+            };
+            match self.connectors.get(&key) {
+                Some(c) if Arc::ptr_eq(&c.instance.borrow(), instance) => {}
+                Some(c) if c.instance.borrow().addr == instance.addr => {
                     tracing::debug!(%key, "metadata updated");
-                    c.instance.send_replace(Arc::new(instance));
-                } else {
-                    let (tx, rx) = watch::channel(Arc::new(instance));
+                    c.instance.send_replace(instance.clone());
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(instance.clone());
                     tokio::spawn(maintain(key.clone(), shared.clone(), cfg.clone(), rx));
-                    connectors.insert(key, Connector { instance: tx });
+                    self.connectors.insert(key, Connector { instance: tx });
                 }
             }
-            Ok(Change::Remove(key)) => {
-                connectors.remove(&key);
-                filtered.remove(&key);
-            }
-            Err(error) => tracing::warn!(%error, "discovery error"),
         }
-        let (registered, filtered_out) = (connectors.len(), filtered.len());
+        let (registered, filtered_out) = (self.instances.len(), self.filtered.len());
         shared.info.send_if_modified(|i| {
             let changed = i.registered != registered || i.filtered_out != filtered_out;
             i.registered = registered;
@@ -428,6 +557,9 @@ pub(crate) struct PoolConfig {
     pub(crate) backoff_max: std::time::Duration,
     /// Active health checking: the service name to watch.
     pub(crate) health_check: Option<String>,
+    /// Where coordinated subsetting registers this client (a balancer
+    /// over etcd only).
+    pub(crate) registry: Option<subset::Registry>,
 }
 
 /// A connection that lived this long was healthy: the next failure starts
