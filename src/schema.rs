@@ -212,6 +212,10 @@ impl NamingSchema {
     }
 }
 
+/// The prefix of the keys this crate keeps for itself (service configs,
+/// the client registry of coordinated subsetting).
+pub(crate) const RESERVED: &str = "_tonic-etcd/";
+
 /// Checks a `/`-separated name: no empty segments, no leading or trailing `/`.
 fn check_path(name: &str, what: &str) -> Result<(), Error> {
     check_name(name, what, '\0')?;
@@ -266,6 +270,13 @@ impl Schema for NamingSchema {
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
+        if self.namespace.is_none() && key.starts_with(RESERVED.as_bytes()) {
+            // Service configs and client keys of this crate, seen by a
+            // listing of every key: not instances.
+            return Err(DecodeError::MalformedKey(format!(
+                "{RESERVED} keys are tonic-etcd's own (service configs, clients)"
+            )));
+        }
         let rest = after_root(key, &self.root_prefix())?;
         let (service, id) = rest.rsplit_once('/').ok_or_else(|| {
             DecodeError::MalformedKey("expected <service>/<id> after the namespace".into())

@@ -436,11 +436,22 @@ pub(crate) async fn run<D, E>(
                 Some(Err(error)) => tracing::warn!(%error, "discovery error"),
             },
             changed = config.changed(), if config_open => config_open = changed.is_ok(),
-            _ = async { rank?.changed().await.ok() }, if subsetting.is_some() => {}
+            () = rank_changed(rank), if subsetting.is_some() => {}
             // Members' states decide replacements.
             _ = info.changed(), if subsetting.is_some() => {}
         }
     }
+}
+
+/// Resolves when the coordinated rank changes; never without one (or once
+/// its task is gone), so that the pool task does not spin.
+async fn rank_changed(rank: Option<&mut watch::Receiver<subset::Rank>>) {
+    if let Some(r) = rank {
+        if r.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// The pool task's state.

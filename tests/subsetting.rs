@@ -1,0 +1,156 @@
+//! Subsetting through the Balancer, against real etcd and real servers:
+//! coordinated subsets cover every instance exactly once per round of
+//! clients and follow the clients as they come and go; random subsets
+//! (A68) have the configured size; a member out of rotation is replaced.
+
+#[path = "common/backend.rs"]
+mod backend;
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use backend::Backend;
+use common::{eventually, unique};
+use tonic_etcd::balancer::OutlierDetection;
+use tonic_etcd::service_config::SubsetScheme;
+use tonic_etcd::testing::shared;
+use tonic_etcd::{Balancer, Metadata, Registration, ServiceConfig};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn subsetting(scheme: &str, size: u32) -> ServiceConfig {
+    ServiceConfig::from_json(&format!(
+        r#"{{"loadBalancingConfig":[{{"{scheme}":{{"subsetSize":{size},
+            "childPolicy":[{{"round_robin":{{}}}}]}}}}]}}"#
+    ))
+    .unwrap()
+}
+
+struct Fleet {
+    client: etcd_client::Client,
+    svc: String,
+    backends: Vec<Backend>,
+    _regs: Vec<Registration>,
+}
+
+async fn fleet(n: usize) -> Fleet {
+    let client = shared().client().await;
+    let svc = unique("subset");
+    let backends: Vec<Backend> = (0..n).map(|i| Backend::start(&format!("g{i}"))).collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let reg = Registration::builder(client.clone())
+            .service(&svc)
+            .id(format!("instance-{i}"))
+            .addr(&b.addr)
+            .metadata(Metadata::new())
+            .register()
+            .await
+            .unwrap();
+        regs.push(reg);
+    }
+    Fleet {
+        client,
+        svc,
+        backends,
+        _regs: regs,
+    }
+}
+
+impl Fleet {
+    fn balancer(&self, config: ServiceConfig) -> Balancer {
+        Balancer::builder(self.client.clone(), &self.svc)
+            .outlier_detection(OutlierDetection::disabled())
+            .service_config(config)
+            .build()
+            .unwrap()
+    }
+}
+
+/// The addresses `b` is connected to (its subset).
+fn members(b: &Balancer) -> Vec<String> {
+    b.endpoints().into_iter().map(|e| e.instance.addr).collect()
+}
+
+/// Connections per instance address over `clients`.
+fn per_instance(clients: &[Balancer]) -> BTreeMap<String, usize> {
+    let mut per = BTreeMap::new();
+    for b in clients {
+        for addr in members(b) {
+            *per.entry(addr).or_default() += 1;
+        }
+    }
+    per
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinated_subsets_cover_every_instance_once_and_follow_the_clients() {
+    let f = fleet(6).await;
+    let config = subsetting("tonic_etcd_coordinated_subsetting", 2);
+    let mut clients: Vec<Balancer> = (0..3).map(|_| f.balancer(config.clone())).collect();
+    // Three clients of six instances, two each: one round, each instance
+    // exactly once.
+    eventually(LIMIT, "three ranked clients, two members each", || async {
+        let ranked = clients.iter().all(|b| {
+            b.subset()
+                .is_some_and(|s| s.rank.is_some_and(|(_, n)| n == 3) && s.members == 2)
+        });
+        let per = per_instance(&clients);
+        (ranked && per.len() == 6 && per.values().all(|n| *n == 1)).then_some(())
+    })
+    .await;
+    let mut ranks: Vec<usize> = clients
+        .iter()
+        .map(|b| b.subset().and_then(|s| s.rank).unwrap().0)
+        .collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2]);
+    for b in &clients {
+        b.wait_for_ready(2, LIMIT).await.unwrap();
+        let s = b.subset().unwrap();
+        assert_eq!(
+            (s.scheme, s.size, s.instances),
+            (SubsetScheme::Coordinated, 2, 6)
+        );
+    }
+
+    // One client leaves: two clients of two subsets each... of three:
+    // every client still holds two, and they no longer overlap.
+    drop(clients.pop());
+    eventually(LIMIT, "two ranked clients", || async {
+        let ranked = clients.iter().all(|b| {
+            b.subset()
+                .is_some_and(|s| s.rank.is_some_and(|(_, n)| n == 2))
+        });
+        let per = per_instance(&clients);
+        (ranked && per.len() == 4 && per.values().all(|n| *n == 1)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_subsets_have_their_size_and_replace_a_member_out_of_rotation() {
+    let mut f = fleet(5).await;
+    let b = f.balancer(subsetting("random_subsetting_experimental", 2));
+    b.wait_for_ready(2, LIMIT).await.unwrap();
+    let before = members(&b);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let s = b.subset().unwrap();
+    assert_eq!(
+        (s.scheme, s.rank, s.instances),
+        (SubsetScheme::Random, None, 5)
+    );
+
+    // A member dies (its key stays until its lease expires): a replacement
+    // joins so that two are usable.
+    let dead = before[0].clone();
+    let i = f.backends.iter().position(|x| x.addr == dead).unwrap();
+    f.backends[i].kill();
+    eventually(LIMIT, "a replacement in rotation", || async {
+        let ready: Vec<String> = b.ready_instances().into_iter().map(|i| i.addr).collect();
+        (ready.len() == 2 && !ready.contains(&dead)).then_some(())
+    })
+    .await;
+    assert_eq!(members(&b).len(), 3, "the dead member stays, retried");
+}
