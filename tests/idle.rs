@@ -95,5 +95,39 @@ async fn idle_servers_views_and_balancer_cost_almost_no_cpu() {
         "an idle Balancer uses {:.1} % of a core",
         share * 100.0
     );
+
+    // Balancers under each subsetting scheme and ring hash (their pool
+    // tasks wait on more sources: the config, the client registry, the
+    // members' states).
+    let mut more = Vec::new();
+    for policy in [
+        r#"{"random_subsetting_experimental":{"subsetSize":2,"childPolicy":[{"round_robin":{}}]}}"#,
+        r#"{"tonic_etcd_coordinated_subsetting":{"subsetSize":2,"childPolicy":[{"ring_hash_experimental":{}}]}}"#,
+    ] {
+        let config = tonic_etcd::ServiceConfig::from_json(&format!(
+            r#"{{"loadBalancingConfig":[{policy}]}}"#
+        ))
+        .unwrap();
+        let b = Balancer::builder(client.clone(), svc)
+            .service_config(config)
+            .build()
+            .unwrap();
+        b.wait_for_ready(2, LIMIT).await.unwrap();
+        GreeterClient::new(b.clone())
+            .say_hello(HelloRequest { name: "x".into() })
+            .await
+            .unwrap();
+        more.push(b);
+    }
+    eventually(LIMIT, "the coordinated client ranked", || async {
+        more[1].subset().and_then(|s| s.rank).map(|_| ())
+    })
+    .await;
+    let share = idle_share("+ Balancers with subsets and ring hash").await;
+    assert!(
+        share < BUDGET,
+        "idle subsetting Balancers use {:.1} % of a core",
+        share * 100.0
+    );
     drop(stops);
 }
