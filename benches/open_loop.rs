@@ -40,7 +40,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backends::{caller, Backends, Call, Outcome, Setup};
+use backends::{caller, round, Backends, Call, Outcome, Setup};
 use support::{ms, setting, table, write_json};
 use tokio::time::Instant;
 use tonic_etcd::testing::Etcd;
@@ -50,39 +50,6 @@ const DEADLINE: Duration = Duration::from_secs(1);
 const MS5: Duration = Duration::from_millis(5);
 const MS20: Duration = Duration::from_millis(20);
 const LATE: Duration = Duration::from_millis(50);
-
-/// One round: `rate` calls per second for `length`, each issued at its
-/// scheduled time on a task of its own. Returns (latency from schedule,
-/// outcome) per call. `at_fifth` runs once a fifth into the round.
-async fn round(
-    call: &Call,
-    rate: u64,
-    length: Duration,
-    at_fifth: Option<&(dyn Fn() + Sync)>,
-) -> Vec<(Duration, Outcome)> {
-    let n = (rate as f64 * length.as_secs_f64()) as u64;
-    let start = Instant::now() + Duration::from_millis(5);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let scheduled = start + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(scheduled).await;
-        if i == n / 5 {
-            if let Some(f) = at_fifth {
-                f();
-            }
-        }
-        let call = call.clone();
-        tasks.push(tokio::spawn(async move {
-            let outcome = call().await;
-            (scheduled.elapsed(), outcome)
-        }));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.expect("call task"));
-    }
-    out
-}
 
 /// Percentile `q` of sorted `v`.
 fn at(v: &[Duration], q: f64) -> Duration {
