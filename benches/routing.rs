@@ -114,6 +114,29 @@ fn connections(clients: &[Balancer]) -> BTreeMap<String, usize> {
     per
 }
 
+/// Connections per instance once `settled` holds, every client has `size`
+/// endpoints and two readings 300 ms apart agree (at most two minutes).
+async fn stable(
+    clients: &[Balancer],
+    size: usize,
+    settled: impl Fn(&[Balancer]) -> bool,
+) -> BTreeMap<String, usize> {
+    let limit = Instant::now() + Duration::from_secs(120);
+    let mut last = BTreeMap::new();
+    loop {
+        let ready = settled(clients) && clients.iter().all(|b| b.endpoints().len() == size);
+        let now = connections(clients);
+        if (ready && now == last) || Instant::now() > limit {
+            if !ready {
+                eprintln!("warning: subsets did not settle within two minutes");
+            }
+            return now;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// min / mean / max of connections per instance (instances without any
 /// count as 0).
 fn spread(per: &BTreeMap<String, usize>, instances: usize) -> (usize, f64, usize) {
@@ -164,26 +187,18 @@ async fn subsets(client: &etcd_client::Client, rows: &mut Vec<Vec<String>>) -> s
                 })
             })
         };
-        let limit = Instant::now() + Duration::from_secs(120);
-        while !settled(&clients) && Instant::now() < limit {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let before = stable(&clients, size, settled).await;
         let took = t0.elapsed();
-        let before = connections(&clients);
         let (min, mean, max) = spread(&before, n_instances);
         // One more instance joins.
         let (new_addr, reg) = instance(client, svc, n_instances, Duration::ZERO, None).await;
         regs.push(reg);
-        let limit = Instant::now() + Duration::from_secs(60);
-        while !clients.iter().all(|b| {
-            b.subset()
-                .is_some_and(|s| s.instances == n_instances + 1 && s.members == size)
-        }) && Instant::now() < limit
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = connections(&clients);
+        let after = stable(&clients, size, |clients: &[Balancer]| {
+            clients
+                .iter()
+                .all(|b| b.subset().is_some_and(|s| s.instances == n_instances + 1))
+        })
+        .await;
         let moved: usize = clients.len() * size
             - before
                 .iter()

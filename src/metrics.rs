@@ -24,6 +24,9 @@
 //! | `tonic_etcd_balancer_endpoint_latency_seconds` | gauge | `service`, `endpoint` | the endpoint's latency estimate (time to response headers) |
 //! | `tonic_etcd_balancer_endpoint_success_rate` | gauge | `service`, `endpoint` | share of recent calls that succeeded (EWMA, 0 to 1) |
 //! | `tonic_etcd_balancer_endpoint_state` | gauge | `service`, `endpoint` | 0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed |
+//! | `tonic_etcd_balancer_endpoint_ring_share` | gauge | `service`, `endpoint` | under ring hash, the share of keys the endpoint owns (set when the ring is built) |
+//! | `tonic_etcd_balancer_subset_members` | gauge | `service` | under subsetting, instances connected to (the subset and its replacements) |
+//! | `tonic_etcd_balancer_subset_clients` | gauge | `service` | under coordinated subsetting, the service's clients this one ranks among (0 while the random scheme stands in) |
 //!
 //! Every name is described (`describe_*`) when a view, registration or
 //! Balancer is built, and a Balancer's series exist at 0 from the moment
@@ -128,6 +131,19 @@ mod balancer {
         metrics::gauge!("tonic_etcd_balancer_fail_fast", "service" => service.to_owned())
             .set(if closed { 1.0 } else { 0.0 });
     }
+
+    pub(crate) fn subset(service: &str, members: usize, clients: usize) {
+        metrics::gauge!("tonic_etcd_balancer_subset_members", "service" => service.to_owned())
+            .set(members as f64);
+        metrics::gauge!("tonic_etcd_balancer_subset_clients", "service" => service.to_owned())
+            .set(clients as f64);
+    }
+
+    pub(crate) fn ring_share(service: &str, endpoint: &str, share: f64) {
+        metrics::gauge!("tonic_etcd_balancer_endpoint_ring_share",
+            "service" => service.to_owned(), "endpoint" => endpoint.to_owned())
+        .set(share);
+    }
 }
 
 #[cfg(feature = "metrics")]
@@ -214,6 +230,18 @@ pub(crate) fn describe() {
         describe_gauge!(
             "tonic_etcd_balancer_endpoint_success_rate",
             "share of an endpoint's recent calls that succeeded"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_endpoint_ring_share",
+            "under ring hash, the share of keys an endpoint owns"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_subset_members",
+            "under subsetting, instances connected to"
+        );
+        describe_gauge!(
+            "tonic_etcd_balancer_subset_clients",
+            "under coordinated subsetting, the clients this one ranks among"
         );
         describe_gauge!(
             "tonic_etcd_balancer_endpoint_state",
@@ -473,6 +501,8 @@ mod balancer {
     pub(crate) fn ejection(_: &str) {}
     pub(crate) fn connect_failure(_: &str) {}
     pub(crate) fn fail_fast(_: &str, _: bool) {}
+    pub(crate) fn subset(_: &str, _: usize, _: usize) {}
+    pub(crate) fn ring_share(_: &str, _: &str, _: f64) {}
     pub(crate) fn retry(_: &str, _: &'static str) {}
     pub(crate) fn hedge(_: &str, _: &'static str) {}
 }

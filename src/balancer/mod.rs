@@ -179,6 +179,18 @@
 //!   call's deadline, outlier ejection, retries and hedging do.
 //!   [`EndpointStatus::ring_share`] is each endpoint's share of the keys.
 
+//! # Subsetting
+//!
+//! `random_subsetting_experimental` (gRFC A68) or
+//! `tonic_etcd_coordinated_subsetting` in `loadBalancingConfig`, with
+//! `subsetSize` and a `childPolicy`, makes the balancer connect to that
+//! many instances only; the child policy (the cost-weighted pick or ring
+//! hash) runs within them. The coordinated scheme registers the client
+//! under `_tonic-etcd/clients/` in etcd and takes the SRE book's
+//! deterministic subset by its rank, so instances get equal numbers of
+//! clients; A68's random subsets are uneven. A member out of rotation is
+//! replaced until it recovers. [`Balancer::subset`] shows where it stands.
+
 // A call's life as layers, each in its own file: `call` (deadline, record,
 // attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
 // it) → `pool` (endpoints, connections, health, ejection). `body` carries

@@ -198,7 +198,17 @@ impl Shared {
                 }
             }
         };
+        let fresh_points =
+            !matches!(&*cached, Some((_, c, r)) if *c == config && r.same_points(&points));
         let ring = Arc::new(Ring::new(points, &members, set));
+        if fresh_points {
+            let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, share) in ring.shares() {
+                if let Some(e) = registry.get(&key) {
+                    crate::metrics::ring_share(&self.service, &e.instance.addr, share);
+                }
+            }
+        }
         *cached = Some((set.clone(), config, ring.clone()));
         ring
     }
@@ -519,11 +529,15 @@ impl Pool {
                     instances: list.len(),
                     members: members.len(),
                 };
-                shared.info.send_if_modified(|i| {
+                let clients = status.rank.map_or(0, |(_, n)| n);
+                let changed = shared.info.send_if_modified(|i| {
                     let changed = i.subset.as_ref() != Some(&status);
                     i.subset = Some(status);
                     changed
                 });
+                if changed {
+                    crate::metrics::subset(&shared.service, members.len(), clients);
+                }
                 members
             }
         };
