@@ -162,7 +162,10 @@
 //! * the key is the `requestHashHeader` value (several joined by `,`; a
 //!   call without it hashes at random); XXH64, seed 0;
 //! * the ring holds every registered instance, `XXH64("<id>_<n>")` per
-//!   entry as grpc-go hashes `"<address>_<n>"`, sized as A42 says; the id
+//!   entry as grpc-go hashes `"<address>_<n>"`, at least `minRingSize`
+//!   entries, at most `maxRingSize` (entries per weight rounded up to a
+//!   power of two, where A42 sizes the ring exactly: then a join resizes
+//!   every endpoint's entries and moves twice the keys it must); the id
 //!   is the instance's metadata `hash_key` (A76) or its instance id, so an
 //!   instance that re-registers at another address keeps its keys (grpc-go
 //!   keys by address: Go and Rust clients of one service agree only when
