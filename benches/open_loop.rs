@@ -548,7 +548,8 @@ async fn all_failing(
     round(call, pace.rate, Duration::from_secs(1), None).await;
     let before = counted.retried();
     let t0 = Instant::now();
-    let outcomes = round(call, pace.rate, BUDGET_CHECK, None).await;
+    let check = Duration::from_secs(setting("BENCH_BUDGET_S", BUDGET_CHECK_S, 1));
+    let outcomes = round(call, pace.rate, check, None).await;
     let seconds = t0.elapsed().as_secs_f64();
     let retries = counted.retried() - before;
     let calls = outcomes.len();
@@ -569,9 +570,9 @@ async fn all_failing(
     json
 }
 
-/// How long the all-failing scenario's policy variant runs alone (the
-/// budget saves up at most 10 s of its floor).
-const BUDGET_CHECK: Duration = Duration::from_secs(20);
+/// How long (s) the all-failing scenario's policy variant runs alone (the
+/// budget saves up at most 10 s of its floor); 1 s in a smoke run.
+const BUDGET_CHECK_S: u64 = 20;
 
 /// Every one of four backends adds 50 ms to 2 % of its replies at random:
 /// no backend is worse than another, so picking cannot help. tonic's
