@@ -29,6 +29,8 @@ struct State {
     refuse: Option<tonic::Code>,
     /// Puts wait forever.
     stall_puts: bool,
+    /// Attaching a keep-alive stream waits forever.
+    stall_attaches: bool,
     grants: u32,
     puts: u32,
     checks: u32,
@@ -165,6 +167,9 @@ impl Store for Fake {
     }
 
     async fn attach(&self, lease: i64) -> EtcdResult<FakeKeepAlive> {
+        if self.lock().stall_attaches {
+            std::future::pending::<()>().await;
+        }
         let mut state = self.reach().await?;
         state.attaches.push(Instant::now());
         if state.renew(lease) == 0 {
@@ -463,4 +468,23 @@ async fn metadata_is_written_now_or_after_an_outage() {
     run_for(Duration::from_secs(1)).await;
     assert!(value(&fake).contains("\"b\""), "{}", value(&fake));
     assert_eq!(reg.lease_id(), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn metadata_updated_during_the_first_attach_is_one_put() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    // The worker has not attached its keep-alive stream yet, and will not.
+    fake.lock().stall_attaches = true;
+    reg.update_metadata(Metadata::new().with("zone", "a"))
+        .await
+        .unwrap();
+    let state = fake.lock();
+    let value = String::from_utf8(state.keys[KEY].0.clone()).unwrap();
+    assert!(value.contains("\"a\""), "written at once: {value}");
+    assert_eq!(
+        (state.puts, state.checks, state.restores),
+        (2, 0, 0),
+        "the registration's put and one more, no check and repair"
+    );
 }

@@ -326,14 +326,20 @@ impl<S: Store> Worker<S> {
             // make its steady state as large as all of them together.
             let mut attach = Box::pin(attach);
             // Commands are answered meanwhile: attaching can take a whole
-            // request timeout against an unreachable etcd.
+            // request timeout against an unreachable etcd. The first attach
+            // follows a registration that etcd just answered, so new
+            // metadata is written at once under the lease (one put; deferred,
+            // it took a key check and a guarded put after the attach, twice
+            // the floor in the propagation benchmark); a re-attach after a
+            // broken stream may face an etcd that is away, so it defers.
+            let write_under = first.then_some(lease);
             let attached = loop {
                 tokio::select! {
                     biased;
                     () = stopped(stop) => return SessionEnd::Stopped,
                     r = &mut attach => break r,
                     cmd = commands.recv() => match cmd {
-                        Some(cmd) => Box::pin(self.command(cmd, None, stop)).await,
+                        Some(cmd) => Box::pin(self.command(cmd, write_under, stop)).await,
                         None => return SessionEnd::Stopped,
                     },
                 }
