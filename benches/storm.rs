@@ -1,0 +1,383 @@
+//! Registration storms: a fleet that starts together, or re-registers at
+//! once after etcd lost its data, against one real etcd (fsync on).
+//!
+//! For each N (`BENCH_STORM_N`, comma-separated; default 1000,5000,10000):
+//!
+//! * **floor**: N lease grants and N puts under them issued at once by
+//!   plain etcd clients in this process (the fastest etcd takes them);
+//! * **cold start**: N registrations (TTL 10 s, 30 s start-up deadline)
+//!   spread over `BENCH_STORM_PROCS` child processes (default 16, each with
+//!   its own etcd client), all starting at the same instant;
+//! * **after a wipe**: etcd killed, its data dir wiped, restarted on the
+//!   same port: every lease is gone and every registration re-registers.
+//!
+//! Reported per phase: the time until all N keys are present (counted
+//! every 50 ms), the largest drop of that count on the way (keys that were
+//! there and went again), etcd's Raft proposals per instance (its
+//! `raftIndex` before and after), etcd's CPU, and registrations whose
+//! start-up failed. Each phase is cut off at 60 s.
+//!
+//! `cargo bench --bench storm`; writes `target/bench/storm.json`.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{GetOptions, PutOptions};
+use support::{setting, table, write_json};
+use tokio::time::Instant;
+use tonic_etcd::testing::Etcd;
+use tonic_etcd::{Metadata, Registration};
+
+const CHILD: &str = "TONIC_ETCD_STORM_CHILD";
+const PHASE_LIMIT: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(10);
+
+fn main() {
+    if std::env::var_os(CHILD).is_some() {
+        child();
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("BENCH_STORM_N")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| {
+            if support::smoke() {
+                vec![200]
+            } else {
+                vec![1_000, 5_000, 10_000]
+            }
+        });
+    let procs = setting("BENCH_STORM_PROCS", 16, 4) as usize;
+    let etcd = Etcd::options().fsync(true).start();
+    let rt = support::runtime();
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    for n in sizes {
+        let phases = rt.block_on(storm(&etcd, n, procs));
+        let mut entry = serde_json::Map::new();
+        for p in &phases {
+            rows.push(p.row(n));
+            entry.insert(p.name.into(), p.json());
+        }
+        json.insert(n.to_string(), serde_json::Value::Object(entry));
+        // A clean etcd for the next size.
+        etcd.wipe_and_restart();
+    }
+    table(
+        &format!("storm: N registrations in {procs} processes against one etcd (fsync), TTL 10 s"),
+        &[
+            "N",
+            "phase",
+            "all present s",
+            "largest drop",
+            "proposals/instance",
+            "etcd CPU s",
+            "failed start-ups",
+        ],
+        &rows,
+    );
+    write_json("storm", &serde_json::Value::Object(json));
+}
+
+/// What one phase measured.
+struct Phase {
+    name: &'static str,
+    /// Until every key was present (`None`: not within the limit).
+    all_present: Option<Duration>,
+    /// The count at the end, if not all.
+    last_count: usize,
+    largest_drop: usize,
+    proposals: u64,
+    etcd_cpu: Duration,
+    failed: Option<usize>,
+    n: usize,
+}
+
+impl Phase {
+    fn row(&self, n: usize) -> Vec<String> {
+        vec![
+            n.to_string(),
+            self.name.into(),
+            match self.all_present {
+                Some(d) => format!("{:.2}", d.as_secs_f64()),
+                None => format!("never ({} of {n})", self.last_count),
+            },
+            self.largest_drop.to_string(),
+            format!("{:.2}", self.proposals as f64 / self.n as f64),
+            format!("{:.2}", self.etcd_cpu.as_secs_f64()),
+            self.failed.map_or("-".into(), |f| f.to_string()),
+        ]
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "all_present_s": self.all_present.map(|d| d.as_secs_f64()),
+            "last_count": self.last_count,
+            "largest_drop": self.largest_drop,
+            "proposals_per_instance": self.proposals as f64 / self.n as f64,
+            "etcd_cpu_s": self.etcd_cpu.as_secs_f64(),
+            "failed_startups": self.failed,
+        })
+    }
+}
+
+async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
+    let client = etcd.client().await;
+    let mut phases = vec![floor(etcd, &client, n, procs).await];
+    etcd.wipe_and_restart();
+    let client = etcd.client().await;
+
+    let service = format!("storm-{n}");
+    let prefix = format!("{service}/");
+    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
+    let start_at = unix_ms() + 1_500;
+    let mut children: Vec<Child> = (0..procs)
+        .map(|p| {
+            let (from, to) = (p * n / procs, (p + 1) * n / procs);
+            Command::new(std::env::current_exe().expect("own path"))
+                .env(CHILD, "1")
+                .args([
+                    etcd.endpoint(),
+                    service.clone(),
+                    from.to_string(),
+                    to.to_string(),
+                    start_at.to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start a storm child")
+        })
+        .collect();
+    let t0 = Instant::now() + Duration::from_millis(start_at.saturating_sub(unix_ms()) as u64);
+    tokio::time::sleep_until(t0).await;
+    let (all_present, last_count, largest_drop) = follow(&client, &prefix, n, t0).await;
+    // Start-ups end within their 30 s deadline; each child reports.
+    let failed = children
+        .iter_mut()
+        .map(|c| {
+            let out = c.stdout.as_mut().expect("piped");
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|f| f.parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    phases.push(Phase {
+        name: "cold start",
+        all_present,
+        last_count,
+        largest_drop,
+        proposals: raft_index(&client).await.saturating_sub(raft0),
+        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
+        failed: Some(failed),
+        n,
+    });
+
+    // etcd loses its data: every lease and key is gone at once.
+    etcd.wipe_and_restart();
+    let client = etcd.client().await;
+    let t0 = Instant::now();
+    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
+    let (all_present, last_count, largest_drop) = follow(&client, &prefix, n, t0).await;
+    phases.push(Phase {
+        name: "after a wipe",
+        all_present,
+        last_count,
+        largest_drop,
+        proposals: raft_index(&client).await.saturating_sub(raft0),
+        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
+        failed: None,
+        n,
+    });
+    for c in &mut children {
+        // Closing stdin ends a child; its registrations are dropped.
+        drop(c.stdin.take());
+    }
+    for mut c in children {
+        let limit = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    phases
+}
+
+/// N grants and N puts at once from `procs` plain clients.
+async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize) -> Phase {
+    let mut clients = Vec::new();
+    for _ in 0..procs {
+        clients.push(etcd.client().await);
+    }
+    let (raft0, cpu0) = (raft_index(client).await, etcd_cpu(etcd));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut c = clients[i % procs].clone();
+            tokio::spawn(async move {
+                let lease = c.lease_grant(TTL.as_secs() as i64, None).await?.id();
+                c.put(
+                    format!("floor/{i}"),
+                    "x",
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+                Ok::<_, etcd_client::Error>(())
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for t in tasks {
+        if !matches!(t.await, Ok(Ok(()))) {
+            failed += 1;
+        }
+    }
+    let took = t0.elapsed();
+    Phase {
+        name: "floor: grant + put",
+        all_present: (failed == 0).then_some(took),
+        last_count: n - failed,
+        largest_drop: 0,
+        proposals: raft_index(client).await.saturating_sub(raft0),
+        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
+        failed: Some(failed),
+        n,
+    }
+}
+
+/// Counts the keys under `prefix` every 50 ms until all `n` are there or
+/// the phase limit passes: (time to all, last count, largest drop).
+async fn follow(
+    client: &etcd_client::Client,
+    prefix: &str,
+    n: usize,
+    t0: Instant,
+) -> (Option<Duration>, usize, usize) {
+    let mut c = client.clone();
+    let (mut highest, mut largest_drop, mut last) = (0usize, 0usize, 0usize);
+    while t0.elapsed() < PHASE_LIMIT {
+        let got = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
+        )
+        .await;
+        if let Ok(Ok(resp)) = got {
+            last = resp.count() as usize;
+            highest = highest.max(last);
+            largest_drop = largest_drop.max(highest - last);
+            if last >= n {
+                return (Some(t0.elapsed()), last, largest_drop);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (None, last, largest_drop)
+}
+
+async fn raft_index(client: &etcd_client::Client) -> u64 {
+    let mut c = client.clone();
+    for _ in 0..50 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), c.status()).await {
+            return s.raft_index();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    0
+}
+
+/// etcd's CPU time so far (user + system), from /proc.
+fn etcd_cpu(etcd: &Etcd) -> Duration {
+    let Some(pid) = etcd.pid() else {
+        return Duration::ZERO;
+    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command's closing parenthesis: utime is the 12th,
+    // stime the 13th of those.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1_000 / hz)
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// A child: registers instances `from..to` of `service` at `start_at` (unix
+/// ms), prints `failed <k>` once every start-up has ended, and keeps them
+/// registered until its stdin closes.
+fn child() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [endpoint, service, from, to, start_at, ..] = args.as_slice() else {
+        eprintln!("storm child: expected <endpoint> <service> <from> <to> <start-ms>");
+        std::process::exit(2);
+    };
+    let (from, to): (usize, usize) = (from.parse().unwrap_or(0), to.parse().unwrap_or(0));
+    let start_at: u128 = start_at.parse().unwrap_or(0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = tonic_etcd::testing::connect(std::slice::from_ref(endpoint)).await;
+        let wait = start_at.saturating_sub(unix_ms()) as u64;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let tasks: Vec<_> = (from..to)
+            .map(|i| {
+                let b = Registration::builder(client.clone())
+                    .service(service.as_str())
+                    .id(format!("instance-{i:05}"))
+                    .addr(format!(
+                        "10.{}.{}.{}:7020",
+                        i >> 16 & 255,
+                        i >> 8 & 255,
+                        i & 255
+                    ))
+                    .metadata(Metadata::new())
+                    .ttl(TTL)
+                    .startup_timeout(Duration::from_secs(30));
+                tokio::spawn(b.register())
+            })
+            .collect();
+        let mut held = Vec::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(r)) => held.push(r),
+                _ => failed += 1,
+            }
+        }
+        println!("failed {failed}");
+        let _ = std::io::stdout().flush();
+        // Until the parent closes stdin.
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        })
+        .await;
+        drop(held);
+    });
+}
