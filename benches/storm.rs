@@ -235,10 +235,22 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
         })
         .collect();
     let mut failed = 0;
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
     for t in tasks {
-        if !matches!(t.await, Ok(Ok(()))) {
-            failed += 1;
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failed += 1;
+                *reasons.entry(e.to_string()).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                *reasons.entry(e.to_string()).or_default() += 1;
+            }
         }
+    }
+    for (reason, count) in reasons {
+        eprintln!("floor: {count} failed: {reason}");
     }
     let took = t0.elapsed();
     Phase {
@@ -307,11 +319,14 @@ fn etcd_cpu(etcd: &Etcd) -> Duration {
     // Fields after the command's closing parenthesis: utime is the 12th,
     // stime the 13th of those.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let ticks = field(11) + field(12);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1_000 / hz)

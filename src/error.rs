@@ -136,6 +136,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether etcd is overloaded rather than away: it refuses proposals
+    /// ("too many requests", as it does when applying falls 5,000 entries
+    /// behind committing; `RESOURCE_EXHAUSTED`), or a request timed out.
+    /// Retries should back off much further than after a refused
+    /// connection, or they keep the overload going.
+    pub fn is_overload(&self) -> bool {
+        match self {
+            Error::Etcd {
+                source: etcd_client::Error::GRpcStatus(s),
+                ..
+            } => {
+                s.code() == tonic::Code::ResourceExhausted
+                    || s.message().contains("too many requests")
+            }
+            Error::Timeout { .. } => true,
+            Error::StartupDeadline { last_error, .. } => last_error.is_overload(),
+            _ => false,
+        }
+    }
+
     /// Whether retrying cannot help: etcd refused the request for what it is
     /// (permission denied, bad credentials, invalid argument), not for a
     /// passing fault. Start-up fails at once on these instead of retrying.

@@ -31,6 +31,10 @@ struct State {
     stall_puts: bool,
     /// Attaching a keep-alive stream waits forever.
     stall_attaches: bool,
+    /// Puts fail with this (grants still work): an overloaded etcd.
+    refuse_puts: Option<tonic::Code>,
+    /// Requests that reached the fake, answered or refused.
+    requests: u32,
     grants: u32,
     puts: u32,
     checks: u32,
@@ -108,6 +112,7 @@ impl Fake {
         let _ = self.frozen.subscribe().wait_for(|f| !f).await;
         let mut state = self.lock();
         state.expire();
+        state.requests += 1;
         if state.down {
             return Err(status(tonic::Code::Unavailable));
         }
@@ -153,6 +158,9 @@ impl Store for Fake {
             }
             let mut state = self.reach().await?;
             state.puts += 1;
+            if let Some(code) = state.refuse_puts {
+                return Err(status(code));
+            }
             if !state.leases.contains_key(&lease) {
                 return Err(status(tonic::Code::NotFound));
             }
@@ -487,4 +495,45 @@ async fn metadata_updated_during_the_first_attach_is_one_put() {
         (2, 0, 0),
         "the registration's put and one more, no check and repair"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overloaded_etcd_is_retried_far_less_often() {
+    // "too many requests" for a whole 30 s start-up: attempts back off
+    // towards 16 s; a refused connection is retried about every second.
+    let overloaded = Fake::new();
+    overloaded.lock().refuse = Some(tonic::Code::ResourceExhausted);
+    let err = start(overloaded.clone(), spec(10), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(err.is_overload(), "{err}");
+    let down = Fake::new();
+    down.lock().refuse = Some(tonic::Code::Unavailable);
+    let err = start(down.clone(), spec(10), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(!err.is_overload(), "{err}");
+    let (o, d) = (overloaded.lock().requests, down.lock().requests);
+    assert!(o <= 8, "{o} attempts against an overloaded etcd in 30 s");
+    assert!(d >= 3 * o, "{d} against an unreachable one, {o} overloaded");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_put_refused_for_overload_is_retried_under_the_same_lease() {
+    let fake = Fake::new();
+    fake.lock().refuse_puts = Some(tonic::Code::ResourceExhausted);
+    let f = fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        f.lock().refuse_puts = None;
+    });
+    let reg = start(fake.clone(), spec(10), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let state = fake.lock();
+    assert_eq!(state.grants, 1, "one lease, put again under it");
+    assert!(state.puts >= 2, "{}", state.puts);
+    assert!(state.revoked.is_empty());
+    drop(state);
+    assert_eq!(reg.lease_id(), Some(1));
 }
