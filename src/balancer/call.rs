@@ -119,31 +119,13 @@ pub(crate) async fn call(
         .headers_mut()
         .entry(http::header::USER_AGENT)
         .or_insert_with(|| cfg.user_agent.clone());
-    let throttling = config.retry_throttling.as_ref();
+    let retries = || cfg.retries.for_call(config.retry_throttling.as_ref());
     let result = match method.and_then(|m| m.policy.as_ref()) {
         Some(Policy::Retry(policy)) => {
-            call_with_retries(
-                &shared,
-                &cfg,
-                request,
-                plan,
-                policy,
-                throttling,
-                &mut record,
-            )
-            .await
+            call_with_retries(&shared, &cfg, request, plan, policy, retries(), &mut record).await
         }
         Some(Policy::Hedging(policy)) => {
-            call_with_hedging(
-                &shared,
-                &cfg,
-                request,
-                plan,
-                policy,
-                throttling,
-                &mut record,
-            )
-            .await
+            call_with_hedging(&shared, &cfg, request, plan, policy, retries(), &mut record).await
         }
         _ => once(&shared, &cfg, request, plan, &mut record).await,
     };
@@ -165,8 +147,7 @@ async fn once(
     plan: Plan,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let (parts, body) = request.into_parts();
-    let replay = Replay::new(body, cfg.retries.replay().clone());
+    let (parts, replay) = Replay::split(request, cfg.retries.replay());
     let mut outcome = attempt(shared, cfg, replay.request(&parts), plan, &[], record).await;
     if let Attempt::Unprocessed { endpoint, error } = outcome {
         if !replay.can_replay() {

@@ -29,10 +29,10 @@ use super::call::{finish, CallConfig, Plan};
 use super::endpoint::Ready;
 use super::pool::Shared;
 use super::replay::Replay;
-use super::retry::{pushback, Pushback, MAX_ATTEMPTS};
+use super::retry::{pushback, CallRetries, Pushback, MAX_ATTEMPTS};
 use super::{classify, deadline, BoxError};
 use crate::metrics::CallRecord;
-use crate::service_config::{HedgingPolicy, RetryThrottling};
+use crate::service_config::HedgingPolicy;
 
 /// The call, hedged as `policy` says.
 pub(crate) async fn call_with_hedging(
@@ -41,12 +41,10 @@ pub(crate) async fn call_with_hedging(
     request: http::Request<tonic::body::Body>,
     plan: Plan,
     policy: &HedgingPolicy,
-    throttling: Option<&RetryThrottling>,
+    retries: CallRetries<'_>,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let retries = cfg.retries.for_call(throttling);
-    let (parts, body) = request.into_parts();
-    let replay = Replay::new(body, retries.replay.clone());
+    let (parts, replay) = Replay::split(request, retries.replay);
     let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;
     let winner = Arc::new(AtomicUsize::new(usize::MAX));
     let mut used: Vec<Arc<Ready>> = Vec::new();

@@ -85,6 +85,16 @@ impl Replay {
         }
     }
 
+    /// Splits `request` into the head every attempt copies and its body
+    /// kept for replay.
+    pub(crate) fn split(
+        request: http::Request<Inner>,
+        limits: &ReplayLimits,
+    ) -> (http::request::Parts, Self) {
+        let (parts, body) = request.into_parts();
+        (parts, Self::new(body, limits.clone()))
+    }
+
     /// Whether another attempt can send the whole body again.
     pub(crate) fn can_replay(&self) -> bool {
         !lock(&self.state).spent

@@ -224,12 +224,10 @@ pub(crate) async fn call_with_retries(
     request: http::Request<tonic::body::Body>,
     plan: Plan,
     policy: &RetryPolicy,
-    throttling: Option<&RetryThrottling>,
+    retries: CallRetries<'_>,
     record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let retries = cfg.retries.for_call(throttling);
-    let (parts, body) = request.into_parts();
-    let replay = Replay::new(body, retries.replay.clone());
+    let (parts, replay) = Replay::split(request, retries.replay);
     let max = policy.max_attempts.min(MAX_ATTEMPTS);
     retries.budget.deposit();
     let mut attempts = 1;
