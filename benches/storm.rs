@@ -4,7 +4,9 @@
 //! For each N (`BENCH_STORM_N`, comma-separated; default 1000,5000,10000):
 //!
 //! * **floor**: N lease grants and N puts under them issued at once by
-//!   plain etcd clients in this process (the fastest etcd takes them);
+//!   plain etcd clients in this process, each sent again 100 to 200 ms
+//!   after etcd refused it with "too many requests" (the fastest etcd
+//!   takes them);
 //! * **cold start**: N registrations (TTL 10 s, 30 s start-up deadline)
 //!   spread over `BENCH_STORM_PROCS` child processes (default 16, each with
 //!   its own etcd client), all starting at the same instant;
@@ -221,15 +223,19 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let mut c = clients[i % procs].clone();
+            let c = clients[i % procs].clone();
             tokio::spawn(async move {
-                let lease = c.lease_grant(TTL.as_secs() as i64, None).await?.id();
-                c.put(
-                    format!("floor/{i}"),
-                    "x",
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await?;
+                let ttl = TTL.as_secs() as i64;
+                let lease = pushed_back(|| {
+                    let mut c = c.clone();
+                    async move { c.lease_grant(ttl, None).await }
+                }).await?.id();
+                let opts = PutOptions::new().with_lease(lease);
+                let key = format!("floor/{i}");
+                pushed_back(|| {
+                    let (mut c, key, opts) = (c.clone(), key.clone(), opts.clone());
+                    async move { c.put(key, "x", Some(opts)).await }
+                }).await?;
                 Ok::<_, etcd_client::Error>(())
             })
         })
@@ -262,6 +268,27 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
         etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
         failed: Some(failed),
         n,
+    }
+}
+
+/// Sends a request again while etcd refuses it with "too many requests"
+/// (after 100 to 200 ms, at most 200 times): the least a client must do to
+/// get 10,000 requests issued at once through etcd 3.4 on this machine.
+async fn pushed_back<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Err(e) if tries < 200 && e.to_string().contains("too many requests") => {
+                tries += 1;
+                let pause = 100 + rand::random::<u64>() % 100;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -349,6 +376,18 @@ fn child() {
     };
     let (from, to): (usize, usize) = (from.parse().unwrap_or(0), to.parse().unwrap_or(0));
     let start_at: u128 = start_at.parse().unwrap_or(0);
+    // BENCH_STORM_LOG=<dir>: each child writes its warnings there, to see
+    // which errors a storm is made of.
+    if let Some(dir) = std::env::var_os("BENCH_STORM_LOG") {
+        let path = std::path::Path::new(&dir).join(format!("child-{from}.log"));
+        if let Ok(file) = std::fs::File::create(path) {
+            tracing_subscriber::fmt()
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .with_env_filter("tonic_etcd=debug")
+                .init();
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -138,18 +138,14 @@ pub enum Error {
 impl Error {
     /// Whether etcd is overloaded rather than away: it refuses proposals
     /// ("too many requests", as it does when applying falls 5,000 entries
-    /// behind committing; `RESOURCE_EXHAUSTED`), or a request timed out.
+    /// behind committing; `RESOURCE_EXHAUSTED`), refuses lease renewals
+    /// while it catches up ("waiting for the applied index took too long"),
+    /// or a request timed out.
     /// Retries should back off much further than after a refused
     /// connection, or they keep the overload going.
     pub fn is_overload(&self) -> bool {
         match self {
-            Error::Etcd {
-                source: etcd_client::Error::GRpcStatus(s),
-                ..
-            } => {
-                s.code() == tonic::Code::ResourceExhausted
-                    || s.message().contains("too many requests")
-            }
+            Error::Etcd { source, .. } => crate::retry::is_overload(source),
             Error::Timeout { .. } => true,
             Error::StartupDeadline { last_error, .. } => last_error.is_overload(),
             _ => false,

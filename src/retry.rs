@@ -10,6 +10,17 @@
 //! * `Unavailable` (a dead member stays in etcd-client's rotation, so about
 //!   1/N of calls fail that way until it is back) and a stalled attempt are
 //!   retried with a short back-off while the deadline allows.
+//! * An overloaded etcd ("too many requests", "waiting for the applied index
+//!   took too long", `RESOURCE_EXHAUSTED`) is **not** retried here: the
+//!   caller backs off far longer (registration: 0.5 s to 16 s). Retrying
+//!   those every 10 to 200 ms was most of the load in the storm benchmark
+//!   (96,000 keep-alive retries in one minute of a 10,000-instance storm).
+//! * [`once`] makes one attempt for writes whose repeat costs etcd a Raft
+//!   proposal (lease grants, registration puts), as etcd's own Go client
+//!   never re-sends a mutation that may have reached the server: a stalled
+//!   grant is usually queued behind an overload, not dropped, and each
+//!   re-sent one became a lease nobody used (40,000 in that storm). The
+//!   caller's loop retries with its back-off instead.
 //!
 //! Every request this crate makes is safe to repeat: writes put the same
 //! value (an attempt cut off may still have been applied), a repeated lease
@@ -44,7 +55,7 @@ where
             crate::time::deadline_after(Instant::now(), per_attempt).min(deadline);
         let error = match tokio::time::timeout_at(attempt_deadline, call()).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if is_unavailable(&e) => Some(e),
+            Ok(Err(e)) if is_unavailable(&e) && !is_overload(&e) => Some(e),
             Ok(Err(e)) => return Err(Error::Etcd { op, source: e }),
             // The attempt stalled (a dropped proposal, a member cut off).
             Err(_) => None,
@@ -61,6 +72,33 @@ where
             None => tracing::debug!(op, ?per_attempt, "etcd attempt stalled; retrying"),
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// One attempt of an etcd write within `timeout` (see the [module docs](self)).
+pub(crate) async fn once<T, Fut>(op: &'static str, timeout: Duration, call: Fut) -> Result<T, Error>
+where
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Etcd { op, source }),
+        Err(_) => Err(Error::Timeout { op, timeout }),
+    }
+}
+
+/// etcd pushing back: it is up and answering, but behind. etcd 3.4 and 3.5
+/// send "too many requests" with code `Unknown` when applying falls 5,000
+/// entries behind committing, and refuse lease renewals with `Unavailable`
+/// "waiting for the applied index took too long" while it catches up.
+pub(crate) fn is_overload(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::ResourceExhausted
+                || s.message().contains("too many requests")
+                || s.message().contains("waiting for the applied index")
+        }
+        _ => false,
     }
 }
 
@@ -118,5 +156,42 @@ mod tests {
         .await;
         assert!(matches!(r, Err(Error::Etcd { .. })));
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overloaded_etcd_is_left_to_the_callers_back_off() {
+        for (code, message) in [
+            (tonic::Code::Unknown, "etcdserver: too many requests"),
+            (
+                tonic::Code::Unavailable,
+                "etcdserver: request timed out, waiting for the applied index took too long",
+            ),
+            (tonic::Code::ResourceExhausted, "h2 protocol error"),
+        ] {
+            let attempts = AtomicU32::new(0);
+            let r = with_timeout("op", Duration::from_secs(5), || {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Err::<(), _>(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                        code, message,
+                    )))
+                }
+            })
+            .await;
+            let err = r.unwrap_err();
+            assert!(err.is_overload(), "{err}");
+            assert_eq!(attempts.load(Ordering::SeqCst), 1, "{message}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_made_once_is_not_sent_again_when_it_stalls() {
+        let start = Instant::now();
+        let r = once("lease grant", Duration::from_secs(5), async {
+            std::future::pending::<Result<(), etcd_client::Error>>().await
+        })
+        .await;
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::store::{KeepAlive, Store};
 use super::{encode_all, RegistrationState};
 use crate::backoff::Backoff;
-use crate::retry::with_timeout;
+use crate::retry::{once, with_timeout};
 use crate::schema::{Encoded, Schema};
 use crate::{Error, Metadata};
 
@@ -26,6 +26,11 @@ const OVERLOAD_BACKOFF_BASE: Duration = Duration::from_millis(500);
 const OVERLOAD_BACKOFF_MAX: Duration = Duration::from_secs(16);
 /// The keep-alive interval never drops below this, whatever the TTL.
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// An answer slower than this means etcd is behind (a healthy etcd answers
+/// in milliseconds; a leader election stalls requests, it does not slow them).
+const SLOW_ANSWER: Duration = Duration::from_secs(1);
+/// How long etcd counts as pressed after its last sign of overload.
+const PRESSURE_MEMORY: Duration = Duration::from_secs(30);
 
 /// A request from the handle.
 pub(super) enum Command {
@@ -55,6 +60,8 @@ pub(super) struct Worker<S> {
     overload: Backoff,
     /// Metadata changed while no lease was attached; the next repair writes it.
     unwritten: bool,
+    /// Until when etcd counts as overloaded (see [`Worker::pressed`]).
+    pressed_until: Option<Instant>,
 }
 
 /// Why a keep-alive session ended.
@@ -73,6 +80,29 @@ impl<S: Store> Worker<S> {
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
             overload: Backoff::new(OVERLOAD_BACKOFF_BASE, OVERLOAD_BACKOFF_MAX),
             unwritten: false,
+            pressed_until: None,
+        }
+    }
+
+    /// Whether etcd showed overload (pushed back, timed out, or answered
+    /// slower than [`SLOW_ANSWER`]) in the last [`PRESSURE_MEMORY`]. While
+    /// it did, this registration adds nothing that can wait: no key checks,
+    /// no keep-alive attach sent again when it stalls, and a keep-alive
+    /// stream that goes quiet is waited for until the lease's TTL has run
+    /// out rather than half of it (its answers are late, not lost). In a
+    /// 10,000-instance storm those three were most of etcd's load.
+    fn pressed(&self) -> bool {
+        self.pressed_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn press(&mut self) {
+        self.pressed_until = Some(Instant::now() + PRESSURE_MEMORY);
+    }
+
+    /// Notes what an answer (or its absence) says about etcd's load.
+    fn observe(&mut self, error: Option<&Error>, took: Duration) {
+        if error.is_some_and(Error::is_overload) || took >= SLOW_ANSWER {
+            self.press();
         }
     }
 
@@ -91,7 +121,11 @@ impl<S: Store> Worker<S> {
         loop {
             // An attempt in flight at the deadline is cut off there (and
             // revokes what it granted).
+            let began = Instant::now();
             let attempt = tokio::time::timeout_at(deadline, self.register_once()).await;
+            if let Ok(r) = &attempt {
+                self.observe(r.as_ref().err(), began.elapsed());
+            }
             match attempt {
                 Ok(Ok(lease)) => {
                     self.backoff.reset();
@@ -162,7 +196,9 @@ impl<S: Store> Worker<S> {
 
     async fn register_once(&self) -> Result<i64, Error> {
         let (ttl, timeout) = (self.ttl_secs, self.spec.request_timeout);
-        let lease = with_timeout("lease grant", timeout, || self.store.grant(ttl)).await?;
+        // One attempt: a grant re-sent while the first is queued in an
+        // overloaded etcd leaves a lease nobody uses (see crate::retry).
+        let lease = once("lease grant", timeout, self.store.grant(ttl)).await?;
         let granted = Instant::now();
         let guard = RevokeOnDrop::new(self.store.clone(), lease, timeout);
         // An overloaded etcd refusing the put: the lease is granted, so the
@@ -195,10 +231,9 @@ impl<S: Store> Worker<S> {
     /// another lease.
     async fn put(&self, lease: i64) -> Result<(), Error> {
         let entries = &self.spec.entries;
-        let previous = with_timeout("put", self.spec.request_timeout, || {
-            self.store.put(entries, lease)
-        })
-        .await?;
+        // One attempt: every caller retries a failed put after its own
+        // back-off, and a put re-sent on a stall costs etcd a proposal more.
+        let previous = once("put", self.spec.request_timeout, self.store.put(entries, lease)).await?;
         for (key, old_lease) in previous {
             if old_lease != 0 && old_lease != lease {
                 tracing::warn!(%key, old_lease,
@@ -260,11 +295,13 @@ impl<S: Store> Worker<S> {
         commands: &mut mpsc::Receiver<Command>,
     ) -> Option<i64> {
         loop {
+            let began = Instant::now();
             let attempt = tokio::select! {
                 biased;
                 () = stopped(stop) => return None,
                 r = Box::pin(self.register_once()) => r,
             };
+            self.observe(attempt.as_ref().err(), began.elapsed());
             match attempt {
                 Ok(lease) => {
                     self.backoff.reset();
@@ -358,14 +395,22 @@ impl<S: Store> Worker<S> {
         let mut first = true;
         loop {
             let store = self.store.clone();
-            let attach = with_timeout("lease keep-alive", self.spec.request_timeout, move || {
-                let store = store.clone();
-                async move { store.attach(lease).await }
-            });
+            let timeout = self.spec.request_timeout;
             // Boxed, like every request below: this task lives as long as
             // the registration, and inlining each request's future would
             // make its steady state as large as all of them together.
-            let mut attach = Box::pin(attach);
+            let mut attach: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                if self.pressed() {
+                    // Stalled because etcd is behind: a second stream only
+                    // adds to its queue.
+                    Box::pin(once("lease keep-alive", timeout, store.attach(lease)))
+                } else {
+                    Box::pin(with_timeout("lease keep-alive", timeout, move || {
+                        let store = store.clone();
+                        async move { store.attach(lease).await }
+                    }))
+                };
+            let began = Instant::now();
             // Commands are answered meanwhile: attaching can take a whole
             // request timeout against an unreachable etcd. The first attach
             // follows a registration that etcd just answered, so new
@@ -385,12 +430,16 @@ impl<S: Store> Worker<S> {
                     },
                 }
             };
+            self.observe(attached.as_ref().err(), began.elapsed());
             let mut session = match attached {
                 Ok(session) => session,
                 Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost(e.to_string()),
                 Err(e) => {
+                    // etcd refusing renewals while it catches up: back off
+                    // further, but not past half an interval, so the lease
+                    // is renewed as soon as etcd can.
+                    let delay = self.next_delay(&e).min(interval / 2);
                     self.retrying(e);
-                    let delay = self.backoff.next_delay();
                     if !self.pause(delay, stop, commands).await {
                         return SessionEnd::Stopped;
                     }
@@ -414,14 +463,22 @@ impl<S: Store> Worker<S> {
 
             // Attaching already renewed the lease.
             let mut last_ack = renewed;
+            let mut sent = renewed;
             let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let broken = loop {
                 // A stream that stops answering is as dead as one that
                 // errors: partitions hang silently. Detected after one and a
                 // half keep-alive intervals (half the TTL), so re-attaching
-                // to the same lease can still succeed before it expires.
-                let silent_deadline = last_ack + interval + interval / 2;
+                // to the same lease can still succeed before it expires;
+                // but while etcd is known to be behind, its answers are late,
+                // and a new stream would join the same queue: waited for
+                // until the TTL has run out since the last answer.
+                let silent_deadline = if self.pressed() {
+                    last_ack + self.spec.ttl
+                } else {
+                    last_ack + interval + interval / 2
+                };
                 tokio::select! {
                     biased;
                     () = stopped(stop) => return SessionEnd::Stopped,
@@ -429,7 +486,10 @@ impl<S: Store> Worker<S> {
                         Ok(Some(ttl)) if ttl <= 0 => {
                             return SessionEnd::LeaseLost("keep-alive answered TTL 0".into());
                         }
-                        Ok(Some(_)) => last_ack = Instant::now(),
+                        Ok(Some(_)) => {
+                            last_ack = Instant::now();
+                            self.observe(None, last_ack.saturating_duration_since(sent));
+                        }
                         Ok(None) => break Error::StreamEnded("lease keep-alive"),
                         Err(source) => break Error::Etcd { op: "lease keep-alive", source },
                     },
@@ -441,9 +501,12 @@ impl<S: Store> Worker<S> {
                         if let Err(source) = session.send().await {
                             break Error::Etcd { op: "lease keep-alive send", source };
                         }
+                        sent = Instant::now();
                         // Bounded so that a check stuck on a frozen etcd
                         // cannot hide the silence of the keep-alive stream.
-                        if self.repair_until(lease, silent_deadline, stop).await {
+                        // Skipped while etcd is behind: a deleted key is
+                        // rare, the load of 10,000 checks is not.
+                        if !self.pressed() && self.repair_until(lease, silent_deadline, stop).await {
                             return SessionEnd::Stopped;
                         }
                     }
