@@ -37,6 +37,7 @@ use tonic_etcd::{Metadata, Registration};
 const CHILD: &str = "TONIC_ETCD_STORM_CHILD";
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(10);
+const STEADY: Duration = Duration::from_secs(10);
 
 fn main() {
     if std::env::var_os(CHILD).is_some() {
@@ -97,6 +98,8 @@ struct Phase {
     etcd_cpu: Duration,
     failed: Option<usize>,
     n: usize,
+    /// A steady phase: the time column says whether every key stayed.
+    steady: bool,
 }
 
 impl Phase {
@@ -105,6 +108,8 @@ impl Phase {
             n.to_string(),
             self.name.into(),
             match self.all_present {
+                Some(_) if self.steady => "all stayed".into(),
+                None if self.steady => format!("down to {} of {n}", self.last_count),
                 Some(d) => format!("{:.2}", d.as_secs_f64()),
                 None => format!("never ({} of {n})", self.last_count),
             },
@@ -180,6 +185,23 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
         etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
         failed: Some(failed),
         n,
+        steady: false,
+    });
+
+    // What N registrations cost etcd once they are in (keep-alives every
+    // TTL/3 and the key checks).
+    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
+    let lowest = hold(&client, &prefix, STEADY).await;
+    phases.push(Phase {
+        name: "then 10 s steady",
+        all_present: (lowest >= n).then_some(STEADY),
+        last_count: lowest,
+        largest_drop: n.saturating_sub(lowest),
+        proposals: raft_index(&client).await.saturating_sub(raft0),
+        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
+        failed: None,
+        n,
+        steady: true,
     });
 
     // etcd loses its data: every lease and key is gone at once.
@@ -197,6 +219,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
         etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
         failed: None,
         n,
+        steady: false,
     });
     for c in &mut children {
         // Closing stdin ends a child; its registrations are dropped.
@@ -268,7 +291,28 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
         etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
         failed: Some(failed),
         n,
+        steady: false,
     }
+}
+
+/// The lowest key count under `prefix` over `dur` (counted every 50 ms).
+async fn hold(client: &etcd_client::Client, prefix: &str, dur: Duration) -> usize {
+    let mut c = client.clone();
+    let t0 = Instant::now();
+    let mut lowest = usize::MAX;
+    while t0.elapsed() < dur {
+        let got = c
+            .get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await;
+        if let Ok(resp) = got {
+            lowest = lowest.min(resp.count() as usize);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lowest
 }
 
 /// Sends a request again while etcd refuses it with "too many requests"

@@ -33,6 +33,9 @@ struct State {
     stall_attaches: bool,
     /// Puts fail with this (grants still work): an overloaded etcd.
     refuse_puts: Option<tonic::Code>,
+    /// Every request and keep-alive answer takes this long: an etcd that is
+    /// behind, answering everything late.
+    slow: Duration,
     /// Requests that reached the fake, answered or refused.
     requests: u32,
     grants: u32,
@@ -110,6 +113,7 @@ impl Fake {
     /// Waits out a freeze, then fails if etcd is down or refusing.
     async fn reach(&self) -> EtcdResult<MutexGuard<'_, State>> {
         let _ = self.frozen.subscribe().wait_for(|f| !f).await;
+        self.lag().await;
         let mut state = self.lock();
         state.expire();
         state.requests += 1;
@@ -120,6 +124,13 @@ impl Fake {
             return Err(status(code));
         }
         Ok(state)
+    }
+
+    async fn lag(&self) {
+        let slow = self.lock().slow;
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
     }
 
     fn lease_of(&self, key: &str) -> Option<i64> {
@@ -189,7 +200,7 @@ impl Store for Fake {
         Ok(FakeKeepAlive {
             fake: self.clone(),
             lease,
-            asked: 0,
+            asked: Default::default(),
         })
     }
 
@@ -225,13 +236,15 @@ impl Store for Fake {
 struct FakeKeepAlive {
     fake: Fake,
     lease: i64,
-    /// Keep-alives sent and not answered yet.
-    asked: u32,
+    /// When each keep-alive sent and not answered yet is due for an answer
+    /// (kept here: the answer comes however often `next` is dropped).
+    asked: std::collections::VecDeque<Instant>,
 }
 
 impl KeepAlive for FakeKeepAlive {
     async fn send(&mut self) -> EtcdResult<()> {
-        self.asked += 1;
+        let slow = self.fake.lock().slow;
+        self.asked.push_back(Instant::now() + slow);
         Ok(())
     }
 
@@ -240,12 +253,13 @@ impl KeepAlive for FakeKeepAlive {
             // A closed connection fails the stream.
             return Err(status(tonic::Code::Unavailable));
         }
-        if self.asked == 0 {
+        let Some(&due) = self.asked.front() else {
             // Only a send (after this future is dropped) brings an answer.
-            std::future::pending::<()>().await;
-        }
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(due).await;
         let _ = self.fake.frozen.subscribe().wait_for(|f| !f).await;
-        self.asked -= 1;
+        self.asked.pop_front();
         Ok(Some(self.fake.lock().renew(self.lease)))
     }
 }
@@ -536,4 +550,30 @@ async fn a_put_refused_for_overload_is_retried_under_the_same_lease() {
     assert!(state.revoked.is_empty());
     drop(state);
     assert_eq!(reg.lease_id(), Some(1));
+}
+
+/// An etcd that answers everything 4 s late (renewals too) is slow, not
+/// gone: the registration keeps its one keep-alive stream although answers
+/// come 7 s apart (past the 5 s silence rule for a TTL of 10 s), does not
+/// send its attach again when it stalls, and adds no key checks; once etcd
+/// is quick again, checks resume.
+#[tokio::test(start_paused = true)]
+async fn a_slow_etcd_is_waited_for_not_piled_on() {
+    let fake = Fake::new();
+    fake.lock().slow = Duration::from_secs(4);
+    let reg = registered(&fake, 10).await;
+    run_for(Duration::from_secs(60)).await;
+    {
+        let state = fake.lock();
+        assert_eq!(state.attaches.len(), 1, "re-attached at {:?}", state.attaches);
+        assert_eq!((state.grants, state.checks, state.restores), (1, 0, 0));
+        assert!(state.keep_alives >= 10, "{}", state.keep_alives);
+    }
+    assert_eq!(reg.lease_id(), Some(1));
+
+    fake.lock().slow = Duration::ZERO;
+    run_for(Duration::from_secs(40)).await;
+    let state = fake.lock();
+    assert!(state.checks >= 1, "key checks resume once etcd is quick");
+    assert_eq!(state.attaches.len(), 1);
 }
