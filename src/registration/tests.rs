@@ -205,8 +205,9 @@ impl Store for Fake {
     }
 
     async fn intact(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
-        let mut state = self.reach().await?;
-        state.checks += 1;
+        // Counted when sent: a check etcd is slow to answer is load too.
+        self.lock().checks += 1;
+        let state = self.reach().await?;
         Ok(state.intact(entries, lease))
     }
 

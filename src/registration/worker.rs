@@ -463,7 +463,11 @@ impl<S: Store> Worker<S> {
 
             // Attaching already renewed the lease.
             let mut last_ack = renewed;
-            let mut sent = renewed;
+            // When each unanswered keep-alive was sent: etcd answers them in
+            // order, so an answer's delay is measured from the oldest. A
+            // stream that stops answering ends at the silence rule, so this
+            // stays a few entries long.
+            let mut sent = std::collections::VecDeque::with_capacity(4);
             let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let broken = loop {
@@ -488,7 +492,9 @@ impl<S: Store> Worker<S> {
                         }
                         Ok(Some(_)) => {
                             last_ack = Instant::now();
-                            self.observe(None, last_ack.saturating_duration_since(sent));
+                            if let Some(at) = sent.pop_front() {
+                                self.observe(None, last_ack.saturating_duration_since(at));
+                            }
                         }
                         Ok(None) => break Error::StreamEnded("lease keep-alive"),
                         Err(source) => break Error::Etcd { op: "lease keep-alive", source },
@@ -501,7 +507,10 @@ impl<S: Store> Worker<S> {
                         if let Err(source) = session.send().await {
                             break Error::Etcd { op: "lease keep-alive send", source };
                         }
-                        sent = Instant::now();
+                        if sent.len() >= 8 {
+                            sent.pop_front();
+                        }
+                        sent.push_back(Instant::now());
                         // Bounded so that a check stuck on a frozen etcd
                         // cannot hide the silence of the keep-alive stream.
                         // Skipped while etcd is behind: a deleted key is
