@@ -252,13 +252,16 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
                 let lease = pushed_back(|| {
                     let mut c = c.clone();
                     async move { c.lease_grant(ttl, None).await }
-                }).await?.id();
+                })
+                .await?
+                .id();
                 let opts = PutOptions::new().with_lease(lease);
                 let key = format!("floor/{i}");
                 pushed_back(|| {
                     let (mut c, key, opts) = (c.clone(), key.clone(), opts.clone());
                     async move { c.put(key, "x", Some(opts)).await }
-                }).await?;
+                })
+                .await?;
                 Ok::<_, etcd_client::Error>(())
             })
         })

@@ -566,7 +566,12 @@ async fn a_slow_etcd_is_waited_for_not_piled_on() {
     run_for(Duration::from_secs(60)).await;
     {
         let state = fake.lock();
-        assert_eq!(state.attaches.len(), 1, "re-attached at {:?}", state.attaches);
+        assert_eq!(
+            state.attaches.len(),
+            1,
+            "re-attached at {:?}",
+            state.attaches
+        );
         assert_eq!((state.grants, state.checks, state.restores), (1, 0, 0));
         assert!(state.keep_alives >= 10, "{}", state.keep_alives);
     }

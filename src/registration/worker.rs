@@ -92,7 +92,8 @@ impl<S: Store> Worker<S> {
     /// out rather than half of it (its answers are late, not lost). In a
     /// 10,000-instance storm those three were most of etcd's load.
     fn pressed(&self) -> bool {
-        self.pressed_until.is_some_and(|until| Instant::now() < until)
+        self.pressed_until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     fn press(&mut self) {
@@ -233,7 +234,12 @@ impl<S: Store> Worker<S> {
         let entries = &self.spec.entries;
         // One attempt: every caller retries a failed put after its own
         // back-off, and a put re-sent on a stall costs etcd a proposal more.
-        let previous = once("put", self.spec.request_timeout, self.store.put(entries, lease)).await?;
+        let previous = once(
+            "put",
+            self.spec.request_timeout,
+            self.store.put(entries, lease),
+        )
+        .await?;
         for (key, old_lease) in previous {
             if old_lease != 0 && old_lease != lease {
                 tracing::warn!(%key, old_lease,
