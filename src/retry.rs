@@ -15,12 +15,11 @@
 //!   caller backs off far longer (registration: 0.5 s to 16 s). Retrying
 //!   those every 10 to 200 ms was most of the load in the storm benchmark
 //!   (96,000 keep-alive retries in one minute of a 10,000-instance storm).
-//! * [`once`] makes one attempt for writes whose repeat costs etcd a Raft
-//!   proposal (lease grants, registration puts), as etcd's own Go client
-//!   never re-sends a mutation that may have reached the server: a stalled
-//!   grant is usually queued behind an overload, not dropped, and each
-//!   re-sent one became a lease nobody used (40,000 in that storm). The
-//!   caller's loop retries with its back-off instead.
+//! * [`once`] makes one attempt: registration sends its grants and puts
+//!   that way once etcd has shown overload, because a stalled write is then
+//!   queued, not dropped, and each grant sent again became a lease nobody
+//!   used (40,000 in that storm). Without that sign a stall is more likely
+//!   a proposal dropped in a leader election, which only re-sending ends.
 //!
 //! Every request this crate makes is safe to repeat: writes put the same
 //! value (an attempt cut off may still have been applied), a repeated lease

@@ -36,6 +36,9 @@ struct State {
     /// Every request and keep-alive answer takes this long: an etcd that is
     /// behind, answering everything late.
     slow: Duration,
+    /// Grants and puts sent, whether or not they were answered.
+    grants_sent: u32,
+    puts_sent: u32,
     /// Requests that reached the fake, answered or refused.
     requests: u32,
     grants: u32,
@@ -148,6 +151,7 @@ impl Store for Fake {
     type KeepAlive = FakeKeepAlive;
 
     async fn grant(&self, ttl: i64) -> EtcdResult<i64> {
+        self.lock().grants_sent += 1;
         let mut state = self.reach().await?;
         state.grants += 1;
         state.next_lease += 1;
@@ -164,6 +168,7 @@ impl Store for Fake {
     ) -> impl Future<Output = EtcdResult<Vec<(String, i64)>>> + Send {
         let entries = entries.to_vec();
         async move {
+            self.lock().puts_sent += 1;
             if self.lock().stall_puts {
                 std::future::pending::<()>().await;
             }
@@ -582,4 +587,27 @@ async fn a_slow_etcd_is_waited_for_not_piled_on() {
     let state = fake.lock();
     assert!(state.checks >= 1, "key checks resume once etcd is quick");
     assert_eq!(state.attaches.len(), 1);
+}
+
+/// Once etcd has pushed back, a slow grant or put is queued in it, not lost:
+/// each is sent once and waited for. (Sent again on a stall, as when etcd
+/// has shown no overload, every copy of a grant becomes a lease.)
+#[tokio::test(start_paused = true)]
+async fn a_pressed_etcd_gets_each_write_once() {
+    let fake = Fake::new();
+    fake.lock().refuse = Some(tonic::Code::ResourceExhausted);
+    let f = fake.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut state = f.lock();
+        state.refuse = None;
+        state.slow = Duration::from_secs(2);
+    });
+    let reg = registered(&fake, 10).await;
+    let state = fake.lock();
+    // The refused grant, then one that etcd took 2 s to answer.
+    assert_eq!((state.grants_sent, state.grants), (2, 1));
+    assert_eq!((state.puts_sent, state.puts), (1, 1));
+    drop(state);
+    assert_eq!(reg.lease_id(), Some(1));
 }

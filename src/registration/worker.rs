@@ -184,22 +184,9 @@ impl<S: Store> Worker<S> {
     /// in the background, so clients do not keep routing to a server that
     /// is leaving for up to a TTL. A grant whose answer never arrived leaves
     /// a lease without keys, which expires unseen.
-    /// The pause before the next registration attempt after `error`: long
-    /// and growing while etcd is overloaded, short otherwise.
-    fn next_delay(&mut self, error: &Error) -> Duration {
-        if error.is_overload() {
-            self.overload.next_delay()
-        } else {
-            self.overload.reset();
-            self.backoff.next_delay()
-        }
-    }
-
     async fn register_once(&self) -> Result<i64, Error> {
         let (ttl, timeout) = (self.ttl_secs, self.spec.request_timeout);
-        // One attempt: a grant re-sent while the first is queued in an
-        // overloaded etcd leaves a lease nobody uses (see crate::retry).
-        let lease = once("lease grant", timeout, self.store.grant(ttl)).await?;
+        let lease = self.write("lease grant", || self.store.grant(ttl)).await?;
         let granted = Instant::now();
         let guard = RevokeOnDrop::new(self.store.clone(), lease, timeout);
         // An overloaded etcd refusing the put: the lease is granted, so the
@@ -228,18 +215,41 @@ impl<S: Store> Worker<S> {
         Ok(lease)
     }
 
+    /// The pause before the next registration attempt after `error`: long
+    /// and growing while etcd is overloaded, short otherwise.
+    fn next_delay(&mut self, error: &Error) -> Duration {
+        if error.is_overload() {
+            self.overload.next_delay()
+        } else {
+            self.overload.reset();
+            self.backoff.next_delay()
+        }
+    }
+
+    /// Sends a write that costs etcd a Raft proposal. A stalled one is sent
+    /// again after a quarter of the timeout (a proposal dropped in a leader
+    /// election never answers; the test of that case registers 1.5 s after
+    /// the new leader) unless etcd is [pressed](Self::pressed): then it is
+    /// queued, not dropped, and a second grant would be a lease nobody uses.
+    async fn write<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let timeout = self.spec.request_timeout;
+        if self.pressed() {
+            let mut call = call;
+            once(op, timeout, call()).await
+        } else {
+            with_timeout(op, timeout, call).await
+        }
+    }
+
     /// Writes every entry under `lease`, warning about keys that were held by
     /// another lease.
     async fn put(&self, lease: i64) -> Result<(), Error> {
         let entries = &self.spec.entries;
-        // One attempt: every caller retries a failed put after its own
-        // back-off, and a put re-sent on a stall costs etcd a proposal more.
-        let previous = once(
-            "put",
-            self.spec.request_timeout,
-            self.store.put(entries, lease),
-        )
-        .await?;
+        let previous = self.write("put", || self.store.put(entries, lease)).await?;
         for (key, old_lease) in previous {
             if old_lease != 0 && old_lease != lease {
                 tracing::warn!(%key, old_lease,
