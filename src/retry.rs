@@ -47,14 +47,14 @@ where
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = crate::time::deadline_after(Instant::now(), timeout);
-    let per_attempt = (timeout / 4).max(MIN_ATTEMPT);
+    let per_attempt = attempt_limit(timeout);
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
     loop {
         let attempt_deadline =
             crate::time::deadline_after(Instant::now(), per_attempt).min(deadline);
         let error = match tokio::time::timeout_at(attempt_deadline, call()).await {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if is_unavailable(&e) && !is_overload(&e) => Some(e),
+            Ok(Err(e)) if worth_another_attempt(&e) => Some(e),
             Ok(Err(e)) => return Err(Error::Etcd { op, source: e }),
             // The attempt stalled (a dropped proposal, a member cut off).
             Err(_) => None,
@@ -72,6 +72,17 @@ where
         }
         tokio::time::sleep(delay).await;
     }
+}
+
+/// The limit on one attempt of a request allowed `timeout` in all.
+pub(crate) fn attempt_limit(timeout: Duration) -> Duration {
+    (timeout / 4).max(MIN_ATTEMPT).min(timeout)
+}
+
+/// A member that is away (sent again, the request may reach another), not
+/// one that is behind.
+pub(crate) fn worth_another_attempt(e: &etcd_client::Error) -> bool {
+    is_unavailable(e) && !is_overload(e)
 }
 
 /// One attempt of an etcd write within `timeout` (see the [module docs](self)).

@@ -53,6 +53,11 @@ pub(super) trait Store: Clone + Send + Sync + 'static {
 
     /// Revokes `lease`, deleting its keys.
     fn revoke(&self, lease: i64) -> impl Future<Output = EtcdResult<()>> + Send;
+
+    /// Whether etcd has a leader and is more than a few entries behind in
+    /// applying what it committed: a write that is slow to answer is then
+    /// queued, not dropped. Costs etcd no proposal.
+    fn behind(&self) -> impl Future<Output = EtcdResult<bool>> + Send;
 }
 
 /// A lease's keep-alive stream.
@@ -145,7 +150,21 @@ impl Store for Client {
     async fn revoke(&self, lease: i64) -> EtcdResult<()> {
         self.clone().lease_revoke(lease).await.map(drop)
     }
+
+    /// From the member's status (`raftIndex` - `raftAppliedIndex`, etcd 3.4
+    /// and later; an etcd without the field reads as not behind).
+    async fn behind(&self) -> EtcdResult<bool> {
+        let status = self.clone().status().await?;
+        let backlog = status
+            .raft_index()
+            .saturating_sub(status.raft_applied_index());
+        Ok(status.leader() != 0 && status.raft_applied_index() != 0 && backlog > BEHIND)
+    }
 }
+
+/// Entries committed but not applied beyond which etcd counts as behind:
+/// it applies a few thousand a second, and an idle one is within a handful.
+const BEHIND: u64 = 100;
 
 impl KeepAlive for (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream) {
     async fn send(&mut self) -> EtcdResult<()> {

@@ -228,6 +228,11 @@ impl Store for Fake {
         Ok(true)
     }
 
+    /// An etcd that answers late is one with a queue.
+    async fn behind(&self) -> EtcdResult<bool> {
+        Ok(!self.lock().slow.is_zero())
+    }
+
     async fn revoke(&self, lease: i64) -> EtcdResult<()> {
         let mut state = self.reach().await?;
         state.revoked.push(lease);
@@ -607,6 +612,20 @@ async fn a_pressed_etcd_gets_each_write_once() {
     let state = fake.lock();
     // The refused grant, then one that etcd took 2 s to answer.
     assert_eq!((state.grants_sent, state.grants), (2, 1));
+    assert_eq!((state.puts_sent, state.puts), (1, 1));
+    drop(state);
+    assert_eq!(reg.lease_id(), Some(1));
+}
+
+/// A grant that stalls in an etcd that is behind is waited for, not sent
+/// again, even before any sign of overload (the first attempt of a storm).
+#[tokio::test(start_paused = true)]
+async fn a_grant_queued_in_an_etcd_that_is_behind_is_sent_once() {
+    let fake = Fake::new();
+    fake.lock().slow = Duration::from_secs(3);
+    let reg = registered(&fake, 10).await;
+    let state = fake.lock();
+    assert_eq!((state.grants_sent, state.grants), (1, 1));
     assert_eq!((state.puts_sent, state.puts), (1, 1));
     drop(state);
     assert_eq!(reg.lease_id(), Some(1));

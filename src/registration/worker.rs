@@ -226,23 +226,52 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Sends a write that costs etcd a Raft proposal. A stalled one is sent
-    /// again after a quarter of the timeout (a proposal dropped in a leader
-    /// election never answers; the test of that case registers 1.5 s after
-    /// the new leader) unless etcd is [pressed](Self::pressed): then it is
-    /// queued, not dropped, and a second grant would be a lease nobody uses.
-    async fn write<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, Error>
+    /// Sends a write that costs etcd a Raft proposal. A proposal dropped in
+    /// a leader election never answers, and only sending it again ends the
+    /// wait (the test of that case registers 1.5 s after the new leader); a
+    /// proposal queued in an etcd that is behind answers late, and a second
+    /// grant sent meanwhile is a lease nobody uses. So when the first attempt
+    /// stalls, etcd is asked whether it is behind ([`Store::behind`]): if it
+    /// is, the same request is waited for; if not, it is sent again as
+    /// [`with_timeout`] does. Once etcd is [pressed](Self::pressed), writes
+    /// go once without asking.
+    async fn write<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let timeout = self.spec.request_timeout;
         if self.pressed() {
-            let mut call = call;
-            once(op, timeout, call()).await
-        } else {
-            with_timeout(op, timeout, call).await
+            return once(op, timeout, call()).await;
         }
+        let deadline = crate::time::deadline_after(Instant::now(), timeout);
+        let mut first = Box::pin(call());
+        let stalled =
+            match tokio::time::timeout(crate::retry::attempt_limit(timeout), &mut first).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if crate::retry::worth_another_attempt(&e) => false,
+                Ok(Err(source)) => return Err(Error::Etcd { op, source }),
+                Err(_) => true,
+            };
+        if stalled {
+            let probe = tokio::time::timeout_at(deadline, self.store.behind()).await;
+            if matches!(probe, Ok(Ok(true))) {
+                tracing::debug!(
+                    op,
+                    "etcd is behind; waiting for the write rather than sending it again"
+                );
+                return match tokio::time::timeout_at(deadline, first).await {
+                    Ok(r) => r.map_err(|source| Error::Etcd { op, source }),
+                    Err(_) => Err(Error::Timeout { op, timeout }),
+                };
+            }
+        }
+        drop(first);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout { op, timeout });
+        }
+        with_timeout(op, left, call).await
     }
 
     /// Writes every entry under `lease`, warning about keys that were held by
