@@ -52,6 +52,23 @@ pub struct Listing {
     pub undecodable: Vec<(String, DecodeError)>,
     /// The etcd revision the listing was read at.
     pub revision: i64,
+    /// Where each instance is stored, by service and id.
+    pub keys: BTreeMap<(String, String), KeyInfo>,
+}
+
+/// An instance's key in etcd: what `tonic-etcd list` and the console show
+/// beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key.
+    pub key: String,
+    /// The lease the key is bound to (0: none; it stays until deleted).
+    pub lease: i64,
+    /// The revision that created the key: when this registration was made
+    /// (etcd keeps revisions, not times).
+    pub create_revision: i64,
+    /// The revision of its last change (metadata updates).
+    pub mod_revision: i64,
 }
 
 /// Reads every instance under `schema`'s namespace (or of one `service`)
@@ -83,11 +100,22 @@ pub async fn list(
         let key = String::from_utf8_lossy(&kv.key).into_owned();
         match schema.decode(&kv.key, &kv.value) {
             Ok(i) if service.is_some_and(|s| s != i.service) => {}
-            Ok(i) => listing
-                .services
-                .entry(i.service.clone())
-                .or_default()
-                .push(i),
+            Ok(i) => {
+                listing.keys.insert(
+                    (i.service.clone(), i.id.clone()),
+                    KeyInfo {
+                        key,
+                        lease: kv.lease,
+                        create_revision: kv.create_revision,
+                        mod_revision: kv.mod_revision,
+                    },
+                );
+                listing
+                    .services
+                    .entry(i.service.clone())
+                    .or_default()
+                    .push(i);
+            }
             Err(_) if everything => {}
             Err(e) => listing.undecodable.push((key, e)),
         }

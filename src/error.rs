@@ -47,6 +47,15 @@ pub enum Error {
         ttl: Duration,
     },
 
+    /// No instance with this id is registered for the service.
+    #[error("no instance {id:?} of service {service:?} is registered")]
+    UnknownInstance {
+        /// The service.
+        service: String,
+        /// The instance id asked for.
+        id: String,
+    },
+
     /// Any other invalid configuration: the message says what to fix.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -10,7 +10,7 @@
 //! | `tonic_etcd_skipped_entries_total` | counter | `prefix` | undecodable entries skipped |
 //! | `tonic_etcd_lease_losses_total` | counter | `service` | leases lost and replaced |
 //! | `tonic_etcd_registration_state` | gauge | `service` | 0 registering, 1 registered, 2 lost, 3 retrying, 4 deregistered |
-//! | `tonic_etcd_balancer_endpoints` | gauge | `service`, `state` (`ready`/`ejected`/`unhealthy`) | a Balancer's endpoints by state |
+//! | `tonic_etcd_balancer_endpoints` | gauge | `service`, `state` (`ready`/`ejected`/`unhealthy`/`drained`) | a Balancer's endpoints by state |
 //! | `tonic_etcd_balancer_ejections_total` | counter | `service` | endpoints ejected by outlier detection |
 //! | `tonic_etcd_balancer_connect_failures_total` | counter | `service` | failed connection attempts |
 //! | `tonic_etcd_balancer_fail_fast` | gauge | `service` | 1 while the fail-fast gate is closed |
@@ -23,7 +23,7 @@
 //! | `tonic_etcd_balancer_endpoint_open_streams` | gauge | `service`, `endpoint` | of those, calls past their response headers (streams) |
 //! | `tonic_etcd_balancer_endpoint_latency_seconds` | gauge | `service`, `endpoint` | the endpoint's latency estimate (time to response headers) |
 //! | `tonic_etcd_balancer_endpoint_success_rate` | gauge | `service`, `endpoint` | share of recent calls that succeeded (EWMA, 0 to 1) |
-//! | `tonic_etcd_balancer_endpoint_state` | gauge | `service`, `endpoint` | 0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed |
+//! | `tonic_etcd_balancer_endpoint_state` | gauge | `service`, `endpoint` | 0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed, 5 drained |
 //! | `tonic_etcd_balancer_endpoint_ring_share` | gauge | `service`, `endpoint` | under ring hash, the share of keys the endpoint owns (set when the ring is built) |
 //! | `tonic_etcd_balancer_subset_members` | gauge | `service` | under subsetting, instances connected to (the subset and its replacements) |
 //! | `tonic_etcd_balancer_subset_clients` | gauge | `service` | under coordinated subsetting, the service's clients this one ranks among (0 while the random scheme stands in) |
@@ -245,7 +245,7 @@ pub(crate) fn describe() {
         );
         describe_gauge!(
             "tonic_etcd_balancer_endpoint_state",
-            "0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed"
+            "0 connecting, 1 ready, 2 ejected, 3 unhealthy, 4 removed, 5 drained"
         );
     });
 }
@@ -429,7 +429,7 @@ impl EndpointMetrics {
 }
 
 /// Where endpoint `addr` stands (0 connecting, 1 ready, 2 ejected,
-/// 3 unhealthy, 4 removed).
+/// 3 unhealthy, 4 removed, 5 drained).
 #[cfg(feature = "metrics")]
 pub(crate) fn endpoint_state(service: &str, addr: &str, state: u8) {
     metrics::gauge!("tonic_etcd_balancer_endpoint_state",

@@ -600,6 +600,15 @@ impl BalancerBuilder {
             request_timeout: opts.request_timeout,
         };
         self.registry = Some(registry);
+        // Operators' drains and weight overrides, applied live.
+        let discover = crate::overrides::WithOverrides::new(
+            discover,
+            client.clone(),
+            &*opts.schema,
+            &self.service,
+            self.weight_key.clone(),
+            opts.request_timeout,
+        );
         Ok(self.discover_into(discover, Some(etcd), config.map(|c| (client, c))))
     }
 

@@ -71,6 +71,9 @@ pub enum EndpointState {
     Ejected,
     /// Connected, out of rotation: its health check does not say `SERVING`.
     Unhealthy,
+    /// Connected, out of rotation: an operator drained it (see
+    /// [`overrides`](crate::overrides)); calls in flight finish.
+    Drained,
 }
 
 /// One endpoint of a [`Balancer`](super::Balancer), as it is now.
@@ -302,6 +305,7 @@ impl Shared {
                 EndpointState::Ready => 1,
                 EndpointState::Ejected => 2,
                 EndpointState::Unhealthy => 3,
+                EndpointState::Drained => 5,
             },
         );
         let entry = Entry {
@@ -343,6 +347,7 @@ impl Shared {
             ("ready", EndpointState::Ready),
             ("ejected", EndpointState::Ejected),
             ("unhealthy", EndpointState::Unhealthy),
+            ("drained", EndpointState::Drained),
         ] {
             let n = registry.values().filter(|e| e.state == state).count();
             crate::metrics::balancer_endpoints(&self.service, name, n);
@@ -681,6 +686,7 @@ async fn serve(
     let mut state = None;
     let removed = loop {
         let now_state = match (ejected_until.is_some(), is_healthy) {
+            _ if crate::overrides::is_drained(&ep.instance()) => EndpointState::Drained,
             (true, _) => EndpointState::Ejected,
             (false, false) => EndpointState::Unhealthy,
             (false, true) => EndpointState::Ready,

@@ -78,6 +78,8 @@ impl Fake {
             key: key.to_vec(),
             value: Vec::new(),
             mod_revision: etcd.revision,
+            create_revision: etcd.revision,
+            lease: 0,
         };
         let event = match value {
             Some(value) => {

@@ -24,6 +24,10 @@ pub(crate) struct Entry {
     pub(crate) key: Vec<u8>,
     pub(crate) value: Vec<u8>,
     pub(crate) mod_revision: i64,
+    /// When the key was created (its registration, for an instance).
+    pub(crate) create_revision: i64,
+    /// The lease it is bound to (0: none).
+    pub(crate) lease: i64,
 }
 
 /// The revision a response was served at, and the cluster that served it.
@@ -124,13 +128,16 @@ impl Source for Client {
             .take_kvs()
             .into_iter()
             .map(|kv| {
-                let mod_revision = kv.mod_revision();
+                let (mod_revision, create_revision, lease) =
+                    (kv.mod_revision(), kv.create_revision(), kv.lease());
                 // Moves the bytes out: no copy of a large listing.
                 let (key, value) = kv.into_key_value();
                 Entry {
                     key,
                     value,
                     mod_revision,
+                    create_revision,
+                    lease,
                 }
             })
             .collect();
@@ -170,6 +177,8 @@ impl WatchStream for etcd_client::WatchStream {
                     key: kv.key().to_vec(),
                     value: kv.value().to_vec(),
                     mod_revision: kv.mod_revision(),
+                    create_revision: kv.create_revision(),
+                    lease: kv.lease(),
                 };
                 Some(match e.event_type() {
                     EventType::Put => Event::Put(entry),
