@@ -103,6 +103,8 @@ pub mod balancer;
 pub mod catalog;
 pub mod channel;
 pub mod config_store;
+#[cfg(feature = "console")]
+pub mod console;
 pub mod discovery;
 pub mod error;
 pub mod instance;

@@ -340,7 +340,9 @@ impl<D> WithOverrides<D> {
                 instance.metadata.insert(DRAINED_BY, by);
             }
             if let Some(w) = o.weight {
-                instance.metadata.insert(self.weight_key.clone(), w.to_string());
+                instance
+                    .metadata
+                    .insert(self.weight_key.clone(), w.to_string());
             }
         }
         instance
@@ -433,9 +435,7 @@ mod tests {
         assert_eq!(Override::from_metadata(&o.to_metadata()), o);
         let d = Override::drain("bob");
         assert_eq!(Override::from_metadata(&d.to_metadata()), d);
-        let hand_edited = Metadata::new()
-            .with("drain", "true")
-            .with("weight", "lots");
+        let hand_edited = Metadata::new().with("drain", "true").with("weight", "lots");
         let read = Override::from_metadata(&hand_edited);
         assert!(read.drain);
         assert_eq!(read.weight, None);

@@ -47,6 +47,10 @@ async fn list_shows_services_and_undecodable_entries() {
     );
     assert!(text.contains(r#"{"zone":"a"}"#), "{text}");
     assert!(
+        text.contains("/10s"),
+        "TTL left of the granted 10 s: {text}"
+    );
+    assert!(
         text.contains("undecodable") && text.contains(&format!("{ns}/greeter/bad")),
         "{text}"
     );
@@ -248,4 +252,38 @@ async fn config_set_validates_then_get_and_rm() {
     let out = cli(&["config", "rm", &svc]);
     assert!(out.status.success(), "{out:?}");
     assert!(absent(&client, &key).await);
+}
+
+#[tokio::test]
+async fn drain_weight_and_undrain_show_in_list() {
+    let client = shared().client().await;
+    let ns = unique("cli-drain");
+    let reg = Registration::builder(client.clone())
+        .schema(tonic_etcd::NamingSchema::with_namespace(&ns).unwrap())
+        .service("greeter")
+        .id("one")
+        .addr("127.0.0.1:7102")
+        .register()
+        .await
+        .unwrap();
+    let list = || {
+        let out = cli(&["--namespace", &ns, "list", "greeter"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = cli(&["--namespace", &ns, "drain", "greeter", "one"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(list().contains("drained by cli:"), "{}", list());
+    let out = cli(&["--namespace", &ns, "weight", "greeter", "one", "7"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(list().contains("weight 7 by cli:"), "{}", list());
+    let out = cli(&["--namespace", &ns, "undrain", "greeter", "one"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!list().contains(" by cli:"), "{}", list());
+    // An instance that is not registered: a clear error, exit code 1.
+    let out = cli(&["--namespace", &ns, "drain", "greeter", "nobody"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("no instance \"nobody\""), "{err}");
+    drop(reg);
 }

@@ -139,7 +139,10 @@ async fn a_weight_override_applies_live_and_the_override_ends_with_the_registrat
         .set(&svc, "nobody", &Override::drain("test"))
         .await
         .unwrap_err();
-    assert!(matches!(unknown, tonic_etcd::Error::UnknownInstance { .. }), "{unknown}");
+    assert!(
+        matches!(unknown, tonic_etcd::Error::UnknownInstance { .. }),
+        "{unknown}"
+    );
 
     store
         .set(&svc, "a", &Override::weight(20, "test").unwrap())

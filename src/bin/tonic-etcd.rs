@@ -12,9 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 use tonic_etcd::catalog::{self, Listing};
+use tonic_etcd::console::ConsoleOptions;
 use tonic_etcd::schema::{self, Schema};
 use tonic_etcd::testing::demo::{self, DemoOptions};
-use tonic_etcd::{ConfigStore, Discover, Metadata, Registration};
+use tonic_etcd::{ConfigStore, Discover, Metadata, Override, OverrideStore, Registration};
 use tower::discover::Change;
 
 #[derive(Parser, Debug)]
@@ -93,6 +94,45 @@ enum Command {
         /// JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also probe each instance (grpc.health.v1 Check, 1 s each).
+        #[arg(long)]
+        probe: bool,
+    },
+    /// The operator console: every service in a browser, live
+    /// (http://127.0.0.1:8080 by default).
+    Console {
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Allow drains and weight overrides; needs tokens in
+        /// TONIC_ETCD_CONSOLE_TOKENS (name=secret,...; secrets of 16+ chars).
+        #[arg(long)]
+        allow_writes: bool,
+    },
+    /// Take an instance out of traffic: Balancers send it no new calls and
+    /// let those in flight finish (until `undrain` or its registration ends).
+    Drain {
+        /// The service.
+        service: String,
+        /// The instance id (see `list`).
+        id: String,
+    },
+    /// Put a drained instance back into traffic (removes its override).
+    Undrain {
+        /// The service.
+        service: String,
+        /// The instance id.
+        id: String,
+    },
+    /// Override an instance's weight (1 to 10000) until `undrain` or its
+    /// registration ends.
+    Weight {
+        /// The service.
+        service: String,
+        /// The instance id.
+        id: String,
+        /// The weight.
+        weight: u32,
     },
     /// Follow a service live: an initial listing, then one line per change,
     /// `<unix-time-ms> insert|remove <addr> <metadata-json>`, until SIGINT.
@@ -227,8 +267,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = Duration::from_secs_f64(g.timeout.max(0.1));
     let client = connect(&g, timeout).await?;
     match cli.command {
-        Command::List { service, json } => {
-            list(&client, &*schema, service.as_deref(), json, timeout).await
+        Command::List {
+            service,
+            json,
+            probe,
+        } => list(&client, schema, service.as_deref(), json, probe, timeout).await,
+        Command::Console {
+            listen,
+            allow_writes,
+        } => console(client, schema, &listen, allow_writes, timeout).await,
+        Command::Drain { service, id } => {
+            let store = OverrideStore::new(client, schema).request_timeout(timeout);
+            store
+                .set(&service, &id, &Override::drain(operator()))
+                .await?;
+            println!("drained {id} of {service}: Balancers send it no new calls");
+            Ok(())
+        }
+        Command::Undrain { service, id } => {
+            let store = OverrideStore::new(client, schema).request_timeout(timeout);
+            if store.remove(&service, &id).await? {
+                println!("removed the override of {id} of {service}");
+            } else {
+                println!("{id} of {service} had no override");
+            }
+            Ok(())
+        }
+        Command::Weight {
+            service,
+            id,
+            weight,
+        } => {
+            let store = OverrideStore::new(client, schema).request_timeout(timeout);
+            store
+                .set(&service, &id, &Override::weight(weight, operator())?)
+                .await?;
+            println!("weight of {id} of {service} set to {weight}");
+            Ok(())
         }
         Command::Watch { service } => watch(client, schema, &service, timeout).await,
         Command::Register {
@@ -379,30 +454,121 @@ fn tls_options(
     Ok(opts)
 }
 
-async fn list(
-    client: &etcd_client::Client,
-    schema: &dyn Schema,
-    service: Option<&str>,
-    json: bool,
+/// Who a write from the CLI is logged as.
+fn operator() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
+async fn console(
+    client: etcd_client::Client,
+    schema: Arc<dyn Schema>,
+    listen: &str,
+    allow_writes: bool,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    let listing = catalog::list(client, schema, service, timeout).await?;
+    let mut opts = ConsoleOptions::new();
+    if allow_writes {
+        let tokens = std::env::var("TONIC_ETCD_CONSOLE_TOKENS").unwrap_or_default();
+        opts = opts.with_writes(&tokens)?;
+    }
+    opts.request_timeout = Some(timeout);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure(format!("cannot listen on {listen}: {e}")))?;
+    let local = listener.local_addr()?;
+    if !allow_writes && !local.ip().is_loopback() {
+        eprintln!("console on {local} is read-only (no --allow-writes)");
+    }
+    println!("console: http://{local}/");
+    let shutdown = tonic_etcd::server::shutdown_signal();
+    tonic_etcd::console::serve(client, schema, opts, listener, shutdown).await?;
+    Ok(())
+}
+
+async fn list(
+    client: &etcd_client::Client,
+    schema: Arc<dyn Schema>,
+    service: Option<&str>,
+    json: bool,
+    probe: bool,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let listing = catalog::list(client, &*schema, service, timeout).await?;
     if json {
         println!("{}", listing_json(&listing));
         return Ok(());
     }
-    let mut rows: Vec<[String; 4]> = Vec::new();
+    let leases = listing.keys.values().map(|k| k.lease).collect();
+    let ttls = catalog::lease_ttls(client, leases, timeout).await;
+    let overrides = OverrideStore::new(client.clone(), schema)
+        .request_timeout(timeout)
+        .list(service)
+        .await
+        .unwrap_or_default();
+    let mut probes = BTreeMap::new();
+    if probe {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (svc, instances) in &listing.services {
+            for i in instances {
+                let (key, addr) = ((svc.clone(), i.id.clone()), i.addr.clone());
+                tasks.spawn(async move {
+                    (
+                        key,
+                        tonic_etcd::console::probe(&addr, Duration::from_secs(1)).await,
+                    )
+                });
+            }
+        }
+        while let Some(Ok((key, p))) = tasks.join_next().await {
+            probes.insert(key, p);
+        }
+    }
+    let mut rows: Vec<[String; 8]> = Vec::new();
     for (svc, instances) in &listing.services {
         for i in instances {
+            let key = (svc.clone(), i.id.clone());
+            let info = listing.keys.get(&key);
+            let ttl = match info.map(|k| (k.lease, ttls.get(&k.lease))) {
+                Some((0, _)) => "none".to_owned(),
+                Some((_, Some((left, granted)))) if *left >= 0 => format!("{left}/{granted}s"),
+                _ => "expired".to_owned(),
+            };
+            let over = match overrides.get(&key) {
+                Some(o) if o.drain => format!("drained by {}", o.by),
+                Some(o) => format!("weight {} by {}", o.weight.unwrap_or(1), o.by),
+                None => String::new(),
+            };
+            let health = probes.get(&key).map_or(String::new(), |p| {
+                format!("{} {:.1}ms", p.status, p.latency.as_secs_f64() * 1e3)
+            });
             rows.push([
-                svc.clone(),
-                i.id.clone(),
-                i.addr.clone(),
-                i.metadata.to_string(),
+                printable(svc),
+                printable(&i.id),
+                printable(&i.addr),
+                ttl,
+                info.map_or(String::new(), |k| k.create_revision.to_string()),
+                printable(&over),
+                health,
+                printable(&i.metadata.to_string()),
             ]);
         }
     }
-    print_table(&["SERVICE", "ID", "ADDRESS", "METADATA"], &rows);
+    print_table(
+        &[
+            "SERVICE",
+            "ID",
+            "ADDRESS",
+            "TTL",
+            "SINCE REV",
+            "OVERRIDE",
+            "HEALTH",
+            "METADATA",
+        ],
+        &rows,
+    );
     if !listing.undecodable.is_empty() {
         println!("\nundecodable entries (skipped by clients):");
         let rows: Vec<[String; 2]> = listing
@@ -435,9 +601,18 @@ fn listing_json(listing: &Listing) -> serde_json::Value {
     serde_json::json!({"revision": listing.revision, "services": services, "undecodable": undecodable})
 }
 
-/// Keys from etcd are data: control characters are escaped before printing.
+/// Values from etcd are data: control characters (a terminal's escape
+/// sequences among them) are escaped before printing, and long ones cut.
 fn printable(s: &str) -> String {
-    s.chars().flat_map(char::escape_default).take(200).collect()
+    let mut out = String::new();
+    for c in s.chars().take(200) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
