@@ -289,8 +289,13 @@ async fn services_page(State(c): State<Arc<Console>>) -> Html<String> {
         ),
         undecodable(&listing),
     );
-    let body = format!("{body}{}", recent(&c));
-    Html(layout("Services", Some(""), &c.banner(&etcd), &body))
+    Html(layout(
+        "Services",
+        Some(""),
+        &c.banner(&etcd),
+        &body,
+        &recent(&c),
+    ))
 }
 
 async fn services_rows(State(c): State<Arc<Console>>) -> Html<String> {
@@ -364,10 +369,7 @@ fn recent(c: &Console) -> String {
             esc(&field("addr")),
         );
     }
-    if out.is_empty() {
-        return String::new();
-    }
-    format!("<h3>Recent</h3><ul>{out}</ul>")
+    out
 }
 
 async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) -> Response {
@@ -417,7 +419,7 @@ async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuer
         nav = format!("<p>Pages:{nav}</p>");
     }
     let body = format!(
-        "<h2>{}</h2>{writes}{nav}{}{config}{}",
+        "<h2>{}</h2>{writes}{nav}{}{config}",
         esc(&q.name),
         table(
             &[
@@ -437,9 +439,16 @@ async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuer
             &src,
             Some(&health),
         ),
-        recent(&c),
     );
-    Html(layout(&q.name, Some(&q.name), &c.banner(&etcd), &body)).into_response()
+    let live = recent(&c);
+    Html(layout(
+        &q.name,
+        Some(&q.name),
+        &c.banner(&etcd),
+        &body,
+        &live,
+    ))
+    .into_response()
 }
 
 async fn service_rows_fragment(
@@ -517,7 +526,7 @@ async fn service_rows(
              <td data-probe=\"{id}\">probing…</td><td>{actions}</td></tr>",
             id = esc(&i.id),
             addr = esc(&i.addr),
-            meta = esc(&i.metadata.to_string()),
+            meta = if i.metadata.is_null() { String::new() } else { esc(&i.metadata.to_string()) },
             weight = esc(&o.and_then(|o| o.weight).map_or_else(|| i.metadata.get("weight").unwrap_or_else(|| "1".into()), |w| w.to_string())),
             zone = esc(&i.metadata.get("zone").unwrap_or_default()),
         );
@@ -634,7 +643,7 @@ async fn etcd_page(State(c): State<Arc<Console>>) -> Html<String> {
             }
         );
     }
-    Html(layout("etcd", None, &c.banner(&banner), &body))
+    Html(layout("etcd", None, &c.banner(&banner), &body, &recent(&c)))
 }
 
 async fn live_events(

@@ -132,15 +132,22 @@ document.addEventListener('click', (ev) => {
 probe();
 "#;
 
-/// A whole page: header, etcd banner, `body`, the live list, the script.
-pub(crate) fn layout(title: &str, service: Option<&str>, banner: &str, body: &str) -> String {
+/// A whole page: header, etcd banner, `body`, the live list (starting with
+/// `live`, already escaped `<li>` items, newest first), the script.
+pub(crate) fn layout(
+    title: &str,
+    service: Option<&str>,
+    banner: &str,
+    body: &str,
+    live: &str,
+) -> String {
     let data = service.map_or(String::new(), |s| format!(" data-service=\"{}\"", esc(s)));
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · tonic-etcd</title>\
          <style>{STYLE}</style></head><body{data}>\
          <header><b>tonic-etcd console</b><a href=\"/\">Services</a><a href=\"/etcd\">etcd</a></header>\
          <div id=\"etcd\"{banner_class}>{banner}</div><main>{body}\
-         <h3>Live</h3><ul id=\"live\"></ul></main><script>{SCRIPT}</script></body></html>",
+         <h3>Live</h3><ul id=\"live\">{live}</ul></main><script>{SCRIPT}</script></body></html>",
         title = esc(title),
         banner_class = if banner.is_empty() {
             ""
@@ -187,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_page_escapes_its_title_and_service() {
-        let page = layout("<x>", Some("s\"><script>"), "down <b>", "");
+        let page = layout("<x>", Some("s\"><script>"), "down <b>", "", "");
         assert!(page.contains("&lt;x&gt;"));
         assert!(page.contains("data-service=\"s&quot;&gt;&lt;script&gt;\""));
         assert!(page.contains("down &lt;b&gt;"));

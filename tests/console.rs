@@ -1,0 +1,317 @@
+//! The operator console in a real browser (Debian's chromium through
+//! chromedriver, driven over WebDriver), against real etcd and real tonic
+//! servers, run as users run it: the `tonic-etcd console` binary.
+//!
+//! It opens the services page, follows the link to the service, checks the
+//! instances table and that metadata holding `<script>` shows as text,
+//! registers an instance and sees its row appear without a reload, drains
+//! an instance from the page (with a token) and sees a Balancer stop
+//! sending it calls. The service page's screenshot is written to
+//! `target/console-service.png` (the README's picture comes from it).
+//!
+//! chromium and chromedriver come from `scripts/ensure-deps` (or `CHROMIUM`
+//! and `CHROMEDRIVER`); without them the test fails and says so.
+
+#[path = "common/backend.rs"]
+mod backend;
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backend::Backend;
+use common::{eventually, unique};
+use fantoccini::{Client, ClientBuilder, Locator};
+use tonic_etcd::balancer::{EndpointState, OutlierDetection};
+use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
+use tonic_etcd::testing::shared;
+use tonic_etcd::{Balancer, Metadata, NamingSchema, Registration};
+
+const LIMIT: Duration = Duration::from_secs(15);
+const TOKEN: &str = "console-test-secret-0123456789";
+
+/// A child process killed when dropped.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn find_tool(env: &str, names: &[&str]) -> String {
+    if let Ok(p) = std::env::var(env) {
+        return p;
+    }
+    for name in names {
+        for dir in ["/usr/bin", "/usr/local/bin", "/usr/lib/chromium"] {
+            let p = format!("{dir}/{name}");
+            if std::path::Path::new(&p).exists() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "{} not found: run scripts/ensure-deps (installs Debian's chromium and chromium-driver) \
+         or set {env}",
+        names[0]
+    );
+}
+
+/// Starts `tonic-etcd console` and returns it with its URL.
+fn start_console(endpoint: &str, ns: &str) -> (Kill, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
+        .args([
+            "--etcd",
+            endpoint,
+            "--namespace",
+            ns,
+            "console",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-writes",
+        ])
+        .env("TONIC_ETCD_CONSOLE_TOKENS", format!("tester={TOKEN}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tonic-etcd console");
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("console prints its address");
+    let url = line
+        .trim()
+        .strip_prefix("console: ")
+        .unwrap_or_else(|| panic!("unexpected console output {line:?}"))
+        .trim_end_matches('/')
+        .to_owned();
+    (Kill(child), url)
+}
+
+/// Starts chromedriver on a free port and connects a headless chromium.
+async fn browser() -> (Kill, Client) {
+    let chromium = find_tool("CHROMIUM", &["chromium", "chromium-browser"]);
+    let driver = find_tool("CHROMEDRIVER", &["chromedriver"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(&driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {driver}: {e}"));
+    let guard = Kill(child);
+    let caps: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_value(serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1400,900",
+                ],
+            }
+        }))
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    // The WebDriver client is built with rustls; the process picks ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let mut builder = ClientBuilder::rustls().expect("a WebDriver client");
+        builder.capabilities(caps.clone());
+        match builder.connect(&url).await {
+            Ok(client) => return (guard, client),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("chromedriver at {url} did not start a browser: {e}"),
+        }
+    }
+}
+
+/// Polls the page until `css` matches an element, without reloading.
+async fn appears(client: &Client, css: &str) {
+    let deadline = Instant::now() + LIMIT;
+    while client.find(Locator::Css(css)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{css} never appeared on the page"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn register(
+    client: &etcd_client::Client,
+    ns: &str,
+    id: &str,
+    addr: &str,
+    metadata: Metadata,
+) -> Registration {
+    Registration::builder(client.clone())
+        .schema(NamingSchema::with_namespace(ns).unwrap())
+        .service("shop")
+        .id(id)
+        .addr(addr)
+        .metadata(metadata)
+        .register()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
+    let etcd = shared();
+    let client = etcd.client().await;
+    let ns = unique("console");
+    let (one, two, three) = (
+        Backend::start("one"),
+        Backend::start("two"),
+        Backend::start("three"),
+    );
+    let hostile = "<script>alert('x')</script>";
+    let _r1 = register(
+        &client,
+        &ns,
+        "one",
+        &one.addr,
+        Metadata::new()
+            .with("zone", "eu-1")
+            .with("version", "1.4.2"),
+    )
+    .await;
+    let _r2 = register(
+        &client,
+        &ns,
+        "two",
+        &two.addr,
+        Metadata::new().with("zone", "eu-2").with("note", hostile),
+    )
+    .await;
+    let balancer = Balancer::builder(client.clone(), "shop")
+        .schema(NamingSchema::with_namespace(&ns).unwrap())
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(2, LIMIT).await.unwrap();
+
+    let (_console, url) = start_console(&etcd.endpoint(), &ns);
+    let (_driver, browser) = browser().await;
+
+    // The services page lists the service with its zones and versions.
+    browser.goto(&format!("{url}/")).await.unwrap();
+    let row = browser
+        .find(Locator::Css("tbody tr"))
+        .await
+        .expect("a service row");
+    let text = row.text().await.unwrap();
+    assert!(
+        text.contains("shop") && text.contains("eu-1") && text.contains("1.4.2"),
+        "{text}"
+    );
+    browser
+        .find(Locator::LinkText("shop"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // The service page: both instances, metadata with <script> as text.
+    appears(&browser, "tr[data-id='one']").await;
+    appears(&browser, "tr[data-id='two']").await;
+    let shown = browser
+        .find(Locator::Css("tr[data-id='two']"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        shown.contains(hostile),
+        "the metadata shows as text: {shown}"
+    );
+    let scripts = browser
+        .execute("return document.scripts.length", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        scripts,
+        serde_json::json!(1),
+        "only the console's own script"
+    );
+    let probed = eventually(LIMIT, "the health probe answered", || async {
+        let t = browser
+            .find(Locator::Css("tr[data-id='one'] td[data-probe]"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        t.contains(" ms").then_some(t)
+    })
+    .await;
+    assert!(probed.starts_with("UNIMPLEMENTED"), "{probed}");
+
+    // A new instance appears without a reload.
+    let _r3 = register(&client, &ns, "three", &three.addr, Metadata::new()).await;
+    appears(&browser, "tr[data-id='three']").await;
+    let live = browser
+        .find(Locator::Id("live"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(live.contains("insert") && live.contains("three"), "{live}");
+
+    // Drain `one` from the page: the Balancer stops sending it calls.
+    browser
+        .find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css(
+            "tr[data-id='one'] button[data-action='drain']",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(LIMIT, "one drained in the Balancer", || async {
+        balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.instance.id == "one" && e.state == EndpointState::Drained)
+            .then_some(())
+    })
+    .await;
+    for _ in 0..30 {
+        let mut request = tonic::Request::new(HelloRequest { name: "c".into() });
+        request.set_timeout(LIMIT);
+        let who = GreeterClient::new(balancer.clone())
+            .say_hello(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .server_id;
+        assert_ne!(who, "one", "a drained instance got a call");
+    }
+    appears(&browser, "tr[data-id='one'] .drained").await;
+
+    let png = browser.screenshot().await.unwrap();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-service.png");
+    std::fs::write(&out, png).unwrap();
+    browser.close().await.unwrap();
+}
