@@ -315,3 +315,199 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     std::fs::write(&out, png).unwrap();
     browser.close().await.unwrap();
 }
+
+/// One HTTP/1.1 request to the console: (status, body).
+async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut raw))
+        .await
+        .expect("the console answered in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// The page's etcd banner (the script mentions the same words).
+fn banner(page: &str) -> String {
+    let after = page.split("<div id=\"etcd\"").nth(1).unwrap_or("");
+    after.split("</div>").next().unwrap_or("").to_owned()
+}
+
+async fn console_in_process(
+    client: etcd_client::Client,
+    ns: &str,
+    opts: tonic_etcd::console::ConsoleOptions,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let schema: std::sync::Arc<dyn tonic_etcd::Schema> =
+        std::sync::Arc::new(NamingSchema::with_namespace(ns).unwrap());
+    tokio::spawn(tonic_etcd::console::serve(
+        client,
+        schema,
+        opts,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (addr, stop)
+}
+
+/// Writes are refused without `allow_writes` and without a valid token;
+/// hostile keys and values are escaped; a service of 1,200 instances is
+/// paginated; with etcd down the page says so and shows the last reading,
+/// and recovers when etcd returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_guards_writes_escapes_what_etcd_holds_and_survives_etcd_down() {
+    let etcd = tonic_etcd::testing::Etcd::start();
+    let client = etcd.client().await;
+    let ns = unique("console-http");
+    let one = Backend::start("one");
+    let _r1 = register(&client, &ns, "one", &one.addr, Metadata::new()).await;
+    let mut raw = client.clone();
+    // A key that is not UTF-8 and a value that is not JSON.
+    let mut bad_key = format!("{ns}/shop/").into_bytes();
+    bad_key.extend_from_slice(b"\xff<img src=x onerror=alert(1)>");
+    raw.put(bad_key, "<script>bad()</script>", None)
+        .await
+        .unwrap();
+    // 1,200 more instances under one lease.
+    let lease = raw.lease_grant(60, None).await.unwrap().id();
+    for i in 0..1_200 {
+        raw.put(
+            format!("{ns}/big/i{i:04}"),
+            format!(
+                r#"{{"Addr":"127.0.0.1:{}","Metadata":{{"zone":"<b>z</b>"}}}}"#,
+                10_000 + i
+            ),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    }
+
+    // Read-only: writes refused, and the page says why.
+    let (ro, _stop_ro) = console_in_process(
+        client.clone(),
+        &ns,
+        tonic_etcd::console::ConsoleOptions::new(),
+    )
+    .await;
+    let (status, page) = http(&ro, "GET", "/", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(banner(&page).contains("read-only"), "{page}");
+    assert!(
+        !page.contains("<img src=x") && page.contains("&lt;img src=x"),
+        "hostile key escaped"
+    );
+    assert!(
+        !page.contains("<script>bad()"),
+        "hostile value never markup"
+    );
+    let drain = r#"{"service":"shop","id":"one","action":"drain"}"#;
+    let (status, _) = http(
+        &ro,
+        "POST",
+        "/api/override",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {TOKEN}")),
+        ],
+        drain,
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Writes on: a token is required, and a valid one works.
+    let opts = tonic_etcd::console::ConsoleOptions::new()
+        .with_writes(&format!("tester={TOKEN}"))
+        .unwrap();
+    let (rw, _stop_rw) = console_in_process(client.clone(), &ns, opts).await;
+    let json = ("content-type", "application/json");
+    let (status, _) = http(
+        &rw,
+        "POST",
+        "/api/override",
+        &[json, ("authorization", "Bearer wrong-token-wrong-token")],
+        drain,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, body) = http(
+        &rw,
+        "POST",
+        "/api/override",
+        &[json, ("authorization", &format!("Bearer {TOKEN}"))],
+        drain,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let unknown = r#"{"service":"shop","id":"nobody","action":"drain"}"#;
+    let (status, _) = http(
+        &rw,
+        "POST",
+        "/api/override",
+        &[json, ("authorization", &format!("Bearer {TOKEN}"))],
+        unknown,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(tonic_etcd::console::ConsoleOptions::new()
+        .with_writes("short=abc")
+        .is_err());
+
+    // 1,200 instances: 500 rows a page, three pages.
+    let started = Instant::now();
+    let (status, page) = http(&rw, "GET", "/service?name=big", &[], "").await;
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(page.matches("<tr data-id=").count(), 500);
+    assert!(page.contains("page=2\">3</a>"), "three pages");
+    assert!(page.contains("&lt;b&gt;z&lt;/b&gt;"));
+    eprintln!("service page of 1,200 instances (500 shown) rendered in {took:?}");
+
+    // etcd down: the last reading under a banner; back: fresh again.
+    etcd.kill();
+    let (status, page) = http(&rw, "GET", "/", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(banner(&page).contains("etcd unreachable"), "{page}");
+    assert!(
+        page.contains("shop") && page.contains("big"),
+        "the last reading stays"
+    );
+    etcd.restart();
+    eventually(LIMIT, "the console reads etcd again", || async {
+        let (status, page) = http(&rw, "GET", "/", &[], "").await;
+        (status == 200 && !banner(&page).contains("etcd unreachable")).then_some(())
+    })
+    .await;
+}
