@@ -119,11 +119,12 @@ async fn browser() -> (Kill, Client) {
         }))
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    // The WebDriver client is built with rustls; the process picks ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let deadline = Instant::now() + LIMIT;
     loop {
-        let mut builder = ClientBuilder::rustls().expect("a WebDriver client");
+        // Plain HTTP to chromedriver on loopback: no TLS stack (another
+        // rustls provider in the build would leave rustls without a default).
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
         builder.capabilities(caps.clone());
         match builder.connect(&url).await {
             Ok(client) => return (guard, client),
