@@ -425,7 +425,10 @@ async fn the_console_guards_writes_escapes_what_etcd_holds_and_survives_etcd_dow
     .await;
     let (status, page) = http(&ro, "GET", "/", &[], "").await;
     assert_eq!(status, 200);
-    assert!(banner(&page).contains("read-only"), "{page}");
+    assert!(
+        page.contains("<div class=\"banner note\">read-only"),
+        "{page}"
+    );
     assert!(
         !page.contains("<img src=x") && page.contains("&lt;img src=x"),
         "hostile key escaped"

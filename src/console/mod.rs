@@ -261,12 +261,9 @@ impl Console {
         }
     }
 
-    fn banner(&self, etcd: &str) -> String {
-        match (&self.read_only_reason, etcd.is_empty()) {
-            (Some(r), true) => r.clone(),
-            (Some(r), false) => format!("{etcd} · {r}"),
-            (None, _) => etcd.to_owned(),
-        }
+    /// The standing notice of every page: why writes are off.
+    fn notice(&self) -> &str {
+        self.read_only_reason.as_deref().unwrap_or("")
     }
 }
 
@@ -292,7 +289,8 @@ async fn services_page(State(c): State<Arc<Console>>) -> Html<String> {
     Html(layout(
         "Services",
         Some(""),
-        &c.banner(&etcd),
+        c.notice(),
+        &etcd,
         &body,
         &recent(&c),
     ))
@@ -444,7 +442,8 @@ async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuer
     Html(layout(
         &q.name,
         Some(&q.name),
-        &c.banner(&etcd),
+        c.notice(),
+        &etcd,
         &body,
         &live,
     ))
@@ -643,7 +642,14 @@ async fn etcd_page(State(c): State<Arc<Console>>) -> Html<String> {
             }
         );
     }
-    Html(layout("etcd", None, &c.banner(&banner), &body, &recent(&c)))
+    Html(layout(
+        "etcd",
+        None,
+        c.notice(),
+        &banner,
+        &body,
+        &recent(&c),
+    ))
 }
 
 async fn live_events(

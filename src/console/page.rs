@@ -70,11 +70,17 @@ button{font-size:12px}
 const SCRIPT: &str = r#"
 const live = document.getElementById('live');
 const es = new EventSource('/events');
+// One fetch of the table at a time, and at most one more queued: a burst
+// of changes (a fleet restarting) costs a page a few fetches, not one each.
+let running = false, again = false;
 function refresh() {
   const body = document.querySelector('tbody[data-src]');
   if (!body) return;
+  if (running) { again = true; return; }
+  running = true;
   fetch(body.dataset.src).then(r => r.ok ? r.text() : Promise.reject(r.status))
-    .then(html => { body.innerHTML = html; probe(); }).catch(() => {});
+    .then(html => { body.innerHTML = html; paint(); }).catch(() => {})
+    .finally(() => { running = false; if (again) { again = false; setTimeout(refresh, 250); } });
 }
 es.onmessage = (m) => {
   const e = JSON.parse(m.data);
@@ -100,18 +106,24 @@ es.onerror = () => {
   banner.className = 'banner bad';
 };
 es.onopen = () => { const b = document.getElementById('etcd'); if (b.textContent.startsWith('console')) { b.textContent=''; b.className=''; } };
+// Probes run when the page opens and every 10 s while it stays open; a
+// refreshed table shows the last results until the next round.
+let probed = {};
+function paint() {
+  for (const cell of document.querySelectorAll('td[data-probe]')) {
+    const p = probed[cell.dataset.probe];
+    if (!p) continue;
+    cell.textContent = p.status + ' ' + p.ms + ' ms';
+    cell.className = p.status;
+  }
+}
 function probe() {
   const body = document.querySelector('tbody[data-health]');
   if (!body) return;
-  fetch(body.dataset.health).then(r => r.json()).then(all => {
-    for (const cell of body.querySelectorAll('td[data-probe]')) {
-      const p = all[cell.dataset.probe];
-      if (!p) continue;
-      cell.textContent = p.status + ' ' + p.ms + ' ms';
-      cell.className = p.status;
-    }
-  }).catch(() => {});
+  fetch(body.dataset.health).then(r => r.json()).then(all => { probed = all; paint(); })
+    .catch(() => {});
 }
+if (document.querySelector('tbody[data-health]')) setInterval(probe, 10000);
 function act(action, id, weight) {
   const token = document.getElementById('token');
   const out = document.getElementById('result');
@@ -132,21 +144,28 @@ document.addEventListener('click', (ev) => {
 probe();
 "#;
 
-/// A whole page: header, etcd banner, `body`, the live list (starting with
-/// `live`, already escaped `<li>` items, newest first), the script.
+/// A whole page: header, a standing `notice` (read-only), the etcd banner
+/// (kept live by the script), `body`, the live list (starting with `live`,
+/// already escaped `<li>` items, newest first), the script.
 pub(crate) fn layout(
     title: &str,
     service: Option<&str>,
+    notice: &str,
     banner: &str,
     body: &str,
     live: &str,
 ) -> String {
+    let notice = if notice.is_empty() {
+        String::new()
+    } else {
+        format!("<div class=\"banner note\">{}</div>", esc(notice))
+    };
     let data = service.map_or(String::new(), |s| format!(" data-service=\"{}\"", esc(s)));
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · tonic-etcd</title>\
          <style>{STYLE}</style></head><body{data}>\
          <header><b>tonic-etcd console</b><a href=\"/\">Services</a><a href=\"/etcd\">etcd</a></header>\
-         <div id=\"etcd\"{banner_class}>{banner}</div><main>{body}\
+         {notice}<div id=\"etcd\"{banner_class}>{banner}</div><main>{body}\
          <h3>Live</h3><ul id=\"live\">{live}</ul></main><script>{SCRIPT}</script></body></html>",
         title = esc(title),
         banner_class = if banner.is_empty() {
@@ -194,7 +213,8 @@ mod tests {
 
     #[test]
     fn a_page_escapes_its_title_and_service() {
-        let page = layout("<x>", Some("s\"><script>"), "down <b>", "", "");
+        let page = layout("<x>", Some("s\"><script>"), "read <i>", "down <b>", "", "");
+        assert!(page.contains("read &lt;i&gt;"));
         assert!(page.contains("&lt;x&gt;"));
         assert!(page.contains("data-service=\"s&quot;&gt;&lt;script&gt;\""));
         assert!(page.contains("down &lt;b&gt;"));
