@@ -129,5 +129,39 @@ async fn idle_servers_views_and_balancer_cost_almost_no_cpu() {
         "idle subsetting Balancers use {:.1} % of a core",
         share * 100.0
     );
+
+    // An operator drained one instance (every Balancer applies it), and
+    // the console runs with no page open.
+    let id = discover.instances()[0].id.clone();
+    tonic_etcd::OverrideStore::new(client.clone(), tonic_etcd::NamingSchema::new())
+        .set(svc, &id, &tonic_etcd::Override::drain("idle-test"))
+        .await
+        .unwrap();
+    eventually(LIMIT, "the drain applied", || async {
+        balancer
+            .endpoints()
+            .iter()
+            .any(|e| e.state == tonic_etcd::balancer::EndpointState::Drained)
+            .then_some(())
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop_console, console_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tonic_etcd::console::serve(
+        client.clone(),
+        std::sync::Arc::new(tonic_etcd::NamingSchema::new()),
+        tonic_etcd::console::ConsoleOptions::new(),
+        listener,
+        async {
+            let _ = console_stopped.await;
+        },
+    ));
+    let share = idle_share("+ a drain and the console").await;
+    assert!(
+        share < BUDGET,
+        "an idle console and overrides use {:.1} % of a core",
+        share * 100.0
+    );
+    drop(stop_console);
     drop(stops);
 }

@@ -110,18 +110,24 @@ es.onopen = () => { const b = document.getElementById('etcd'); if (b.textContent
 // refreshed table shows the last results until the next round.
 let probed = {};
 function paint() {
+  let unprobed = false;
   for (const cell of document.querySelectorAll('td[data-probe]')) {
     const p = probed[cell.dataset.probe];
-    if (!p) continue;
+    if (!p) { unprobed = true; continue; }
     cell.textContent = p.status + ' ' + p.ms + ' ms';
     cell.className = p.status;
   }
+  // A row that arrived since the last round is probed now.
+  if (unprobed && Object.keys(probed).length > 0 && !probing) probe();
 }
+let probing = false;
 function probe() {
   const body = document.querySelector('tbody[data-health]');
   if (!body) return;
-  fetch(body.dataset.health).then(r => r.json()).then(all => { probed = all; paint(); })
-    .catch(() => {});
+  probing = true;
+  fetch(body.dataset.health).then(r => r.json())
+    .then(all => { probing = false; probed = all; paint(); })
+    .catch(() => { probing = false; });
 }
 if (document.querySelector('tbody[data-health]')) setInterval(probe, 10000);
 function act(action, id, weight) {
