@@ -439,28 +439,8 @@ impl<S: Store> Worker<S> {
         let interval = (self.spec.ttl / 3).max(MIN_INTERVAL);
         let mut first = true;
         loop {
-            let timeout = self.spec.request_timeout;
-            // etcd answers a renewal only once it has applied what it had
-            // committed, and refuses it after about a second; while it is
-            // behind, every renewal sent waits in its apply path for
-            // nothing. So a pressed registration asks first (a Status, no
-            // waiter) and attaches once etcd has caught up.
-            if self.pressed() {
-                let behind = tokio::time::timeout(timeout, self.store.behind()).await;
-                if matches!(behind, Ok(Ok(true))) {
-                    let delay = self.overload.next_delay().min(interval / 2);
-                    tracing::debug!(
-                        lease,
-                        ?delay,
-                        "etcd is behind; renewing once it has caught up"
-                    );
-                    if !self.pause(delay, stop, commands).await {
-                        return SessionEnd::Stopped;
-                    }
-                    continue;
-                }
-            }
             let store = self.store.clone();
+            let timeout = self.spec.request_timeout;
             // Boxed, like every request below: this task lives as long as
             // the registration, and inlining each request's future would
             // make its steady state as large as all of them together.
