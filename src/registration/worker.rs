@@ -100,9 +100,14 @@ impl<S: Store> Worker<S> {
         self.pressed_until = Some(Instant::now() + PRESSURE_MEMORY);
     }
 
-    /// Notes what an answer (or its absence) says about etcd's load.
+    /// Notes what an answer says about etcd's load. Only answers count:
+    /// etcd pushing back, or answering late. A request that timed out got
+    /// no answer, which a partition explains as well as an overload, and a
+    /// partition must keep its quick re-attach (a partition shorter than
+    /// the TTL keeps the lease).
     fn observe(&mut self, error: Option<&Error>, took: Duration) {
-        if error.is_some_and(Error::is_overload) || took >= SLOW_ANSWER {
+        let answered = !matches!(error, Some(Error::Timeout { .. }));
+        if answered && (error.is_some_and(Error::is_overload) || took >= SLOW_ANSWER) {
             self.press();
         }
     }
