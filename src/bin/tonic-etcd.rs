@@ -510,21 +510,15 @@ async fn list(
         .unwrap_or_default();
     let mut probes = BTreeMap::new();
     if probe {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (svc, instances) in &listing.services {
-            for i in instances {
-                let (key, addr) = ((svc.clone(), i.id.clone()), i.addr.clone());
-                tasks.spawn(async move {
-                    (
-                        key,
-                        tonic_etcd::console::probe(&addr, Duration::from_secs(1)).await,
-                    )
-                });
-            }
-        }
-        while let Some(Ok((key, p))) = tasks.join_next().await {
-            probes.insert(key, p);
-        }
+        let targets = listing
+            .services
+            .iter()
+            .flat_map(|(svc, all)| {
+                all.iter()
+                    .map(|i| ((svc.clone(), i.id.clone()), i.addr.clone()))
+            })
+            .collect();
+        probes.extend(tonic_etcd::console::probe_all(targets, Duration::from_secs(1)).await);
     }
     let mut rows: Vec<[String; 8]> = Vec::new();
     for (svc, instances) in &listing.services {

@@ -25,7 +25,7 @@
 mod page;
 mod probe;
 
-pub use probe::{probe, Probe};
+pub use probe::{probe, probe_all, Probe};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -53,8 +53,6 @@ use page::{esc, layout, query, table};
 
 /// Instances per page of a service.
 const PAGE: usize = 500;
-/// Probes and lease lookups in flight at once.
-const CONCURRENCY: usize = 32;
 /// Live events kept for a page that opens.
 const RECENT: usize = 100;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -553,23 +551,10 @@ async fn health(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) ->
                 .collect()
         })
         .unwrap_or_default();
-    let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (id, addr) in instances {
-        let sem = sem.clone();
-        tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            (id, probe(&addr, PROBE_TIMEOUT).await)
-        });
-    }
     let mut out = BTreeMap::new();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok((id, p)) = r {
-            out.insert(
-                id,
-                serde_json::json!({"status": p.status, "ms": format!("{:.1}", p.latency.as_secs_f64() * 1e3)}),
-            );
-        }
+    for (id, p) in probe_all(instances, PROBE_TIMEOUT).await {
+        let ms = format!("{:.1}", p.latency.as_secs_f64() * 1e3);
+        out.insert(id, serde_json::json!({"status": p.status, "ms": ms}));
     }
     Json(out).into_response()
 }

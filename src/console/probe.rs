@@ -36,6 +36,31 @@ pub async fn probe(addr: &str, timeout: Duration) -> Probe {
     }
 }
 
+/// Probes every `(key, addr)` within `timeout` each, 32 at a time (a page
+/// or a listing of thousands must not open thousands of connections at
+/// once).
+pub async fn probe_all<K: Send + 'static>(
+    targets: Vec<(K, String)>,
+    timeout: Duration,
+) -> Vec<(K, Probe)> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (key, addr) in targets {
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            (key, probe(&addr, timeout).await)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(done) = r {
+            out.push(done);
+        }
+    }
+    out
+}
+
 async fn check(addr: &str) -> Result<String, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address: {e}"))?;
