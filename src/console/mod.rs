@@ -300,7 +300,13 @@ async fn services_rows(State(c): State<Arc<Console>>) -> Html<String> {
 }
 
 async fn services_table(c: &Console, listing: &Listing) -> String {
-    let drained = c.overrides.list(None).await.unwrap_or_default();
+    let overrides = c.overrides.list(None).await.unwrap_or_default();
+    let mut drained: HashMap<&str, usize> = HashMap::new();
+    for ((service, _), o) in &overrides {
+        if o.drain {
+            *drained.entry(service.as_str()).or_default() += 1;
+        }
+    }
     let mut rows = String::new();
     for (service, instances) in &listing.services {
         let distinct = |key: &str| {
@@ -310,10 +316,7 @@ async fn services_table(c: &Console, listing: &Listing) -> String {
                 .collect();
             values.into_iter().collect::<Vec<_>>().join(", ")
         };
-        let n_drained = drained
-            .iter()
-            .filter(|((s, _), o)| s == service && o.drain)
-            .count();
+        let n_drained = drained.get(service.as_str()).copied().unwrap_or(0);
         let _ = write!(
             rows,
             "<tr><td><a href=\"/service?name={}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -368,11 +371,20 @@ fn recent(c: &Console) -> String {
     out
 }
 
-async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) -> Response {
+/// The listing of the service a request names, or the answer refusing a
+/// name the schema cannot hold.
+async fn service_listing(c: &Console, q: &ServiceQuery) -> Result<(Listing, String), Response> {
     if let Err(e) = c.schema.validate_service(&q.name) {
-        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        return Err((StatusCode::BAD_REQUEST, e.to_string()).into_response());
     }
-    let (listing, etcd) = c.listing(Some(&q.name)).await;
+    Ok(c.listing(Some(&q.name)).await)
+}
+
+async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) -> Response {
+    let (listing, etcd) = match service_listing(&c, &q).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
     let (rows, pages) = service_rows(&c, &listing, &q.name, q.page).await;
     let config = match c.configs.get(&q.name).await {
         Ok(Some(stored)) => format!(
@@ -452,10 +464,10 @@ async fn service_rows_fragment(
     State(c): State<Arc<Console>>,
     Query(q): Query<ServiceQuery>,
 ) -> Response {
-    if let Err(e) = c.schema.validate_service(&q.name) {
-        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
-    }
-    let (listing, _) = c.listing(Some(&q.name)).await;
+    let (listing, _) = match service_listing(&c, &q).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
     Html(service_rows(&c, &listing, &q.name, q.page).await.0).into_response()
 }
 
@@ -536,10 +548,10 @@ async fn service_rows(
 
 /// Probes page `page` of a service: id -> {status, ms}.
 async fn health(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) -> Response {
-    if let Err(e) = c.schema.validate_service(&q.name) {
-        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
-    }
-    let (listing, _) = c.listing(Some(&q.name)).await;
+    let (listing, _) = match service_listing(&c, &q).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
     let instances: Vec<(String, String)> = listing
         .services
         .get(&q.name)
