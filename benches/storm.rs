@@ -16,7 +16,8 @@
 //! Reported per phase: the time until all N keys are present (counted
 //! every 50 ms), the largest drop of that count on the way (keys that were
 //! there and went again), etcd's Raft proposals per instance (its
-//! `raftIndex` before and after), etcd's CPU, and registrations whose
+//! `raftIndex` before and after), the CPU of etcd and of the registering
+//! processes (for the floor: this one), and registrations whose
 //! start-up failed. Each phase is cut off at 60 s.
 //!
 //! `cargo bench --bench storm`; writes `target/bench/storm.json`.
@@ -79,6 +80,7 @@ fn main() {
             "largest drop",
             "proposals/instance",
             "etcd CPU s",
+            "clients CPU s",
             "failed start-ups",
         ],
         &rows,
@@ -96,6 +98,8 @@ struct Phase {
     largest_drop: usize,
     proposals: u64,
     etcd_cpu: Duration,
+    /// CPU of the registering processes (the floor: this process).
+    client_cpu: Duration,
     failed: Option<usize>,
     n: usize,
     /// A steady phase: the time column says whether every key stayed.
@@ -116,6 +120,7 @@ impl Phase {
             self.largest_drop.to_string(),
             format!("{:.2}", self.proposals as f64 / self.n as f64),
             format!("{:.2}", self.etcd_cpu.as_secs_f64()),
+            format!("{:.2}", self.client_cpu.as_secs_f64()),
             self.failed.map_or("-".into(), |f| f.to_string()),
         ]
     }
@@ -127,8 +132,57 @@ impl Phase {
             "largest_drop": self.largest_drop,
             "proposals_per_instance": self.proposals as f64 / self.n as f64,
             "etcd_cpu_s": self.etcd_cpu.as_secs_f64(),
+            "client_cpu_s": self.client_cpu.as_secs_f64(),
             "failed_startups": self.failed,
         })
+    }
+}
+
+/// What a phase costs: etcd's Raft proposals and CPU, and the CPU of the
+/// processes that register, from the phase's start.
+struct Meter {
+    raft: u64,
+    etcd_cpu: Duration,
+    client_cpu: Duration,
+    clients: Vec<u32>,
+}
+
+impl Meter {
+    async fn start(etcd: &Etcd, client: &etcd_client::Client, clients: Vec<u32>) -> Self {
+        Self {
+            raft: raft_index(client).await,
+            etcd_cpu: etcd_cpu(etcd),
+            client_cpu: clients.iter().map(|&p| cpu_of(p)).sum(),
+            clients,
+        }
+    }
+
+    /// The phase's row, from what it measured and this meter's readings.
+    #[allow(clippy::too_many_arguments)]
+    async fn phase(
+        &self,
+        etcd: &Etcd,
+        client: &etcd_client::Client,
+        name: &'static str,
+        n: usize,
+        counted: (Option<Duration>, usize, usize),
+        failed: Option<usize>,
+        steady: bool,
+    ) -> Phase {
+        let (all_present, last_count, largest_drop) = counted;
+        let client_cpu: Duration = self.clients.iter().map(|&p| cpu_of(p)).sum();
+        Phase {
+            name,
+            all_present,
+            last_count,
+            largest_drop,
+            proposals: raft_index(client).await.saturating_sub(self.raft),
+            etcd_cpu: etcd_cpu(etcd).saturating_sub(self.etcd_cpu),
+            client_cpu: client_cpu.saturating_sub(self.client_cpu),
+            failed,
+            n,
+            steady,
+        }
     }
 }
 
@@ -140,7 +194,6 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
 
     let service = format!("storm-{n}");
     let prefix = format!("{service}/");
-    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
     let start_at = unix_ms() + 1_500;
     let mut children: Vec<Child> = (0..procs)
         .map(|p| {
@@ -160,9 +213,11 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
                 .expect("start a storm child")
         })
         .collect();
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let meter = Meter::start(etcd, &client, pids.clone()).await;
     let t0 = Instant::now() + Duration::from_millis(start_at.saturating_sub(unix_ms()) as u64);
     tokio::time::sleep_until(t0).await;
-    let (all_present, last_count, largest_drop) = follow(&client, &prefix, n, t0).await;
+    let counted = follow(&client, &prefix, n, t0).await;
     // Start-ups end within their 30 s deadline; each child reports.
     let failed = children
         .iter_mut()
@@ -176,51 +231,38 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
                 .unwrap_or(0)
         })
         .sum();
-    phases.push(Phase {
-        name: "cold start",
-        all_present,
-        last_count,
-        largest_drop,
-        proposals: raft_index(&client).await.saturating_sub(raft0),
-        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
-        failed: Some(failed),
-        n,
-        steady: false,
-    });
+    phases.push(
+        meter
+            .phase(etcd, &client, "cold start", n, counted, Some(failed), false)
+            .await,
+    );
 
     // What N registrations cost etcd once they are in (keep-alives every
     // TTL/3 and the key checks).
-    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
+    let meter = Meter::start(etcd, &client, pids.clone()).await;
     let lowest = hold(&client, &prefix, STEADY).await;
-    phases.push(Phase {
-        name: "then 10 s steady",
-        all_present: (lowest >= n).then_some(STEADY),
-        last_count: lowest,
-        largest_drop: n.saturating_sub(lowest),
-        proposals: raft_index(&client).await.saturating_sub(raft0),
-        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
-        failed: None,
-        n,
-        steady: true,
-    });
+    let counted = (
+        (lowest >= n).then_some(STEADY),
+        lowest,
+        n.saturating_sub(lowest),
+    );
+    phases.push(
+        meter
+            .phase(etcd, &client, "then 10 s steady", n, counted, None, true)
+            .await,
+    );
 
     // etcd loses its data: every lease and key is gone at once.
     etcd.wipe_and_restart();
     let client = etcd.client().await;
     let t0 = Instant::now();
-    let (raft0, cpu0) = (raft_index(&client).await, etcd_cpu(etcd));
-    let (all_present, last_count, largest_drop) = follow(&client, &prefix, n, t0).await;
-    phases.push(Phase {
-        name: "after a wipe",
-        all_present,
-        last_count,
-        largest_drop,
-        proposals: raft_index(&client).await.saturating_sub(raft0),
-        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
-        failed: None,
-        n,
-        steady: false,
-    });
+    let meter = Meter::start(etcd, &client, pids).await;
+    let counted = follow(&client, &prefix, n, t0).await;
+    phases.push(
+        meter
+            .phase(etcd, &client, "after a wipe", n, counted, None, false)
+            .await,
+    );
     for c in &mut children {
         // Closing stdin ends a child; its registrations are dropped.
         drop(c.stdin.take());
@@ -242,7 +284,7 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
     for _ in 0..procs {
         clients.push(etcd.client().await);
     }
-    let (raft0, cpu0) = (raft_index(client).await, etcd_cpu(etcd));
+    let meter = Meter::start(etcd, client, vec![std::process::id()]).await;
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -285,17 +327,18 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
         eprintln!("floor: {count} failed: {reason}");
     }
     let took = t0.elapsed();
-    Phase {
-        name: "floor: grant + put",
-        all_present: (failed == 0).then_some(took),
-        last_count: n - failed,
-        largest_drop: 0,
-        proposals: raft_index(client).await.saturating_sub(raft0),
-        etcd_cpu: etcd_cpu(etcd).saturating_sub(cpu0),
-        failed: Some(failed),
-        n,
-        steady: false,
-    }
+    let counted = ((failed == 0).then_some(took), n - failed, 0);
+    meter
+        .phase(
+            etcd,
+            client,
+            "floor: grant + put",
+            n,
+            counted,
+            Some(failed),
+            false,
+        )
+        .await
 }
 
 /// The lowest key count under `prefix` over `dur` (counted every 50 ms).
@@ -349,7 +392,23 @@ async fn follow(
 ) -> (Option<Duration>, usize, usize) {
     let mut c = client.clone();
     let (mut highest, mut largest_drop, mut last) = (0usize, 0usize, 0usize);
+    // BENCH_STORM_TRACE=1: the count and etcd's Raft and applied index every
+    // half second on stderr, to see how a phase unfolds.
+    let trace = std::env::var_os("BENCH_STORM_TRACE").is_some();
+    let mut traced = Instant::now();
     while t0.elapsed() < PHASE_LIMIT {
+        if trace && traced.elapsed() >= Duration::from_millis(500) {
+            traced = Instant::now();
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), c.status()).await {
+                eprintln!(
+                    "{:6.2}s keys {last:6} raft {} applied {} behind {}",
+                    t0.elapsed().as_secs_f64(),
+                    s.raft_index(),
+                    s.raft_applied_index(),
+                    s.raft_index().saturating_sub(s.raft_applied_index())
+                );
+            }
+        }
         let got = tokio::time::timeout(
             Duration::from_secs(2),
             c.get(
@@ -382,11 +441,13 @@ async fn raft_index(client: &etcd_client::Client) -> u64 {
     0
 }
 
-/// etcd's CPU time so far (user + system), from /proc.
+/// etcd's CPU time so far (user + system).
 fn etcd_cpu(etcd: &Etcd) -> Duration {
-    let Some(pid) = etcd.pid() else {
-        return Duration::ZERO;
-    };
+    etcd.pid().map_or(Duration::ZERO, cpu_of)
+}
+
+/// A process's CPU time so far (user + system), from /proc.
+fn cpu_of(pid: u32) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };

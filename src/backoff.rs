@@ -33,8 +33,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.max);
         self.attempt = self.attempt.saturating_add(1);
-        let lo = exp / 2;
-        lo + rand::rng().random_range(Duration::ZERO..=exp - lo)
+        jitter(exp)
     }
 
     /// Retries made since the last [`reset`](Self::reset).
@@ -46,6 +45,12 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
+}
+
+/// A delay drawn uniformly from `[d/2, d]`: spread out, never near zero.
+pub(crate) fn jitter(d: Duration) -> Duration {
+    let lo = d / 2;
+    lo + rand::rng().random_range(Duration::ZERO..=d - lo)
 }
 
 #[cfg(test)]

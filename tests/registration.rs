@@ -197,13 +197,14 @@ async fn a_key_deleted_by_someone_else_is_put_back() {
         .service(&svc)
         .addr("127.0.0.1:7022")
         .ttl(Duration::from_secs(3))
+        .key_check_interval(Duration::from_secs(1))
         .register()
         .await
         .unwrap();
     let key = &reg.keys()[0];
     client.delete(key.as_str(), None).await.unwrap();
     let t = Instant::now();
-    // Checked every TTL/3 = 1 s.
+    // Checked every second, at keep-alive ticks (TTL/3 = 1 s).
     let (_, lease) = eventually(Duration::from_secs(3), "key restored", || async {
         get(&client, key).await
     })
@@ -441,6 +442,7 @@ async fn idle_registrations_cost_etcd_no_raft_writes_and_deleted_keys_still_come
                 .service(&svc)
                 .addr(format!("127.0.0.1:{}", 7100 + i))
                 .ttl(Duration::from_secs(2))
+                .key_check_interval(Duration::from_millis(500))
                 .register()
                 .await
                 .unwrap(),
@@ -452,7 +454,7 @@ async fn idle_registrations_cost_etcd_no_raft_writes_and_deleted_keys_still_come
     };
     // Let the writes of the start settle, then watch etcd's Raft log while
     // three registrations keep their leases alive and check their keys
-    // (every TTL/3, so about 13 checks in all).
+    // (every keep-alive tick here, TTL/3, so about 13 checks in all).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = raft_index().await;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -18,7 +18,11 @@
 //!    pushes back ("too many requests", renewals refused while it catches
 //!    up) up to 16 s, and grants and puts are never sent twice in one
 //!    attempt (see `benches/storm.rs`: a fleet re-registering at once).
-//! 3. Every keep-alive tick the task also checks, in one read-only
+//!    The first keep-alive goes out a third of the TTL after the grant
+//!    (jittered down to a sixth), not at once: the lease was just granted,
+//!    and a renewal waits in etcd for its applied index, which a fleet
+//!    starting together keeps far behind.
+//! 3. Every 30 s (`key_check_interval`) the task also checks, in one read-only
 //!    transaction, that each key still holds this instance's value under this
 //!    lease, and writes them back if someone deleted or overwrote them.
 //!    While etcd answers slowly (over a second, in the last 30 s) the check
@@ -64,6 +68,9 @@ const MIN_TTL: Duration = Duration::from_secs(2);
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Consul's anti-entropy runs at most once a minute; a check every keep-alive
+/// tick (TTL/3) was half of what 10,000 idle registrations cost etcd.
+const DEFAULT_KEY_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// The key check compares value and lease of each key in one transaction;
 /// etcd allows 128 operations per transaction by default.
 const MAX_SERVICES: usize = 64;
@@ -133,6 +140,7 @@ pub struct RegistrationBuilder {
     ttl: Duration,
     request_timeout: Duration,
     startup_timeout: Duration,
+    key_check_interval: Duration,
 }
 
 impl fmt::Debug for RegistrationBuilder {
@@ -210,6 +218,17 @@ impl RegistrationBuilder {
         self
     }
 
+    /// How often the keys are checked and put back if someone deleted or
+    /// overwrote them (default 30 s, rounded up to keep-alive ticks, TTL/3;
+    /// the first check of each lease is spread over the first interval).
+    /// Each check is a read-only transaction: 10,000 registrations checking
+    /// every TTL/3 cost etcd as much as all their keep-alives.
+    #[must_use]
+    pub fn key_check_interval(mut self, interval: Duration) -> Self {
+        self.key_check_interval = crate::time::cap(interval);
+        self
+    }
+
     /// The service names this registration announces.
     pub(crate) fn service_names(&self) -> &[String] {
         &self.services
@@ -278,6 +297,7 @@ impl RegistrationBuilder {
             entries,
             ttl: self.ttl,
             request_timeout: self.request_timeout,
+            key_check_interval: self.key_check_interval,
         };
         start(self.client, spec, self.startup_timeout).await
     }
@@ -372,6 +392,7 @@ impl Registration {
             ttl: DEFAULT_TTL,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            key_check_interval: DEFAULT_KEY_CHECK_INTERVAL,
         }
     }
 

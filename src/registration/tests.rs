@@ -288,6 +288,8 @@ fn spec(ttl: u64) -> Spec {
         entries,
         ttl: Duration::from_secs(ttl),
         request_timeout: Duration::from_secs(5),
+        // Every keep-alive tick, as the tests below count them.
+        key_check_interval: Duration::from_secs(ttl) / 3,
     }
 }
 
@@ -309,11 +311,57 @@ async fn steady_state_renews_every_third_of_the_ttl_and_writes_nothing() {
     run_for(Duration::from_millis(10_500)).await;
     let state = fake.lock();
     assert_eq!((state.grants, state.puts, state.restores), (1, 1, 0));
-    // One on attaching, then one per second.
-    assert_eq!(state.keep_alives, 11);
-    assert_eq!(state.checks, 10);
+    // One on attaching (0.5 to 1 s after the grant), then one per second,
+    // with a key check on each tick.
+    assert!((10..=11).contains(&state.keep_alives), "{}", state.keep_alives);
+    assert_eq!(state.checks, state.keep_alives - 1);
     drop(state);
     assert_eq!(reg.lease_id(), Some(1));
+}
+
+/// The lease was just granted with its whole TTL, so the first keep-alive
+/// waits for the first tick after the grant, jittered between a sixth and a
+/// third of the TTL: a fleet registered together neither renews at once
+/// (into an etcd still applying its grants) nor in step afterwards.
+#[tokio::test(start_paused = true)]
+async fn the_first_keep_alive_waits_for_a_jittered_first_tick() {
+    let mut firsts = Vec::new();
+    for _ in 0..20 {
+        let fake = Fake::new();
+        let _reg = registered(&fake, 3).await;
+        let granted = Instant::now();
+        run_for(Duration::from_millis(1001)).await;
+        let state = fake.lock();
+        assert_eq!(state.attaches.len(), 1, "attached by the first tick");
+        let at = state.attaches[0] - granted;
+        assert!(
+            at >= Duration::from_millis(500) && at <= Duration::from_millis(1000),
+            "first keep-alive {at:?} after the grant"
+        );
+        firsts.push(at);
+    }
+    let (lo, hi) = (firsts.iter().min(), firsts.iter().max());
+    assert!(
+        lo.zip(hi)
+            .is_some_and(|(lo, hi)| *hi - *lo >= Duration::from_millis(100)),
+        "not spread: {firsts:?}"
+    );
+}
+
+/// A key check is a read: every keep-alive tick, 10,000 registrations cost
+/// etcd as much in checks as in renewals. They run every check interval.
+#[tokio::test(start_paused = true)]
+async fn keys_are_checked_every_check_interval_not_every_tick() {
+    let fake = Fake::new();
+    let mut spec = spec(3);
+    spec.key_check_interval = Duration::from_secs(30);
+    let _reg = start(fake.clone(), spec, Duration::from_secs(30))
+        .await
+        .unwrap();
+    run_for(Duration::from_secs(100)).await;
+    let state = fake.lock();
+    assert!(state.keep_alives >= 99, "{}", state.keep_alives);
+    assert!((3..=4).contains(&state.checks), "{} checks", state.checks);
 }
 
 /// A partition shorter than the TTL must not cost the lease: silence is
@@ -381,13 +429,15 @@ async fn a_lost_lease_is_replaced_within_one_interval() {
     assert_eq!(fake.lease_of(KEY), Some(2));
 }
 
+/// Checked at the first tick after the first keep-alive (the check interval
+/// here is one tick), so within two keep-alive intervals of the grant.
 #[tokio::test(start_paused = true)]
-async fn a_deleted_key_is_restored_within_one_interval() {
+async fn a_deleted_key_is_restored_at_the_next_check() {
     let fake = Fake::new();
     let _reg = registered(&fake, 3).await;
     run_for(Duration::from_millis(100)).await;
     fake.lock().keys.clear();
-    run_for(Duration::from_secs(1)).await;
+    run_for(Duration::from_millis(1900)).await;
     assert_eq!(fake.lease_of(KEY), Some(1));
     assert_eq!(fake.lock().restores, 1);
 }
@@ -486,6 +536,8 @@ async fn metadata_is_written_now_or_after_an_outage() {
         .unwrap();
     assert!(value(&fake).contains("\"a\""), "{}", value(&fake));
 
+    // Past the first keep-alive (at most a third of the TTL after the grant).
+    run_for(Duration::from_millis(1100)).await;
     fake.lock().down = true;
     let mut states = reg.watch_state();
     states

@@ -48,6 +48,7 @@ pub(super) struct Spec {
     pub(super) entries: Vec<Encoded>,
     pub(super) ttl: Duration,
     pub(super) request_timeout: Duration,
+    pub(super) key_check_interval: Duration,
 }
 
 pub(super) struct Worker<S> {
@@ -62,6 +63,9 @@ pub(super) struct Worker<S> {
     unwritten: bool,
     /// Until when etcd counts as overloaded (see [`Worker::pressed`]).
     pressed_until: Option<Instant>,
+    /// When etcd answered the grant of the current lease: its TTL runs from
+    /// about then, however long the put took.
+    granted: Instant,
 }
 
 /// Why a keep-alive session ended.
@@ -81,6 +85,7 @@ impl<S: Store> Worker<S> {
             overload: Backoff::new(OVERLOAD_BACKOFF_BASE, OVERLOAD_BACKOFF_MAX),
             unwritten: false,
             pressed_until: None,
+            granted: Instant::now(),
         }
     }
 
@@ -133,9 +138,10 @@ impl<S: Store> Worker<S> {
                 self.observe(r.as_ref().err(), began.elapsed());
             }
             match attempt {
-                Ok(Ok(lease)) => {
+                Ok(Ok((lease, granted))) => {
                     self.backoff.reset();
                     self.overload.reset();
+                    self.granted = granted;
                     return Ok(lease);
                 }
                 Ok(Err(e)) if e.is_permanent() => return Err(e),
@@ -189,7 +195,7 @@ impl<S: Store> Worker<S> {
     /// in the background, so clients do not keep routing to a server that
     /// is leaving for up to a TTL. A grant whose answer never arrived leaves
     /// a lease without keys, which expires unseen.
-    async fn register_once(&self) -> Result<i64, Error> {
+    async fn register_once(&self) -> Result<(i64, Instant), Error> {
         let (ttl, timeout) = (self.ttl_secs, self.spec.request_timeout);
         let lease = self.write("lease grant", || self.store.grant(ttl)).await?;
         let granted = Instant::now();
@@ -217,7 +223,7 @@ impl<S: Store> Worker<S> {
         guard.disarm();
         tracing::info!(services = ?self.spec.services, lease, "registered in etcd");
         self.set_state(RegistrationState::Registered { lease_id: lease });
-        Ok(lease)
+        Ok((lease, granted))
     }
 
     /// The pause before the next registration attempt after `error`: long
@@ -353,15 +359,16 @@ impl<S: Store> Worker<S> {
             };
             self.observe(attempt.as_ref().err(), began.elapsed());
             match attempt {
-                Ok(lease) => {
+                Ok((lease, granted)) => {
                     self.backoff.reset();
                     self.overload.reset();
+                    self.granted = granted;
                     return Some(lease);
                 }
                 Err(e) => {
                     let delay = self.next_delay(&e);
                     self.retrying(e);
-                    if !self.pause(delay, stop, commands).await {
+                    if !self.pause(delay, None, stop, commands).await {
                         return None;
                     }
                 }
@@ -369,11 +376,13 @@ impl<S: Store> Worker<S> {
         }
     }
 
-    /// Waits `delay` while answering commands (no lease to write under:
-    /// new metadata waits for the next registration); false when stopped.
+    /// Waits `delay` while answering commands (new metadata is written under
+    /// `lease`, or without one waits for the next registration); false when
+    /// stopped.
     async fn pause(
         &mut self,
         delay: Duration,
+        lease: Option<i64>,
         stop: &mut watch::Receiver<bool>,
         commands: &mut mpsc::Receiver<Command>,
     ) -> bool {
@@ -383,7 +392,7 @@ impl<S: Store> Worker<S> {
                 biased;
                 () = stopped(stop) => return false,
                 cmd = commands.recv() => match cmd {
-                    Some(cmd) => Box::pin(self.command(cmd, None, stop)).await,
+                    Some(cmd) => Box::pin(self.command(cmd, lease, stop)).await,
                     None => return false,
                 },
                 () = tokio::time::sleep_until(until) => return true,
@@ -443,6 +452,19 @@ impl<S: Store> Worker<S> {
     ) -> SessionEnd {
         let interval = (self.spec.ttl / 3).max(MIN_INTERVAL);
         let mut first = true;
+        // The lease was just granted with its whole TTL: attaching (which
+        // renews it) waits for the first keep-alive tick after the grant,
+        // jittered so that a fleet registered together does not renew
+        // together. A renewal waits in etcd until it has applied everything
+        // committed, so 10,000 of them sent right after their puts queued
+        // behind the storm of grants and puts, each refused after a second
+        // and sent again. Counted from the grant: a slow put has used up
+        // part of the TTL already.
+        let first_renewal = self.granted + crate::backoff::jitter(interval);
+        let wait = first_renewal.saturating_duration_since(Instant::now());
+        if !self.pause(wait, Some(lease), stop, commands).await {
+            return SessionEnd::Stopped;
+        }
         loop {
             let store = self.store.clone();
             let timeout = self.spec.request_timeout;
@@ -490,7 +512,7 @@ impl<S: Store> Worker<S> {
                     // is renewed as soon as etcd can.
                     let delay = self.next_delay(&e).min(interval / 2);
                     self.retrying(e);
-                    if !self.pause(delay, stop, commands).await {
+                    if !self.pause(delay, None, stop, commands).await {
                         return SessionEnd::Stopped;
                     }
                     continue;
@@ -520,6 +542,10 @@ impl<S: Store> Worker<S> {
             let mut sent = std::collections::VecDeque::with_capacity(4);
             let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first check of a session is spread over one check interval
+            // (a re-attach has just checked, the first attach follows the put).
+            let check_every = self.spec.key_check_interval;
+            let mut next_check = renewed + crate::backoff::jitter(check_every);
             let broken = loop {
                 // A stream that stops answering is as dead as one that
                 // errors: partitions hang silently. Detected after one and a
@@ -553,7 +579,7 @@ impl<S: Store> Worker<S> {
                         Some(cmd) => Box::pin(self.command(cmd, Some(lease), stop)).await,
                         None => return SessionEnd::Stopped,
                     },
-                    _ = tick.tick() => {
+                    at = tick.tick() => {
                         if let Err(source) = session.send().await {
                             break Error::Etcd { op: "lease keep-alive send", source };
                         }
@@ -565,8 +591,11 @@ impl<S: Store> Worker<S> {
                         // cannot hide the silence of the keep-alive stream.
                         // Skipped while etcd is behind: a deleted key is
                         // rare, the load of 10,000 checks is not.
-                        if !self.pressed() && self.repair_until(lease, silent_deadline, stop).await {
-                            return SessionEnd::Stopped;
+                        if at >= next_check && !self.pressed() {
+                            next_check = at + check_every;
+                            if self.repair_until(lease, silent_deadline, stop).await {
+                                return SessionEnd::Stopped;
+                            }
                         }
                     }
                     () = tokio::time::sleep_until(silent_deadline) => {
