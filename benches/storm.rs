@@ -4,21 +4,23 @@
 //! For each N (`BENCH_STORM_N`, comma-separated; default 1000,5000,10000):
 //!
 //! * **floor**: N lease grants and N puts under them issued at once by
-//!   plain etcd clients in this process, each sent again 100 to 200 ms
-//!   after etcd refused it with "too many requests" (the fastest etcd
-//!   takes them);
-//! * **cold start**: N registrations (TTL 10 s, 30 s start-up deadline)
-//!   spread over `BENCH_STORM_PROCS` child processes (default 16, each with
-//!   its own etcd client), all starting at the same instant;
+//!   plain etcd clients, each sent again 100 to 200 ms after etcd refused
+//!   it with "too many requests" (the fastest etcd takes them);
+//! * **cold start**: N registrations (TTL 10 s, 30 s start-up deadline),
+//!   all starting at the same instant.
+//!
+//! Both spread the N over `BENCH_STORM_PROCS` child processes (default 16,
+//! each with its own etcd client).
+//!
+//! * **then 10 s steady**: what the N registrations cost etcd once in;
 //! * **after a wipe**: etcd killed, its data dir wiped, restarted on the
 //!   same port: every lease is gone and every registration re-registers.
 //!
 //! Reported per phase: the time until all N keys are present (counted
 //! every 50 ms), the largest drop of that count on the way (keys that were
 //! there and went again), etcd's Raft proposals per instance (its
-//! `raftIndex` before and after), the CPU of etcd and of the registering
-//! processes (for the floor: this one), and registrations whose
-//! start-up failed. Each phase is cut off at 60 s.
+//! `raftIndex` before and after), the CPU of etcd and of the child
+//! processes, and start-ups that failed. Each phase is cut off at 60 s.
 //!
 //! `cargo bench --bench storm`; writes `target/bench/storm.json`.
 
@@ -194,43 +196,12 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
 
     let service = format!("storm-{n}");
     let prefix = format!("{service}/");
-    let start_at = unix_ms() + 1_500;
-    let mut children: Vec<Child> = (0..procs)
-        .map(|p| {
-            let (from, to) = (p * n / procs, (p + 1) * n / procs);
-            Command::new(std::env::current_exe().expect("own path"))
-                .env(CHILD, "1")
-                .args([
-                    etcd.endpoint(),
-                    service.clone(),
-                    from.to_string(),
-                    to.to_string(),
-                    start_at.to_string(),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start a storm child")
-        })
-        .collect();
-    let pids: Vec<u32> = children.iter().map(Child::id).collect();
-    let meter = Meter::start(etcd, &client, pids.clone()).await;
-    let t0 = Instant::now() + Duration::from_millis(start_at.saturating_sub(unix_ms()) as u64);
-    tokio::time::sleep_until(t0).await;
-    let counted = follow(&client, &prefix, n, t0).await;
+    let mut fleet = Fleet::spawn(etcd, Mode::Register, &service, n, procs);
+    let meter = Meter::start(etcd, &client, fleet.pids()).await;
+    fleet.started().await;
+    let counted = follow(&client, &prefix, n, fleet.t0).await;
     // Start-ups end within their 30 s deadline; each child reports.
-    let failed = children
-        .iter_mut()
-        .map(|c| {
-            let out = c.stdout.as_mut().expect("piped");
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            line.split_whitespace()
-                .nth(1)
-                .and_then(|f| f.parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-        .sum();
+    let failed = fleet.failures();
     phases.push(
         meter
             .phase(etcd, &client, "cold start", n, counted, Some(failed), false)
@@ -239,7 +210,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
 
     // What N registrations cost etcd once they are in (keep-alives every
     // TTL/3 and the key checks).
-    let meter = Meter::start(etcd, &client, pids.clone()).await;
+    let meter = Meter::start(etcd, &client, fleet.pids()).await;
     let lowest = hold(&client, &prefix, STEADY).await;
     let counted = (
         (lowest >= n).then_some(STEADY),
@@ -256,79 +227,27 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
     etcd.wipe_and_restart();
     let client = etcd.client().await;
     let t0 = Instant::now();
-    let meter = Meter::start(etcd, &client, pids).await;
+    let meter = Meter::start(etcd, &client, fleet.pids()).await;
     let counted = follow(&client, &prefix, n, t0).await;
     phases.push(
         meter
             .phase(etcd, &client, "after a wipe", n, counted, None, false)
             .await,
     );
-    for c in &mut children {
-        // Closing stdin ends a child; its registrations are dropped.
-        drop(c.stdin.take());
-    }
-    for mut c in children {
-        let limit = std::time::Instant::now() + Duration::from_secs(10);
-        while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < limit {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    fleet.stop();
     phases
 }
 
-/// N grants and N puts at once from `procs` plain clients.
+/// N grants and N puts under them, issued at once by plain etcd clients in
+/// `procs` child processes, as the registrations are.
 async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize) -> Phase {
-    let mut clients = Vec::new();
-    for _ in 0..procs {
-        clients.push(etcd.client().await);
-    }
-    let meter = Meter::start(etcd, client, vec![std::process::id()]).await;
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let c = clients[i % procs].clone();
-            tokio::spawn(async move {
-                let ttl = TTL.as_secs() as i64;
-                let lease = pushed_back(|| {
-                    let mut c = c.clone();
-                    async move { c.lease_grant(ttl, None).await }
-                })
-                .await?
-                .id();
-                let opts = PutOptions::new().with_lease(lease);
-                let key = format!("floor/{i}");
-                pushed_back(|| {
-                    let (mut c, key, opts) = (c.clone(), key.clone(), opts.clone());
-                    async move { c.put(key, "x", Some(opts)).await }
-                })
-                .await?;
-                Ok::<_, etcd_client::Error>(())
-            })
-        })
-        .collect();
-    let mut failed = 0;
-    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
-    for t in tasks {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                failed += 1;
-                *reasons.entry(e.to_string()).or_default() += 1;
-            }
-            Err(e) => {
-                failed += 1;
-                *reasons.entry(e.to_string()).or_default() += 1;
-            }
-        }
-    }
-    for (reason, count) in reasons {
-        eprintln!("floor: {count} failed: {reason}");
-    }
-    let took = t0.elapsed();
-    let counted = ((failed == 0).then_some(took), n - failed, 0);
-    meter
+    let service = format!("floor-{n}");
+    let mut fleet = Fleet::spawn(etcd, Mode::Floor, &service, n, procs);
+    let meter = Meter::start(etcd, client, fleet.pids()).await;
+    fleet.started().await;
+    let counted = follow(client, &format!("{service}/"), n, fleet.t0).await;
+    let failed = fleet.failures();
+    let phase = meter
         .phase(
             etcd,
             client,
@@ -338,7 +257,99 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
             Some(failed),
             false,
         )
-        .await
+        .await;
+    fleet.stop();
+    phase
+}
+
+/// What a child process does with its share of the N instances.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// A plain lease grant and a put under it each (the floor).
+    Floor,
+    /// A [`Registration`] each, kept until the child's stdin closes.
+    Register,
+}
+
+/// The child processes of one phase, all starting at the same instant.
+struct Fleet {
+    children: Vec<Child>,
+    /// The instant they start at.
+    t0: Instant,
+}
+
+impl Fleet {
+    fn spawn(etcd: &Etcd, mode: Mode, service: &str, n: usize, procs: usize) -> Self {
+        // Time for every child to start and connect before the storm.
+        let start_at = unix_ms() + 1_500;
+        let children = (0..procs)
+            .map(|p| {
+                let (from, to) = (p * n / procs, (p + 1) * n / procs);
+                Command::new(std::env::current_exe().expect("own path"))
+                    .env(CHILD, "1")
+                    .args([
+                        match mode {
+                            Mode::Floor => "floor",
+                            Mode::Register => "register",
+                        },
+                        &etcd.endpoint(),
+                        service,
+                        &from.to_string(),
+                        &to.to_string(),
+                        &start_at.to_string(),
+                    ])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("start a storm child")
+            })
+            .collect();
+        let t0 = Instant::now() + Duration::from_millis(start_at.saturating_sub(unix_ms()) as u64);
+        Self { children, t0 }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    async fn started(&self) {
+        tokio::time::sleep_until(self.t0).await;
+    }
+
+    /// Failed start-ups, as each child reports them once all have ended.
+    fn failures(&mut self) -> usize {
+        self.children
+            .iter_mut()
+            .map(|c| {
+                let Some(out) = c.stdout.as_mut() else {
+                    return 0;
+                };
+                let mut line = String::new();
+                let _ = BufReader::new(out).read_line(&mut line);
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|f| f.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Closing stdin ends a child (its registrations are dropped); one that
+    /// has not ended within 10 s is killed.
+    fn stop(self) {
+        let mut children = self.children;
+        for c in &mut children {
+            drop(c.stdin.take());
+        }
+        for mut c in children {
+            let limit = std::time::Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < limit {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// The lowest key count under `prefix` over `dur` (counted every 50 ms).
@@ -473,13 +484,14 @@ fn unix_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// A child: registers instances `from..to` of `service` at `start_at` (unix
-/// ms), prints `failed <k>` once every start-up has ended, and keeps them
-/// registered until its stdin closes.
+/// A child: at `start_at` (unix ms), lease grants and puts (`floor`) or
+/// registrations (`register`) of instances `from..to` of `service`; prints
+/// `failed <k>` once each has ended, and keeps the registrations until its
+/// stdin closes.
 fn child() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [endpoint, service, from, to, start_at, ..] = args.as_slice() else {
-        eprintln!("storm child: expected <endpoint> <service> <from> <to> <start-ms>");
+    let [mode, endpoint, service, from, to, start_at, ..] = args.as_slice() else {
+        eprintln!("storm child: expected <mode> <endpoint> <service> <from> <to> <start-ms>");
         std::process::exit(2);
     };
     let (from, to): (usize, usize) = (from.parse().unwrap_or(0), to.parse().unwrap_or(0));
@@ -487,7 +499,7 @@ fn child() {
     // BENCH_STORM_LOG=<dir>: each child writes its warnings there, to see
     // which errors a storm is made of.
     if let Some(dir) = std::env::var_os("BENCH_STORM_LOG") {
-        let path = std::path::Path::new(&dir).join(format!("child-{from}.log"));
+        let path = std::path::Path::new(&dir).join(format!("{mode}-{from}.log"));
         if let Ok(file) = std::fs::File::create(path) {
             tracing_subscriber::fmt()
                 .with_writer(std::sync::Mutex::new(file))
@@ -505,29 +517,47 @@ fn child() {
         let client = tonic_etcd::testing::connect(std::slice::from_ref(endpoint)).await;
         let wait = start_at.saturating_sub(unix_ms()) as u64;
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        let tasks: Vec<_> = (from..to)
-            .map(|i| {
-                let b = Registration::builder(client.clone())
-                    .service(service.as_str())
-                    .id(format!("instance-{i:05}"))
-                    .addr(format!(
-                        "10.{}.{}.{}:7020",
-                        i >> 16 & 255,
-                        i >> 8 & 255,
-                        i & 255
-                    ))
-                    .metadata(Metadata::new())
-                    .ttl(TTL)
-                    .startup_timeout(Duration::from_secs(30));
-                tokio::spawn(b.register())
-            })
-            .collect();
         let mut held = Vec::new();
         let mut failed = 0;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(r)) => held.push(r),
-                _ => failed += 1,
+        if mode == "floor" {
+            let tasks: Vec<_> = (from..to)
+                .map(|i| tokio::spawn(grant_and_put(client.clone(), format!("{service}/{i}"))))
+                .collect();
+            let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+            for t in tasks {
+                match t.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => *reasons.entry(e.to_string()).or_default() += 1,
+                    Err(e) => *reasons.entry(e.to_string()).or_default() += 1,
+                }
+            }
+            for (reason, count) in reasons {
+                eprintln!("floor: {count} failed: {reason}");
+                failed += count;
+            }
+        } else {
+            let tasks: Vec<_> = (from..to)
+                .map(|i| {
+                    let b = Registration::builder(client.clone())
+                        .service(service.as_str())
+                        .id(format!("instance-{i:05}"))
+                        .addr(format!(
+                            "10.{}.{}.{}:7020",
+                            i >> 16 & 255,
+                            i >> 8 & 255,
+                            i & 255
+                        ))
+                        .metadata(Metadata::new())
+                        .ttl(TTL)
+                        .startup_timeout(Duration::from_secs(30));
+                    tokio::spawn(b.register())
+                })
+                .collect();
+            for t in tasks {
+                match t.await {
+                    Ok(Ok(r)) => held.push(r),
+                    _ => failed += 1,
+                }
             }
         }
         println!("failed {failed}");
@@ -542,4 +572,23 @@ fn child() {
         .await;
         drop(held);
     });
+}
+
+/// The floor's work for one instance: a lease and a put under it, each sent
+/// again while etcd refuses it.
+async fn grant_and_put(c: etcd_client::Client, key: String) -> Result<(), etcd_client::Error> {
+    let ttl = TTL.as_secs() as i64;
+    let lease = pushed_back(|| {
+        let mut c = c.clone();
+        async move { c.lease_grant(ttl, None).await }
+    })
+    .await?
+    .id();
+    let opts = PutOptions::new().with_lease(lease);
+    pushed_back(|| {
+        let (mut c, key, opts) = (c.clone(), key.clone(), opts.clone());
+        async move { c.put(key, "x", Some(opts)).await }
+    })
+    .await?;
+    Ok(())
 }
