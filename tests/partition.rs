@@ -163,11 +163,12 @@ async fn a_server_partitioned_shorter_than_its_ttl_keeps_its_lease_and_key() {
     let lease = reg.lease_id();
     let mut events = observer.clone().watch(key.as_str(), None).await.unwrap();
     let mut states = reg.watch_state();
-    // Past the first keep-alive answer (TTL/3): the stream is attached, so
-    // the freeze lands on a live stream, as a partition in steady state
-    // does. (A freeze during the very first attach is waited out by the
-    // attach's retries instead, and would not test the silence check.)
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Past the first keep-alive answer (one to two thirds of the TTL after
+    // the grant): the stream is attached, so the freeze lands on a live
+    // stream, as a partition in steady state does. (A freeze during the very
+    // first attach is waited out by the attach's retries instead, and would
+    // not test the silence check.)
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     proxy.freeze();
     tokio::time::timeout(LIMIT, async {
         states

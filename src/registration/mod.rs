@@ -18,10 +18,10 @@
 //!    pushes back ("too many requests", renewals refused while it catches
 //!    up) up to 16 s, and grants and puts are never sent twice in one
 //!    attempt (see `benches/storm.rs`: a fleet re-registering at once).
-//!    The first keep-alive goes out a third of the TTL after the grant
-//!    (jittered down to a sixth), not at once: the lease was just granted,
-//!    and a renewal waits in etcd for its applied index, which a fleet
-//!    starting together keeps far behind.
+//!    The first keep-alive goes out between a third and two thirds of the
+//!    TTL after the grant, not at once: the lease was just granted, and in
+//!    a fleet starting together renewals sent during the storm of grants
+//!    and puts are what etcd can least afford (see `benches/storm.rs`).
 //! 3. Every 30 s (`key_check_interval`) the task also checks, in one read-only
 //!    transaction, that each key still holds this instance's value under this
 //!    lease, and writes them back if someone deleted or overwrote them.

@@ -311,31 +311,40 @@ async fn steady_state_renews_every_third_of_the_ttl_and_writes_nothing() {
     run_for(Duration::from_millis(10_500)).await;
     let state = fake.lock();
     assert_eq!((state.grants, state.puts, state.restores), (1, 1, 0));
-    // One on attaching (0.5 to 1 s after the grant), then one per second,
+    // One on attaching (1 to 2 s after the grant), then one per second,
     // with a key check on each tick.
-    assert!((10..=11).contains(&state.keep_alives), "{}", state.keep_alives);
+    assert!(
+        (9..=10).contains(&state.keep_alives),
+        "{}",
+        state.keep_alives
+    );
     assert_eq!(state.checks, state.keep_alives - 1);
     drop(state);
     assert_eq!(reg.lease_id(), Some(1));
 }
 
 /// The lease was just granted with its whole TTL, so the first keep-alive
-/// waits for the first tick after the grant, jittered between a sixth and a
-/// third of the TTL: a fleet registered together neither renews at once
-/// (into an etcd still applying its grants) nor in step afterwards.
+/// waits a keep-alive interval (a third of the TTL) and a random part of
+/// another: a fleet registered together neither renews at once (into an
+/// etcd still applying its grants) nor in step afterwards.
 #[tokio::test(start_paused = true)]
-async fn the_first_keep_alive_waits_for_a_jittered_first_tick() {
+async fn the_first_keep_alive_waits_a_jittered_interval() {
     let mut firsts = Vec::new();
     for _ in 0..20 {
         let fake = Fake::new();
         let _reg = registered(&fake, 3).await;
         let granted = Instant::now();
-        run_for(Duration::from_millis(1001)).await;
+        run_for(Duration::from_millis(999)).await;
+        assert!(
+            fake.lock().attaches.is_empty(),
+            "attached within an interval"
+        );
+        run_for(Duration::from_millis(1002)).await;
         let state = fake.lock();
-        assert_eq!(state.attaches.len(), 1, "attached by the first tick");
+        assert_eq!(state.attaches.len(), 1, "attached by the second interval");
         let at = state.attaches[0] - granted;
         assert!(
-            at >= Duration::from_millis(500) && at <= Duration::from_millis(1000),
+            at >= Duration::from_millis(1000) && at <= Duration::from_millis(2000),
             "first keep-alive {at:?} after the grant"
         );
         firsts.push(at);
@@ -417,7 +426,8 @@ async fn a_freeze_longer_than_the_ttl_registers_under_a_new_lease() {
 async fn a_lost_lease_is_replaced_within_one_interval() {
     let fake = Fake::new();
     let reg = registered(&fake, 3).await;
-    run_for(Duration::from_millis(100)).await;
+    // Past the first keep-alive (at most two intervals after the grant).
+    run_for(Duration::from_millis(2100)).await;
     fake.lock().drop_lease(1);
     let t0 = Instant::now();
     let mut states = reg.watch_state();
@@ -429,15 +439,15 @@ async fn a_lost_lease_is_replaced_within_one_interval() {
     assert_eq!(fake.lease_of(KEY), Some(2));
 }
 
-/// Checked at the first tick after the first keep-alive (the check interval
-/// here is one tick), so within two keep-alive intervals of the grant.
+/// The check interval here is one keep-alive tick.
 #[tokio::test(start_paused = true)]
-async fn a_deleted_key_is_restored_at_the_next_check() {
+async fn a_deleted_key_is_restored_within_one_check_interval() {
     let fake = Fake::new();
     let _reg = registered(&fake, 3).await;
-    run_for(Duration::from_millis(100)).await;
+    // Past the first keep-alive and the first check after it.
+    run_for(Duration::from_millis(3100)).await;
     fake.lock().keys.clear();
-    run_for(Duration::from_millis(1900)).await;
+    run_for(Duration::from_secs(1)).await;
     assert_eq!(fake.lease_of(KEY), Some(1));
     assert_eq!(fake.lock().restores, 1);
 }
@@ -536,8 +546,8 @@ async fn metadata_is_written_now_or_after_an_outage() {
         .unwrap();
     assert!(value(&fake).contains("\"a\""), "{}", value(&fake));
 
-    // Past the first keep-alive (at most a third of the TTL after the grant).
-    run_for(Duration::from_millis(1100)).await;
+    // Past the first keep-alive (at most two thirds of the TTL after the grant).
+    run_for(Duration::from_millis(2100)).await;
     fake.lock().down = true;
     let mut states = reg.watch_state();
     states

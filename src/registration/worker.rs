@@ -453,14 +453,19 @@ impl<S: Store> Worker<S> {
         let interval = (self.spec.ttl / 3).max(MIN_INTERVAL);
         let mut first = true;
         // The lease was just granted with its whole TTL: attaching (which
-        // renews it) waits for the first keep-alive tick after the grant,
-        // jittered so that a fleet registered together does not renew
-        // together. A renewal waits in etcd until it has applied everything
-        // committed, so 10,000 of them sent right after their puts queued
-        // behind the storm of grants and puts, each refused after a second
-        // and sent again. Counted from the grant: a slow put has used up
-        // part of the TTL already.
-        let first_renewal = self.granted + crate::backoff::jitter(interval);
+        // renews it) waits one keep-alive interval after the grant, then a
+        // random part of another, so that a fleet registered together
+        // neither renews into its own write storm nor in step afterwards.
+        // In etcd 3.4 every keep-alive answer copies the writes not yet
+        // committed to its backend (a read transaction for the header's
+        // revision), and a renewal waits until etcd has applied all it
+        // committed: 10,000 renewals sent during the storm of grants and
+        // puts took a third of etcd's CPU, starved its apply loop and let
+        // leases expire (5 of 8 storm phases cascaded with the first
+        // renewal within one interval, none of 8 with this; the storm
+        // benchmark). Counted from the grant: a slow put has used up part of
+        // the TTL already, and at least a third of it is left.
+        let first_renewal = self.granted + crate::backoff::jitter(interval * 2);
         let wait = first_renewal.saturating_duration_since(Instant::now());
         if !self.pause(wait, Some(lease), stop, commands).await {
             return SessionEnd::Stopped;
