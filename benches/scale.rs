@@ -343,7 +343,8 @@ fn cpu_seconds(pid: &str) -> f64 {
 
 /// Registrations held against one etcd: what a fleet costs etcd in steady
 /// state (Raft proposals, etcd CPU) and what each registration costs its
-/// process (CPU, memory). TTL 10 s: a keep-alive and a key check every 3.3 s.
+/// process (CPU, memory). TTL 10 s: a keep-alive every 3.3 s, a key check
+/// every 30 s (spread over the first 15 to 30 s).
 async fn held(etcd: &Etcd) -> serde_json::Value {
     let sizes: &[usize] = if smoke() { &[100] } else { &[1_000, 10_000] };
     let window = Duration::from_millis(setting("BENCH_HELD_MS", 30_000, 1_000));
@@ -374,8 +375,9 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
             }
         }
         let registering = started.elapsed();
-        // Steady state: let the first keep-alives and checks pass.
-        tokio::time::sleep(Duration::from_secs(if smoke() { 0 } else { 4 })).await;
+        // Steady state: let the first keep-alives pass (one to two
+        // keep-alive intervals after each grant).
+        tokio::time::sleep(Duration::from_secs(if smoke() { 0 } else { 7 })).await;
         let mut status = client.clone();
         let raft0 = status.status().await.unwrap().raft_index();
         let (etcd0, me0) = (cpu_seconds(&etcd_pid), cpu_seconds("self"));

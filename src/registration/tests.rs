@@ -357,6 +357,24 @@ async fn the_first_keep_alive_waits_a_jittered_interval() {
     );
 }
 
+/// etcd gone during the pause before the first keep-alive: nothing notices
+/// until the attach, which then says so in the state within one attempt's
+/// limit (1.25 s), not after its whole request timeout (5 s).
+#[tokio::test(start_paused = true)]
+async fn etcd_gone_before_the_first_keep_alive_shows_in_the_state_soon() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    fake.lock().down = true;
+    let t0 = Instant::now();
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
+        .await
+        .unwrap();
+    // The attach at most two intervals (2 s) after the grant.
+    assert!(t0.elapsed() <= Duration::from_millis(3300), "{:?}", t0.elapsed());
+}
+
 /// A key check is a read: every keep-alive tick, 10,000 registrations cost
 /// etcd as much in checks as in renewals. They run every check interval.
 #[tokio::test(start_paused = true)]

@@ -496,6 +496,14 @@ impl<S: Store> Worker<S> {
             // the floor in the propagation benchmark); a re-attach after a
             // broken stream may face an etcd that is away, so it defers.
             let write_under = first.then_some(lease);
+            // An attach that has no answer after one attempt's limit says so
+            // in the state at once, not after the whole request timeout: the
+            // first attach comes after a quiet pause in which nothing noticed
+            // an etcd that went away.
+            let limit = crate::retry::attempt_limit(timeout);
+            let unanswered = tokio::time::sleep_until(began + limit);
+            tokio::pin!(unanswered);
+            let mut said = false;
             let attached = loop {
                 tokio::select! {
                     biased;
@@ -505,6 +513,13 @@ impl<S: Store> Worker<S> {
                         Some(cmd) => Box::pin(self.command(cmd, write_under, stop)).await,
                         None => return SessionEnd::Stopped,
                     },
+                    () = &mut unanswered, if !said => {
+                        said = true;
+                        self.set_state(RegistrationState::Retrying {
+                            attempt: self.backoff.attempts(),
+                            error: Arc::new(Error::Timeout { op: "lease keep-alive", timeout: limit }),
+                        });
+                    }
                 }
             };
             self.observe(attached.as_ref().err(), began.elapsed());
