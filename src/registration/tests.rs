@@ -372,7 +372,11 @@ async fn etcd_gone_before_the_first_keep_alive_shows_in_the_state_soon() {
         .await
         .unwrap();
     // The attach at most two intervals (2 s) after the grant.
-    assert!(t0.elapsed() <= Duration::from_millis(3300), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() <= Duration::from_millis(3300),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 /// A key check is a read: every keep-alive tick, 10,000 registrations cost
