@@ -344,16 +344,27 @@ fn cpu_seconds(pid: &str) -> f64 {
 /// Registrations held against one etcd: what a fleet costs etcd in steady
 /// state (Raft proposals, etcd CPU) and what each registration costs its
 /// process (CPU, memory). TTL 10 s: a keep-alive every 3.3 s, a key check
-/// every 30 s (spread over the first 15 to 30 s).
+/// every 30 s (spread over the first 15 to 30 s); at 10,000 also with a key
+/// check on every keep-alive tick, as before `key_check_interval`.
 async fn held(etcd: &Etcd) -> serde_json::Value {
-    let sizes: &[usize] = if smoke() { &[100] } else { &[1_000, 10_000] };
+    let every_tick = Duration::from_millis(3_334);
+    let default_checks = Duration::from_secs(30);
+    let sizes: &[(usize, Duration)] = if smoke() {
+        &[(100, default_checks)]
+    } else {
+        &[
+            (1_000, default_checks),
+            (10_000, default_checks),
+            (10_000, every_tick),
+        ]
+    };
     let window = Duration::from_millis(setting("BENCH_HELD_MS", 30_000, 1_000));
     let etcd_pid = etcd.pid().expect("etcd runs").to_string();
     let client = etcd.client().await;
     let mut json = serde_json::Map::new();
     let mut rows = Vec::new();
-    for &n in sizes {
-        let service = format!("held-{n}");
+    for &(n, checks) in sizes {
+        let service = format!("held-{n}-{}", checks.as_millis());
         let rss_before = rss_bytes();
         let mut regs = Vec::with_capacity(n);
         let started = Instant::now();
@@ -368,6 +379,7 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
                         i & 255
                     ))
                     .ttl(Duration::from_secs(10))
+                    .key_check_interval(checks)
                     .register()
             });
             for r in futures_join(batch).await {
@@ -391,6 +403,7 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
         let rss_per = rss_bytes().saturating_sub(rss_before) as f64 / n as f64;
         rows.push(vec![
             n.to_string(),
+            format!("{:.1}", checks.as_secs_f64()),
             format!("{:.1}", registering.as_secs_f64()),
             format!("{proposals:.2}"),
             format!("{:.3}", etcd_cpu),
@@ -399,8 +412,9 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
             format!("{:.1}", rss_per / 1024.0),
         ]);
         json.insert(
-            n.to_string(),
+            format!("{n}/checks-every-{}ms", checks.as_millis()),
             serde_json::json!({
+                "key_check_interval_s": checks.as_secs_f64(),
                 "register_all_s": registering.as_secs_f64(),
                 "raft_proposals_per_s": proposals,
                 "etcd_cpu_s_per_s": etcd_cpu,
@@ -429,6 +443,7 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
         ),
         &[
             "n",
+            "key check every s",
             "register s",
             "Raft proposals/s",
             "etcd CPU s/s",
