@@ -23,6 +23,10 @@
 //! processes, and start-ups that failed. Each phase is cut off at 60 s.
 //!
 //! `cargo bench --bench storm`; writes `target/bench/storm.json`.
+//! `BENCH_STORM_LOG=<dir>` keeps each child's registration log there;
+//! `BENCH_STORM_TRACE=1` prints the key count and etcd's Raft and applied
+//! index every half second; `ETCD_ENABLE_PPROF=true` (read by etcd itself)
+//! serves etcd's profiles on its client URL.
 
 #[path = "support/mod.rs"]
 mod support;
