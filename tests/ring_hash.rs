@@ -3,7 +3,7 @@
 //! stay on one endpoint, in every Balancer; a down endpoint's keys go to the
 //! next one and come back with it, the others stay; an instance that
 //! re-registers at a new address keeps its keys; without the header calls
-//! spread; bounded load spreads a hot key.
+//! spread; bounded load spreads a hot key; a new weight resizes the ring.
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -140,6 +140,41 @@ async fn keys_stay_home_move_only_with_their_endpoint_and_come_back() {
         (shares - 1.0).abs() < 1e-6,
         "ring shares sum to 1: {shares}"
     );
+}
+
+/// A weight changed in etcd (the instance's metadata, or an operator's
+/// override) resizes the endpoint's part of the ring at once, without a
+/// membership change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_weight_resizes_the_ring() {
+    let client = shared().client().await;
+    let svc = unique("ring-weight");
+    let backends: Vec<Backend> = (0..2).map(|i| Backend::start(&format!("g{i}"))).collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        regs.push(register(&client, &svc, &format!("i{i}"), &b.addr).await);
+    }
+    let a = balancer(&client, &svc, ring_hash(""), 2).await;
+    let share_of = |b: &Balancer, addr: &str| {
+        b.endpoints()
+            .iter()
+            .find(|e| e.instance.addr == addr)
+            .and_then(|e| e.ring_share)
+    };
+    hello(&a, Some("k")).await;
+    let before = share_of(&a, &backends[0].addr).unwrap_or(0.0);
+    assert!((before - 0.5).abs() < 0.1, "equal weights: {before}");
+    regs[0]
+        .update_metadata(Metadata::new().with("weight", "3"))
+        .await
+        .unwrap();
+    eventually(LIMIT, "g0 owning three quarters of the ring", || async {
+        // A call builds the ring the Balancer routes by.
+        hello(&a, Some("k")).await;
+        let share = share_of(&a, &backends[0].addr)?;
+        ((share - 0.75).abs() < 0.05).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

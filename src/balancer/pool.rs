@@ -710,7 +710,12 @@ async fn serve(
         tokio::select! {
             changed = instance.changed() => match changed {
                 Ok(()) => {
-                    if ep.set_instance(instance.borrow_and_update().clone()) && in_rotation {
+                    let relocated = ep.set_instance(instance.borrow_and_update().clone());
+                    // The registry holds the metadata the ring is built
+                    // from (a weight, an operator's weight override): it
+                    // takes the new instance, and the cached ring goes.
+                    shared.set_state(&ep.key, now_state, &ep.instance(), Some(&ep));
+                    if relocated && in_rotation {
                         shared.reorder();
                     }
                 }
