@@ -40,6 +40,20 @@ async fn register(client: &etcd_client::Client, svc: &str, id: &str, addr: &str)
         .unwrap()
 }
 
+/// `n` servers `g0..`, registered under `svc` as `i0..`.
+async fn registered(
+    client: &etcd_client::Client,
+    svc: &str,
+    n: usize,
+) -> (Vec<Backend>, Vec<Registration>) {
+    let backends: Vec<Backend> = (0..n).map(|i| Backend::start(&format!("g{i}"))).collect();
+    let mut regs = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        regs.push(register(client, svc, &format!("i{i}"), &b.addr).await);
+    }
+    (backends, regs)
+}
+
 async fn balancer(
     client: &etcd_client::Client,
     svc: &str,
@@ -149,11 +163,7 @@ async fn keys_stay_home_move_only_with_their_endpoint_and_come_back() {
 async fn a_new_weight_resizes_the_ring() {
     let client = shared().client().await;
     let svc = unique("ring-weight");
-    let backends: Vec<Backend> = (0..2).map(|i| Backend::start(&format!("g{i}"))).collect();
-    let mut regs = Vec::new();
-    for (i, b) in backends.iter().enumerate() {
-        regs.push(register(&client, &svc, &format!("i{i}"), &b.addr).await);
-    }
+    let (backends, regs) = registered(&client, &svc, 2).await;
     let a = balancer(&client, &svc, ring_hash(""), 2).await;
     let share_of = |b: &Balancer, addr: &str| {
         b.endpoints()
@@ -181,11 +191,7 @@ async fn a_new_weight_resizes_the_ring() {
 async fn without_the_header_calls_spread() {
     let client = shared().client().await;
     let svc = unique("ring-spread");
-    let backends: Vec<Backend> = (0..4).map(|i| Backend::start(&format!("g{i}"))).collect();
-    let mut regs = Vec::new();
-    for (i, b) in backends.iter().enumerate() {
-        regs.push(register(&client, &svc, &format!("i{i}"), &b.addr).await);
-    }
+    let (_backends, _regs) = registered(&client, &svc, 4).await;
     let a = balancer(&client, &svc, ring_hash(""), 4).await;
     let mut seen = BTreeMap::<String, u32>::new();
     for _ in 0..200 {
