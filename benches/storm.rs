@@ -70,7 +70,7 @@ fn main() {
         let phases = rt.block_on(storm(&etcd, n, procs));
         let mut entry = serde_json::Map::new();
         for p in &phases {
-            rows.push(p.row(n));
+            rows.push(p.row());
             entry.insert(p.name.into(), p.json());
         }
         json.insert(n.to_string(), serde_json::Value::Object(entry));
@@ -104,7 +104,7 @@ struct Phase {
     largest_drop: usize,
     proposals: u64,
     etcd_cpu: Duration,
-    /// CPU of the registering processes (the floor: this process).
+    /// CPU of the child processes (registering, or the floor's clients).
     client_cpu: Duration,
     failed: Option<usize>,
     n: usize,
@@ -113,7 +113,8 @@ struct Phase {
 }
 
 impl Phase {
-    fn row(&self, n: usize) -> Vec<String> {
+    fn row(&self) -> Vec<String> {
+        let n = self.n;
         vec![
             n.to_string(),
             self.name.into(),
@@ -145,17 +146,21 @@ impl Phase {
 }
 
 /// What a phase costs: etcd's Raft proposals and CPU, and the CPU of the
-/// processes that register, from the phase's start.
-struct Meter {
+/// child processes, from the phase's start.
+struct Meter<'a> {
+    etcd: &'a Etcd,
+    client: &'a etcd_client::Client,
     raft: u64,
     etcd_cpu: Duration,
     client_cpu: Duration,
     clients: Vec<u32>,
 }
 
-impl Meter {
-    async fn start(etcd: &Etcd, client: &etcd_client::Client, clients: Vec<u32>) -> Self {
+impl<'a> Meter<'a> {
+    async fn start(etcd: &'a Etcd, client: &'a etcd_client::Client, clients: Vec<u32>) -> Self {
         Self {
+            etcd,
+            client,
             raft: raft_index(client).await,
             etcd_cpu: etcd_cpu(etcd),
             client_cpu: clients.iter().map(|&p| cpu_of(p)).sum(),
@@ -164,11 +169,8 @@ impl Meter {
     }
 
     /// The phase's row, from what it measured and this meter's readings.
-    #[allow(clippy::too_many_arguments)]
     async fn phase(
         &self,
-        etcd: &Etcd,
-        client: &etcd_client::Client,
         name: &'static str,
         n: usize,
         counted: (Option<Duration>, usize, usize),
@@ -182,8 +184,8 @@ impl Meter {
             all_present,
             last_count,
             largest_drop,
-            proposals: raft_index(client).await.saturating_sub(self.raft),
-            etcd_cpu: etcd_cpu(etcd).saturating_sub(self.etcd_cpu),
+            proposals: raft_index(self.client).await.saturating_sub(self.raft),
+            etcd_cpu: etcd_cpu(self.etcd).saturating_sub(self.etcd_cpu),
             client_cpu: client_cpu.saturating_sub(self.client_cpu),
             failed,
             n,
@@ -208,7 +210,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
     let failed = fleet.failures();
     phases.push(
         meter
-            .phase(etcd, &client, "cold start", n, counted, Some(failed), false)
+            .phase("cold start", n, counted, Some(failed), false)
             .await,
     );
 
@@ -223,7 +225,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
     );
     phases.push(
         meter
-            .phase(etcd, &client, "then 10 s steady", n, counted, None, true)
+            .phase("then 10 s steady", n, counted, None, true)
             .await,
     );
 
@@ -233,11 +235,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
     let t0 = Instant::now();
     let meter = Meter::start(etcd, &client, fleet.pids()).await;
     let counted = follow(&client, &prefix, n, t0).await;
-    phases.push(
-        meter
-            .phase(etcd, &client, "after a wipe", n, counted, None, false)
-            .await,
-    );
+    phases.push(meter.phase("after a wipe", n, counted, None, false).await);
     fleet.stop();
     phases
 }
@@ -252,15 +250,7 @@ async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize
     let counted = follow(client, &format!("{service}/"), n, fleet.t0).await;
     let failed = fleet.failures();
     let phase = meter
-        .phase(
-            etcd,
-            client,
-            "floor: grant + put",
-            n,
-            counted,
-            Some(failed),
-            false,
-        )
+        .phase("floor: grant + put", n, counted, Some(failed), false)
         .await;
     fleet.stop();
     phase
