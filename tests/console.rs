@@ -149,6 +149,13 @@ async fn appears(client: &Client, css: &str) {
     }
 }
 
+/// The text of the element at `css`, which must be on the page.
+async fn text_of(client: &Client, css: &str) -> String {
+    let element = client.find(Locator::Css(css)).await;
+    let element = element.unwrap_or_else(|e| panic!("no {css} on the page: {e}"));
+    element.text().await.unwrap()
+}
+
 async fn register(
     client: &etcd_client::Client,
     ns: &str,
@@ -208,11 +215,7 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
 
     // The services page lists the service with its zones and versions.
     browser.goto(&format!("{url}/")).await.unwrap();
-    let row = browser
-        .find(Locator::Css("tbody tr"))
-        .await
-        .expect("a service row");
-    let text = row.text().await.unwrap();
+    let text = text_of(&browser, "tbody tr").await;
     assert!(
         text.contains("shop") && text.contains("eu-1") && text.contains("1.4.2"),
         "{text}"
@@ -228,13 +231,7 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     // The service page: both instances, metadata with <script> as text.
     appears(&browser, "tr[data-id='one']").await;
     appears(&browser, "tr[data-id='two']").await;
-    let shown = browser
-        .find(Locator::Css("tr[data-id='two']"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let shown = text_of(&browser, "tr[data-id='two']").await;
     assert!(
         shown.contains(hostile),
         "the metadata shows as text: {shown}"
@@ -264,13 +261,7 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     // A new instance appears without a reload.
     let _r3 = register(&client, &ns, "three", &three.addr, Metadata::new()).await;
     appears(&browser, "tr[data-id='three']").await;
-    let live = browser
-        .find(Locator::Id("live"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let live = text_of(&browser, "#live").await;
     assert!(live.contains("insert") && live.contains("three"), "{live}");
 
     // Drain `one` from the page: the Balancer stops sending it calls.
