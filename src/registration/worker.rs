@@ -139,9 +139,7 @@ impl<S: Store> Worker<S> {
             }
             match attempt {
                 Ok(Ok((lease, granted))) => {
-                    self.backoff.reset();
-                    self.overload.reset();
-                    self.granted = granted;
+                    self.registered(granted);
                     return Ok(lease);
                 }
                 Ok(Err(e)) if e.is_permanent() => return Err(e),
@@ -165,6 +163,14 @@ impl<S: Store> Worker<S> {
                 }
             }
         }
+    }
+
+    /// A registration attempt succeeded: back-offs start over, and the new
+    /// lease's TTL runs from `granted`.
+    fn registered(&mut self, granted: Instant) {
+        self.backoff.reset();
+        self.overload.reset();
+        self.granted = granted;
     }
 
     fn set_state(&self, state: RegistrationState) {
@@ -360,9 +366,7 @@ impl<S: Store> Worker<S> {
             self.observe(attempt.as_ref().err(), began.elapsed());
             match attempt {
                 Ok((lease, granted)) => {
-                    self.backoff.reset();
-                    self.overload.reset();
-                    self.granted = granted;
+                    self.registered(granted);
                     return Some(lease);
                 }
                 Err(e) => {
