@@ -66,6 +66,9 @@ pub(super) struct Worker<S> {
     /// When etcd answered the grant of the current lease: its TTL runs from
     /// about then, however long the put took.
     granted: Instant,
+    /// How long etcd took to answer the put after that grant: about how late
+    /// a renewal sent now would take effect.
+    put_took: Duration,
 }
 
 /// Why a keep-alive session ended.
@@ -86,6 +89,7 @@ impl<S: Store> Worker<S> {
             unwritten: false,
             pressed_until: None,
             granted: Instant::now(),
+            put_took: Duration::ZERO,
         }
     }
 
@@ -171,6 +175,7 @@ impl<S: Store> Worker<S> {
         self.backoff.reset();
         self.overload.reset();
         self.granted = granted;
+        self.put_took = granted.elapsed();
     }
 
     fn set_state(&self, state: RegistrationState) {
@@ -468,8 +473,14 @@ impl<S: Store> Worker<S> {
         // leases expire (5 of 8 storm phases cascaded with the first
         // renewal within one interval, none of 8 with this; the storm
         // benchmark). Counted from the grant: a slow put has used up part of
-        // the TTL already, and at least a third of it is left.
-        let first_renewal = self.granted + crate::backoff::jitter(interval * 2);
+        // the TTL already. And no later than leaves a keep-alive interval of
+        // the lease once the renewal takes effect, if etcd answers it as
+        // late as it answered the put (an etcd 4 s behind otherwise let a
+        // lease sent its first renewal at two thirds of the TTL expire).
+        let latest = (self.granted + interval * 2)
+            .checked_sub(self.put_took)
+            .unwrap_or(self.granted);
+        let first_renewal = (self.granted + crate::backoff::jitter(interval * 2)).min(latest);
         let wait = first_renewal.saturating_duration_since(Instant::now());
         if !self.pause(wait, Some(lease), stop, commands).await {
             return SessionEnd::Stopped;
