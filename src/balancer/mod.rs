@@ -194,31 +194,17 @@
 //! clients; A68's random subsets are uneven. A member out of rotation is
 //! replaced until it recovers. [`Balancer::subset`] shows where it stands.
 
-// A call's life as layers, each in its own file: `call` (deadline, record,
-// attempts) → `attempt` (pick, send, classify; `wait` when nothing can take
-// it) → `pool` (endpoints, connections, health, ejection). `body` carries
-// the call's deadline and accounting into the response body.
-mod attempt;
-mod body;
-mod budget;
+// A call's life as three layers, one folder each, whose imports only
+// point down: `call` (deadline, method config, attempts: retry, hedge,
+// transparent retry, replay, budget, classification) → `route` (which
+// endpoint: the cost-weighted pick, ring hash; bounded waits) → `pool`
+// (endpoints, connections, TLS, load, ejection, health, subsetting). See
+// ARCHITECTURE.md at the crate's root.
+mod builder;
 mod call;
-mod classify;
-mod deadline;
-mod endpoint;
-mod health;
-mod hedge;
-mod load;
-mod outlier;
-mod pick;
+mod error;
 mod pool;
-mod preface;
-mod replay;
-mod retry;
-mod ring_hash;
-mod subset;
-#[cfg(feature = "tls")]
-mod tls;
-mod wait;
+mod route;
 
 use std::fmt;
 use std::future::Future;
@@ -228,484 +214,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use etcd_client::Client;
-use futures_core::Stream;
-use http::HeaderValue;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tower::discover::Change;
 use tower::Service;
 
 use crate::config_store::ServiceConfigStatus;
-use crate::discovery::{Discover, DiscoverBuilder};
 use crate::metrics::CallMetrics;
-use crate::schema::Schema;
-use crate::time::{cap, deadline_after, wait_until, Waited};
+use crate::time::{deadline_after, wait_until, Waited};
 use crate::{Error, Instance};
+pub use builder::BalancerBuilder;
 use call::CallConfig;
-use endpoint::{ConnConfig, Policy};
-use load::LoadConfig;
-pub use outlier::OutlierDetection;
-pub use pool::{ConnectError, EndpointState, EndpointStatus};
-use pool::{Filter, PoolConfig, Shared};
-pub use subset::SubsetStatus;
+use error::BoxError;
+pub use pool::outlier::OutlierDetection;
+pub use pool::subset::SubsetStatus;
 #[cfg(feature = "tls")]
-pub use tls::TlsConfig;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Options for a [`Balancer`]. Created by [`Balancer::builder`].
-pub struct BalancerBuilder {
-    discover: DiscoverBuilder,
-    service: String,
-    conn: ConnConfig,
-    filter: Option<Filter>,
-    calls: CallConfig,
-    user_agent: Option<String>,
-    backoff_max: Duration,
-    #[cfg(feature = "tls")]
-    tls: Option<TlsConfig>,
-    weight_key: String,
-    zone: Option<(String, String)>,
-    slow_start: Option<Duration>,
-    outlier: OutlierDetection,
-    health_check: Option<String>,
-    service_config: Arc<crate::ServiceConfig>,
-    config_from_etcd: bool,
-    /// Set by `build`: where coordinated subsetting registers the client.
-    registry: Option<subset::Registry>,
-}
-
-impl fmt::Debug for BalancerBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BalancerBuilder")
-            .field("service", &self.service)
-            .field("conn", &self.conn)
-            .field("filter", &self.filter.is_some())
-            .field("calls", &self.calls)
-            .field("user_agent", &self.user_agent)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BalancerBuilder {
-    /// The key layout (default [`NamingSchema::new`](crate::NamingSchema::new)).
-    #[must_use]
-    pub fn schema(mut self, schema: impl Schema) -> Self {
-        self.discover = self.discover.schema(schema);
-        self
-    }
-
-    /// Only instances for which `filter` returns true receive calls, e.g.
-    /// `|i| i.metadata.get("version").as_deref() == Some("v2")`.
-    #[must_use]
-    pub fn filter(mut self, filter: impl Fn(&Instance) -> bool + Send + Sync + 'static) -> Self {
-        self.filter = Some(Arc::new(filter));
-        self
-    }
-
-    /// A deadline for unary calls that carry none, and a cap on those that
-    /// do: a call's deadline is the earlier of its own `grpc-timeout` and
-    /// this, as with tonic's `Endpoint::timeout`. The effective deadline is
-    /// sent to the server in `grpc-timeout`. Default: none (gRPC's default:
-    /// calls without a deadline may wait for their response indefinitely).
-    ///
-    /// It does not apply to the methods named in
-    /// [`stream_methods`](Self::stream_methods): a stream is bounded by its
-    /// own deadline if it sets one. On the wire a stream looks like a unary
-    /// call until it ends, so the balancer cannot tell them apart by itself:
-    /// name every streaming method whose calls may outlive this timeout.
-    #[must_use]
-    pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.calls.call_timeout = Some(cap(timeout));
-        self
-    }
-
-    /// gRPC's service config for this service's calls (see
-    /// [`ServiceConfig`](crate::ServiceConfig)): a method's `timeout`
-    /// replaces `call_timeout` for the methods it names (streams included,
-    /// as in gRPC; the call's own deadline wins when earlier), and
-    /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them, and
-    /// a `retryPolicy` retries their calls as gRFC A6 says, throttled by
-    /// `retryThrottling` and always within a retry budget (see
-    /// [*Retries*](self#retries) in the module docs), and a
-    /// `hedgingPolicy` hedges them.
-    ///
-    /// A config for the service in etcd replaces this one (see
-    /// [`service_config_from_etcd`](Self::service_config_from_etcd)).
-    #[must_use]
-    pub fn service_config(mut self, config: crate::ServiceConfig) -> Self {
-        self.service_config = Arc::new(config);
-        self
-    }
-
-    /// Whether the service's config in etcd (see [`crate::config_store`])
-    /// is watched and, while there is one, replaces
-    /// [`service_config`](Self::service_config), as a gRPC resolver's
-    /// config does. Default `true`; `false` keeps the builder's whatever
-    /// etcd holds.
-    #[must_use]
-    pub fn service_config_from_etcd(mut self, enabled: bool) -> Self {
-        self.config_from_etcd = enabled;
-        self
-    }
-
-    /// Methods that stream (server, client or bidi): [`call_timeout`](
-    /// Self::call_timeout) does not apply to them. Each entry is a method
-    /// (`inventory.v1.Inventory/Watch`) or a whole service
-    /// (`inventory.v1.Inventory`), as in gRPC's service config names; a
-    /// leading `/` is allowed. Adds to earlier calls.
-    #[must_use]
-    pub fn stream_methods<I, S>(mut self, methods: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let streams = Arc::make_mut(&mut self.calls.streams);
-        for m in methods {
-            let m = m.as_ref().trim_start_matches('/');
-            streams.insert(match m.split_once('/') {
-                Some(_) => format!("/{m}"),
-                None => format!("/{m}/"),
-            });
-        }
-        self
-    }
-
-    /// How long the balancer may have no endpoint in rotation before it
-    /// fails calls at once (default 3 s). Until then a call waits for an
-    /// endpoint, at most until its deadline; after it, calls fail with
-    /// `Unavailable` and the reason until an endpoint is ready again.
-    #[must_use]
-    pub fn no_endpoint_timeout(mut self, timeout: Duration) -> Self {
-        self.calls.no_endpoint_timeout = cap(timeout);
-        self
-    }
-
-    /// `false` gives gRPC's *wait-for-ready*: with no endpoint in rotation a
-    /// call waits for one until its own deadline (calls without a deadline
-    /// wait at most the no-endpoint timeout), and the fail-fast gate does not
-    /// apply. Default `true`.
-    #[must_use]
-    pub fn fail_fast(mut self, fail_fast: bool) -> Self {
-        self.calls.fail_fast = fail_fast;
-        self
-    }
-
-    /// The most calls that may wait in the balancer at once, for an endpoint
-    /// or for a free stream (default 10,000); further calls fail at once with
-    /// `ResourceExhausted`. Keeps memory bounded when callers outpace every
-    /// backend.
-    #[must_use]
-    pub fn max_waiting_calls(mut self, max: usize) -> Self {
-        self.calls.max_waiting = max;
-        self
-    }
-
-    /// The limit on connecting to an endpoint: TCP, TLS and the server's
-    /// HTTP/2 preface together (default 1 s).
-    #[must_use]
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.conn.connect_timeout = cap(timeout);
-        self
-    }
-
-    /// HTTP/2 keep-alive: a ping every `interval`, the connection dead when
-    /// no answer comes within `timeout` (default 10 s / 5 s). This is what
-    /// notices a backend that vanished without closing its connections.
-    #[must_use]
-    pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.conn.keep_alive_interval = cap(interval);
-        self.conn.keep_alive_timeout = cap(timeout);
-        self
-    }
-
-    /// `TCP_NODELAY` on every connection (default `true`, as tonic).
-    #[must_use]
-    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
-        self.conn.tcp_nodelay = enabled;
-        self
-    }
-
-    /// HTTP/2's initial flow-control window per stream (default hyper's).
-    #[must_use]
-    pub fn initial_stream_window_size(mut self, size: u32) -> Self {
-        self.conn.initial_stream_window_size = Some(size);
-        self
-    }
-
-    /// HTTP/2's initial flow-control window per connection (default hyper's).
-    #[must_use]
-    pub fn initial_connection_window_size(mut self, size: u32) -> Self {
-        self.conn.initial_connection_window_size = Some(size);
-        self
-    }
-
-    /// BDP-based adaptive flow-control windows (default off, as tonic).
-    #[must_use]
-    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
-        self.conn.adaptive_window = enabled;
-        self
-    }
-
-    /// Prepended to the `user-agent` of calls that set none
-    /// (`<yours> tonic-etcd/<version>`).
-    #[must_use]
-    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
-        self.user_agent = Some(user_agent.into());
-        self
-    }
-
-    /// The metadata key holding each instance's weight (default `weight`):
-    /// a positive integer, absent means 1. Between equally fast backends the
-    /// share of calls follows the weights (as gRPC's weighted round robin);
-    /// a slow or failing one still gets less.
-    #[must_use]
-    pub fn weight_key(mut self, key: impl Into<String>) -> Self {
-        self.weight_key = key.into();
-        self
-    }
-
-    /// Prefers instances whose metadata has `key` = `value` (e.g. `zone` =
-    /// `a`): calls stay with them while any of them can take a call, and go
-    /// to the others when none is in rotation (down, ejected, unhealthy or
-    /// at its stream limit). Unlike a [`filter`](Self::filter), it never
-    /// leaves a caller without an endpoint while others are healthy.
-    #[must_use]
-    pub fn prefer_zone(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.zone = Some((key.into(), value.into()));
-        self
-    }
-
-    /// Ramps a newly ready endpoint's share up over `window`, from 10 % of
-    /// its weight (gRPC's slow start, A100, with aggression 1). Default off.
-    #[must_use]
-    pub fn slow_start(mut self, window: Duration) -> Self {
-        self.slow_start = Some(cap(window));
-        self
-    }
-
-    /// Passive outlier detection (default [`OutlierDetection::new`]): an
-    /// endpoint whose calls fail is ejected for a while.
-    #[must_use]
-    pub fn outlier_detection(mut self, outlier: OutlierDetection) -> Self {
-        self.outlier = outlier;
-        self
-    }
-
-    /// Active health checking (gRPC A17): each connection watches
-    /// `grpc.health.v1.Health` for `service` (`""`: the server as a whole)
-    /// and the endpoint is in rotation only while the answer is `SERVING`.
-    /// Default off.
-    #[must_use]
-    pub fn health_check(mut self, service: impl Into<String>) -> Self {
-        self.health_check = Some(service.into());
-        self
-    }
-
-    /// TLS (and mutual TLS, with a client identity) to every backend.
-    #[cfg(feature = "tls")]
-    #[must_use]
-    pub fn tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// The longest pause between reconnection attempts (default 5 s).
-    #[must_use]
-    pub fn reconnect_backoff_max(mut self, max: Duration) -> Self {
-        self.backoff_max = cap(max);
-        self
-    }
-
-    /// The limit on each etcd request of the discovery (default 5 s).
-    #[must_use]
-    pub fn etcd_request_timeout(mut self, timeout: Duration) -> Self {
-        self.discover = self.discover.request_timeout(timeout);
-        self
-    }
-
-    /// Checks the options and completes what depends on several of them.
-    fn finish(&mut self) -> Result<(), Error> {
-        for (name, d) in [
-            ("connect_timeout", self.conn.connect_timeout),
-            ("no_endpoint_timeout", self.calls.no_endpoint_timeout),
-            ("http2_keep_alive interval", self.conn.keep_alive_interval),
-            ("http2_keep_alive timeout", self.conn.keep_alive_timeout),
-            (
-                "call_timeout",
-                self.calls.call_timeout.unwrap_or(Duration::MAX),
-            ),
-        ] {
-            if d.is_zero() {
-                return Err(Error::InvalidConfig(format!(
-                    "balancer: {name} must be above zero"
-                )));
-            }
-        }
-        self.outlier
-            .check()
-            .map_err(|e| Error::InvalidConfig(format!("balancer: {e}")))?;
-        if self.weight_key.is_empty() {
-            return Err(Error::InvalidConfig(
-                "balancer: weight_key must not be empty".into(),
-            ));
-        }
-        if self.slow_start.is_some_and(|d| d.is_zero()) {
-            return Err(Error::InvalidConfig(
-                "balancer: slow_start must be above zero".into(),
-            ));
-        }
-        if self.calls.max_waiting == 0 {
-            return Err(Error::InvalidConfig(
-                "balancer: max_waiting_calls must be at least 1".into(),
-            ));
-        }
-        let agent = match &self.user_agent {
-            None => USER_AGENT.to_owned(),
-            Some(mine) => format!("{mine} {USER_AGENT}"),
-        };
-        self.calls.user_agent = HeaderValue::try_from(agent).map_err(|_| {
-            Error::InvalidConfig(
-                "balancer: user_agent must be visible ASCII (a valid header value)".into(),
-            )
-        })?;
-        #[cfg(feature = "tls")]
-        {
-            self.conn.tls = self.tls.as_ref().map(TlsConfig::connector).transpose()?;
-        }
-        Ok(())
-    }
-
-    /// Starts discovery and the balancer. Needs a tokio runtime.
-    pub fn build(mut self) -> Result<Balancer, Error> {
-        self.finish()?;
-        let discover = self.discover.clone().build()?;
-        let etcd = discover.status();
-        let config = if self.config_from_etcd {
-            let opts = self.discover.options();
-            Some(crate::config_store::WatchConfig {
-                key: crate::config_store::config_key(&*opts.schema, &self.service)?,
-                default: self.service_config.clone(),
-                request_timeout: opts.request_timeout,
-                idle: opts.idle,
-            })
-        } else {
-            None
-        };
-        let client = self.discover.client().clone();
-        let opts = self.discover.options();
-        let registry = subset::Registry {
-            client: client.clone(),
-            service: format!("{}{}", opts.schema.root_prefix(), self.service),
-            request_timeout: opts.request_timeout,
-        };
-        self.registry = Some(registry);
-        // Operators' drains and weight overrides, applied live.
-        let discover = crate::overrides::WithOverrides::new(
-            discover,
-            client.clone(),
-            &*opts.schema,
-            &self.service,
-            self.weight_key.clone(),
-            opts.request_timeout,
-        );
-        Ok(self.discover_into(discover, Some(etcd), config.map(|c| (client, c))))
-    }
-
-    /// Builds the balancer over any discovery stream of instances instead of
-    /// etcd's (keys identify instances; an Insert of a known key replaces it).
-    pub fn build_with<D, E>(mut self, discover: D) -> Result<Balancer, Error>
-    where
-        D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
-        E: fmt::Display + Send + 'static,
-    {
-        self.finish()?;
-        Ok(self.discover_into(discover, None, None))
-    }
-
-    fn discover_into<D, E>(
-        mut self,
-        discover: D,
-        etcd: Option<tokio::sync::watch::Receiver<crate::WatchStatus>>,
-        config: Option<(Client, crate::config_store::WatchConfig)>,
-    ) -> Balancer
-    where
-        D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,
-        E: fmt::Display + Send + 'static,
-    {
-        let policy = Arc::new(Policy {
-            load: LoadConfig {
-                base: Instant::now(),
-                prior: INITIAL_LATENCY,
-                tau: LATENCY_TAU,
-                probe_interval: PROBE_INTERVAL,
-            },
-            outlier: self.outlier,
-            weight_key: self.weight_key,
-            zone: self.zone,
-            slow_start: self.slow_start,
-            ejected: Arc::default(),
-            capacity: Arc::default(),
-        });
-        let shared = Arc::new(Shared::new(self.service, policy, etcd));
-        let shared_for_pool = shared.clone();
-        let cfg = Arc::new(PoolConfig {
-            conn: self.conn,
-            filter: self.filter.unwrap_or_else(|| Arc::new(|_: &Instance| true)),
-            backoff_base: Duration::from_millis(50),
-            backoff_max: self.backoff_max,
-            health_check: self.health_check,
-            registry: self.registry,
-        });
-        let (config_tx, config_rx) =
-            tokio::sync::watch::channel(ServiceConfigStatus::builder(self.service_config.clone()));
-        self.calls.config = config_rx.clone();
-        let pool_config = config_rx.clone();
-        let (config_task, first_read) = match config {
-            Some((client, watch)) => {
-                let limit = watch.request_timeout;
-                let task = tokio::spawn(crate::config_store::watch(client, watch, config_tx));
-                (Some(AbortOnDrop(task)), Some((config_rx, limit)))
-            }
-            None => (None, None),
-        };
-        let task = tokio::spawn(async move {
-            // No endpoint (so no call) before the config in etcd is read or
-            // its first reading failed, bounded by the request timeout.
-            if let Some((mut rx, limit)) = first_read {
-                let _ =
-                    tokio::time::timeout(limit, rx.wait_for(ServiceConfigStatus::settled)).await;
-            }
-            pool::run(discover, shared_for_pool, cfg, pool_config).await;
-        });
-        Balancer {
-            metrics: Arc::new(CallMetrics::new(&shared.service)),
-            shared,
-            calls: Arc::new(self.calls),
-            _task: Arc::new((AbortOnDrop(task), config_task)),
-        }
-    }
-}
-
-const USER_AGENT: &str = concat!("tonic-etcd/", env!("CARGO_PKG_VERSION"));
-/// A new endpoint's latency until its first answer: conservative, so it is
-/// not flooded before it has a baseline (tower does the same); its first
-/// call comes at once as a probe, and its answer replaces this.
-const INITIAL_LATENCY: Duration = Duration::from_millis(30);
-/// Time constant weighting a faster latency sample against the estimate.
-const LATENCY_TAU: Duration = Duration::from_secs(2);
-/// An endpoint idle this long gets the next call, so none is starved.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A task that ends with its owner.
-#[derive(Debug)]
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub use pool::tls::TlsConfig;
+use pool::AbortOnDrop;
+pub use pool::{ConnectError, EndpointState, EndpointStatus};
+use route::Router;
 
 /// A balanced channel to one service, fed by etcd. See the [module docs](self).
 ///
@@ -713,7 +238,7 @@ impl Drop for AbortOnDrop {
 /// last clone is dropped.
 #[derive(Clone)]
 pub struct Balancer {
-    shared: Arc<Shared>,
+    router: Arc<Router>,
     calls: Arc<CallConfig>,
     metrics: Arc<CallMetrics>,
     /// The pool's task, and the service config's watch.
@@ -723,7 +248,7 @@ pub struct Balancer {
 impl fmt::Debug for Balancer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balancer")
-            .field("service", &self.shared.service)
+            .field("service", &self.router.pool.service)
             .field("ready", &self.ready())
             .finish_non_exhaustive()
     }
@@ -732,61 +257,23 @@ impl fmt::Debug for Balancer {
 impl Balancer {
     /// Options for a balancer over the instances of `service` in etcd.
     pub fn builder(client: Client, service: impl Into<String>) -> BalancerBuilder {
-        let service = service.into();
-        BalancerBuilder {
-            discover: Discover::builder(client, service.clone()),
-            service,
-            conn: ConnConfig {
-                connect_timeout: Duration::from_secs(1),
-                keep_alive_interval: Duration::from_secs(10),
-                keep_alive_timeout: Duration::from_secs(5),
-                tcp_nodelay: true,
-                initial_stream_window_size: None,
-                initial_connection_window_size: None,
-                adaptive_window: false,
-                #[cfg(feature = "tls")]
-                tls: None,
-            },
-            filter: None,
-            calls: CallConfig {
-                no_endpoint_timeout: Duration::from_secs(3),
-                call_timeout: None,
-                streams: Arc::default(),
-                fail_fast: true,
-                max_waiting: 10_000,
-                user_agent: HeaderValue::from_static(USER_AGENT),
-                // Replaced when built.
-                config: tokio::sync::watch::channel(ServiceConfigStatus::builder(Arc::default())).1,
-                retries: Arc::new(retry::Retries::new()),
-            },
-            user_agent: None,
-            backoff_max: Duration::from_secs(5),
-            #[cfg(feature = "tls")]
-            tls: None,
-            weight_key: "weight".into(),
-            zone: None,
-            slow_start: None,
-            outlier: OutlierDetection::new(),
-            health_check: None,
-            service_config: Arc::default(),
-            config_from_etcd: true,
-            registry: None,
-        }
+        BalancerBuilder::new(client, service.into())
     }
 
     /// Endpoints connected and in rotation now.
     pub fn ready(&self) -> usize {
-        self.shared.ready().len()
+        self.router.pool.ready().len()
     }
 
     /// Instances registered (and passing the filter) now.
     pub fn registered(&self) -> usize {
-        self.shared.info.borrow().registered
+        self.router.pool.info.borrow().registered
     }
 
     /// The instances in rotation now.
     pub fn ready_instances(&self) -> Vec<Instance> {
-        self.shared
+        self.router
+            .pool
             .ready()
             .iter()
             .map(|e| (*e.instance()).clone())
@@ -797,7 +284,7 @@ impl Balancer {
     /// stands (connecting, ready, ejected, unhealthy) and its load: calls in
     /// flight, latency estimate, success rate, weight, zone.
     pub fn endpoints(&self) -> Vec<EndpointStatus> {
-        self.shared.snapshot()
+        self.router.pool.snapshot(&self.router.ring_shares())
     }
 
     /// The service config in force and where it came from (the builder or
@@ -810,28 +297,29 @@ impl Balancer {
     /// scheme, this client's rank among the service's clients (coordinated
     /// scheme), and how many instances it connects to of how many.
     pub fn subset(&self) -> Option<SubsetStatus> {
-        self.shared.info.borrow().subset.clone()
+        self.router.pool.info.borrow().subset.clone()
     }
 
     /// Whether the fail-fast gate is closed: no endpoint has been in rotation
     /// for the no-endpoint timeout, and calls fail at once.
     pub fn failing_fast(&self) -> bool {
-        self.shared
+        self.router
+            .pool
             .info
             .borrow()
             .empty_since
-            .is_some_and(|since| self.calls.gate(since) <= Instant::now())
+            .is_some_and(|since| self.router.wait.gate(since) <= Instant::now())
     }
 
     /// Waits until at least `n` endpoints are in rotation, up to `timeout`.
     pub async fn wait_for_ready(&self, n: usize, timeout: Duration) -> Result<(), Error> {
-        let mut info = self.shared.info.subscribe();
+        let mut info = self.router.pool.info.subscribe();
         let deadline = deadline_after(Instant::now(), timeout);
         match wait_until(&mut info, deadline, |i| i.ready >= n).await {
             Waited::Ready => Ok(()),
             Waited::Gone => Err(Error::TaskGone("balancer")),
             Waited::TimedOut => Err(Error::NoEndpoints {
-                service: self.shared.service.clone(),
+                service: self.router.pool.service.clone(),
                 timeout,
             }),
         }
@@ -849,151 +337,14 @@ impl Service<http::Request<tonic::body::Body>> for Balancer {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (shared, cfg, metrics) = (
-            self.shared.clone(),
+        let (router, cfg, metrics) = (
+            self.router.clone(),
             self.calls.clone(),
             self.metrics.clone(),
         );
-        Box::pin(call::call(shared, cfg, metrics, request))
+        Box::pin(call::call(router, cfg, metrics, request))
     }
 }
 
-/// The no-endpoint paths on tokio's paused clock: no etcd and no backend
-/// are involved (the discovery stream never yields an endpoint).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    type NoChange = Result<Change<String, Instance>, std::convert::Infallible>;
-
-    async fn balancer(configure: impl FnOnce(BalancerBuilder) -> BalancerBuilder) -> Balancer {
-        // Never dialled: etcd-client connects lazily, and `build_with`
-        // replaces etcd as the source of endpoints.
-        let client = Client::connect(["http://127.0.0.1:1"], None).await.unwrap();
-        let never = tokio_stream::pending::<NoChange>();
-        configure(Balancer::builder(client, "svc"))
-            .build_with(never)
-            .unwrap()
-    }
-
-    /// Calls once; how long it took and the gRPC status it failed with.
-    async fn call(b: &Balancer, deadline: Option<&str>) -> (Duration, tonic::Status) {
-        call_path(b, "/svc.S/M", deadline).await
-    }
-
-    /// Calls method `path` once; how long it took and the status.
-    async fn call_path(
-        b: &Balancer,
-        path: &str,
-        deadline: Option<&str>,
-    ) -> (Duration, tonic::Status) {
-        let mut req = http::Request::builder().uri(format!("http://svc{path}"));
-        if let Some(d) = deadline {
-            req = req.header("grpc-timeout", d);
-        }
-        let req = req.body(tonic::body::Body::empty()).unwrap();
-        let t0 = Instant::now();
-        let err = b.clone().call(req).await.unwrap_err();
-        let status = tonic::Status::from_error(err);
-        (t0.elapsed(), status)
-    }
-
-    #[tokio::test]
-    async fn stream_methods_are_named_by_method_or_service() {
-        let b = balancer(|b| b.stream_methods(["pkg.S/Watch", "/pkg.T"])).await;
-        let is = |p| b.calls.is_stream(p);
-        assert!(is("/pkg.S/Watch"));
-        assert!(!is("/pkg.S/Get"));
-        assert!(is("/pkg.T/Anything"));
-        assert!(!is("/pkg.TT/Anything"), "a service name is no prefix match");
-        assert!(!balancer(|b| b).await.calls.is_stream("/pkg.S/Watch"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_method_config_sets_the_deadline_and_wait_for_ready() {
-        let config = crate::ServiceConfig::from_json(
-            r#"{"methodConfig":[
-              {"name":[{"service":"svc.S","method":"M"}],"timeout":"0.5s"},
-              {"name":[{"service":"svc.W"}],"timeout":"10s","waitForReady":true}]}"#,
-        )
-        .unwrap();
-        let b = balancer(|b| {
-            b.no_endpoint_timeout(Duration::from_secs(3))
-                .call_timeout(Duration::from_secs(60))
-                .service_config(config)
-        })
-        .await;
-        // The method's timeout replaces call_timeout...
-        let (took, status) = call_path(&b, "/svc.S/M", None).await;
-        assert_eq!(took, Duration::from_millis(500));
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        // ...and the call's own deadline wins when earlier.
-        let (took, _) = call_path(&b, "/svc.S/M", Some("200m")).await;
-        assert_eq!(took, Duration::from_millis(200));
-        // Once the fail-fast gate has closed, an unconfigured method fails
-        // at once, and a waitForReady one waits for its deadline.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let (took, _) = call_path(&b, "/svc.Other/X", None).await;
-        assert_eq!(took, Duration::ZERO);
-        let (took, status) = call_path(&b, "/svc.W/X", None).await;
-        assert_eq!(took, Duration::from_secs(10));
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_endpoints_calls_wait_then_fail_fast() {
-        let b = balancer(|b| b.no_endpoint_timeout(Duration::from_secs(3))).await;
-        // A call without a deadline waits out the no-endpoint timeout.
-        let (took, status) = call(&b, None).await;
-        assert_eq!(took, Duration::from_secs(3));
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert!(b.failing_fast());
-        // From then on, at once, saying why.
-        let (took, status) = call(&b, Some("10S")).await;
-        assert_eq!(took, Duration::ZERO);
-        assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(status.message().contains("failing fast"), "{status:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_deadline_shorter_than_the_gate_ends_the_wait() {
-        let b = balancer(|b| b.no_endpoint_timeout(Duration::from_secs(3))).await;
-        let (took, status) = call(&b, Some("500m")).await;
-        assert_eq!(took, Duration::from_millis(500));
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert!(!b.failing_fast());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn wait_for_ready_waits_for_the_deadline() {
-        let b = balancer(|b| {
-            b.no_endpoint_timeout(Duration::from_secs(3))
-                .fail_fast(false)
-        })
-        .await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let (took, _) = call(&b, Some("10S")).await;
-        assert_eq!(took, Duration::from_secs(10));
-        // Without a deadline, the no-endpoint timeout bounds the wait.
-        let (took, _) = call(&b, None).await;
-        assert_eq!(took, Duration::from_secs(3));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn waiting_calls_are_bounded() {
-        let b = balancer(|b| b.max_waiting_calls(2)).await;
-        let waiting: Vec<_> = (0..2)
-            .map(|_| {
-                let b = b.clone();
-                tokio::spawn(async move { call(&b, Some("1S")).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let (took, status) = call(&b, Some("1S")).await;
-        assert_eq!(took, Duration::ZERO);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-        for w in waiting {
-            assert_eq!(w.await.unwrap().0, Duration::from_secs(1));
-        }
-    }
-}
+mod tests;

@@ -16,14 +16,14 @@
 //! estimates, healthy endpoints would look costly by chance.
 //!
 //! where an endpoint's cost is its latency × (calls in flight / weight + 1)
-//! (see [`super::load`]).
+//! (see [`crate::balancer::pool::load`]).
 //!
 //! Endpoints within `TOLERANCE` of the reference share calls by weight alone
 //! (so weights hold exactly between equal backends, as with gRPC's weighted
 //! round robin); a costlier one's share falls with the fourth power of the
 //! excess, so one 10× slower gets about 0.4% of the share of a fast one: enough to
 //! keep sampling it, too little to hurt the tail. An endpoint idle for the
-//! probe interval is given the call outright (see [`super::load`]).
+//! probe interval is given the call outright (see [`crate::balancer::pool::load`]).
 //!
 //! Locality: the endpoints of the client's zone come first in the ready set;
 //! the pick stays among them while any of them can take the call, and falls
@@ -33,7 +33,8 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::endpoint::Ready;
+use super::Pick;
+use crate::balancer::pool::Ready;
 
 /// Up to this many endpoints, every one is a candidate.
 pub(crate) const FULL_SCAN: usize = 16;
@@ -41,15 +42,6 @@ pub(crate) const FULL_SCAN: usize = 16;
 pub(crate) const SAMPLE: usize = 8;
 /// Endpoints whose cost is within this factor of the cheapest are alike.
 const TOLERANCE: f64 = 2.5;
-
-/// The outcome of choosing an endpoint.
-pub(crate) enum Pick {
-    Endpoint(Arc<Ready>),
-    /// Every usable endpoint is at its server's stream limit.
-    Full,
-    /// No usable endpoint.
-    Empty,
-}
 
 /// Picks from `set`, whose first `local` entries are in the client's zone,
 /// never one of `avoid`.

@@ -24,27 +24,20 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::attempt::{pick_endpoint, send, Attempt};
-use super::call::{finish, CallConfig, Plan};
-use super::endpoint::Ready;
-use super::pool::Shared;
-use super::replay::Replay;
-use super::retry::{pushback, CallRetries, Pushback, MAX_ATTEMPTS};
-use super::{classify, deadline, BoxError};
-use crate::metrics::CallRecord;
+use super::attempt::{send, Attempt};
+use super::classify;
+use super::ctx::Call;
+use super::throttle::{pushback, Pushback, MAX_ATTEMPTS};
+use crate::balancer::error::{deadline_exceeded, BoxError};
+use crate::balancer::pool::Ready;
 use crate::service_config::HedgingPolicy;
 
 /// The call, hedged as `policy` says.
-pub(crate) async fn call_with_hedging(
-    shared: &Shared,
-    cfg: &CallConfig,
-    request: http::Request<tonic::body::Body>,
-    plan: Plan,
+pub(crate) async fn run(
+    call: &mut Call<'_>,
     policy: &HedgingPolicy,
-    retries: CallRetries<'_>,
-    record: &mut Option<CallRecord>,
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
-    let (parts, replay) = Replay::split(request, retries.replay);
+    let plan = call.plan;
     let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;
     let winner = Arc::new(AtomicUsize::new(usize::MAX));
     let mut used: Vec<Arc<Ready>> = Vec::new();
@@ -55,11 +48,13 @@ pub(crate) async fn call_with_hedging(
         tonic::Code,
         Result<http::Response<tonic::body::Body>, BoxError>,
     )> = None;
-    retries.budget.deposit();
+    call.retries.budget.deposit();
     loop {
         if !stopped && used.len() < max && Instant::now() >= next_at {
             let first = used.is_empty();
-            let distinct = shared
+            let distinct = call
+                .router
+                .pool
                 .ready()
                 .iter()
                 .any(|e| !used.iter().any(|u| Arc::ptr_eq(u, e)));
@@ -67,33 +62,30 @@ pub(crate) async fn call_with_hedging(
                 None
             } else if !distinct {
                 Some("no other endpoint")
-            } else if !replay.can_replay() {
+            } else if !call.replay.can_replay() {
                 Some("request body outgrew the replay buffer")
-            } else if retries.throttle_blocks() {
+            } else if call.retries.throttle_blocks() {
                 Some("throttled (retryThrottling)")
-            } else if !retries.budget.withdraw() {
+            } else if !call.retries.budget.withdraw() {
                 Some("retry budget spent")
             } else {
                 None
             };
             if let Some(reason) = refused {
                 tracing::debug!(reason, sent = used.len(), "no further hedge");
-                crate::metrics::hedge(&shared.service, reason);
+                crate::metrics::hedge(call.service(), reason);
                 stopped = true;
             } else {
-                match pick_endpoint(shared, cfg, plan, &used).await {
+                match call.router.pick(plan, &used).await {
                     Ok(ep) => {
                         let index = used.len();
                         used.push(ep.clone());
-                        let mut request = replay.request(&parts);
+                        let request = call.request(index);
                         if index > 0 {
-                            request
-                                .headers_mut()
-                                .insert("grpc-previous-rpc-attempts", index.into());
                             tracing::debug!(addr = %ep.addr(), hedge = index, "hedging");
-                            crate::metrics::hedge(&shared.service, "sent");
+                            crate::metrics::hedge(call.service(), "sent");
                         }
-                        let mut own = record.as_ref().map(|r| r.for_hedge(&winner, index));
+                        let mut own = call.record.as_ref().map(|r| r.for_hedge(&winner, index));
                         running.spawn(async move {
                             let outcome = send(ep, request, plan, &mut own).await;
                             (index, outcome)
@@ -109,7 +101,7 @@ pub(crate) async fn call_with_hedging(
             // Nothing in flight, nothing more to send: the last answer is
             // the call's.
             return match last {
-                Some((code, Ok(response))) => Ok(finish(record, code, response)),
+                Some((code, Ok(response))) => Ok(call.finish(code, response)),
                 Some((_, Err(e))) => Err(e),
                 None => Err(Box::new(tonic::Status::unavailable(
                     "no hedged attempt could be sent",
@@ -121,7 +113,7 @@ pub(crate) async fn call_with_hedging(
             joined = running.join_next() => joined,
             () = tokio::time::sleep_until(next_at), if hedge_due => continue,
             () = sleep_until_deadline(plan.deadline) => {
-                return Err(Box::new(deadline::exceeded(format_args!(
+                return Err(Box::new(deadline_exceeded(format_args!(
                     "waiting for any of {} hedged attempts", used.len()
                 ))));
             }
@@ -132,15 +124,15 @@ pub(crate) async fn call_with_hedging(
         let (code, said, answer) = match outcome {
             Attempt::Response(response) => {
                 winner.store(index, Ordering::Release);
-                if let Some(r) = record.take() {
+                if let Some(r) = call.record.take() {
                     r.discard();
                 }
-                retries.success();
+                call.retries.success();
                 return Ok(response);
             }
             Attempt::Status { response, code, .. } if code == tonic::Code::Ok => {
-                retries.success();
-                return Ok(finish(record, code, response));
+                call.retries.success();
+                return Ok(call.finish(code, response));
             }
             Attempt::Status { response, code, .. } => {
                 let said = pushback(response.headers());
@@ -160,13 +152,13 @@ pub(crate) async fn call_with_hedging(
             // Fatal: the call ends with it; the others are cancelled when
             // `running` is dropped.
             return match answer {
-                Ok(response) => Ok(finish(record, code, response)),
+                Ok(response) => Ok(call.finish(code, response)),
                 Err(e) => Err(e),
             };
         }
         // Takes a token; whether more hedges may follow is asked before
         // each is sent.
-        let _ = retries.failure();
+        let _ = call.retries.failure();
         match said {
             Pushback::Stop => stopped = true,
             Pushback::Wait(d) => next_at = crate::time::deadline_after(Instant::now(), d),

@@ -34,14 +34,15 @@
 //! start and the cost-weighted shares do not apply: a key's home is the
 //! point of the policy.
 
+use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::HeaderMap;
 use xxhash_rust::xxh64::xxh64;
 
-use super::endpoint::Ready;
-use super::pick::Pick;
+use super::Pick;
+use crate::balancer::pool::{Ready, ReadySet, Shared};
 use crate::service_config::{HashHeader, RingHashConfig};
 use crate::Instance;
 
@@ -77,6 +78,96 @@ pub(crate) fn request_hash(headers: &HeaderMap, header: &HashHeader) -> u64 {
             xxh64(&joined, 0)
         }
     }
+}
+
+/// A ring with the ready set and settings it was built from. It lives in
+/// the pool's route cache, which the pool empties on every change: a ring
+/// holds its endpoints' connections and must not outlive a change.
+struct CachedRing {
+    set: Arc<ReadySet>,
+    config: RingHashConfig,
+    ring: Arc<Ring>,
+}
+
+/// A balancer's rings: the entries of the last membership and settings
+/// (kept while only the ready set changes), and the lock that lets one
+/// call at a time build a ring.
+#[derive(Default)]
+pub(crate) struct Rings {
+    points: Mutex<Option<CachedPoints>>,
+}
+
+/// A ring's entries with the members and settings they were built for.
+type CachedPoints = (Vec<Member>, RingHashConfig, Arc<Points>);
+
+impl Rings {
+    /// The ring of every registered endpoint of `pool` with `config`, and
+    /// those of `set` in rotation: built once per ready set and membership,
+    /// its entries once per membership.
+    pub(crate) fn ring(
+        &self,
+        pool: &Shared,
+        set: &Arc<ReadySet>,
+        config: RingHashConfig,
+    ) -> Arc<Ring> {
+        let fresh = |cached: Option<Arc<CachedRing>>| match cached {
+            Some(c) if Arc::ptr_eq(&c.set, set) && c.config == config => Some(c.ring.clone()),
+            _ => None,
+        };
+        if let Some(ring) = fresh(pool.route_cache()) {
+            return ring;
+        }
+        // One builder at a time; the others find its ring.
+        let mut points = self.points.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = pool.route_cache::<CachedRing>();
+        if let Some(ring) = fresh(cached.clone()) {
+            return ring;
+        }
+        let instances = pool.instances();
+        let members = members(instances.iter().map(|(key, instance)| {
+            (
+                key.clone(),
+                stable_id(instance),
+                pool.policy.weight_of(instance),
+            )
+        }));
+        let points = match &*points {
+            Some((m, c, p)) if *m == members && *c == config => p.clone(),
+            _ => {
+                let p = self::points(&members, config);
+                *points = Some((members.clone(), config, p.clone()));
+                p
+            }
+        };
+        let fresh_points =
+            !matches!(&cached, Some(c) if c.config == config && c.ring.same_points(&points));
+        let ring = Arc::new(Ring::new(points, &members, set));
+        if fresh_points {
+            let addrs: HashMap<&str, &str> = instances
+                .iter()
+                .map(|(key, i)| (key.as_str(), i.addr.as_str()))
+                .collect();
+            for (key, share) in ring.shares() {
+                if let Some(addr) = addrs.get(key.as_str()) {
+                    crate::metrics::ring_share(&pool.service, addr, share);
+                }
+            }
+        }
+        pool.set_route_cache(Arc::new(CachedRing {
+            set: set.clone(),
+            config,
+            ring: ring.clone(),
+        }));
+        ring
+    }
+}
+
+/// Each endpoint's share of the keys (by endpoint key) on the ring last
+/// built, while it is in force.
+pub(crate) fn shares(pool: &Shared) -> HashMap<String, f64> {
+    pool.route_cache::<CachedRing>()
+        .map(|c| c.ring.shares().into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// One registered endpoint as the ring sees it.

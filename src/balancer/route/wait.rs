@@ -8,18 +8,35 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::call::{CallConfig, Plan};
-use super::endpoint::Ready;
-use super::pool::{PoolInfo, Shared};
-use super::{deadline, BoxError};
+use super::Plan;
+use crate::balancer::error::{deadline_exceeded, BoxError};
+use crate::balancer::pool::{PoolInfo, Ready, Shared};
 use crate::time::{deadline_after, wait_until, Waited};
 use crate::Error;
+
+/// How long calls may wait for an endpoint, and how many at once.
+#[derive(Debug, Clone)]
+pub(crate) struct WaitConfig {
+    pub(crate) no_endpoint_timeout: Duration,
+    /// The default of a call's [`Plan::fail_fast`] (a method's
+    /// `waitForReady` overrides it).
+    pub(crate) fail_fast: bool,
+    pub(crate) max_waiting: usize,
+}
+
+impl WaitConfig {
+    /// When the fail-fast gate closes, for a balancer without endpoints
+    /// since `empty_since`.
+    pub(crate) fn gate(&self, empty_since: Instant) -> Instant {
+        deadline_after(empty_since, self.no_endpoint_timeout)
+    }
+}
 
 /// Counts a call waiting in the balancer; refuses it when too many do.
 pub(crate) struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn enter(shared: &'a Shared, cfg: &CallConfig) -> Result<Self, BoxError> {
+    fn enter(shared: &'a Shared, cfg: &WaitConfig) -> Result<Self, BoxError> {
         let before = shared.waiting.fetch_add(1, Ordering::Relaxed);
         let guard = Waiting(&shared.waiting);
         if before >= cfg.max_waiting {
@@ -41,7 +58,7 @@ impl Drop for Waiting<'_> {
 
 /// Only the endpoint a request just failed on is left: waits for its
 /// connector to act instead of spinning.
-pub(crate) async fn wait_for_removal(
+pub(super) async fn for_removal(
     shared: &Shared,
     bad: &Arc<Ready>,
     deadline: Option<Instant>,
@@ -69,9 +86,9 @@ pub(crate) async fn wait_for_removal(
 
 /// Every endpoint is at its stream limit: waits for a free stream, until the
 /// call's deadline (calls without one: the no-endpoint timeout).
-pub(crate) async fn wait_for_capacity(
+pub(super) async fn for_capacity(
     shared: &Shared,
-    cfg: &CallConfig,
+    cfg: &WaitConfig,
     deadline: Option<Instant>,
 ) -> Result<(), BoxError> {
     let _waiting = Waiting::enter(shared, cfg)?;
@@ -95,7 +112,7 @@ pub(crate) async fn wait_for_capacity(
                 shared.service
             ));
             Err(Box::new(if deadline.is_some() {
-                deadline::exceeded(format_args!("waiting for a free stream: {}", status.message()))
+                deadline_exceeded(format_args!("waiting for a free stream: {}", status.message()))
             } else {
                 status
             }))
@@ -106,9 +123,9 @@ pub(crate) async fn wait_for_capacity(
 /// Waits for an endpoint to join the rotation, or fails with `Unavailable`
 /// saying why there is none. Fails at once while the fail-fast gate is
 /// closed: no endpoint for longer than the no-endpoint timeout.
-pub(crate) async fn wait_for_endpoint(
+pub(super) async fn for_endpoint(
     shared: &Shared,
-    cfg: &CallConfig,
+    cfg: &WaitConfig,
     plan: Plan,
 ) -> Result<(), BoxError> {
     let Plan {

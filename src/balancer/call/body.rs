@@ -13,8 +13,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::classify::transport_failure;
-use super::deadline;
-use super::endpoint::{InFlight, Outcome};
+use crate::balancer::error::deadline_exceeded;
+use crate::balancer::pool::{InFlight, Outcome};
 use crate::metrics::CallRecord;
 
 /// What a [`CallBody`] holds for its call while the body streams.
@@ -144,7 +144,7 @@ where
                 in_flight.expired();
             }
             this.record.finish(tonic::Code::DeadlineExceeded);
-            let status = deadline::exceeded(format_args!("while the response was streaming"));
+            let status = deadline_exceeded(format_args!("while the response was streaming"));
             return Poll::Ready(Some(Err(Box::new(status))));
         }
         Poll::Pending

@@ -98,11 +98,6 @@ pub(crate) fn apply(
     Some(crate::time::deadline_after(now, timeout))
 }
 
-/// The error a call fails with when its deadline passes.
-pub(crate) fn exceeded(what: std::fmt::Arguments<'_>) -> tonic::Status {
-    tonic::Status::deadline_exceeded(format!("deadline exceeded {what}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,22 +1,20 @@
-//! The attempt layer: one try of a call on one endpoint.
+//! One try of a call on one endpoint.
 //!
-//! Pick an endpoint (waiting, within the call's deadline, when none can take
-//! it: see [`super::wait`]), send, wait for the response headers within the
+//! The endpoint comes from the route layer ([`Router::pick`](crate::balancer::route::Router::pick),
+//! called by [`super::ctx::Call::attempt`] or a hedge); here: send, wait for the response headers within the
 //! deadline, and classify what came back: a status in the headers
 //! (trailers-only) settles the attempt at once, otherwise the body reads it
 //! from the trailers ([`super::body`]); a transport failure is
 //! `UNAVAILABLE` naming the endpoint ([`super::classify`]). The endpoint's
-//! load and health learn from every attempt ([`super::endpoint::InFlight`]).
+//! load and health learn from every attempt ([`InFlight`](crate::balancer::pool::InFlight)).
 
 use std::sync::Arc;
 
 use super::body::{self, CallBody};
-use super::call::{CallConfig, Plan};
-use super::endpoint::{Outcome, Ready};
-use super::pick::{pick, Pick};
-use super::pool::Shared;
-use super::wait::{wait_for_capacity, wait_for_endpoint, wait_for_removal};
-use super::{classify, deadline, BoxError};
+use super::classify;
+use crate::balancer::error::{deadline_exceeded, BoxError};
+use crate::balancer::pool::{Outcome, Ready};
+use crate::balancer::route::Plan;
 use crate::metrics::CallRecord;
 
 /// How one attempt ended.
@@ -43,57 +41,6 @@ pub(crate) enum Attempt {
     Failed(BoxError),
 }
 
-/// Tries `request` once, never on one of `avoid` (endpoints previous
-/// attempts used) while another can take it. `record` moves into the
-/// response body when the response is not trailers-only.
-pub(crate) async fn attempt(
-    shared: &Shared,
-    cfg: &CallConfig,
-    request: http::Request<tonic::body::Body>,
-    plan: Plan,
-    avoid: &[Arc<Ready>],
-    record: &mut Option<CallRecord>,
-) -> Attempt {
-    match pick_endpoint(shared, cfg, plan, avoid).await {
-        Ok(ep) => send(ep, request, plan, record).await,
-        Err(e) => Attempt::Failed(e),
-    }
-}
-
-/// An endpoint for the next attempt, waiting (within the plan's deadline)
-/// while none can take it.
-pub(crate) async fn pick_endpoint(
-    shared: &Shared,
-    cfg: &CallConfig,
-    plan: Plan,
-    avoid: &[Arc<Ready>],
-) -> Result<Arc<Ready>, BoxError> {
-    let deadline = plan.deadline;
-    loop {
-        let ready = shared.ready();
-        let found = match &plan.ring {
-            Some(r) => {
-                shared
-                    .ring(&ready, r.config)
-                    .pick(r.hash, r.config.hash_balance_factor, avoid)
-            }
-            None => pick(&ready, ready.local, avoid),
-        };
-        match found {
-            Pick::Endpoint(ep) => return Ok(ep),
-            Pick::Full => wait_for_capacity(shared, cfg, deadline).await?,
-            Pick::Empty => match avoid {
-                // Only the endpoint the request just failed on is left: wait
-                // for its connector to act instead of spinning.
-                [bad] if ready.iter().any(|e| Arc::ptr_eq(e, bad)) => {
-                    wait_for_removal(shared, bad, deadline).await?
-                }
-                _ => wait_for_endpoint(shared, cfg, plan).await?,
-            },
-        }
-    }
-}
-
 /// Sends `request` to `ep` and waits for the response headers within the
 /// plan's deadline.
 pub(crate) async fn send(
@@ -118,7 +65,7 @@ pub(crate) async fn send(
             r = send => r,
             () = timer.as_mut() => {
                 in_flight.timed_out();
-                return Attempt::Failed(Box::new(deadline::exceeded(format_args!(
+                return Attempt::Failed(Box::new(deadline_exceeded(format_args!(
                     "waiting for response headers from {}", ep.addr()
                 ))));
             }

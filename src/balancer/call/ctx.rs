@@ -1,0 +1,90 @@
+//! One call as its attempts share it (grpc-go's `clientStream`): the
+//! router, the plan, the request's head and replayable body, what retries
+//! may spend, and the call's record for metrics. Each try's own state (its
+//! endpoint, its accounting, its timer) lives in [`super::attempt::send`]
+//! (grpc-go's `csAttempt`).
+
+use std::sync::Arc;
+
+use super::attempt::{send, Attempt};
+use super::replay::Replay;
+use super::throttle::CallRetries;
+use crate::balancer::pool::Ready;
+use crate::balancer::route::{Plan, Router};
+use crate::metrics::CallRecord;
+
+const GRPC_PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// One call, shared by its attempts.
+pub(crate) struct Call<'a> {
+    pub(crate) router: &'a Router,
+    pub(crate) plan: Plan,
+    parts: http::request::Parts,
+    /// The request body, kept for another attempt until it outgrows the
+    /// replay buffer.
+    pub(crate) replay: Replay,
+    pub(crate) retries: CallRetries<'a>,
+    /// Moves into the body of the response the call commits to.
+    pub(crate) record: Option<CallRecord>,
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn new(
+        router: &'a Router,
+        plan: Plan,
+        request: http::Request<tonic::body::Body>,
+        retries: CallRetries<'a>,
+        record: Option<CallRecord>,
+    ) -> Self {
+        let (parts, replay) = Replay::split(request, retries.replay);
+        Self {
+            router,
+            plan,
+            parts,
+            replay,
+            retries,
+            record,
+        }
+    }
+
+    /// The service the call is for.
+    pub(crate) fn service(&self) -> &str {
+        &self.router.pool.service
+    }
+
+    /// The request for an attempt after `previous` counted ones: from the
+    /// second on it carries `grpc-previous-rpc-attempts` (A6).
+    pub(crate) fn request(&self, previous: usize) -> http::Request<tonic::body::Body> {
+        let mut request = self.replay.request(&self.parts);
+        if previous > 0 {
+            request
+                .headers_mut()
+                .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, previous.into());
+        }
+        request
+    }
+
+    /// Tries the call once after `previous` counted attempts, never on one
+    /// of `avoid` (endpoints previous attempts used) while another can take
+    /// it. The record moves into the response body when the response is
+    /// not trailers-only.
+    pub(crate) async fn attempt(&mut self, previous: usize, avoid: &[Arc<Ready>]) -> Attempt {
+        let request = self.request(previous);
+        match self.router.pick(self.plan, avoid).await {
+            Ok(ep) => send(ep, request, self.plan, &mut self.record).await,
+            Err(e) => Attempt::Failed(e),
+        }
+    }
+
+    /// A trailers-only response is final: its status is the call's.
+    pub(crate) fn finish(
+        &mut self,
+        code: tonic::Code,
+        response: http::Response<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        if let Some(mut r) = self.record.take() {
+            r.finish(code);
+        }
+        response
+    }
+}
