@@ -159,3 +159,10 @@ pub fn connect_options() -> etcd_client::ConnectOptions {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The reference pages' Rust snippets, compiled the same way.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/clients.md")]
+#[doc = include_str!("../docs/operations.md")]
+#[doc = include_str!("../docs/performance.md")]
+struct DocsDoctests;
