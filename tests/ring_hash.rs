@@ -3,7 +3,9 @@
 //! stay on one endpoint, in every Balancer; a down endpoint's keys go to the
 //! next one and come back with it, the others stay; an instance that
 //! re-registers at a new address keeps its keys; without the header calls
-//! spread; bounded load spreads a hot key; a new weight resizes the ring.
+//! spread; bounded load spreads a hot key; a new weight resizes the ring;
+//! a replica that leaves and rejoins moves only its own keys (1,000 keys,
+//! 4 → 3 → 4); a retry stays on the key's home.
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -237,4 +239,64 @@ async fn bounded_load_spreads_a_hot_key() {
     // Each endpoint holds at most ceil(ceil(33 × 1.25) / 4) = 11 at once.
     let most = bounded.values().max().copied().unwrap_or(0);
     assert!(bounded.len() >= 3 && most <= 11, "{bounded:?}");
+}
+
+/// The session-cache case: 1,000 keys over 4 replicas; one leaves
+/// (deregisters, as on SIGTERM or lease expiry) and joins again. Only its
+/// keys move, each way; none moves between the three that stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_leaves_and_rejoins_moves_only_its_own_keys() {
+    let client = shared().client().await;
+    let svc = unique("ring-leave");
+    let (backends, mut regs) = registered(&client, &svc, 4).await;
+    let keys: Vec<String> = (0..1_000).map(|i| format!("session-{i}")).collect();
+    let a = balancer(&client, &svc, ring_hash(""), 4).await;
+    let four = homes(&a, &keys, 1).await;
+
+    // i3 (g3) deregisters: 4 → 3.
+    regs.pop().unwrap().deregister().await.unwrap();
+    eventually(LIMIT, "i3 forgotten", || async {
+        (a.registered() == 3).then_some(())
+    })
+    .await;
+    let three = homes(&a, &keys, 1).await;
+    let moved: Vec<&String> = keys.iter().filter(|k| four[*k] != three[*k]).collect();
+    let between_survivors = moved.iter().filter(|k| four[**k] != "g3").count();
+    assert_eq!(between_survivors, 0, "keys moved between survivors");
+    let owned = four.values().filter(|h| *h == "g3").count();
+    assert_eq!(moved.len(), owned, "exactly g3's keys moved");
+    assert!(
+        (150..=350).contains(&owned),
+        "g3 held about a quarter: {owned}"
+    );
+
+    // It comes back under the same id: 3 → 4, and its keys come home.
+    regs.push(register(&client, &svc, "i3", &backends[3].addr).await);
+    a.wait_for_ready(4, LIMIT).await.unwrap();
+    assert_eq!(homes(&a, &keys, 1).await, four);
+}
+
+/// A retry under ring hash goes back to the key's home while it is in
+/// rotation: the cache there keeps its hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_stays_on_the_keys_home() {
+    let client = shared().client().await;
+    let svc = unique("ring-retry");
+    let (backends, _regs) = registered(&client, &svc, 4).await;
+    let config = ServiceConfig::from_json(
+        r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"requestHashHeader":"x-key"}}],
+            "methodConfig":[{"name":[{}],
+              "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.01s",
+                             "backoffMultiplier":1,"retryableStatusCodes":["UNAVAILABLE"]}}]}"#,
+    )
+    .unwrap();
+    let a = balancer(&client, &svc, config, 4).await;
+    for k in 0..20 {
+        let key = format!("item-{k}");
+        let home = hello(&a, Some(&key)).await;
+        let i: usize = home.trim_start_matches('g').parse().unwrap();
+        // The home fails the next call once; the retry must find it again.
+        backends[i].fail.fail_next(1, tonic::Code::Unavailable);
+        assert_eq!(hello(&a, Some(&key)).await, home, "key {key} left its home");
+    }
 }

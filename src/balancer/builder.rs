@@ -146,7 +146,7 @@ impl BalancerBuilder {
     /// `waitForReady` replaces [`fail_fast`](Self::fail_fast) for them, and
     /// a `retryPolicy` retries their calls as gRFC A6 says, throttled by
     /// `retryThrottling` and always within a retry budget (see
-    /// [*Retries*](self#retries) in the module docs), and a
+    /// [*Retries*](crate::balancer#retries) in the module docs), and a
     /// `hedgingPolicy` hedges them.
     ///
     /// A config for the service in etcd replaces this one (see

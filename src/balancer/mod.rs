@@ -2,7 +2,7 @@
 //!
 //! [`Balancer`] is a `Clone` service that tonic-generated clients take
 //! directly (`GreeterClient::new(balancer)`). It is fed by the etcd
-//! [`Discover`] and keeps every promise of a gRPC channel, plus what
+//! [`Discover`](crate::Discover) and keeps every promise of a gRPC channel, plus what
 //! production needs:
 //!
 //! * **Deadlines**: a call's deadline (its `grpc-timeout` header, set by

@@ -15,7 +15,11 @@
 //!   retrying), after which the back-off starts over. One deadline covers
 //!   every attempt and the waits between them.
 //! * **Where**: on another endpoint than the one that failed, whenever
-//!   another is in rotation. Each retry carries `grpc-previous-rpc-attempts`.
+//!   another is in rotation, under the cost-weighted pick (a replica that
+//!   just failed is the likeliest to fail again); under ring hash on the
+//!   key's home again while it is in rotation (its cache is the point),
+//!   walking on only when it is out or the request never reached it (a
+//!   transparent retry). Each retry carries `grpc-previous-rpc-attempts`.
 //! * **Never making an outage worse**: A6's `retryThrottling` when the
 //!   config sets it (tokens start at `maxTokens`, a retryable failure takes
 //!   one, a success gives back `tokenRatio`, no retry while at or below half),
@@ -63,12 +67,20 @@ pub(crate) async fn run(
     let mut backoffs = 0;
     let mut transparent = false;
     let mut last: Option<Arc<Ready>> = None;
+    // Under ring hash a retry goes back to the key's home while it is in
+    // rotation (a cache keeps its hit); only a transparent retry, whose
+    // request never reached a server, moves on.
+    let stay = call.plan.ring.is_some();
+    let mut moved_on = false;
     loop {
         // Another endpoint than the one that failed, while there is one.
         let avoid = match &last {
-            Some(ep) if call.router.pool.ready().len() > 1 => std::slice::from_ref(ep),
+            Some(ep) if (!stay || moved_on) && call.router.pool.ready().len() > 1 => {
+                std::slice::from_ref(ep)
+            }
             _ => &[],
         };
+        moved_on = false;
         let outcome = call.attempt(attempts - 1, avoid).await;
         let (code, failed_on, said, failure) = match outcome {
             Attempt::Response(response) => {
@@ -99,6 +111,7 @@ pub(crate) async fn run(
                         "request not processed; sending it to another endpoint");
                     crate::metrics::retry(call.service(), "transparent");
                     last = Some(endpoint);
+                    moved_on = true;
                     continue;
                 }
                 let status = classify::transport_failure(endpoint.addr(), &error);

@@ -19,8 +19,8 @@ use crate::Error;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How the [`Balancer`](super::Balancer) secures its connections to
-/// backends. Set with [`BalancerBuilder::tls`](super::BalancerBuilder::tls).
+/// How the [`Balancer`](crate::Balancer) secures its connections to
+/// backends. Set with [`BalancerBuilder::tls`](crate::BalancerBuilder::tls).
 ///
 /// ```
 /// # fn pem() -> Vec<u8> { Vec::new() }
