@@ -99,7 +99,7 @@ async fn run(etcd: &Etcd, n: usize) -> Series {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rpc_addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(
-        tonic::transport::Server::builder()
+        tonic_etcd::server::builder()
             .add_service(Greeter::new("rpc").into_service())
             .serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

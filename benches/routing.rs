@@ -68,7 +68,7 @@ async fn instance(
 ) -> (String, Registration) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic_etcd::server::builder();
     if let Some(l) = limit {
         server = server.concurrency_limit_per_connection(l);
     }

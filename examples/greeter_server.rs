@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_etcd::server::RegisteredServer;
 use tonic_etcd::testing::greeter::Greeter;
 use tonic_etcd::Registration;
@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .addr(&args.addr)
         .ttl(Duration::from_secs(args.ttl));
 
-    let mut server = Server::builder();
+    let mut server = tonic_etcd::server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
             std::fs::read(cert)?,

@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             greeter.fail_switch().set(Some(tonic::Code::Unavailable));
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let router = tonic::transport::Server::builder().add_service(greeter.into_service());
+        let router = tonic_etcd::server::builder().add_service(greeter.into_service());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(
             RegisteredServer::new(Registration::builder(client.clone()).service(SERVICE))

@@ -21,7 +21,7 @@
 //! use tonic_etcd::server::{shutdown_signal, RegisteredServer};
 //! use tonic_etcd::{Metadata, Registration};
 //!
-//! // `router` is your tonic::transport::Server::builder().add_service(...)
+//! // `router` is your tonic_etcd::server::builder().add_service(...): tonic's, with HTTP/2 settings for fleets
 //! async fn serve(router: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
 //!     let client = etcd_client::Client::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options())).await?;
 //!     let listener = tokio::net::TcpListener::bind("10.0.0.7:50051").await?;
@@ -72,7 +72,7 @@
 //!
 //! // A server registers itself once it serves, and leaves when told to stop.
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! let router = tonic::transport::Server::builder().add_service(Greeter::new("a").into_service());
+//! let router = tonic_etcd::server::builder().add_service(Greeter::new("a").into_service());
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! let server = tokio::spawn(
 //!     RegisteredServer::new(Registration::builder(client.clone()).service("greeter.v1.Greeter"))

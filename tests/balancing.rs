@@ -476,7 +476,7 @@ async fn a_registered_server_reports_not_serving_before_its_key_goes() {
             .await
             .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let router = tonic::transport::Server::builder().add_service(Greeter::new("s").into_service());
+    let router = tonic_etcd::server::builder().add_service(Greeter::new("s").into_service());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic_etcd::server::RegisteredServer::new(

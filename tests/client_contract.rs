@@ -32,7 +32,7 @@ impl Backend {
     async fn start(id: &str, tls: Option<ServerTlsConfig>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let mut server = tonic::transport::Server::builder();
+        let mut server = tonic_etcd::server::builder();
         if let Some(tls) = tls {
             server = server.tls_config(tls).unwrap();
         }

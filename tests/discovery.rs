@@ -417,8 +417,7 @@ impl Server {
     async fn start(client: &etcd_client::Client, svc: &str, id: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let router =
-            tonic::transport::Server::builder().add_service(Greeter::new(id).into_service());
+        let router = tonic_etcd::server::builder().add_service(Greeter::new(id).into_service());
         let task = tokio::spawn(
             RegisteredServer::new(Registration::builder(client.clone()).service(svc))
                 .grace(Duration::from_millis(200))
@@ -669,7 +668,7 @@ async fn a_plain_tonic_channel_stays_fed_after_its_etcd_channel_is_dropped() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        tonic_etcd::server::builder()
             .add_service(Greeter::new("late").into_service())
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );

@@ -45,8 +45,8 @@ async fn idle_servers_views_and_balancer_cost_almost_no_cpu() {
     let mut stops = Vec::new();
     for i in 0..4 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let router = tonic::transport::Server::builder()
-            .add_service(Greeter::new(format!("s{i}")).into_service());
+        let router =
+            tonic_etcd::server::builder().add_service(Greeter::new(format!("s{i}")).into_service());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(
             RegisteredServer::new(Registration::builder(client.clone()).service(svc))

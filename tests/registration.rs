@@ -347,7 +347,7 @@ async fn graceful_shutdown_deregisters_before_the_server_stops() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let key = format!("{svc}/{addr}");
-    let router = tonic::transport::Server::builder().add_service(Greeter::new("g1").into_service());
+    let router = tonic_etcd::server::builder().add_service(Greeter::new("g1").into_service());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         RegisteredServer::new(Registration::builder(client.clone()).service(&svc))
@@ -389,7 +389,7 @@ async fn graceful_shutdown_deregisters_before_the_server_stops() {
 async fn server_refuses_to_advertise_an_unspecified_listener() {
     let client = shared().client().await;
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let router = tonic::transport::Server::builder().add_service(Greeter::new("g").into_service());
+    let router = tonic_etcd::server::builder().add_service(Greeter::new("g").into_service());
     let err = RegisteredServer::new(Registration::builder(client).service("s"))
         .serve_with_shutdown(router, listener, std::future::pending())
         .await
@@ -483,7 +483,7 @@ async fn shutdown_during_start_up_returns_at_once_and_leaves_no_key() {
     // etcd answers nothing: the registration hangs in its lease grant.
     proxy.freeze();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let router = tonic::transport::Server::builder().add_service(Greeter::new("s").into_service());
+    let router = tonic_etcd::server::builder().add_service(Greeter::new("s").into_service());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         RegisteredServer::new(Registration::builder(client).service(&svc))

@@ -36,7 +36,7 @@ async fn serve_with_a_stream(
             .grace(Duration::ZERO),
     );
     let draining = server.draining();
-    let router = tonic::transport::Server::builder().add_service(greeter.into_service());
+    let router = tonic_etcd::server::builder().add_service(greeter.into_service());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server.serve_with_shutdown(router, listener, async {
         let _ = stopped.await;

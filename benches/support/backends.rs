@@ -267,7 +267,7 @@ fn serve(
         greeter = greeter.with_spikes(p, d);
     }
     let fail = greeter.fail_switch();
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic_etcd::server::builder();
     if let Some(pki) = tls {
         let identity = Identity::from_pem(&pki.server_cert, &pki.server_key);
         server = server

@@ -272,7 +272,7 @@ pub async fn serve_registered(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), crate::Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let router = tonic::transport::Server::builder().add_service(Greeter::new(addr).into_service());
+    let router = crate::server::builder().add_service(Greeter::new(addr).into_service());
     crate::server::RegisteredServer::new(registration.addr(addr))
         .serve_with_shutdown(router, listener, shutdown)
         .await

@@ -33,7 +33,7 @@ impl Backend {
         let addr = std_listener.local_addr().unwrap().to_string();
         let fail = greeter.fail_switch();
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let mut router = tonic::transport::Server::builder().add_service(greeter.into_service());
+        let mut router = tonic_etcd::server::builder().add_service(greeter.into_service());
         if with_health {
             router = router.add_service(health_service);
         }

@@ -301,6 +301,10 @@ pub(crate) struct Connection {
     pub(crate) driver: JoinHandle<()>,
 }
 
+/// Reset streams h2 remembers per connection, to drop the frames still in
+/// flight for them (h2's default: 50). A few hundred bytes each.
+const MAX_RESET_STREAMS: usize = 4_096;
+
 /// Connects to `instance` over HTTP/2 (prior knowledge, as gRPC does; over
 /// TLS with ALPN `h2` when configured). Returns once the server's SETTINGS
 /// frame has arrived, all within the connect timeout.
@@ -337,7 +341,22 @@ pub(crate) async fn connect(
         .keep_alive_interval(cfg.keep_alive_interval)
         .keep_alive_timeout(cfg.keep_alive_timeout)
         .keep_alive_while_idle(true)
-        .adaptive_window(cfg.adaptive_window);
+        .adaptive_window(cfg.adaptive_window)
+        // A call that ends early (deadline, cancel, a hedge that lost)
+        // resets its stream; the server's frames for it keep arriving for
+        // a while. h2 remembers `max_concurrent_reset_streams` such streams
+        // (50 by default) to ignore those frames quietly; past that, each
+        // frame for a forgotten stream makes h2 reset it again and count
+        // the reset toward `max_local_error_reset_streams` (1,024 over the
+        // connection's whole life), after which h2 closes the connection
+        // itself (GOAWAY ENHANCE_YOUR_CALM "too_many_internal_resets"). A
+        // storm of expired calls crossed both and lost the connection for
+        // every call on it. The limit guards a server against a hostile
+        // client; a client's peers here are the registered instances it
+        // chose to call, so it is off, and enough reset streams are
+        // remembered that a storm's late frames are dropped quietly.
+        .max_concurrent_reset_streams(MAX_RESET_STREAMS)
+        .max_local_error_reset_streams(None);
     if let Some(size) = cfg.initial_stream_window_size {
         builder.initial_stream_window_size(size);
     }
