@@ -1,6 +1,7 @@
 //! The Balancer under stress, against real etcd and real tonic servers:
 //! storms of calls cancelled at their deadline must fail alone, with
-//! `DEADLINE_EXCEEDED`, and never cost the connection they ran on.
+//! `DEADLINE_EXCEEDED`, and never cost the connection they ran on; a
+//! deadline shorter than the timer tick is never sent.
 
 #[path = "common/backend.rs"]
 mod backend;
@@ -108,5 +109,46 @@ async fn a_storm_of_expired_calls_fails_alone_and_keeps_the_connection() {
         endpoints[0].last_error.is_none(),
         "{:?}",
         endpoints[0].last_error
+    );
+}
+
+/// A deadline shorter than tokio's 1 ms timer tick (a service config
+/// `timeout` of 1 µs, as an operator might write by mistake) must still stop
+/// every call: none is sent past its deadline, none succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_shorter_than_the_timer_tick_is_never_sent() {
+    let client = shared().client().await;
+    let svc = unique("tiny-deadline");
+    let backend = Backend::start("fast");
+    let _reg = Registration::builder(client.clone())
+        .service(&svc)
+        .addr(&backend.addr)
+        .metadata(Metadata::new())
+        .register()
+        .await
+        .unwrap();
+    let config = tonic_etcd::ServiceConfig::from_json(
+        r#"{"methodConfig":[{"name":[{}],"timeout":"0.000001s"}]}"#,
+    )
+    .unwrap();
+    let b = Balancer::builder(client.clone(), &svc)
+        .service_config(config)
+        .service_config_from_etcd(false)
+        .build()
+        .unwrap();
+    b.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut codes = BTreeMap::<String, usize>::new();
+    for _ in 0..50 {
+        let request = tonic::Request::new(HelloRequest { name: "x".into() });
+        let code = match GreeterClient::new(b.clone()).say_hello(request).await {
+            Ok(_) => "Ok".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        *codes.entry(code).or_default() += 1;
+    }
+    assert_eq!(
+        codes,
+        BTreeMap::from([("DeadlineExceeded".to_owned(), 50)]),
+        "a call whose deadline passed must never be sent"
     );
 }

@@ -53,6 +53,17 @@ pub(crate) async fn send(
         Ok(uri) => uri,
         Err(e) => return Attempt::Failed(Box::new(e)),
     };
+    // tokio's timer fires on 1 ms ticks: a deadline shorter than that (or
+    // one spent waiting for an endpoint) would not stop the call below.
+    if plan
+        .deadline
+        .is_some_and(|d| tokio::time::Instant::now() >= d)
+    {
+        return Attempt::Failed(Box::new(deadline_exceeded(format_args!(
+            "before the call was sent to {}",
+            ep.addr()
+        ))));
+    }
     let mut in_flight = ep.start();
     let send = ep.sender().try_send_request(request);
     // One timer per call: it bounds the response headers here and then
@@ -72,11 +83,15 @@ pub(crate) async fn send(
         },
     };
     match result {
-        Ok(response) => {
+        Ok(mut response) => {
             // A trailers-only response carries its status in the headers;
             // otherwise the body reports it from the trailers.
             let code = match body::status_of(response.headers()) {
                 _ if response.status() != http::StatusCode::OK => Some(tonic::Code::Unknown),
+                Some(code) if classify::cancelled_by_deadline(code, plan.deadline) => {
+                    classify::to_deadline_exceeded(response.headers_mut());
+                    Some(tonic::Code::DeadlineExceeded)
+                }
                 code => code,
             };
             let Some(code) = code else {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use super::classify::transport_failure;
+use super::classify::{cancelled_by_deadline, to_deadline_exceeded, transport_failure};
 use crate::balancer::error::deadline_exceeded;
 use crate::balancer::pool::{InFlight, Outcome};
 use crate::metrics::CallRecord;
@@ -103,9 +103,18 @@ where
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(match frame {
-                Some(Ok(f)) => {
-                    if let Some(trailers) = f.trailers_ref() {
-                        let code = status_of(trailers).unwrap_or(tonic::Code::Unknown);
+                Some(Ok(mut f)) => {
+                    if f.is_trailers() {
+                        let deadline = this.timer.as_ref().map(|t| t.deadline());
+                        let code = f.trailers_mut().map_or(tonic::Code::Unknown, |trailers| {
+                            match status_of(trailers).unwrap_or(tonic::Code::Unknown) {
+                                code if cancelled_by_deadline(code, deadline) => {
+                                    to_deadline_exceeded(trailers);
+                                    tonic::Code::DeadlineExceeded
+                                }
+                                code => code,
+                            }
+                        });
                         this.record.finish(code);
                         // The trailers end the call: it leaves the endpoint's
                         // load now, not when the caller drops the stream.
@@ -211,6 +220,62 @@ mod tests {
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
             }
         }
+    }
+
+    /// A body that ends with trailers carrying `grpc-status: status`.
+    struct Ends(Option<&'static str>);
+
+    impl Body for Ends {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.take().map(|status| {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static("Timeout expired"),
+                );
+                Ok(Frame::trailers(trailers))
+            }))
+        }
+    }
+
+    /// The status in the trailers a body ends with, and what it recorded.
+    async fn ended_with(status: &'static str, deadline_in: Duration) -> (String, u8) {
+        let state = Arc::new(AtomicU8::new(0));
+        let timer = Box::pin(tokio::time::sleep_until(Instant::now() + deadline_in));
+        let mut body = CallBody::new(
+            Ends(Some(status)),
+            Some(timer),
+            Probe(state.clone()),
+            CallRecord::none(),
+        );
+        // The deadline passes before the trailers are read, as when the
+        // server's timer beat the client's by a tick.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let frame = next(&mut body).await.unwrap().unwrap();
+        let trailers = frame.into_trailers().unwrap();
+        let code = trailers["grpc-status"].to_str().unwrap().to_owned();
+        (code, state.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_from_the_servers_timer_reads_deadline_exceeded() {
+        // The deadline (20 ms) passed: tonic's server said CANCELLED for it.
+        let (code, state) = ended_with("1", Duration::from_millis(20)).await;
+        assert_eq!(code, "4");
+        assert_eq!(state, 10 + tonic::Code::DeadlineExceeded as u8);
+        // The deadline is far: a CANCELLED is the server's own word.
+        let (code, state) = ended_with("1", Duration::from_secs(5)).await;
+        assert_eq!(code, "1");
+        assert_eq!(state, 10 + tonic::Code::Cancelled as u8);
+        // Other codes are never touched.
+        let (code, _) = ended_with("14", Duration::from_millis(20)).await;
+        assert_eq!(code, "14");
     }
 
     async fn next<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
