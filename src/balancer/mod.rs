@@ -8,8 +8,12 @@
 //! * **Deadlines**: a call's deadline (its `grpc-timeout` header, set by
 //!   `Request::set_timeout`, or [`call_timeout`](BalancerBuilder::call_timeout)
 //!   for unary calls without one) bounds the wait for an endpoint, the wait
-//!   for the response headers *and* the response body. On expiry the call
-//!   fails with `DeadlineExceeded` and the stream is reset. tonic's `Channel`
+//!   for the response headers *and* the response body; a call whose
+//!   deadline has passed is never sent. On expiry the call fails with
+//!   `DeadlineExceeded` (also when the server's timer answered `CANCELLED`
+//!   first, as tonic's does); the stream is reset once the caller holds
+//!   neither half of it (a client or bidi stream's request sender too: see
+//!   docs/clients.md). tonic's `Channel`
 //!   enforces the same header until the response headers arrive; a backend
 //!   that sends headers and then stalls cannot hold a call here either.
 //!   `call_timeout` does not apply to the methods named in
