@@ -7,7 +7,8 @@
 //! registers an instance and sees its row appear without a reload, drains
 //! an instance from the page (with a token) and sees a Balancer stop
 //! sending it calls. The service page's screenshot is written to
-//! `target/console-service.png` (the README's picture comes from it).
+//! `console-service.png` in cargo's `CARGO_TARGET_TMPDIR` (the docs' picture
+//! comes from it).
 //!
 //! chromium and chromedriver come from `scripts/ensure-deps` (or `CHROMIUM`
 //! and `CHROMEDRIVER`); without them the test fails and says so.
@@ -17,6 +18,7 @@ mod backend;
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,14 +33,27 @@ use tonic_etcd::{Balancer, Metadata, NamingSchema, Registration};
 const LIMIT: Duration = Duration::from_secs(15);
 const TOKEN: &str = "console-test-secret-0123456789";
 
-/// A child process killed when dropped.
+/// A child process killed when dropped, with its whole process group:
+/// chromedriver starts chromium, which a plain kill of chromedriver would
+/// leave running, orphaned, when a test fails.
 struct Kill(Child);
 
 impl Drop for Kill {
     fn drop(&mut self) {
+        let _ = kill_group(self.0.id());
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `kill(-pgid, SIGKILL)`: every process of the group (`kill(1)` takes a
+/// negative pid for a group, and needs no unsafe code).
+fn kill_group(pgid: u32) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
 }
 
 fn find_tool(env: &str, names: &[&str]) -> String {
@@ -100,6 +115,8 @@ async fn browser() -> (Kill, Client) {
         .expect("a free port")
         .port();
     let child = Command::new(&driver)
+        // Its own process group, so the guard ends chromium with it.
+        .process_group(0)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -303,7 +320,9 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     appears(&browser, "tr[data-id='one'] .drained").await;
 
     let png = browser.screenshot().await.unwrap();
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-service.png");
+    // Cargo's own directory for files tests write: it exists wherever the
+    // target directory is (CARGO_TARGET_DIR may point anywhere).
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-service.png");
     std::fs::write(&out, png).unwrap();
     browser.close().await.unwrap();
 }
