@@ -90,8 +90,7 @@ struct Args {
 
 async fn channel(args: &Args) -> Result<Channel, Box<dyn std::error::Error>> {
     let schema = tonic_etcd::schema::by_name(&args.schema, args.namespace.as_deref())?;
-    let client =
-        etcd_client::Client::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
+    let client = tonic_etcd::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
     let identity = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some((std::fs::read(c)?, std::fs::read(k)?)),
         _ => None,

@@ -56,8 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let schema = tonic_etcd::schema::by_name(&args.schema, args.namespace.as_deref())?;
-    let client =
-        etcd_client::Client::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
+    let client = tonic_etcd::connect(&args.etcd, Some(tonic_etcd::connect_options())).await?;
     let registration = Registration::builder(client)
         .schema(schema)
         .service(&args.service)

@@ -23,7 +23,7 @@
 //!
 //! // `router` is your tonic_etcd::server::builder().add_service(...): tonic's, with HTTP/2 settings for fleets
 //! async fn serve(router: tonic::transport::server::Router) -> Result<(), Box<dyn std::error::Error>> {
-//!     let client = etcd_client::Client::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options())).await?;
+//!     let client = tonic_etcd::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options())).await?;
 //!     let listener = tokio::net::TcpListener::bind("10.0.0.7:50051").await?;
 //!     let registration = Registration::builder(client)
 //!         .service("greeter.v1.Greeter")
@@ -68,7 +68,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let etcd = tonic_etcd::testing::Etcd::start();
 //! let client =
-//!     etcd_client::Client::connect(etcd.endpoints(), Some(tonic_etcd::connect_options())).await?;
+//!     tonic_etcd::connect(etcd.endpoints(), Some(tonic_etcd::connect_options())).await?;
 //!
 //! // A server registers itself once it serves, and leaves when told to stop.
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -103,6 +103,7 @@ pub mod balancer;
 pub mod catalog;
 pub mod channel;
 pub mod config_store;
+mod connect;
 #[cfg(feature = "console")]
 pub mod console;
 pub mod discovery;
@@ -124,6 +125,7 @@ pub use balancer::{Balancer, BalancerBuilder};
 pub use catalog::{Catalog, CatalogEvent};
 pub use channel::{ChannelBuilder, EtcdChannel};
 pub use config_store::{ConfigStore, ServiceConfigStatus};
+pub use connect::connect;
 pub use discovery::Discover;
 pub use error::Error;
 pub use instance::{Instance, Metadata};
@@ -145,7 +147,8 @@ use std::time::Duration;
 /// * A 2 s connect timeout, so a dead member is left quickly.
 ///
 /// Auth and TLS are added with [`ConnectOptions::with_user`](etcd_client::ConnectOptions::with_user)
-/// and `with_tls`.
+/// and `with_tls`. Pass them to [`connect`], which also keeps the
+/// connection from closing itself under a storm of cancelled etcd calls.
 pub fn connect_options() -> etcd_client::ConnectOptions {
     etcd_client::ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))

@@ -383,11 +383,8 @@ async fn connect(g: &Global, timeout: Duration) -> Result<etcd_client::Client, F
         .iter()
         .map(|e| endpoint_url(e, g))
         .collect();
-    let connected = tokio::time::timeout(
-        timeout,
-        etcd_client::Client::connect(&endpoints, Some(opts)),
-    )
-    .await;
+    let connected =
+        tokio::time::timeout(timeout, tonic_etcd::connect(&endpoints, Some(opts))).await;
     let fail = |reason: String| {
         Failure(format!(
             "cannot connect to etcd at {}: {reason}; check --etcd, --user/--password and the TLS options",

@@ -34,7 +34,7 @@
 //! # async fn run(router: tonic::transport::server::Router) -> Result<(), tonic_etcd::Error> {
 //! use tonic_etcd::{Registration, server::RegisteredServer};
 //!
-//! let client = etcd_client::Client::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options()))
+//! let client = tonic_etcd::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options()))
 //!     .await
 //!     .map_err(|e| tonic_etcd::Error::Etcd { op: "connect", source: e })?;
 //! let listener = tokio::net::TcpListener::bind("10.0.0.1:50051").await?;

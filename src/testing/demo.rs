@@ -65,7 +65,7 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
         }
     };
     println!("etcd at {}", endpoints.join(","));
-    let client = etcd_client::Client::connect(&endpoints, Some(crate::connect_options())).await?;
+    let client = crate::connect(&endpoints, Some(crate::connect_options())).await?;
     let schema = NamingSchema::with_namespace(&args.namespace)?;
 
     // Show the registry as the catalog sees it.
@@ -204,7 +204,7 @@ pub async fn run(args: &DemoOptions) -> Result<(), BoxError> {
 /// Runs one demo server (what `server_args` + `--serve <addr>` starts).
 pub async fn serve(args: &DemoOptions, addr: &str) -> Result<(), BoxError> {
     let endpoints = args.etcd.clone().unwrap_or_default();
-    let client = etcd_client::Client::connect(&endpoints, Some(crate::connect_options())).await?;
+    let client = crate::connect(&endpoints, Some(crate::connect_options())).await?;
     let registration = Registration::builder(client)
         .schema(NamingSchema::with_namespace(&args.namespace)?)
         .service(&args.service)

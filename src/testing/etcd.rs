@@ -262,7 +262,7 @@ impl EtcdCluster {
 pub async fn connect(endpoints: &[String]) -> etcd_client::Client {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match etcd_client::Client::connect(endpoints, Some(crate::connect_options())).await {
+        match crate::connect(endpoints, Some(crate::connect_options())).await {
             Ok(c) => return c,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "etcd connect failed; retrying");
