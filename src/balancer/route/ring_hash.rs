@@ -108,16 +108,16 @@ struct CachedRing {
     ring: Arc<Ring>,
 }
 
-/// A balancer's rings: the scores of the last membership and settings
-/// (kept while only the ready set changes), and the lock that lets one
-/// call at a time build a ring.
+/// A balancer's rings: the scores of the last membership (kept while only
+/// the ready set or the settings change: scores depend on neither), and
+/// the lock that lets one call at a time build a ring.
 #[derive(Default)]
 pub(crate) struct Rings {
     points: Mutex<Option<CachedPoints>>,
 }
 
-/// A ring's scores with the members and settings they were built for.
-type CachedPoints = (Vec<Member>, RingHashConfig, Arc<Points>);
+/// A ring's scores with the members they were built for.
+type CachedPoints = (Vec<Member>, Arc<Points>);
 
 impl Rings {
     /// The ring of every registered endpoint of `pool` with `config`, and
@@ -151,15 +151,14 @@ impl Rings {
             )
         }));
         let points = match &*points {
-            Some((m, c, p)) if *m == members && *c == config => p.clone(),
+            Some((m, p)) if *m == members => p.clone(),
             _ => {
                 let p = self::points(&members);
-                *points = Some((members.clone(), config, p.clone()));
+                *points = Some((members.clone(), p.clone()));
                 p
             }
         };
-        let fresh_points =
-            !matches!(&cached, Some(c) if c.config == config && c.ring.same_points(&points));
+        let fresh_points = !matches!(&cached, Some(c) if c.ring.same_points(&points));
         let ring = Arc::new(Ring::new(points, &members, set));
         if fresh_points {
             let addrs: HashMap<&str, &str> = instances
