@@ -1,10 +1,12 @@
-//! Generates the greeter service used by examples, tests and benchmarks
-//! (feature `testing` only: a plain build compiles no proto of its own).
+//! Generates the greeter service used by examples, tests and benchmarks,
+//! and gRPC's interop test service (feature `testing` only: a plain build
+//! compiles no proto of its own).
 
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/greeter.proto");
+    println!("cargo:rerun-if-changed=proto/grpc/testing/test.proto");
     println!("cargo:rerun-if-env-changed=PROTOC");
     if std::env::var_os("PROTOC").is_none() && !on_path("protoc") {
         // etcd-client's own build needs protoc too; say how to get it instead
@@ -18,10 +20,10 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_TESTING").is_none() {
         return;
     }
-    if let Err(e) =
-        tonic_prost_build::configure().compile_protos(&["proto/greeter.proto"], &["proto"])
-    {
-        panic!("failed to compile proto/greeter.proto: {e}");
+    for proto in ["proto/greeter.proto", "proto/grpc/testing/test.proto"] {
+        if let Err(e) = tonic_prost_build::configure().compile_protos(&[proto], &["proto"]) {
+            panic!("failed to compile {proto}: {e}");
+        }
     }
 }
 

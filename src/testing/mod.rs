@@ -6,6 +6,7 @@
 pub mod demo;
 mod etcd;
 pub mod greeter;
+pub mod interop;
 mod proxy;
 
 pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::body::{self, CallBody};
 use super::classify;
+use super::replay::Abort;
 use crate::balancer::error::{deadline_exceeded, BoxError};
 use crate::balancer::pool::{Outcome, Ready};
 use crate::balancer::route::Plan;
@@ -42,10 +43,12 @@ pub(crate) enum Attempt {
 }
 
 /// Sends `request` to `ep` and waits for the response headers within the
-/// plan's deadline.
+/// plan's deadline. `abort` ends the request body when the attempt is over:
+/// here, or in the response body that carries it on.
 pub(crate) async fn send(
     ep: Arc<Ready>,
     mut request: http::Request<tonic::body::Body>,
+    abort: Abort,
     plan: Plan,
     record: &mut Option<CallRecord>,
 ) -> Attempt {
@@ -98,7 +101,13 @@ pub(crate) async fn send(
                 in_flight.headers_arrived(true);
                 let record = record.take().unwrap_or_else(CallRecord::none);
                 return Attempt::Response(response.map(|body| {
-                    tonic::body::Body::new(CallBody::new(body, timer, in_flight, record))
+                    tonic::body::Body::new(CallBody::new(
+                        body,
+                        timer,
+                        in_flight,
+                        record,
+                        Some(abort),
+                    ))
                 }));
             };
             let outcome = match response.status() {
@@ -108,13 +117,32 @@ pub(crate) async fn send(
             in_flight.headers_arrived(outcome == Outcome::Success);
             in_flight.settle(outcome);
             let response = response.map(|body| {
-                tonic::body::Body::new(CallBody::new(body, timer, in_flight, CallRecord::none()))
+                tonic::body::Body::new(CallBody::new(
+                    body,
+                    timer,
+                    in_flight,
+                    CallRecord::none(),
+                    Some(abort),
+                ))
             });
             Attempt::Status {
                 response,
                 code,
                 endpoint: ep,
             }
+        }
+        // The request body ends itself at the deadline (see `replay`): the
+        // reset that follows is the deadline's doing.
+        Err(_)
+            if plan
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d) =>
+        {
+            in_flight.timed_out();
+            Attempt::Failed(Box::new(deadline_exceeded(format_args!(
+                "waiting for response headers from {}",
+                ep.addr()
+            ))))
         }
         Err(mut e) => {
             in_flight.settle(Outcome::Failure);

@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::classify::{cancelled_by_deadline, to_deadline_exceeded, transport_failure};
+use super::replay::Abort;
 use crate::balancer::error::deadline_exceeded;
 use crate::balancer::pool::{InFlight, Outcome};
 use crate::metrics::CallRecord;
@@ -57,13 +58,19 @@ pin_project_lite::pin_project! {
     /// the call's deadline passes before it does (a server that sent headers
     /// and then stalled).
     pub(crate) struct CallBody<B, T = InFlight> {
-        #[pin]
-        inner: B,
+        // Dropped as soon as the call is over on this side, which resets
+        // the stream (h2 does when both halves are gone; `abort` sees to
+        // the request half).
+        inner: Option<B>,
         timer: Option<Pin<Box<Sleep>>>,
         in_flight: Option<T>,
         // The call's final status, for metrics.
         record: CallRecord,
         expired: bool,
+        // Ends the request body once the call is over (trailers read,
+        // deadline passed, stream failed, or this body dropped), so the
+        // stream is reset even while the caller holds its request sender.
+        abort: Option<Abort>,
     }
 }
 
@@ -73,13 +80,15 @@ impl<B, T> CallBody<B, T> {
         timer: Option<Pin<Box<Sleep>>>,
         in_flight: T,
         record: CallRecord,
+        abort: Option<Abort>,
     ) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             timer,
             in_flight: Some(in_flight),
             record,
             expired: false,
+            abort,
         }
     }
 }
@@ -87,7 +96,7 @@ impl<B, T> CallBody<B, T> {
 impl<B, T> Body for CallBody<B, T>
 where
     T: Tracked,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
@@ -98,10 +107,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
-        if *this.expired {
+        let Some(inner) = this.inner.as_mut().filter(|_| !*this.expired) else {
             return Poll::Ready(None);
-        }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+        };
+        if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
             return Poll::Ready(match frame {
                 Some(Ok(mut f)) => {
                     if f.is_trailers() {
@@ -121,12 +130,26 @@ where
                         if let Some(mut call) = this.in_flight.take() {
                             call.ended(Some(code));
                         }
+                        this.abort.take();
                     }
                     Some(Ok(f))
                 }
                 Some(Err(e)) => {
                     let e: Self::Error = e.into();
+                    this.abort.take();
+                    let deadline = this.timer.as_ref().map(|t| t.deadline());
+                    let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                     Some(Err(match this.in_flight.take() {
+                        // The request body ended itself at the deadline and
+                        // the stream was reset for it (see `replay`).
+                        Some(call) if expired => {
+                            *this.expired = true;
+                            call.expired();
+                            this.record.finish(tonic::Code::DeadlineExceeded);
+                            Box::new(deadline_exceeded(format_args!(
+                                "while the response was streaming"
+                            )))
+                        }
                         // A lost connection reads UNAVAILABLE, naming the
                         // endpoint (see `classify`).
                         Some(mut call) => {
@@ -142,6 +165,7 @@ where
                     // Without trailers: tonic reports the missing status.
                     this.record.finish(tonic::Code::Internal);
                     this.in_flight.take();
+                    this.abort.take();
                     None
                 }
             });
@@ -149,6 +173,8 @@ where
         if let Some(timer) = this.timer.as_mut() {
             ready!(timer.as_mut().poll(cx));
             *this.expired = true;
+            this.abort.take();
+            this.inner.take();
             if let Some(in_flight) = this.in_flight.take() {
                 in_flight.expired();
             }
@@ -160,11 +186,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.is_end_stream()
+        self.expired || self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }
 
@@ -253,6 +281,7 @@ mod tests {
             Some(timer),
             Probe(state.clone()),
             CallRecord::none(),
+            None,
         );
         // The deadline passes before the trailers are read, as when the
         // server's timer beat the client's by a tick.
@@ -292,6 +321,7 @@ mod tests {
             Some(timer),
             Probe(state.clone()),
             CallRecord::none(),
+            None,
         );
         assert!(
             next(&mut body).await.unwrap().is_ok(),
@@ -313,6 +343,7 @@ mod tests {
             None,
             Probe(state.clone()),
             CallRecord::none(),
+            None,
         );
         assert!(next(&mut body).await.is_some());
         let waited = tokio::time::timeout(Duration::from_secs(3600), next(&mut body)).await;
@@ -352,7 +383,13 @@ mod tests {
     #[tokio::test]
     async fn a_status_in_the_trailers_is_reported() {
         let state = Arc::new(AtomicU8::new(0));
-        let mut body = CallBody::new(Failing(0), None, Probe(state.clone()), CallRecord::none());
+        let mut body = CallBody::new(
+            Failing(0),
+            None,
+            Probe(state.clone()),
+            CallRecord::none(),
+            None,
+        );
         while next(&mut body).await.is_some() {}
         assert_eq!(
             state.load(Ordering::SeqCst),

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::attempt::{send, Attempt};
-use super::replay::Replay;
+use super::replay::{Abort, Replay};
 use super::throttle::CallRetries;
 use crate::balancer::pool::Ready;
 use crate::balancer::route::{Plan, Router};
@@ -36,7 +36,7 @@ impl<'a> Call<'a> {
         retries: CallRetries<'a>,
         record: Option<CallRecord>,
     ) -> Self {
-        let (parts, replay) = Replay::split(request, retries.replay);
+        let (parts, replay) = Replay::split(request, retries.replay, plan.deadline);
         Self {
             router,
             plan,
@@ -52,16 +52,17 @@ impl<'a> Call<'a> {
         &self.router.pool.service
     }
 
-    /// The request for an attempt after `previous` counted ones: from the
-    /// second on it carries `grpc-previous-rpc-attempts` (A6).
-    pub(crate) fn request(&self, previous: usize) -> http::Request<tonic::body::Body> {
-        let mut request = self.replay.request(&self.parts);
+    /// The request for an attempt after `previous` counted ones (from the
+    /// second on it carries `grpc-previous-rpc-attempts`, A6), and what
+    /// ends its request body when the attempt is over.
+    pub(crate) fn request(&self, previous: usize) -> (http::Request<tonic::body::Body>, Abort) {
+        let (mut request, abort) = self.replay.request(&self.parts);
         if previous > 0 {
             request
                 .headers_mut()
                 .insert(GRPC_PREVIOUS_RPC_ATTEMPTS, previous.into());
         }
-        request
+        (request, abort)
     }
 
     /// Tries the call once after `previous` counted attempts, never on one
@@ -69,9 +70,9 @@ impl<'a> Call<'a> {
     /// it. The record moves into the response body when the response is
     /// not trailers-only.
     pub(crate) async fn attempt(&mut self, previous: usize, avoid: &[Arc<Ready>]) -> Attempt {
-        let request = self.request(previous);
+        let (request, abort) = self.request(previous);
         match self.router.pick(self.plan, avoid).await {
-            Ok(ep) => send(ep, request, self.plan, &mut self.record).await,
+            Ok(ep) => send(ep, request, abort, self.plan, &mut self.record).await,
             Err(e) => Attempt::Failed(e),
         }
     }

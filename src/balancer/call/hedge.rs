@@ -80,14 +80,14 @@ pub(crate) async fn run(
                     Ok(ep) => {
                         let index = used.len();
                         used.push(ep.clone());
-                        let request = call.request(index);
+                        let (request, abort) = call.request(index);
                         if index > 0 {
                             tracing::debug!(addr = %ep.addr(), hedge = index, "hedging");
                             crate::metrics::hedge(call.service(), "sent");
                         }
                         let mut own = call.record.as_ref().map(|r| r.for_hedge(&winner, index));
                         running.spawn(async move {
-                            let outcome = send(ep, request, plan, &mut own).await;
+                            let outcome = send(ep, request, abort, plan, &mut own).await;
                             (index, outcome)
                         });
                         next_at = crate::time::deadline_after(Instant::now(), policy.hedging_delay);

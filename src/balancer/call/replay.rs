@@ -12,15 +12,32 @@
 //! balancer (all calls together): a call whose body outgrows either stops
 //! buffering and can no longer be retried, as A6 says; its current attempt
 //! goes on unharmed. A body that fails cannot be replayed either.
+//!
+//! # Ending an attempt from the response side
+//!
+//! hyper sends a request body from a task of its own, and keeps the HTTP/2
+//! stream open for as long as that task holds the body: a caller that still
+//! holds its request sender (a bidi or client stream) would keep the stream,
+//! and the server's handler, alive after the call ended on the client —
+//! response dropped, deadline passed, trailers read. So each attempt's body
+//! comes with an [`Abort`] that the response side fires when its call is
+//! over: the body then fails with `CANCEL`, hyper resets the stream
+//! (`RST_STREAM CANCEL`, as grpc-go does when a call's context ends), and the
+//! caller's body is dropped, so its sender learns the call is over. The body
+//! also ends itself at the call's deadline while it waits for the caller, so
+//! the reset does not depend on anyone reading the response. A body that
+//! never waits (every unary call) pays two atomic operations for this.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 
 type Inner = tonic::body::Body;
 
@@ -37,7 +54,24 @@ pub(crate) struct ReplayLimits {
 
 /// One call's request body, shared by its attempts.
 pub(crate) struct Replay {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+}
+
+/// What a call's attempts share: the state behind a lock, and the two bit
+/// sets (one bit per attempt) that let an [`Abort`] skip the lock when the
+/// attempt's body is not waiting.
+struct Shared {
+    state: Mutex<State>,
+    /// Attempts whose call ended on the response side.
+    aborted: AtomicU64,
+    /// Attempts with a waker in `State::wakers` (changed under the lock).
+    parked: AtomicU64,
+    /// Attempts handed out so far.
+    attempts: AtomicU32,
+    /// Attempt bodies alive now.
+    bodies: AtomicUsize,
+    /// The call's deadline, which a waiting body enforces itself.
+    deadline: Option<Instant>,
 }
 
 struct State {
@@ -55,8 +89,9 @@ struct State {
     /// [`Replay`]): what that attempt still reads is not kept, so a stream
     /// that lives for hours holds only what it sent before its response.
     committed: bool,
-    /// An attempt waiting for the caller's body to be handed back.
-    waiter: Option<Waker>,
+    /// Attempts waiting (for the caller's body, or for another attempt to
+    /// hand it back), by attempt bit.
+    wakers: Vec<(u64, Waker)>,
     limits: ReplayLimits,
 }
 
@@ -69,19 +104,26 @@ impl Drop for State {
 }
 
 impl Replay {
-    pub(crate) fn new(body: Inner, limits: ReplayLimits) -> Self {
+    pub(crate) fn new(body: Inner, limits: ReplayLimits, deadline: Option<Instant>) -> Self {
         Self {
-            state: Arc::new(Mutex::new(State {
-                inner: Some(body),
-                frames: Vec::new(),
-                buffered: 0,
-                trailers: None,
-                ended: false,
-                spent: false,
-                committed: false,
-                waiter: None,
-                limits,
-            })),
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    inner: Some(body),
+                    frames: Vec::new(),
+                    buffered: 0,
+                    trailers: None,
+                    ended: false,
+                    spent: false,
+                    committed: false,
+                    wakers: Vec::new(),
+                    limits,
+                }),
+                aborted: AtomicU64::new(0),
+                parked: AtomicU64::new(0),
+                attempts: AtomicU32::new(0),
+                bodies: AtomicUsize::new(0),
+                deadline,
+            }),
         }
     }
 
@@ -90,67 +132,265 @@ impl Replay {
     pub(crate) fn split(
         request: http::Request<Inner>,
         limits: &ReplayLimits,
+        deadline: Option<Instant>,
     ) -> (http::request::Parts, Self) {
         let (parts, body) = request.into_parts();
-        (parts, Self::new(body, limits.clone()))
+        (parts, Self::new(body, limits.clone(), deadline))
     }
 
     /// Whether another attempt can send the whole body again.
     pub(crate) fn can_replay(&self) -> bool {
-        !lock(&self.state).spent
+        !self.shared.lock().spent
     }
 
-    /// The next attempt's request: the call's `parts` with a replayed body.
-    pub(crate) fn request(&self, parts: &http::request::Parts) -> http::Request<Inner> {
-        let mut request = http::Request::new(Inner::new(self.body()));
+    /// The next attempt's request: the call's `parts` with a replayed body,
+    /// and what ends that attempt's body from the response side.
+    pub(crate) fn request(&self, parts: &http::request::Parts) -> (http::Request<Inner>, Abort) {
+        let (body, abort) = self.body();
+        let mut request = http::Request::new(Inner::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = parts.uri.clone();
         *request.version_mut() = parts.version;
         *request.headers_mut() = parts.headers.clone();
         *request.extensions_mut() = parts.extensions.clone();
-        request
+        (request, abort)
     }
 
-    /// A body for the next attempt.
-    pub(crate) fn body(&self) -> ReplayBody {
-        ReplayBody {
-            state: self.state.clone(),
+    /// A body for the next attempt, and its [`Abort`].
+    pub(crate) fn body(&self) -> (ReplayBody, Abort) {
+        // A call has at most 5 attempts plus a transparent retry (A6); the
+        // last bit is shared by anything past 63, which never happens.
+        let n = self.shared.attempts.fetch_add(1, Ordering::Relaxed);
+        let bit = 1u64 << n.min(63);
+        self.shared.bodies.fetch_add(1, Ordering::Relaxed);
+        let body = ReplayBody {
+            shared: self.shared.clone(),
+            bit,
             next: 0,
             inner: None,
             trailers_sent: false,
-        }
+            timer: None,
+        };
+        let abort = Abort {
+            shared: Arc::downgrade(&self.shared),
+            bit,
+        };
+        (body, abort)
     }
 }
 
 impl Drop for Replay {
     fn drop(&mut self) {
-        lock(&self.state).committed = true;
+        let mut state = self.shared.lock();
+        state.committed = true;
+        // No attempt will read the caller's body again.
+        let unread = match self.shared.bodies.load(Ordering::Relaxed) {
+            0 => state.inner.take(),
+            _ => None,
+        };
+        drop(state);
+        drop(unread);
     }
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn aborted(&self, bit: u64) -> bool {
+        self.aborted.load(Ordering::SeqCst) & bit != 0
+    }
+
+    /// Wakes every waiting attempt: the caller's body was handed back,
+    /// ended or failed, or the buffer was spent.
+    fn wake_all(&self, state: &mut State) {
+        self.parked.store(0, Ordering::SeqCst);
+        for (_, w) in state.wakers.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// Ends one attempt's request body when dropped (see the [module
+/// docs](self)): the response side holds it for as long as the attempt's
+/// call goes on. It does not keep the call's body or replay buffer alive:
+/// a stream that outlives its request keeps neither.
+#[must_use = "dropping an Abort ends its attempt's request body"]
+pub(crate) struct Abort {
+    shared: Weak<Shared>,
+    bit: u64,
+}
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        // Gone: no attempt body is left to end.
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        shared.aborted.fetch_or(self.bit, Ordering::SeqCst);
+        // Sequentially consistent with the body's `park`: either it sees
+        // the abort, or this sees it parked and wakes it.
+        if shared.parked.load(Ordering::SeqCst) & self.bit == 0 {
+            return;
+        }
+        let mut state = shared.lock();
+        let mut woken = None;
+        state.wakers.retain_mut(|(bit, w)| {
+            if *bit == self.bit {
+                woken = Some(std::mem::replace(w, Waker::noop().clone()));
+                false
+            } else {
+                true
+            }
+        });
+        shared.parked.fetch_and(!self.bit, Ordering::SeqCst);
+        drop(state);
+        if let Some(w) = woken {
+            w.wake();
+        }
+    }
 }
 
 /// One attempt's request body. See the [module docs](self).
 pub(crate) struct ReplayBody {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+    /// This attempt's bit in `Shared::aborted` and `Shared::parked`.
+    bit: u64,
     /// The next buffered frame to yield.
     next: usize,
     /// The caller's body, while this attempt reads it.
     inner: Option<Inner>,
     trailers_sent: bool,
+    /// The call's deadline, armed the first time this body waits.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ReplayBody {
+    /// Hands the caller's body back for the next attempt, or drops it when
+    /// the call is settled and no other attempt is left to read it (its
+    /// sender then learns the call is over).
+    fn release(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let mut state = self.shared.lock();
+        if state.committed && self.shared.bodies.load(Ordering::Relaxed) == 1 {
+            drop(state);
+            drop(inner);
+            return;
+        }
+        state.inner = Some(inner);
+        // Anyone waiting may take it now.
+        self.shared.wake_all(&mut state);
+    }
+
+    /// The attempt is over: hyper resets the stream on this error.
+    fn cancel(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        self.release();
+        let mut status = tonic::Status::cancelled(why);
+        status.set_source(Arc::new(h2::Error::from(h2::Reason::CANCEL)));
+        Poll::Ready(Some(Err(status)))
+    }
+
+    /// Registers to be woken when the attempt is aborted (or the caller's
+    /// body handed back), then checks once more for an abort.
+    fn park(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if let Some(deadline) = self.shared.deadline {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return self.cancel("the call's deadline passed");
+            }
+        }
+        let mut state = self.shared.lock();
+        match state.wakers.iter_mut().find(|(bit, _)| *bit == self.bit) {
+            Some((_, w)) => w.clone_from(cx.waker()),
+            None => state.wakers.push((self.bit, cx.waker().clone())),
+        }
+        self.shared.parked.fetch_or(self.bit, Ordering::SeqCst);
+        drop(state);
+        if self.shared.aborted(self.bit) {
+            return self.cancel("the call ended");
+        }
+        Poll::Pending
+    }
+
+    /// The next frame: replayed, or read from the caller's body.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if self.inner.is_none() {
+            let mut state = self.shared.lock();
+            if state.spent {
+                // An earlier attempt, still sending, read past what fits:
+                // this one cannot send the whole body again.
+                return Poll::Ready(Some(Err(tonic::Status::unavailable(
+                    "the request body outgrew the replay buffer while an earlier attempt sent it",
+                ))));
+            }
+            if let Some(frame) = state.frames.get(self.next) {
+                self.next += 1;
+                return Poll::Ready(Some(Ok(Frame::data(frame.clone()))));
+            }
+            if state.ended {
+                if self.trailers_sent {
+                    return Poll::Ready(None);
+                }
+                self.trailers_sent = true;
+                return Poll::Ready(state.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+            }
+            match state.inner.take() {
+                Some(inner) => self.inner = Some(inner),
+                // The previous attempt still holds it.
+                None => return Poll::Pending,
+            }
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) else {
+            return Poll::Pending;
+        };
+        let mut state = self.shared.lock();
+        let ready = match frame {
+            None => {
+                state.ended = true;
+                self.trailers_sent = true;
+                self.inner = None;
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                state.spent = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    state.keep(data);
+                    self.next = state.frames.len();
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    state.trailers = Some(trailers.clone());
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        };
+        // Attempts waiting for this one learn that the body ended or can
+        // no longer be replayed (a new frame they learn when it hands the
+        // body back).
+        if (state.ended || state.spent) && !state.wakers.is_empty() {
+            self.shared.wake_all(&mut state);
+        }
+        ready
+    }
 }
 
 impl Drop for ReplayBody {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.take() {
-            let mut state = lock(&self.state);
-            state.inner = Some(inner);
-            if let Some(w) = state.waiter.take() {
-                w.wake();
-            }
-        }
+        self.release();
+        self.shared.bodies.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -163,64 +403,12 @@ impl Body for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
-        if this.inner.is_none() {
-            let mut state = lock(&this.state);
-            if state.spent {
-                // An earlier attempt, still sending, read past what fits:
-                // this one cannot send the whole body again.
-                return Poll::Ready(Some(Err(tonic::Status::unavailable(
-                    "the request body outgrew the replay buffer while an earlier attempt sent it",
-                ))));
-            }
-            if let Some(frame) = state.frames.get(this.next) {
-                this.next += 1;
-                return Poll::Ready(Some(Ok(Frame::data(frame.clone()))));
-            }
-            if state.ended {
-                if this.trailers_sent {
-                    return Poll::Ready(None);
-                }
-                this.trailers_sent = true;
-                return Poll::Ready(state.trailers.clone().map(|t| Ok(Frame::trailers(t))));
-            }
-            match state.inner.take() {
-                Some(inner) => this.inner = Some(inner),
-                None => {
-                    // The previous attempt still holds it.
-                    state.waiter = Some(cx.waker().clone());
-                    return Poll::Pending;
-                }
-            }
+        if this.shared.aborted(this.bit) {
+            return this.cancel("the call ended");
         }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Pending;
-        };
-        let polled = Pin::new(inner).poll_frame(cx);
-        let Poll::Ready(frame) = polled else {
-            return Poll::Pending;
-        };
-        let mut state = lock(&this.state);
-        match frame {
-            None => {
-                state.ended = true;
-                this.trailers_sent = true;
-                this.inner = None;
-                Poll::Ready(None)
-            }
-            Some(Err(e)) => {
-                state.spent = true;
-                Poll::Ready(Some(Err(e)))
-            }
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    state.keep(data);
-                    this.next = state.frames.len();
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    state.trailers = Some(trailers.clone());
-                    this.trailers_sent = true;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
+        match this.poll_next(cx) {
+            Poll::Pending => this.park(cx),
+            ready => ready,
         }
     }
 
@@ -316,7 +504,7 @@ mod tests {
     }
 
     /// Everything a body yields: data as text, trailers as "T".
-    async fn drain(mut b: ReplayBody) -> Vec<String> {
+    async fn drain((mut b, _abort): (ReplayBody, Abort)) -> Vec<String> {
         let mut out = Vec::new();
         while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
             let f = f.unwrap();
@@ -336,6 +524,7 @@ mod tests {
         let r = Replay::new(
             body(vec![Some("a"), None, Some("b")], true),
             limits(1024, 1 << 20),
+            None,
         );
         let first = drain(r.body()).await;
         assert_eq!(first, ["a", "b", "T"]);
@@ -349,8 +538,9 @@ mod tests {
         let r = Replay::new(
             body(vec![Some("a"), Some("b"), Some("c")], false),
             limits(1024, 1 << 20),
+            None,
         );
-        let mut first = r.body();
+        let (mut first, _a1) = r.body();
         let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
         drop(first); // the first attempt failed after sending "a"
@@ -360,7 +550,11 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_outgrows_a_limit_is_sent_once_and_never_again() {
         let in_use = limits(3, 1 << 20);
-        let r = Replay::new(body(vec![Some("ab"), Some("cd")], false), in_use.clone());
+        let r = Replay::new(
+            body(vec![Some("ab"), Some("cd")], false),
+            in_use.clone(),
+            None,
+        );
         assert_eq!(
             drain(r.body()).await,
             ["ab", "cd"],
@@ -374,9 +568,9 @@ mod tests {
         );
         // The balancer-wide limit counts every call's copy.
         let shared = limits(1024, 3);
-        let a = Replay::new(body(vec![Some("ab")], false), shared.clone());
+        let a = Replay::new(body(vec![Some("ab")], false), shared.clone(), None);
         drain(a.body()).await;
-        let b = Replay::new(body(vec![Some("cd")], false), shared.clone());
+        let b = Replay::new(body(vec![Some("cd")], false), shared.clone(), None);
         drain(b.body()).await;
         assert!(a.can_replay() && !b.can_replay());
         drop(a);
@@ -389,8 +583,9 @@ mod tests {
         let r = Replay::new(
             body(vec![Some("ab"), Some("cd"), Some("ef")], false),
             l.clone(),
+            None,
         );
-        let mut attempt = r.body();
+        let (mut attempt, _a) = r.body();
         let f = std::future::poll_fn(|cx| Pin::new(&mut attempt).poll_frame(cx)).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "ab");
         // Response headers: the call layer lets go of its Replay, and the
@@ -414,11 +609,12 @@ mod tests {
         let r = Replay::new(
             body(vec![Some("a"), Some("b")], false),
             limits(1024, 1 << 20),
+            None,
         );
-        let mut first = r.body();
+        let (mut first, _a1) = r.body();
         let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
         assert!(f.is_some());
-        let mut second = r.body();
+        let (mut second, _a2) = r.body();
         // It replays "a", then must wait for the caller's body.
         let f = std::future::poll_fn(|cx| Pin::new(&mut second).poll_frame(cx)).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
@@ -429,6 +625,120 @@ mod tests {
         .await;
         assert!(waiting.is_err(), "the first attempt still holds the body");
         drop(first);
-        assert_eq!(drain(second).await, ["b"]);
+        assert_eq!(drain((second, _a2)).await, ["b"]);
+    }
+
+    /// A caller's streaming body: frames come from `tx`, which the caller
+    /// holds for as long as it likes.
+    struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for Chan {
+        type Data = Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+            self.0.poll_recv(cx).map(|f| f.map(|d| Ok(Frame::data(d))))
+        }
+    }
+
+    fn streaming() -> (tokio::sync::mpsc::Sender<Bytes>, Inner) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        (tx, Inner::new(Chan(rx)))
+    }
+
+    async fn next(b: &mut ReplayBody) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *b).poll_frame(cx)).await
+    }
+
+    /// The reason hyper resets the stream with when `status` ends a body.
+    fn reset_reason(status: &tonic::Status) -> Option<h2::Reason> {
+        let source = std::error::Error::source(status)?;
+        source.downcast_ref::<h2::Error>()?.reason()
+    }
+
+    #[tokio::test]
+    async fn an_ended_call_cancels_its_waiting_body_and_frees_the_senders_stream() {
+        let (tx, caller) = streaming();
+        let r = Replay::new(caller, limits(1024, 1 << 20), None);
+        let (mut body, abort) = r.body();
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(next(&mut body).await.unwrap().is_ok());
+        // hyper's task waits on the caller's sender, which sends no more.
+        let task = tokio::spawn(async move { (next(&mut body).await, body) });
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "the body waits for the caller");
+        drop(r); // response headers: the call committed to this attempt
+        drop(abort); // ... and then ended (response dropped, deadline, trailers)
+        let (frame, body) = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the abort wakes the waiting body")
+            .unwrap();
+        let status = frame.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        assert_eq!(reset_reason(&status), Some(h2::Reason::CANCEL));
+        drop(body); // hyper drops the body after resetting the stream
+        assert!(
+            tx.is_closed(),
+            "the caller's sender learns the call is over"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_ends_its_own_attempt_only() {
+        let (tx, caller) = streaming();
+        let r = Replay::new(caller, limits(1024, 1 << 20), None);
+        let (mut first, a1) = r.body();
+        let (second, a2) = r.body();
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(next(&mut first).await.unwrap().is_ok());
+        // A retried trailers-only response is dropped: its attempt ends,
+        // and the caller's body goes back for the next one.
+        drop(a1);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), next(&mut first));
+        assert!(ended.await.expect("the abort ends it").unwrap().is_err());
+        drop(first);
+        assert!(!tx.is_closed(), "the call goes on");
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        drop(tx);
+        assert_eq!(drain((second, a2)).await, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn every_waiting_attempt_wakes_when_the_body_ends() {
+        let (tx, caller) = streaming();
+        let r = Replay::new(caller, limits(1024, 1 << 20), None);
+        let (mut first, _a1) = r.body();
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(next(&mut first).await.unwrap().is_ok());
+        // Two hedges replay "a", then both wait for the first attempt.
+        let hedges: Vec<_> = (0..2).map(|_| tokio::spawn(drain(r.body()))).collect();
+        tokio::task::yield_now().await;
+        drop(tx);
+        assert!(next(&mut first).await.is_none());
+        for hedge in hedges {
+            let sent = tokio::time::timeout(std::time::Duration::from_secs(5), hedge)
+                .await
+                .expect("every waiting hedge is woken")
+                .unwrap();
+            assert_eq!(sent, ["a"]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_body_ends_itself_at_the_deadline() {
+        let (tx, caller) = streaming();
+        let start = Instant::now();
+        let deadline = start + std::time::Duration::from_millis(300);
+        let r = Replay::new(caller, limits(1024, 1 << 20), Some(deadline));
+        let (mut body, _abort) = r.body();
+        drop(r);
+        // Nobody reads the response; the caller holds its sender.
+        let status = next(&mut body).await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), std::time::Duration::from_millis(300));
+        assert_eq!(reset_reason(&status), Some(h2::Reason::CANCEL));
+        drop(body);
+        assert!(tx.is_closed());
     }
 }
