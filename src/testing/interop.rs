@@ -21,6 +21,7 @@ use http_body::{Body, Frame};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
 /// The generated `grpc.testing` messages, client and server.
@@ -161,10 +162,10 @@ impl TestServer {
     /// each call ended.
     pub fn into_service(self) -> Echo<TestServiceServer<Self>> {
         let events = self.events.clone();
-        Echo {
-            inner: TestServiceServer::new(self),
-            events,
-        }
+        let inner = TestServiceServer::new(self)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip);
+        Echo { inner, events }
     }
 
     /// Waits the server's and the request's delay before a handler answers.
@@ -233,11 +234,18 @@ impl TestService for TestServer {
         request: Request<SimpleRequest>,
     ) -> Result<Response<SimpleResponse>, Status> {
         self.start(&request).await;
+        let compressed = request
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|e| e != "identity");
         let request = request.into_inner();
+        if request.expect_compressed.is_some_and(|e| e.value) && !compressed {
+            return Err(Status::invalid_argument("expected a compressed request"));
+        }
         if let Some(status) = asked_status(request.response_status.as_ref()) {
             return Err(status);
         }
-        Ok(Response::new(SimpleResponse {
+        let mut response = Response::new(SimpleResponse {
             payload: payload(request.response_size),
             server_id: if request.fill_server_id {
                 self.id.clone()
@@ -245,7 +253,12 @@ impl TestService for TestServer {
                 String::new()
             },
             ..SimpleResponse::default()
-        }))
+        });
+        // The `server_compressed_unary` case: compressed unless told not to.
+        if request.response_compressed.is_some_and(|c| !c.value) {
+            response.disable_compression();
+        }
+        Ok(response)
     }
 
     type StreamingOutputCallStream = Outbound;
@@ -427,8 +440,10 @@ impl Body for Delivered {
         }
         Poll::Ready(frame.map(|f| {
             f.map(|mut f| {
-                if let (Some(trailers), Some(v)) = (f.trailers_mut(), this.trailing.take()) {
-                    trailers.insert(ECHO_TRAILING, v);
+                if let Some(trailers) = f.trailers_mut() {
+                    if let Some(v) = this.trailing.take() {
+                        trailers.insert(ECHO_TRAILING, v);
+                    }
                 }
                 f
             })
