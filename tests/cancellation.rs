@@ -386,3 +386,53 @@ async fn a_losing_hedge_is_cancelled_on_its_server() {
         assert!(ran <= SLACK, "a losing hedge ran on for {ran:?}");
     }
 }
+
+/// The status a server answers a unary `UnaryCall` with, sent over a bare
+/// HTTP/2 connection (tonic's channel would enforce `grpc-timeout` itself,
+/// and say CANCELLED before the server says anything).
+async fn raw_unary_status(addr: &str, timeout: &str) -> String {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("http://{addr}/grpc.testing.TestService/UnaryCall"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header(DELAY_HEADER, FOREVER)
+        // One empty message: not compressed, 0 bytes.
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap();
+    let response = send.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    if let Some(code) = parts.headers.get("grpc-status") {
+        return code.to_str().unwrap().to_owned();
+    }
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+/// A server built on `tonic_etcd::server::builder()` answers a call whose
+/// deadline passed with DEADLINE_EXCEEDED (4), as grpc-go's server does;
+/// tonic's own says CANCELLED (1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_answers_an_expired_deadline_with_deadline_exceeded() {
+    let server = TestServer::new("only");
+    let (addr, _task) = serve(server).await;
+    for timeout in ["1m", "5m", "50m", "300m", "1500u"] {
+        let start = Instant::now();
+        let code = tokio::time::timeout(LIMIT, raw_unary_status(&addr, timeout))
+            .await
+            .expect("the server ends the call at its deadline");
+        assert_eq!(code, "4", "grpc-timeout {timeout}");
+        assert!(start.elapsed() < SLACK);
+    }
+}

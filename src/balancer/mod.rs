@@ -226,6 +226,7 @@ use crate::metrics::CallMetrics;
 use crate::time::{deadline_after, wait_until, Waited};
 use crate::{Error, Instance};
 pub use builder::BalancerBuilder;
+pub(crate) use call::grpc_timeout;
 use call::CallConfig;
 use error::BoxError;
 pub use pool::outlier::OutlierDetection;

@@ -30,8 +30,12 @@
 //! serves tonic-health, hand its reporter to
 //! [`health_reporter`](RegisteredServer::health_reporter) instead.
 //!
+//! Build the router on [`builder`]: its HTTP/2 limits keep connections
+//! alive through storms of cancelled calls, and it answers an expired
+//! deadline with `DEADLINE_EXCEEDED` ([`DeadlineLayer`]).
+//!
 //! ```no_run
-//! # async fn run(router: tonic::transport::server::Router) -> Result<(), tonic_etcd::Error> {
+//! # async fn run(router: tonic::transport::server::Router<tower::layer::util::Stack<tonic_etcd::server::DeadlineLayer, tower::layer::util::Identity>>) -> Result<(), tonic_etcd::Error> {
 //! use tonic_etcd::{Registration, server::RegisteredServer};
 //!
 //! let client = tonic_etcd::connect(["127.0.0.1:2379"], Some(tonic_etcd::connect_options()))
@@ -57,8 +61,10 @@ use tower::{Layer, Service};
 use crate::registration::RegistrationBuilder;
 use crate::Error;
 
+mod deadline;
 mod drain;
 
+pub use deadline::{Deadline, DeadlineFuture, DeadlineLayer};
 use drain::Connections;
 pub use drain::Draining;
 
@@ -73,6 +79,11 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reset streams a server lets wait for its accept loop before it closes
 /// the connection (hyper's default: 20).
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
+
+/// What [`builder`] returns: tonic's server builder with [`DeadlineLayer`].
+pub type ServerBuilder = tonic::transport::Server<
+    tower::layer::util::Stack<DeadlineLayer, tower::layer::util::Identity>,
+>;
 
 /// A tonic server builder with the HTTP/2 settings this crate's clients
 /// need; build the router on it (`server::builder().add_service(..)`).
@@ -89,11 +100,14 @@ pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
 /// [`MAX_PENDING_ACCEPT_RESET_STREAMS`]: the memory a pending reset stream
 /// holds is small, and the peers are the clients of one's own fleet. It
 /// also sets `TCP_NODELAY`, without which a new connection's first call
-/// waits about 40 ms.
-pub fn builder() -> tonic::transport::Server {
+/// waits about 40 ms, and answers calls whose deadline passed with
+/// `DEADLINE_EXCEEDED` as grpc-go's server does, where tonic's says
+/// `CANCELLED` ([`DeadlineLayer`]).
+pub fn builder() -> ServerBuilder {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .layer(DeadlineLayer)
 }
 
 /// Serves a tonic router with registration. See the [module docs](self).

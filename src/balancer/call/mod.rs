@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use attempt::Attempt;
 use ctx::Call;
+pub(crate) use deadline::from_header as grpc_timeout;
 pub(crate) use throttle::Retries;
 
 use super::error::BoxError;
