@@ -1,6 +1,6 @@
 //! Subsetting through the Balancer, against real etcd and real servers:
-//! coordinated subsets cover every instance exactly once per round of
-//! clients and follow the clients as they come and go; random subsets
+//! coordinated subsets give every instance the same number of clients (±1,
+//! counted on the backends) and follow the clients as they come and go; random subsets
 //! (A68) have the configured size; a member out of rotation is replaced.
 
 #[path = "common/backend.rs"]
@@ -159,4 +159,47 @@ async fn random_subsets_have_their_size_and_replace_a_member_out_of_rotation() {
     })
     .await;
     assert_eq!(members(&b).len(), 3, "the dead member stays, retried");
+}
+
+/// Established TCP connections accepted on `addr`'s port, read from the
+/// kernel's table (`/proc/net/tcp`): what the backend itself holds.
+fn accepted_on(addr: &str) -> usize {
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("Linux's /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // State 01 is ESTABLISHED.
+            local_port == Some(port) && cols.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// 20 clients × a subset of 3 of 10 backends: every backend holds exactly
+/// 6 client connections (3 does not divide 10, where the SRE book's rounds
+/// leave one backend out of each), counted on the backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_clients_of_ten_backends_give_every_backend_six_connections() {
+    let f = fleet(10).await;
+    let config = subsetting("tonic_etcd_coordinated_subsetting", 3);
+    let clients: Vec<Balancer> = (0..20).map(|_| f.balancer(config.clone())).collect();
+    let counted = eventually(LIMIT * 2, "every backend holds 6 connections", || async {
+        let ranked = clients.iter().all(|b| {
+            b.subset()
+                .is_some_and(|s| s.rank.is_some_and(|(_, n)| n == 20) && s.members == 3)
+        });
+        let counts: Vec<usize> = f.backends.iter().map(|b| accepted_on(&b.addr)).collect();
+        (ranked && counts.iter().all(|n| *n == 6)).then_some(counts)
+    })
+    .await;
+    assert_eq!(counted.iter().sum::<usize>(), 60);
+    for b in &clients {
+        b.wait_for_ready(3, LIMIT).await.unwrap();
+    }
 }

@@ -9,15 +9,19 @@
 //!   90 each at 63 % to 121 % of the average connections per backend.
 //! * **Coordinated** (`tonic_etcd_coordinated_subsetting`, new): every
 //!   client of the service holds a lease-bound key under
-//!   `_tonic-etcd/clients/<namespace prefix><service>/`, so each knows its
-//!   rank among them and their number; that is what the SRE book's
-//!   deterministic subsetting needs (instances sorted by id, shuffled with
-//!   the round `rank / (instances / size)` as seed, the client takes slice
-//!   `rank % (instances / size)`), and every instance gets the same number
-//!   of clients (±1 when the numbers do not divide). Subsets change when
-//!   the number of clients or instances changes. Until the client's own key
-//!   is in the view it read from etcd (etcd unreachable at start), the
-//!   random scheme stands in.
+//!   `_tonic-etcd/clients/<namespace prefix><service>/`, which says when it
+//!   joined, so each knows its rank in join order and the number of
+//!   clients. The instances, sorted by id and shuffled once with a fixed
+//!   seed, form a ring; client `i` takes the `size` positions from
+//!   `i × size` on (mod the ring). The slices cover `clients × size`
+//!   consecutive positions, so every instance gets the same number of
+//!   clients, ±1, for any instance count, subset size and client count
+//!   (the SRE book's rounds leave `instances mod size` out of each round;
+//!   Finagle's deterministic aperture evens the load, not the connections).
+//!   A client that joins takes the next slice and moves no other client; a
+//!   client that leaves shifts the clients that joined after it by one
+//!   slice. Until the client's own key is in the view it read from etcd
+//!   (etcd unreachable at start), the random scheme stands in.
 //!
 //! Within the subset the configured pick runs as usual. A member out of
 //! rotation (its connection failing, ejected, unhealthy) does not count
@@ -25,7 +29,7 @@
 //! until `size` members are usable, and dropped again when the member
 //! recovers.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,9 +76,15 @@ fn random_order(instances: &[(String, Arc<Instance>)], seed: u64) -> Vec<usize> 
     order.into_iter().map(|(_, i)| i).collect()
 }
 
-/// The SRE book's deterministic subsetting, for client `index` of `count`:
-/// instances sorted by id, shuffled with the client's round as seed, its
-/// slice first and the rest after it as replacements.
+/// Coordinated subsetting, for the client at `index` (its rank in join
+/// order) of `count`: the instances, sorted by id and shuffled once with a
+/// fixed seed, form a ring that the clients' slices of `size` cover one
+/// after another — client `i` takes ring positions `i·size … i·size+size−1`
+/// (mod the number of instances), then the positions after its slice as
+/// replacements. The clients' slices together cover `count × size`
+/// consecutive positions, so every instance gets ⌊count·size/n⌋ or one more
+/// client, whatever the numbers (the SRE book's rounds leave `n mod size`
+/// instances out of each round).
 fn deterministic_order(
     instances: &[(String, Arc<Instance>)],
     size: usize,
@@ -82,29 +92,33 @@ fn deterministic_order(
     count: usize,
 ) -> Vec<usize> {
     let n = instances.len();
-    let mut sorted: Vec<usize> = (0..n).collect();
-    sorted.sort_by(|&a, &b| {
+    let mut ring: Vec<usize> = (0..n).collect();
+    ring.sort_by(|&a, &b| {
         let (ka, a) = &instances[a];
         let (kb, b) = &instances[b];
         a.id.cmp(&b.id).then_with(|| ka.cmp(kb))
     });
     if n == 0 {
-        return sorted;
+        return ring;
     }
-    let subsets = (n / size.max(1)).max(1);
-    let round = (index % count.max(1)) / subsets;
-    shuffle(&mut sorted, round as u64);
-    let slice = (index % subsets) * size.max(1);
-    sorted.rotate_left(slice.min(n));
-    sorted
+    // Shuffled so that an instance's neighbours (which take over its
+    // clients when it fails) are not its neighbours by name.
+    shuffle(&mut ring, RING_SEED);
+    let start = (index % count.max(1)).saturating_mul(size.clamp(1, n)) % n;
+    ring.rotate_left(start);
+    ring
 }
 
-/// Fisher–Yates with positions from `XXH64(round, step)`: every client of
-/// every version draws the same permutation for a round (a library RNG's
-/// stream may change between versions).
-fn shuffle(items: &mut [usize], round: u64) {
+/// The seed of the coordinated ring's shuffle: the same for every client of
+/// every version.
+const RING_SEED: u64 = 0x7375_6273_6574;
+
+/// Fisher–Yates with positions from `XXH64(step, seed)`: every client of
+/// every version draws the same permutation (a library RNG's stream may
+/// change between versions).
+fn shuffle(items: &mut [usize], seed: u64) {
     for i in (1..items.len()).rev() {
-        let j = xxh64(&(i as u64).to_le_bytes(), round) % (i as u64 + 1);
+        let j = xxh64(&(i as u64).to_le_bytes(), seed) % (i as u64 + 1);
         items.swap(i, j as usize);
     }
 }
@@ -144,6 +158,12 @@ pub(crate) struct Registry {
 /// it registered, and publishes its rank among the clients there. Runs
 /// until aborted; the registration ends with it (its lease is revoked).
 pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Sender<Rank>) {
+    // The join order: a client that joins takes the next slice and moves
+    // nobody else's; re-registering after a lost lease keeps its place.
+    let joined = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        .to_string();
     let schema = match NamingSchema::with_namespace(CLIENTS_ROOT) {
         Ok(s) => s,
         Err(e) => {
@@ -164,7 +184,11 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
                     .id(&id)
                     // Not dialled: a client key says who, not where.
                     .addr("client.invalid:1")
-                    .metadata(Metadata::new().with("pid", std::process::id().to_string()))
+                    .metadata(
+                        Metadata::new()
+                            .with("pid", std::process::id().to_string())
+                            .with(JOINED, joined.clone()),
+                    )
                     .request_timeout(registry.request_timeout)
                     .register()
                     .await;
@@ -192,25 +216,41 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
         }
     };
     let own = format!("{CLIENTS_ROOT}/{}/{id}", registry.service);
-    let mut clients: BTreeSet<String> = BTreeSet::new();
+    // Key → when it joined (a key without a readable time sorts first).
+    let mut clients: BTreeMap<String, u128> = BTreeMap::new();
     tokio::pin!(register);
     let mut held: Option<Registration> = None;
     loop {
         tokio::select! {
             r = &mut register, if held.is_none() => held = Some(r),
             change = view.next() => match change {
-                Some(Ok(Change::Insert(key, _))) => { clients.insert(key); }
+                Some(Ok(Change::Insert(key, client))) => {
+                    let at = client.metadata.get(JOINED).and_then(|t| t.parse().ok());
+                    clients.insert(key, at.unwrap_or(0));
+                }
                 Some(Ok(Change::Remove(key))) => { clients.remove(&key); }
                 Some(Err(error)) => tracing::debug!(%error, "client registry view"),
                 None => return,
             },
         }
-        let now = clients
-            .iter()
-            .position(|k| *k == own)
-            .map(|index| (index, clients.len()));
+        let now = rank_of(&clients, &own);
         rank.send_if_modified(|r| std::mem::replace(r, now) != now);
     }
+}
+
+/// The metadata field of a client key that says when the client joined
+/// (Unix milliseconds).
+const JOINED: &str = "joined";
+
+/// `own`'s rank among `clients` in join order (ties broken by key), and
+/// their number; `None` while `own` is not among them.
+fn rank_of(clients: &BTreeMap<String, u128>, own: &str) -> Rank {
+    let at = *clients.get(own)?;
+    let before = clients
+        .iter()
+        .filter(|(k, t)| (**t, k.as_str()) < (at, own))
+        .count();
+    Some((before, clients.len()))
 }
 
 /// Which scheme is in force and where the client stands.
@@ -234,6 +274,8 @@ pub struct SubsetStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn instances(n: usize) -> Vec<(String, Arc<Instance>)> {
         (0..n)
@@ -265,22 +307,83 @@ mod tests {
 
     #[test]
     fn coordinated_subsets_are_exact_and_random_ones_are_not() {
-        let coordinated = spread(100, 100, 10, |c| Who::Rank {
-            index: c,
-            count: 100,
-        });
+        let ranked = |count| move |c| Who::Rank { index: c, count };
+        let coordinated = spread(100, 100, 10, ranked(100));
         assert!(coordinated.iter().all(|n| *n == 10), "{coordinated:?}");
-        // Numbers that do not divide: within one.
-        let uneven = spread(100, 37, 10, |c| Who::Rank {
-            index: c,
-            count: 37,
-        });
-        let (min, max) = (uneven.iter().min().unwrap(), uneven.iter().max().unwrap());
-        assert!(max - min <= 1, "{uneven:?}");
+        // 20 clients × 3 of 10: 6 each, though 3 does not divide 10.
+        let uneven = spread(10, 20, 3, ranked(20));
+        assert!(uneven.iter().all(|n| *n == 6), "{uneven:?}");
         let random = spread(100, 100, 10, |c| Who::Seed(xxh64(&c.to_le_bytes(), 9)));
         let (min, max) = (random.iter().min().unwrap(), random.iter().max().unwrap());
         assert!(max - min >= 4, "random subsets spread unevenly: {random:?}");
         assert_eq!(random.iter().sum::<usize>(), 1_000);
+    }
+
+    /// Each client's subset, as instance keys.
+    fn subsets(n: usize, size: usize, count: usize) -> Vec<BTreeSet<String>> {
+        let inst = instances(n);
+        (0..count)
+            .map(|index| {
+                let order = order(&inst, size, Who::Rank { index, count });
+                select(&order, size, |_| true)
+                    .into_iter()
+                    .map(|i| inst[i].0.clone())
+                    .collect()
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Any fleet: every client holds min(size, n) distinct instances,
+        /// and every instance has as many clients as any other, give or
+        /// take one.
+        #[test]
+        fn coordinated_subsets_spread_evenly_over_any_fleet(
+            n in 1usize..80, size in 1usize..24, count in 1usize..120,
+        ) {
+            let subsets = subsets(n, size, count);
+            let mut per: BTreeMap<&String, usize> = BTreeMap::new();
+            for s in &subsets {
+                prop_assert_eq!(s.len(), size.min(n));
+                for k in s {
+                    *per.entry(k).or_default() += 1;
+                }
+            }
+            let counts: Vec<usize> = instances(n)
+                .iter()
+                .map(|(k, _)| per.get(k).copied().unwrap_or(0))
+                .collect();
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            prop_assert!(max - min <= 1, "{:?}", counts);
+        }
+
+        /// A client that joins takes the next slice: no other client's
+        /// subset changes. A client that leaves moves only the clients that
+        /// joined after it.
+        #[test]
+        fn a_joining_client_moves_nobody_and_a_leaving_one_only_later_joiners(
+            n in 1usize..60, size in 1usize..16, count in 1usize..60, leaver in 0usize..60,
+        ) {
+            let before = subsets(n, size, count);
+            let joined = subsets(n, size, count + 1);
+            prop_assert_eq!(&before[..], &joined[..count]);
+            let leaver = leaver % count;
+            let left = subsets(n, size, count - 1);
+            prop_assert_eq!(&before[..leaver], &left[..leaver]);
+        }
+    }
+
+    #[test]
+    fn the_rank_is_the_join_order() {
+        let clients: BTreeMap<String, u128> = [("c/a", 30), ("c/b", 10), ("c/c", 20), ("c/d", 20)]
+            .into_iter()
+            .map(|(k, t)| (k.to_owned(), t))
+            .collect();
+        assert_eq!(rank_of(&clients, "c/b"), Some((0, 4)));
+        assert_eq!(rank_of(&clients, "c/c"), Some((1, 4)));
+        assert_eq!(rank_of(&clients, "c/d"), Some((2, 4)));
+        assert_eq!(rank_of(&clients, "c/a"), Some((3, 4)));
+        assert_eq!(rank_of(&clients, "c/e"), None);
     }
 
     #[test]
