@@ -40,8 +40,8 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::retry::with_timeout;
 use crate::schema::{NamingSchema, Schema};
-use crate::watcher::next_reply;
 use crate::watcher::source::{Event, Source};
+use crate::watcher::{next_reply, Liveness};
 use crate::{Error, ServiceConfig};
 
 /// The root of every service config key: outside every schema's instance
@@ -325,8 +325,17 @@ async fn session<S: Source>(
         Ok(s) => s,
         Err(e) => return e,
     };
+    let mut liveness = Liveness::default();
     loop {
-        let resp = match next_reply(&mut stream, cfg.idle, cfg.request_timeout).await {
+        let next = next_reply(
+            &mut stream,
+            source,
+            &cfg.key,
+            &mut liveness,
+            cfg.idle,
+            cfg.request_timeout,
+        );
+        let resp = match next.await {
             Ok(r) => r,
             Err(e) => return e,
         };

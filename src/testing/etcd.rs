@@ -23,7 +23,7 @@ const PORT_ATTEMPTS: usize = 3;
 
 /// The supervisor: runs etcd, prints its pid, kills it when stdin closes, and
 /// prints `exited <code>` when etcd ends.
-const SUPERVISOR: &str = r#"
+pub(super) const SUPERVISOR: &str = r#"
 exec 3<&0
 "$0" "$@" >>"$TONIC_ETCD_LOG" 2>&1 </dev/null 3<&- &
 pid=$!
@@ -599,22 +599,27 @@ pub fn signal(pid: u32, sig: &str) {
 
 /// Whether etcd's `/health` on `port` says it has a leader and serves.
 fn health(port: u16) -> bool {
+    http_get(port, "/health").contains("\"health\":\"true\"")
+}
+
+/// The response to `GET path` on loopback `port` (empty when it fails).
+pub(super) fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+        return String::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
-    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     if s.write_all(req.as_bytes()).is_err() {
-        return false;
+        return String::new();
     }
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
+    body
 }
 
 /// A free loopback port, as the kernel hands it out. Another process may take
 /// it before etcd binds; [`Cluster::start`] retries with new ports then.
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
         Ok(a) => a.port(),
         Err(e) => panic!("cannot find a free loopback port: {e}"),

@@ -6,10 +6,12 @@
 pub mod demo;
 mod etcd;
 pub mod greeter;
+mod grpc_proxy;
 pub mod interop;
 mod proxy;
 
 pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};
+pub use grpc_proxy::EtcdProxy;
 pub use proxy::FaultProxy;
 
 pub use crate::server::shutdown_signal;

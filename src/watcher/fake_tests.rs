@@ -327,6 +327,43 @@ async fn a_quiet_watch_is_asked_for_progress_and_replaced_if_silent() {
     assert_eq!(w.view.status().borrow().reconnects, 1);
 }
 
+/// Through etcd's gRPC proxy progress requests go unanswered: a quiet
+/// watch that never answered one is kept, and checked with a one-key read
+/// each quiet period (no further progress requests); when the reads fail,
+/// it is replaced.
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_never_answers_progress_is_checked_by_reads() {
+    let fake = Fake::new();
+    fake.lock().answers_progress = false;
+    fake.put("a:1");
+    let w = start(&fake);
+    settle().await;
+    let reads_before = fake.lock().pages.len();
+    tokio::time::sleep((IDLE + REQUEST) * 10).await;
+    {
+        let etcd = fake.lock();
+        assert_eq!(etcd.watches.len(), 1, "the quiet watch is kept");
+        assert_eq!(etcd.progress_requests.len(), 1, "asked once, then read");
+        let reads = &etcd.pages[reads_before..];
+        assert!(reads.len() >= 9, "a read each quiet period: {reads:?}");
+        assert!(reads.iter().all(|limit| *limit == 1), "one-key reads");
+    }
+    fake.put("b:1");
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1", "b:1"], "events still arrive");
+    // The proxy (or etcd behind it) is gone: the next check fails.
+    fake.lock().down = true;
+    tokio::time::sleep(IDLE + REQUEST).await;
+    fake.lock().down = false;
+    fake.put("c:1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        fake.lock().watches.len() >= 2,
+        "a failed check replaces the watch"
+    );
+    assert_eq!(addrs(&w), ["a:1", "b:1", "c:1"]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_broken_watch_resumes_without_losing_or_repeating_events() {
     let fake = Fake::new();

@@ -508,9 +508,17 @@ impl<S: Source> Task<S> {
             Ok(s) => s,
             Err(e) => return SessionEnd::Failed(e),
         };
+        let mut liveness = Liveness::default();
         loop {
-            let resp = match next_reply(&mut stream, self.cfg.idle, self.cfg.request_timeout).await
-            {
+            let next = next_reply(
+                &mut stream,
+                &self.source,
+                &self.cfg.prefix,
+                &mut liveness,
+                self.cfg.idle,
+                self.cfg.request_timeout,
+            );
+            let resp = match next.await {
                 Ok(resp) => resp,
                 Err(e) => return SessionEnd::Failed(e),
             };
@@ -630,11 +638,40 @@ impl<S: Source> Task<S> {
     }
 }
 
-/// The next response of a watch. When it has been quiet for `idle`, asks
-/// for a progress notification, and gives up when that goes unanswered for
-/// `request_timeout`: a partition leaves a watch silent, not closed.
-pub(crate) async fn next_reply<W: WatchStream>(
-    stream: &mut W,
+/// How one watch stream shows it is alive when it is quiet.
+///
+/// etcd answers a progress request on the stream; etcd's gRPC proxy
+/// (`etcd grpc-proxy`) does not, so there a quiet stream would read as dead
+/// every `idle + request_timeout` and be restarted for nothing. A stream
+/// that has never answered one is checked with a linearizable one-key read
+/// of its prefix instead (proof of the connection and of a quorum behind
+/// it), and from then on only with reads; a stream that answered before and
+/// falls silent is dead, as a partitioned member's is.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    progress: Progress,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Not asked yet.
+    #[default]
+    Unknown,
+    /// This stream answers progress requests.
+    Answered,
+    /// It does not (a proxy): quiet periods are checked with a read.
+    Unanswered,
+}
+
+/// The next response of a watch of `prefix`. When it has been quiet for
+/// `idle`, checks that it is alive (see [`Liveness`]), and gives up when
+/// that check fails or goes unanswered for `request_timeout`: a partition
+/// leaves a watch silent, not closed.
+pub(crate) async fn next_reply<S: Source>(
+    stream: &mut S::Watch,
+    source: &S,
+    prefix: &str,
+    liveness: &mut Liveness,
     idle: Duration,
     request_timeout: Duration,
 ) -> Result<Reply, Error> {
@@ -645,14 +682,32 @@ pub(crate) async fn next_reply<W: WatchStream>(
         } else {
             idle
         };
-        match tokio::time::timeout(wait, stream.next()).await {
-            Err(_) if asked_progress => {
+        let quiet = match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => true,
+            Ok(Err(source)) => {
+                return Err(Error::Etcd {
+                    op: "watch",
+                    source,
+                })
+            }
+            Ok(Ok(None)) => return Err(Error::StreamEnded("watch")),
+            Ok(Ok(Some(resp))) => {
+                let progress = resp.events.is_empty() && !resp.created && !resp.canceled;
+                if asked_progress && progress && liveness.progress == Progress::Unknown {
+                    liveness.progress = Progress::Answered;
+                }
+                return Ok(resp);
+            }
+        };
+        debug_assert!(quiet);
+        match (liveness.progress, asked_progress) {
+            (Progress::Answered, true) => {
                 return Err(Error::Timeout {
                     op: "watch progress",
                     timeout: idle + request_timeout,
                 })
             }
-            Err(_) => {
+            (Progress::Unknown | Progress::Answered, false) => {
                 asked_progress = true;
                 stream
                     .request_progress()
@@ -662,15 +717,38 @@ pub(crate) async fn next_reply<W: WatchStream>(
                         source,
                     })?;
             }
-            Ok(Err(source)) => {
-                return Err(Error::Etcd {
-                    op: "watch",
-                    source,
-                })
+            (Progress::Unknown | Progress::Unanswered, _) => {
+                check_by_read(source, prefix, request_timeout).await?;
+                if liveness.progress == Progress::Unknown {
+                    tracing::info!(%prefix, "etcd does not answer watch progress requests \
+                        (an etcd gRPC proxy?); checking quiet watches with a read instead");
+                    liveness.progress = Progress::Unanswered;
+                }
+                asked_progress = false;
             }
-            Ok(Ok(None)) => return Err(Error::StreamEnded("watch")),
-            Ok(Ok(Some(resp))) => return Ok(resp),
         }
+    }
+}
+
+/// A linearizable read of one key of `prefix`, within `timeout`.
+async fn check_by_read<S: Source>(
+    source: &S,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let from = prefix.as_bytes().to_vec();
+    let end = prefix_end(&from);
+    let read = source.page(from, end, 1, 0);
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(source)) => Err(Error::Etcd {
+            op: "watch liveness read",
+            source,
+        }),
+        Err(_) => Err(Error::Timeout {
+            op: "watch liveness read",
+            timeout,
+        }),
     }
 }
 

@@ -1,0 +1,130 @@
+//! Through etcd's gRPC proxy (`etcd grpc-proxy start`, from the same etcd
+//! binary), which does not answer watch progress requests: registration,
+//! discovery, the Balancer and the service-config watch work, and a quiet
+//! watch is not restarted for want of a progress answer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, unique};
+use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::{shared, EtcdProxy};
+use tonic_etcd::{Balancer, Discover, Metadata, Registration};
+
+const LIMIT: Duration = Duration::from_secs(15);
+/// Short, so that several quiet periods pass within the test.
+const IDLE: Duration = Duration::from_millis(300);
+const REQUEST: Duration = Duration::from_millis(700);
+
+async fn serve_greeter(id: &str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = tonic_etcd::server::builder().add_service(Greeter::new(id).into_service());
+    let task = tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let _ = router.serve_with_incoming(incoming).await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_works_through_the_proxy_and_quiet_watches_stay() {
+    common::init_tracing();
+    let etcd = shared();
+    let proxy = EtcdProxy::start(&[etcd.endpoint()]);
+    let client = proxy.client().await;
+    let svc = unique("proxied");
+    let (addr, _server) = serve_greeter("p1").await;
+    let reg = Registration::builder(client.clone())
+        .service(&svc)
+        .addr(&addr)
+        .metadata(Metadata::new())
+        .ttl(Duration::from_secs(5))
+        .register()
+        .await
+        .expect("registered through the proxy");
+
+    let discover = Discover::builder(client.clone(), &svc)
+        .idle_timeout(IDLE)
+        .request_timeout(REQUEST)
+        .build()
+        .unwrap();
+    let status = discover.status();
+    let b = Balancer::builder(client.clone(), &svc).build().unwrap();
+    b.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(b.clone());
+    greeter
+        .say_hello(HelloRequest { name: "x".into() })
+        .await
+        .expect("a call through a Balancer that found its server via the proxy");
+
+    // Many quiet periods: the proxy never answers a progress request, and
+    // the watch must not be restarted for it.
+    eventually(LIMIT, "the view synced", || async {
+        status.borrow().synced.then_some(())
+    })
+    .await;
+    tokio::time::sleep((IDLE + REQUEST) * 6).await;
+    let s = status.borrow().clone();
+    assert_eq!(s.reconnects, 0, "a quiet watch was restarted: {s:?}");
+    assert!(s.last_error.is_none(), "{s:?}");
+
+    // A change still arrives, through the proxy's coalesced watch.
+    let (addr2, _server2) = serve_greeter("p2").await;
+    let _reg2 = Registration::builder(client.clone())
+        .service(&svc)
+        .addr(&addr2)
+        .metadata(Metadata::new())
+        .register()
+        .await
+        .unwrap();
+    b.wait_for_ready(2, LIMIT).await.unwrap();
+
+    // Removal too: the first server deregisters, the Balancer drops it.
+    reg.deregister().await.unwrap();
+    eventually(
+        LIMIT,
+        "the Balancer dropped the deregistered server",
+        || async {
+            let eps = b.endpoints();
+            (eps.len() == 1 && eps[0].instance.addr == addr2).then_some(())
+        },
+    )
+    .await;
+}
+
+/// When the proxy dies, a watch's liveness read fails and the watch is
+/// restarted once the proxy is back; the view catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_is_followed() {
+    common::init_tracing();
+    let etcd = shared();
+    let mut proxy = EtcdProxy::start(&[etcd.endpoint()]);
+    let client = proxy.client().await;
+    let direct = etcd.client().await;
+    let svc = unique("proxied-restart");
+    let discover = Discover::builder(client.clone(), &svc)
+        .idle_timeout(IDLE)
+        .request_timeout(REQUEST)
+        .build()
+        .unwrap();
+    let status = discover.status();
+    eventually(LIMIT, "the view synced", || async {
+        status.borrow().synced.then_some(())
+    })
+    .await;
+    proxy.restart();
+    // Written directly to etcd while the proxy restarts.
+    let _reg = Registration::builder(direct)
+        .service(&svc)
+        .addr("127.0.0.1:1")
+        .metadata(Metadata::new())
+        .register()
+        .await
+        .unwrap();
+    eventually(LIMIT, "the view caught up after the restart", || async {
+        (status.borrow().endpoints == 1).then_some(())
+    })
+    .await;
+}
