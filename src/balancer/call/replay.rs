@@ -235,15 +235,11 @@ impl Drop for Abort {
             return;
         }
         let mut state = shared.lock();
-        let mut woken = None;
-        state.wakers.retain_mut(|(bit, w)| {
-            if *bit == self.bit {
-                woken = Some(std::mem::replace(w, Waker::noop().clone()));
-                false
-            } else {
-                true
-            }
-        });
+        let woken = state
+            .wakers
+            .iter()
+            .position(|(bit, _)| *bit == self.bit)
+            .map(|i| state.wakers.swap_remove(i).1);
         shared.parked.fetch_and(!self.bit, Ordering::SeqCst);
         drop(state);
         if let Some(w) = woken {
