@@ -18,7 +18,12 @@ use std::time::Duration;
 
 use tokio::time::Sleep;
 
-/// The `grpc-timeout` layer of [`builder`](super::builder).
+/// The `grpc-timeout` layer of [`builder`](super::builder): answers a call
+/// whose deadline passed with `DEADLINE_EXCEEDED`, as grpc-go's server does,
+/// where tonic's own timer answers `CANCELLED`. tonic's timeout sits outside
+/// every layer a server adds and polls the call before its own timer, so
+/// this layer ends the call one timer tick (1 ms) before tonic's deadline;
+/// the handler is dropped, as tonic would drop it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeadlineLayer;
 
@@ -31,7 +36,7 @@ impl<S> tower::Layer<S> for DeadlineLayer {
 }
 
 /// Answers a call whose `grpc-timeout` passed with `DEADLINE_EXCEEDED`.
-/// See the [module docs](self).
+/// See [`DeadlineLayer`].
 #[derive(Debug, Clone)]
 pub struct Deadline<S>(S);
 
