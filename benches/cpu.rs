@@ -18,6 +18,14 @@
 //! **Idle CPU**: each client, connected and warmed up, then idle; process
 //! CPU time from `getrusage` over the idle period, in ms per second.
 //!
+//! **As the kernel sees a call** (what callgrind does not count): heap
+//! allocations and bytes per call (a counting global allocator in the
+//! client), voluntary and involuntary context switches per call
+//! (`getrusage`), and system calls per call (`strace -c -f`, the
+//! difference of two runs as for instructions), each client on one thread.
+//! Tasks woken per call would need tokio's unstable metrics and are not
+//! counted.
+//!
 //! The servers run in this (parent) process, on a runtime each; the clients
 //! are this binary started again with `cpu-child` arguments. Writes
 //! `target/bench/cpu.json`. Settings: `BENCH_CALLS` (N2 − N1, default
@@ -34,7 +42,9 @@ mod proxy;
 #[path = "support/mod.rs"]
 mod support;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backends::{caller, Backends, Call, Setup};
@@ -48,6 +58,48 @@ const VARIANTS: [&str; 3] = ["plain", "tonic_balanced", "balancer"];
 const WARM_UP: usize = 50;
 const READY_LIMIT: Duration = Duration::from_secs(30);
 
+/// Counts the client's heap allocations (a `realloc` counts as one).
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Context switches (voluntary, involuntary) of this process so far.
+fn context_switches() -> (i64, i64) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
+        usage
+    };
+    (usage.ru_nvcsw, usage.ru_nivcsw)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("cpu-child") {
@@ -57,6 +109,7 @@ fn main() {
     let idle_secs = setting("BENCH_IDLE_SECS", 10, 1);
     let n1 = 100.min(calls);
     let valgrind = which("valgrind");
+    let strace = which("strace");
     if !smoke() && !valgrind {
         panic!(
             "valgrind not found: the cpu benchmark counts instructions with \
@@ -76,6 +129,7 @@ fn main() {
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
     let mut per_call = std::collections::HashMap::new();
+    let mut kernel = Vec::new();
     for variant in VARIANTS {
         let spawn = |mode: &str, n: usize, under_valgrind: bool| {
             run_child(
@@ -94,6 +148,22 @@ fn main() {
             None
         };
         let idle = spawn("idle", idle_secs as usize, false).idle_ms_per_s;
+        // Allocations and context switches, uninstrumented.
+        let counted = spawn("calls", calls, false).counts;
+        // System calls: two runs under strace, as for instructions.
+        let syscalls = strace.then(|| {
+            let low =
+                run_child_traced(&[variant, "calls", &n1.to_string(), &endpoint, &plain_addr]);
+            let high = run_child_traced(&[
+                variant,
+                "calls",
+                &(n1 + calls).to_string(),
+                &endpoint,
+                &plain_addr,
+            ]);
+            high.saturating_sub(low) as f64 / calls as f64
+        });
+        kernel.push((variant, counted, syscalls));
         if let Some(i) = instructions {
             per_call.insert(variant, i);
         }
@@ -129,6 +199,40 @@ fn main() {
         &["client", "instr/call", "vs plain", "idle ms CPU/s"],
         &rows,
     );
+    let kernel_rows: Vec<Vec<String>> = kernel
+        .iter()
+        .map(|(v, c, sys)| {
+            vec![
+                v.to_string(),
+                format!("{:.1}", c.allocations),
+                format!("{:.0}", c.bytes),
+                sys.map_or("-".into(), |s| format!("{s:.2}")),
+                format!("{:.3}", c.voluntary),
+                format!("{:.3}", c.involuntary),
+            ]
+        })
+        .collect();
+    table(
+        &format!("Client per unary call, as the kernel sees it ({calls} calls, one thread)"),
+        &[
+            "client",
+            "allocs/call",
+            "bytes/call",
+            "syscalls/call",
+            "vol. switches/call",
+            "invol. switches/call",
+        ],
+        &kernel_rows,
+    );
+    for (v, c, sys) in &kernel {
+        if let Some(serde_json::Value::Object(o)) = json.get_mut(*v) {
+            o.insert("allocations_per_call".into(), c.allocations.into());
+            o.insert("allocated_bytes_per_call".into(), c.bytes.into());
+            o.insert("syscalls_per_call".into(), (*sys).into());
+            o.insert("voluntary_switches_per_call".into(), c.voluntary.into());
+            o.insert("involuntary_switches_per_call".into(), c.involuntary.into());
+        }
+    }
     for (name, key) in [
         ("balancer_to_plain", "plain"),
         ("balancer_to_tonic_balanced", "tonic_balanced"),
@@ -151,6 +255,45 @@ fn main() {
 struct Report {
     instructions: u64,
     idle_ms_per_s: Option<f64>,
+    counts: Counts,
+}
+
+/// Per call, from a child's own counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    allocations: f64,
+    bytes: f64,
+    voluntary: f64,
+    involuntary: f64,
+}
+
+/// System calls of a child run under `strace -c -f` (every thread).
+fn run_child_traced(args: &[&str]) -> u64 {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::env::temp_dir().join(format!("tonic-etcd-strace-{}.txt", std::process::id()));
+    let status = Command::new("strace")
+        .args(["-c", "-f", "-o"])
+        .arg(&out)
+        .arg(&exe)
+        .arg("cpu-child")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("start strace");
+    assert!(
+        status.success(),
+        "client {args:?} under strace failed: {status:?}"
+    );
+    let summary = std::fs::read_to_string(&out).expect("strace's summary");
+    let _ = std::fs::remove_file(&out);
+    // The last line: "100.00    0.001234           1      1234        12 total"
+    summary
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with("total"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no total in strace's summary:\n{summary}"))
 }
 
 fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
@@ -186,10 +329,19 @@ fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("no instruction count from callgrind:\n{stderr}"));
     }
-    report.idle_ms_per_s = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("idle_ms_per_s "))
-        .and_then(|v| v.trim().parse().ok());
+    let field = |name: &str| -> Option<f64> {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    report.idle_ms_per_s = field("idle_ms_per_s");
+    report.counts = Counts {
+        allocations: field("allocations_per_call").unwrap_or(0.0),
+        bytes: field("bytes_per_call").unwrap_or(0.0),
+        voluntary: field("voluntary_per_call").unwrap_or(0.0),
+        involuntary: field("involuntary_per_call").unwrap_or(0.0),
+    };
     report
 }
 
@@ -242,9 +394,26 @@ fn child(args: &[String]) {
         }
         match mode.as_str() {
             "calls" => {
+                let (a0, b0) = (
+                    ALLOCATIONS.load(Ordering::Relaxed),
+                    ALLOCATED.load(Ordering::Relaxed),
+                );
+                let (v0, i0) = context_switches();
                 for _ in 0..n {
                     call().await.expect("call");
                 }
+                let (v1, i1) = context_switches();
+                let per = |d: f64| d / n as f64;
+                println!(
+                    "allocations_per_call {:.2}",
+                    per((ALLOCATIONS.load(Ordering::Relaxed) - a0) as f64)
+                );
+                println!(
+                    "bytes_per_call {:.1}",
+                    per((ALLOCATED.load(Ordering::Relaxed) - b0) as f64)
+                );
+                println!("voluntary_per_call {:.4}", per((v1 - v0) as f64));
+                println!("involuntary_per_call {:.4}", per((i1 - i0) as f64));
             }
             "idle" => {
                 let (cpu0, t0) = (cpu::cpu_time(), Instant::now());
