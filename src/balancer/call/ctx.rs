@@ -77,6 +77,22 @@ impl<'a> Call<'a> {
         }
     }
 
+    /// Why no further attempt (retry or hedge) may be sent, in A6's order
+    /// after the policy's own checks: the body must replay whole, the
+    /// throttle (`throttled`, as the caller read it) must allow it, and the
+    /// retry budget must have one to spend (taken when it does).
+    pub(crate) fn refuse_another(&self, throttled: bool) -> Option<&'static str> {
+        if !self.replay.can_replay() {
+            Some("request body outgrew the replay buffer")
+        } else if throttled {
+            Some("throttled (retryThrottling)")
+        } else if !self.retries.budget.withdraw() {
+            Some("retry budget spent")
+        } else {
+            None
+        }
+    }
+
     /// A trailers-only response is final: its status is the call's.
     pub(crate) fn finish(
         &mut self,

@@ -62,14 +62,8 @@ pub(crate) async fn run(
                 None
             } else if !distinct {
                 Some("no other endpoint")
-            } else if !call.replay.can_replay() {
-                Some("request body outgrew the replay buffer")
-            } else if call.retries.throttle_blocks() {
-                Some("throttled (retryThrottling)")
-            } else if !call.retries.budget.withdraw() {
-                Some("retry budget spent")
             } else {
-                None
+                call.refuse_another(call.retries.throttle_blocks())
             };
             if let Some(reason) = refused {
                 tracing::debug!(reason, sent = used.len(), "no further hedge");

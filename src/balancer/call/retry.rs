@@ -134,14 +134,8 @@ pub(crate) async fn run(
             Some("attempts used up")
         } else if said == Pushback::Stop {
             Some("the server said not to")
-        } else if !call.replay.can_replay() {
-            Some("request body outgrew the replay buffer")
-        } else if throttled {
-            Some("throttled (retryThrottling)")
-        } else if !call.retries.budget.withdraw() {
-            Some("retry budget spent")
         } else {
-            None
+            call.refuse_another(throttled)
         };
         if let Some(reason) = refused {
             if retryable {
