@@ -52,26 +52,23 @@ pub(crate) fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     Some(tonic::Code::from(value.trim().parse::<i32>().unwrap_or(2)))
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its call counted as in flight on its
-    /// endpoint until the body ends, and fails with `DeadlineExceeded` when
-    /// the call's deadline passes before it does (a server that sent headers
-    /// and then stalled).
-    pub(crate) struct CallBody<B, T = InFlight> {
-        // Dropped as soon as the call is over on this side, which resets
-        // the stream (h2 does when both halves are gone; `abort` sees to
-        // the request half).
-        inner: Option<B>,
-        timer: Option<Pin<Box<Sleep>>>,
-        in_flight: Option<T>,
-        // The call's final status, for metrics.
-        record: CallRecord,
-        expired: bool,
-        // Ends the request body once the call is over (trailers read,
-        // deadline passed, stream failed, or this body dropped), so the
-        // stream is reset even while the caller holds its request sender.
-        abort: Option<Abort>,
-    }
+/// A response body that keeps its call counted as in flight on its
+/// endpoint until the body ends, and fails with `DeadlineExceeded` when the
+/// call's deadline passes before it does (a server that sent headers and
+/// then stalled).
+pub(crate) struct CallBody<B, T = InFlight> {
+    /// Dropped as soon as the deadline ends the call, which resets the
+    /// stream (h2 does when both halves are gone; `abort` sees to the
+    /// request half); `None` from then on.
+    inner: Option<B>,
+    timer: Option<Pin<Box<Sleep>>>,
+    in_flight: Option<T>,
+    /// The call's final status, for metrics.
+    record: CallRecord,
+    /// Ends the request body once the call is over (trailers read,
+    /// deadline passed, stream failed, or this body dropped), so the
+    /// stream is reset even while the caller holds its request sender.
+    abort: Option<Abort>,
 }
 
 impl<B, T> CallBody<B, T> {
@@ -87,15 +84,36 @@ impl<B, T> CallBody<B, T> {
             timer,
             in_flight: Some(in_flight),
             record,
-            expired: false,
             abort,
         }
     }
 }
 
+impl<B, T: Tracked> CallBody<B, T> {
+    /// The deadline ended the call: the stream goes, the wait is recorded.
+    fn expire(&mut self) -> Box<dyn std::error::Error + Send + Sync> {
+        self.abort.take();
+        self.inner.take();
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.expired();
+        }
+        self.record.finish(tonic::Code::DeadlineExceeded);
+        Box::new(deadline_exceeded(format_args!(
+            "while the response was streaming"
+        )))
+    }
+
+    /// Whether the call's deadline has passed.
+    fn past_deadline(&self) -> bool {
+        self.timer
+            .as_ref()
+            .is_some_and(|t| tokio::time::Instant::now() >= t.deadline())
+    }
+}
+
 impl<B, T> Body for CallBody<B, T>
 where
-    T: Tracked,
+    T: Tracked + Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -106,8 +124,8 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        let Some(inner) = this.inner.as_mut().filter(|_| !*this.expired) else {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
         if let Poll::Ready(frame) = Pin::new(inner).poll_frame(cx) {
@@ -134,22 +152,15 @@ where
                     }
                     Some(Ok(f))
                 }
+                // The request body ended itself at the deadline and the
+                // stream was reset for it (see `replay`).
+                Some(Err(_)) if this.in_flight.is_some() && this.past_deadline() => {
+                    Some(Err(this.expire()))
+                }
                 Some(Err(e)) => {
                     let e: Self::Error = e.into();
                     this.abort.take();
-                    let deadline = this.timer.as_ref().map(|t| t.deadline());
-                    let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                     Some(Err(match this.in_flight.take() {
-                        // The request body ended itself at the deadline and
-                        // the stream was reset for it (see `replay`).
-                        Some(call) if expired => {
-                            *this.expired = true;
-                            call.expired();
-                            this.record.finish(tonic::Code::DeadlineExceeded);
-                            Box::new(deadline_exceeded(format_args!(
-                                "while the response was streaming"
-                            )))
-                        }
                         // A lost connection reads UNAVAILABLE, naming the
                         // endpoint (see `classify`).
                         Some(mut call) => {
@@ -172,21 +183,13 @@ where
         }
         if let Some(timer) = this.timer.as_mut() {
             ready!(timer.as_mut().poll(cx));
-            *this.expired = true;
-            this.abort.take();
-            this.inner.take();
-            if let Some(in_flight) = this.in_flight.take() {
-                in_flight.expired();
-            }
-            this.record.finish(tonic::Code::DeadlineExceeded);
-            let status = deadline_exceeded(format_args!("while the response was streaming"));
-            return Poll::Ready(Some(Err(Box::new(status))));
+            return Poll::Ready(Some(Err(this.expire())));
         }
         Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
-        self.expired || self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
