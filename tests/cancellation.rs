@@ -42,27 +42,6 @@ struct Fixture {
     _server: tokio::task::JoinHandle<()>,
 }
 
-async fn serve(server: TestServer) -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let router = tonic_etcd::server::builder().add_service(server.into_service());
-    let task = tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        let _ = router.serve_with_incoming(incoming).await;
-    });
-    (addr, task)
-}
-
-async fn register(etcd: &etcd_client::Client, svc: &str, addr: &str) -> Registration {
-    Registration::builder(etcd.clone())
-        .service(svc)
-        .addr(addr)
-        .metadata(Metadata::new())
-        .register()
-        .await
-        .unwrap()
-}
-
 impl Fixture {
     async fn new() -> Self {
         common::init_tracing();
@@ -70,8 +49,8 @@ impl Fixture {
         let svc = common::unique("cancel");
         let server = TestServer::new("only");
         let events = server.events();
-        let (addr, task) = serve(server).await;
-        let reg = register(&etcd, &svc, &addr).await;
+        let (addr, task) = common::serve_interop(server).await;
+        let reg = common::register_with(&etcd, &svc, &addr, Metadata::new()).await;
         let b = Balancer::builder(etcd, &svc).build().unwrap();
         b.wait_for_ready(1, LIMIT).await.unwrap();
         Self {
@@ -345,10 +324,10 @@ async fn a_losing_hedge_is_cancelled_on_its_server() {
     let svc = common::unique("cancel-hedge");
     let slow = TestServer::new("slow").with_delay(Duration::from_secs(30));
     let slow_events = slow.events();
-    let (slow_addr, _slow) = serve(slow).await;
-    let (fast_addr, _fast) = serve(TestServer::new("fast")).await;
-    let _r1 = register(&etcd, &svc, &slow_addr).await;
-    let _r2 = register(&etcd, &svc, &fast_addr).await;
+    let (slow_addr, _slow) = common::serve_interop(slow).await;
+    let (fast_addr, _fast) = common::serve_interop(TestServer::new("fast")).await;
+    let _r1 = common::register_with(&etcd, &svc, &slow_addr, Metadata::new()).await;
+    let _r2 = common::register_with(&etcd, &svc, &fast_addr, Metadata::new()).await;
     let config = ServiceConfig::from_json(
         r#"{"methodConfig":[{"name":[{"service":"grpc.testing.TestService"}],
             "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0.05s"}}]}"#,
@@ -426,7 +405,7 @@ async fn raw_unary_status(addr: &str, timeout: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_answers_an_expired_deadline_with_deadline_exceeded() {
     let server = TestServer::new("only");
-    let (addr, _task) = serve(server).await;
+    let (addr, _task) = common::serve_interop(server).await;
     for timeout in ["1m", "5m", "50m", "300m", "1500u"] {
         let start = Instant::now();
         let code = tokio::time::timeout(LIMIT, raw_unary_status(&addr, timeout))

@@ -72,13 +72,7 @@ async fn everything_works_through_the_proxy_and_quiet_watches_stay() {
 
     // A change still arrives, through the proxy's coalesced watch.
     let (addr2, _server2) = serve_greeter("p2").await;
-    let _reg2 = Registration::builder(client.clone())
-        .service(&svc)
-        .addr(&addr2)
-        .metadata(Metadata::new())
-        .register()
-        .await
-        .unwrap();
+    let _reg2 = common::register_with(&client, &svc, &addr2, Metadata::new()).await;
     b.wait_for_ready(2, LIMIT).await.unwrap();
 
     // Removal too: the first server deregisters, the Balancer drops it.
@@ -116,13 +110,7 @@ async fn a_restarted_proxy_is_followed() {
     .await;
     proxy.restart();
     // Written directly to etcd while the proxy restarts.
-    let _reg = Registration::builder(direct)
-        .service(&svc)
-        .addr("127.0.0.1:1")
-        .metadata(Metadata::new())
-        .register()
-        .await
-        .unwrap();
+    let _reg = common::register_with(&direct, &svc, "127.0.0.1:1", Metadata::new()).await;
     eventually(LIMIT, "the view caught up after the restart", || async {
         (status.borrow().endpoints == 1).then_some(())
     })

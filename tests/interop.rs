@@ -81,22 +81,9 @@ impl Fixture {
         for id in ["a", "b"] {
             let server = TestServer::new(id);
             events.push(server.events());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let router = tonic_etcd::server::builder().add_service(server.into_service());
-            servers.push(tokio::spawn(async move {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                let _ = router.serve_with_incoming(incoming).await;
-            }));
-            regs.push(
-                Registration::builder(etcd.clone())
-                    .service(&svc)
-                    .addr(&addr)
-                    .metadata(Metadata::new())
-                    .register()
-                    .await
-                    .unwrap(),
-            );
+            let (addr, task) = common::serve_interop(server).await;
+            servers.push(task);
+            regs.push(common::register_with(&etcd, &svc, &addr, Metadata::new()).await);
         }
         let mut builder = Balancer::builder(etcd, &svc);
         if let Some(config) = mode.config() {

@@ -16,19 +16,9 @@ use common::unique;
 use tonic_etcd::balancer::OutlierDetection;
 use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::shared;
-use tonic_etcd::{Balancer, Metadata, Registration};
+use tonic_etcd::{Balancer, Metadata};
 
 const LIMIT: Duration = Duration::from_secs(10);
-
-async fn register(client: &etcd_client::Client, svc: &str, backend: &Backend) -> Registration {
-    Registration::builder(client.clone())
-        .service(svc)
-        .addr(&backend.addr)
-        .metadata(Metadata::new())
-        .register()
-        .await
-        .unwrap()
-}
 
 /// 64 callers, each call with a 5 ms deadline against a backend that
 /// answers in 20 ms: every call expires, the server's answers keep
@@ -40,7 +30,7 @@ async fn a_storm_of_expired_calls_fails_alone_and_keeps_the_connection() {
     let client = shared().client().await;
     let svc = unique("storm");
     let backend = Backend::start_slow("127.0.0.1:0", "slow", Duration::from_millis(20));
-    let _reg = register(&client, &svc, &backend).await;
+    let _reg = common::register_with(&client, &svc, &backend.addr, Metadata::new()).await;
     let b = Balancer::builder(client.clone(), &svc)
         .outlier_detection(OutlierDetection::disabled())
         .build()
@@ -124,7 +114,7 @@ async fn a_deadline_shorter_than_the_timer_tick_is_never_sent() {
     let client = shared().client().await;
     let svc = unique("tiny-deadline");
     let backend = Backend::start("fast");
-    let _reg = register(&client, &svc, &backend).await;
+    let _reg = common::register_with(&client, &svc, &backend.addr, Metadata::new()).await;
     let config = tonic_etcd::ServiceConfig::from_json(
         r#"{"methodConfig":[{"name":[{}],"timeout":"0.000001s"}]}"#,
     )

@@ -63,6 +63,21 @@ pub async fn register_with(
         .expect("registered")
 }
 
+/// Serves gRPC's interop service `server` on a free loopback port: its
+/// address, and the task serving it.
+pub async fn serve_interop(
+    server: tonic_etcd::testing::interop::TestServer,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let router = tonic_etcd::server::builder().add_service(server.into_service());
+    let task = tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let _ = router.serve_with_incoming(incoming).await;
+    });
+    (addr, task)
+}
+
 /// A service name unique to this test process and call site.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -499,10 +499,15 @@ mod tests {
         Inner::new(Scripted(q))
     }
 
+    /// The next frame `b` yields.
+    async fn next(b: &mut ReplayBody) -> Option<Result<Frame<Bytes>, tonic::Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *b).poll_frame(cx)).await
+    }
+
     /// Everything a body yields: data as text, trailers as "T".
     async fn drain((mut b, _abort): (ReplayBody, Abort)) -> Vec<String> {
         let mut out = Vec::new();
-        while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
+        while let Some(f) = next(&mut b).await {
             let f = f.unwrap();
             match f.into_data() {
                 Ok(d) => out.push(String::from_utf8(d.to_vec()).unwrap()),
@@ -537,7 +542,7 @@ mod tests {
             None,
         );
         let (mut first, _a1) = r.body();
-        let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
+        let f = next(&mut first).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
         drop(first); // the first attempt failed after sending "a"
         assert_eq!(drain(r.body()).await, ["a", "b", "c"]);
@@ -582,13 +587,13 @@ mod tests {
             None,
         );
         let (mut attempt, _a) = r.body();
-        let f = std::future::poll_fn(|cx| Pin::new(&mut attempt).poll_frame(cx)).await;
+        let f = next(&mut attempt).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "ab");
         // Response headers: the call layer lets go of its Replay, and the
         // stream goes on sending.
         drop(r);
         for expected in ["cd", "ef"] {
-            let f = std::future::poll_fn(|cx| Pin::new(&mut attempt).poll_frame(cx)).await;
+            let f = next(&mut attempt).await;
             assert_eq!(f.unwrap().unwrap().into_data().unwrap(), expected);
         }
         assert_eq!(l.in_use.load(Ordering::Relaxed), 2, "only what came before");
@@ -608,17 +613,14 @@ mod tests {
             None,
         );
         let (mut first, _a1) = r.body();
-        let f = std::future::poll_fn(|cx| Pin::new(&mut first).poll_frame(cx)).await;
+        let f = next(&mut first).await;
         assert!(f.is_some());
         let (mut second, _a2) = r.body();
         // It replays "a", then must wait for the caller's body.
-        let f = std::future::poll_fn(|cx| Pin::new(&mut second).poll_frame(cx)).await;
+        let f = next(&mut second).await;
         assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "a");
-        let waiting = tokio::time::timeout(
-            std::time::Duration::from_millis(20),
-            std::future::poll_fn(|cx| Pin::new(&mut second).poll_frame(cx)),
-        )
-        .await;
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(20), next(&mut second)).await;
         assert!(waiting.is_err(), "the first attempt still holds the body");
         drop(first);
         assert_eq!(drain((second, _a2)).await, ["b"]);
@@ -642,10 +644,6 @@ mod tests {
     fn streaming() -> (tokio::sync::mpsc::Sender<Bytes>, Inner) {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         (tx, Inner::new(Chan(rx)))
-    }
-
-    async fn next(b: &mut ReplayBody) -> Option<Result<Frame<Bytes>, tonic::Status>> {
-        std::future::poll_fn(|cx| Pin::new(&mut *b).poll_frame(cx)).await
     }
 
     /// The reason hyper resets the stream with when `status` ends a body.
