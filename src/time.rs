@@ -15,6 +15,10 @@ use tokio::time::Instant;
 /// `Instant` and to multiply by small factors without overflow.
 pub(crate) const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// tokio's timer fires on 1 ms ticks: a sleep never ends a wait finer than
+/// this, and two deadlines within it may fire in either order.
+pub(crate) const TIMER_TICK: Duration = Duration::from_millis(1);
+
 /// `d`, capped at [`FOREVER`].
 pub(crate) fn cap(d: Duration) -> Duration {
     d.min(FOREVER)

@@ -14,9 +14,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::time::Sleep;
+
+use crate::time::TIMER_TICK;
 
 /// The `grpc-timeout` layer of [`builder`](super::builder): answers a call
 /// whose deadline passed with `DEADLINE_EXCEEDED`, as grpc-go's server does,
@@ -40,9 +41,6 @@ impl<S> tower::Layer<S> for DeadlineLayer {
 #[derive(Debug, Clone)]
 pub struct Deadline<S>(S);
 
-/// How much earlier than tonic's own timer this one fires.
-const TICK: Duration = Duration::from_millis(1);
-
 impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -60,7 +58,7 @@ where
             let now = tokio::time::Instant::now();
             Box::pin(tokio::time::sleep_until(crate::time::deadline_after(
                 now,
-                t.saturating_sub(TICK),
+                t.saturating_sub(TIMER_TICK),
             )))
         });
         DeadlineFuture {

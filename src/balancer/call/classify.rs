@@ -27,19 +27,17 @@
 
 use std::error::Error as StdError;
 use std::fmt::Write;
-use std::time::Duration;
 
 use h2::Reason;
 use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
-/// tokio's timer fires on 1 ms ticks: a status that arrives this close to
-/// the deadline may have beaten the client's own timer by a tick.
-const TIMER_TICK: Duration = Duration::from_millis(1);
+use crate::time::TIMER_TICK;
 
 /// Whether `code`, arriving now, is the server's word for the call's own
-/// deadline: `CANCELLED` at (or within a timer tick of) the deadline.
+/// deadline: `CANCELLED` at (or within a timer tick of) the deadline, where
+/// the server's timer may have beaten the client's by a tick.
 pub(crate) fn cancelled_by_deadline(code: Code, deadline: Option<Instant>) -> bool {
     code == Code::Cancelled && deadline.is_some_and(|d| Instant::now() + TIMER_TICK >= d)
 }
