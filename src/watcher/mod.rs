@@ -682,24 +682,23 @@ pub(crate) async fn next_reply<S: Source>(
         } else {
             idle
         };
-        let quiet = match tokio::time::timeout(wait, stream.next()).await {
-            Err(_) => true,
-            Ok(Err(source)) => {
-                return Err(Error::Etcd {
+        if let Ok(next) = tokio::time::timeout(wait, stream.next()).await {
+            return match next {
+                Err(source) => Err(Error::Etcd {
                     op: "watch",
                     source,
-                })
-            }
-            Ok(Ok(None)) => return Err(Error::StreamEnded("watch")),
-            Ok(Ok(Some(resp))) => {
-                let progress = resp.events.is_empty() && !resp.created && !resp.canceled;
-                if asked_progress && progress && liveness.progress == Progress::Unknown {
-                    liveness.progress = Progress::Answered;
+                }),
+                Ok(None) => Err(Error::StreamEnded("watch")),
+                Ok(Some(resp)) => {
+                    let progress = resp.events.is_empty() && !resp.created && !resp.canceled;
+                    if asked_progress && progress && liveness.progress == Progress::Unknown {
+                        liveness.progress = Progress::Answered;
+                    }
+                    Ok(resp)
                 }
-                return Ok(resp);
-            }
-        };
-        debug_assert!(quiet);
+            };
+        }
+        // Quiet for `wait`.
         match (liveness.progress, asked_progress) {
             (Progress::Answered, true) => {
                 return Err(Error::Timeout {
