@@ -431,7 +431,7 @@ impl metrics::Recorder for Counted {
 /// in etcd, as after a SIGKILL) and a replacement joins. tonic's channel,
 /// the Balancer, and the Balancer with a retry policy for the method.
 async fn rolling_kill(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     counted: &Counted,
     pace: Pace,
     rows: &mut Vec<Vec<String>>,
@@ -486,7 +486,7 @@ async fn rolling_kill(
 /// tonic's balanced channel and a Balancer over `service`, once both see
 /// `ready` endpoints.
 async fn dial(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     service: &str,
     ready: usize,
 ) -> (tonic_etcd::EtcdChannel, Balancer) {
@@ -509,7 +509,7 @@ async fn dial(
 /// policy (`maxAttempts` 5) must not multiply the load, which the budget
 /// bounds to about 1.2 attempts per call plus 10 retries per second.
 async fn all_failing(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     counted: &Counted,
     pace: Pace,
     rows: &mut Vec<Vec<String>>,
@@ -578,7 +578,7 @@ const BUDGET_CHECK_S: u64 = 20;
 /// no backend is worse than another, so picking cannot help. tonic's
 /// channel, the Balancer, and the Balancer hedging after 10 ms.
 async fn random_spikes(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     counted: &Counted,
     pace: Pace,
     rows: &mut Vec<Vec<String>>,
@@ -613,7 +613,7 @@ async fn random_spikes(
 /// tonic's channel, the Balancer, and a Balancer named `name` whose
 /// service config gives `SayHello` the `policy` (a JSON member).
 async fn three_variants(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     service: &str,
     name: &'static str,
     policy: &str,

@@ -128,7 +128,7 @@ async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec
 /// How long set-up waits for the four backends to be discovered or ready.
 const READY_LIMIT: Duration = Duration::from_secs(20);
 
-async fn etcd_channel(client: &etcd_client::Client, service: &str) -> tonic_etcd::EtcdChannel {
+async fn etcd_channel(client: &tonic_etcd::Etcd, service: &str) -> tonic_etcd::EtcdChannel {
     let c = ChannelBuilder::new(client.clone(), service)
         .build()
         .unwrap();
@@ -142,7 +142,7 @@ async fn etcd_channel(client: &etcd_client::Client, service: &str) -> tonic_etcd
     c
 }
 
-async fn balancer(client: &etcd_client::Client, service: &str) -> Balancer {
+async fn balancer(client: &tonic_etcd::Etcd, service: &str) -> Balancer {
     let b = Balancer::builder(client.clone(), service).build().unwrap();
     if let Err(e) = b.wait_for_ready(4, READY_LIMIT).await {
         let states: Vec<String> = b
@@ -196,7 +196,7 @@ fn main() {
 }
 
 /// Four healthy backends: throughput and latency of every variant.
-async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serde_json::Value {
+async fn healthy(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> serde_json::Value {
     let backends = Backends::start(client, SERVICE, Setup::default()).await;
     let addrs = &backends.addrs;
     let endpoint = |a: &str| Endpoint::from_shared(format!("http://{a}")).unwrap();
@@ -276,7 +276,7 @@ async fn healthy(client: &etcd_client::Client, millis: u64, rounds: u64) -> serd
 }
 
 /// One of four backends adds 20 ms: tonic's balanced channel against ours.
-async fn one_slow(client: &etcd_client::Client, millis: u64) -> serde_json::Value {
+async fn one_slow(client: &tonic_etcd::Etcd, millis: u64) -> serde_json::Value {
     let service = "bench.one_slow";
     let _backends = Backends::start(
         client,
@@ -332,7 +332,7 @@ async fn one_slow(client: &etcd_client::Client, millis: u64) -> serde_json::Valu
 
 /// One of four backends dies while its key stays in etcd: failed calls in
 /// the next 10 s (`BENCH_KILL_SECS`).
-async fn one_killed(client: &etcd_client::Client) -> serde_json::Value {
+async fn one_killed(client: &tonic_etcd::Etcd) -> serde_json::Value {
     let window = Duration::from_millis(setting("BENCH_KILL_MS", 10_000, 300));
     let mut json = serde_json::Map::new();
     let mut rows = Vec::new();
@@ -447,7 +447,7 @@ async fn statuses(call: &StatusCall, length: Duration) -> Vec<Result<(), tonic::
 /// the shares of all four backends move by a few points between runs. An
 /// estimate that took a stream's age for latency starved the replica
 /// holding it (0.1 %).
-async fn one_stream(client: &etcd_client::Client) -> serde_json::Value {
+async fn one_stream(client: &tonic_etcd::Etcd) -> serde_json::Value {
     let calls = setting("BENCH_STREAM_CALLS", 8_000, 200) as usize;
     let rounds = setting("BENCH_STREAM_ROUNDS", 8, 1) as usize;
     let callers = 4;
@@ -530,7 +530,7 @@ async fn stream_shares<T: GrpcChannel>(svc: T, calls: usize, callers: usize) -> 
 /// balanced channel waits forever; it is cut off at 5 s and reported so.
 /// Each variant is built just before its call, so each starts with the
 /// fail-fast gate open; the last row is the Balancer once the gate closed.
-async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
+async fn no_endpoints(client: &tonic_etcd::Etcd) -> serde_json::Value {
     let limit = Duration::from_millis(if smoke() { 500 } else { 5000 });
     let service = "bench.none";
     let call_deadline = Duration::from_millis(200);
@@ -612,7 +612,7 @@ async fn no_endpoints(client: &etcd_client::Client) -> serde_json::Value {
 /// One of four backends freezes (its proxy stops moving bytes; sockets stay
 /// open, as with SIGSTOP), every call with a 1 s deadline: calls that end
 /// later than the deadline + 50 ms, and the latest.
-async fn one_frozen(client: &etcd_client::Client) -> serde_json::Value {
+async fn one_frozen(client: &tonic_etcd::Etcd) -> serde_json::Value {
     let window = Duration::from_millis(setting("BENCH_FREEZE_MS", 5_000, 1_500));
     let deadline = Duration::from_secs(1);
     let late_by = Duration::from_millis(50);
@@ -668,7 +668,7 @@ async fn one_frozen(client: &etcd_client::Client) -> serde_json::Value {
 }
 
 /// Four healthy backends over TLS: tonic's balanced channel against ours.
-async fn healthy_tls(client: &etcd_client::Client, millis: u64, rounds: u64) -> serde_json::Value {
+async fn healthy_tls(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> serde_json::Value {
     let service = "bench.healthy_tls";
     let pki = pki::Pki::new("bench");
     let setup = Setup {

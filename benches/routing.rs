@@ -43,7 +43,7 @@ use xxhash_rust::xxh64::xxh64;
 /// Serves `n` greeters (`g0`, ...) on this runtime, each serving `limit`
 /// calls at a time with `delay` of work, registered as `instance-<i>`.
 async fn instances(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     svc: &str,
     n: usize,
     delay: Duration,
@@ -60,7 +60,7 @@ async fn instances(
 }
 
 async fn instance(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     svc: &str,
     i: usize,
     delay: Duration,
@@ -95,7 +95,7 @@ fn config(json: &str) -> ServiceConfig {
     ServiceConfig::from_json(json).unwrap()
 }
 
-fn balancer(client: &etcd_client::Client, svc: &str, config: ServiceConfig) -> Balancer {
+fn balancer(client: &tonic_etcd::Etcd, svc: &str, config: ServiceConfig) -> Balancer {
     Balancer::builder(client.clone(), svc)
         .outlier_detection(OutlierDetection::disabled())
         .service_config(config)
@@ -148,7 +148,7 @@ fn spread(per: &BTreeMap<String, usize>, instances: usize) -> (usize, f64, usize
     (min, total as f64 / v.len().max(1) as f64, max)
 }
 
-async fn subsets(client: &etcd_client::Client, rows: &mut Vec<Vec<String>>) -> serde_json::Value {
+async fn subsets(client: &tonic_etcd::Etcd, rows: &mut Vec<Vec<String>>) -> serde_json::Value {
     let n_clients = setting("BENCH_CLIENTS", 100, 8) as usize;
     let n_instances = setting("BENCH_INSTANCES", 100, 8) as usize;
     let size = setting("BENCH_SUBSET", 10, 2) as usize;
@@ -244,7 +244,7 @@ async fn call_key(b: &Balancer, key: &str) -> String {
 }
 
 async fn keys_moved(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     rows: &mut Vec<Vec<String>>,
 ) -> serde_json::Value {
     let n = setting("BENCH_RING_INSTANCES", 20, 4) as usize;
@@ -332,7 +332,7 @@ fn keyed_caller(b: Balancer, hot: f64) -> Call {
     })
 }
 
-async fn hot_key(client: &etcd_client::Client, rows: &mut Vec<Vec<String>>) -> serde_json::Value {
+async fn hot_key(client: &tonic_etcd::Etcd, rows: &mut Vec<Vec<String>>) -> serde_json::Value {
     let rate = setting("BENCH_RATE", 1_200, 200);
     let length = Duration::from_millis(setting("BENCH_ROUND_MS", 2_000, 300));
     let rounds = setting("BENCH_ROUNDS", 3, 1);

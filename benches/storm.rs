@@ -242,7 +242,7 @@ async fn storm(etcd: &Etcd, n: usize, procs: usize) -> Vec<Phase> {
 
 /// N grants and N puts under them, issued at once by plain etcd clients in
 /// `procs` child processes, as the registrations are.
-async fn floor(etcd: &Etcd, client: &etcd_client::Client, n: usize, procs: usize) -> Phase {
+async fn floor(etcd: &Etcd, client: &tonic_etcd::Etcd, n: usize, procs: usize) -> Phase {
     let service = format!("floor-{n}");
     let mut fleet = Fleet::spawn(etcd, Mode::Floor, &service, n, procs);
     let meter = Meter::start(etcd, client, fleet.pids()).await;
@@ -347,7 +347,7 @@ impl Fleet {
 }
 
 /// The lowest key count under `prefix` over `dur` (counted every 50 ms).
-async fn hold(client: &etcd_client::Client, prefix: &str, dur: Duration) -> usize {
+async fn hold(client: &tonic_etcd::Etcd, prefix: &str, dur: Duration) -> usize {
     let mut c = client.clone();
     let t0 = Instant::now();
     let mut lowest = usize::MAX;
@@ -390,7 +390,7 @@ where
 /// Counts the keys under `prefix` every 50 ms until all `n` are there or
 /// the phase limit passes: (time to all, last count, largest drop).
 async fn follow(
-    client: &etcd_client::Client,
+    client: &tonic_etcd::Etcd,
     prefix: &str,
     n: usize,
     t0: Instant,
@@ -570,7 +570,7 @@ fn child() {
 
 /// The floor's work for one instance: a lease and a put under it, each sent
 /// again while etcd refuses it.
-async fn grant_and_put(c: etcd_client::Client, key: String) -> Result<(), etcd_client::Error> {
+async fn grant_and_put(c: tonic_etcd::Etcd, key: String) -> Result<(), etcd_client::Error> {
     let ttl = TTL.as_secs() as i64;
     let lease = pushed_back(|| {
         let mut c = c.clone();

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use futures_core::Stream;
 use tokio::sync::watch;
 
@@ -76,7 +76,7 @@ pub struct KeyInfo {
 /// (except without a namespace, where keys that do not decode are other
 /// applications' and are left out).
 pub async fn list(
-    client: &Client,
+    client: &Etcd,
     schema: &dyn Schema,
     service: Option<&str>,
     timeout: Duration,
@@ -130,7 +130,7 @@ pub async fn list(
 /// gone or etcd did not answer within `timeout`), asked 32 at a time: what
 /// `tonic-etcd list` and the console show beside each instance.
 pub async fn lease_ttls(
-    client: &Client,
+    client: &Etcd,
     leases: std::collections::BTreeSet<i64>,
     timeout: Duration,
 ) -> std::collections::HashMap<i64, (i64, i64)> {
@@ -159,7 +159,7 @@ pub async fn lease_ttls(
 /// Options for a [`Catalog`]. Created by [`Catalog::builder`].
 #[derive(Clone)]
 pub struct CatalogBuilder {
-    client: Client,
+    client: Etcd,
     opts: ViewOptions,
 }
 
@@ -210,9 +210,9 @@ pub struct Catalog {
 
 impl Catalog {
     /// Options for a catalog read through `client`.
-    pub fn builder(client: Client) -> CatalogBuilder {
+    pub fn builder(etcd: impl Into<Etcd>) -> CatalogBuilder {
         CatalogBuilder {
-            client,
+            client: etcd.into(),
             opts: ViewOptions::default(),
         }
     }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -77,10 +77,10 @@ impl fmt::Debug for ChannelBuilder {
 
 impl ChannelBuilder {
     /// A channel to the instances of `service` registered in etcd.
-    pub fn new(client: Client, service: impl Into<String>) -> Self {
+    pub fn new(etcd: impl Into<Etcd>, service: impl Into<String>) -> Self {
         let service = service.into();
         Self {
-            discover: Discover::builder(client, service.clone()),
+            discover: Discover::builder(etcd, service.clone()),
             service,
             scheme: "http".into(),
             configure: None,

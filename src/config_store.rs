@@ -34,7 +34,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
@@ -73,7 +73,7 @@ pub struct StoredConfig {
 /// Reads and writes service configs in etcd. See the [module docs](self).
 #[derive(Clone)]
 pub struct ConfigStore {
-    client: Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     timeout: Duration,
 }
@@ -90,9 +90,9 @@ impl std::fmt::Debug for ConfigStore {
 impl ConfigStore {
     /// A store for services under the default schema (etcd naming without
     /// namespace).
-    pub fn new(client: Client) -> Self {
+    pub fn new(etcd: impl Into<Etcd>) -> Self {
         Self {
-            client,
+            client: etcd.into(),
             schema: Arc::new(NamingSchema::new()),
             timeout: crate::watcher::DEFAULT_REQUEST_TIMEOUT,
         }

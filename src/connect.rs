@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use tonic::transport::channel::Change;
 use tonic::transport::Endpoint;
 
-/// etcd-client's `Client::connect` with the HTTP/2 settings above; use
+use crate::Etcd;
+
+/// etcd-client's `Client::connect` with the HTTP/2 settings above, as an
+/// [`Etcd`] to share (clone it into every builder); use
 /// [`connect_options`](crate::connect_options) for `options`.
 ///
 /// # Errors
@@ -27,8 +30,10 @@ use tonic::transport::Endpoint;
 pub async fn connect<E: AsRef<str>, S: AsRef<[E]>>(
     endpoints: S,
     options: Option<ConnectOptions>,
-) -> Result<Client, etcd_client::Error> {
-    Client::connect_with_balanced_channel(endpoints, options, ResetTolerant).await
+) -> Result<Etcd, etcd_client::Error> {
+    Client::connect_with_balanced_channel(endpoints, options, ResetTolerant)
+        .await
+        .map(Etcd::new)
 }
 
 /// tonic's balanced channel, with every endpoint etcd-client inserts

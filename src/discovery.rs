@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use futures_core::Stream;
 use tokio::sync::watch;
 use tower::discover::Change;
@@ -57,7 +57,7 @@ use crate::{Error, Instance};
 /// Options for a [`Discover`]. Created by [`Discover::builder`].
 #[derive(Clone)]
 pub struct DiscoverBuilder {
-    client: Client,
+    client: Etcd,
     service: String,
     opts: ViewOptions,
 }
@@ -79,7 +79,7 @@ impl DiscoverBuilder {
     }
 
     /// The etcd client.
-    pub(crate) fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Etcd {
         &self.client
     }
 
@@ -133,9 +133,9 @@ pub struct Discover {
 
 impl Discover {
     /// Options for discovering `service` through `client`.
-    pub fn builder(client: Client, service: impl Into<String>) -> DiscoverBuilder {
+    pub fn builder(etcd: impl Into<Etcd>, service: impl Into<String>) -> DiscoverBuilder {
         DiscoverBuilder {
-            client,
+            client: etcd.into(),
             service: service.into(),
             opts: ViewOptions::default(),
         }

@@ -107,6 +107,7 @@ mod connect;
 #[cfg(feature = "console")]
 pub mod console;
 pub mod discovery;
+mod etcd;
 pub mod error;
 pub mod instance;
 pub mod metrics;
@@ -127,6 +128,7 @@ pub use channel::{ChannelBuilder, EtcdChannel};
 pub use config_store::{ConfigStore, ServiceConfigStatus};
 pub use connect::connect;
 pub use discovery::Discover;
+pub use etcd::Etcd;
 pub use error::Error;
 pub use instance::{Instance, Metadata};
 pub use overrides::{Override, OverrideStore};

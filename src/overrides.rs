@@ -31,7 +31,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use crate::Etcd;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio_stream::Stream;
 use tower::discover::Change;
 
@@ -148,7 +149,7 @@ fn overrides_schema() -> NamingSchema {
 /// Reads and writes overrides.
 #[derive(Clone)]
 pub struct OverrideStore {
-    client: Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     timeout: Duration,
 }
@@ -163,9 +164,9 @@ impl std::fmt::Debug for OverrideStore {
 
 impl OverrideStore {
     /// Overrides of instances registered with `schema`.
-    pub fn new(client: Client, schema: impl Schema) -> Self {
+    pub fn new(etcd: impl Into<Etcd>, schema: impl Schema) -> Self {
         Self {
-            client,
+            client: etcd.into(),
             schema: Arc::new(schema),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -308,7 +309,7 @@ impl<D> WithOverrides<D> {
     /// on its own) the instances pass unchanged.
     pub(crate) fn new(
         inner: D,
-        client: Client,
+        client: Etcd,
         schema: &dyn Schema,
         service: &str,
         weight_key: String,

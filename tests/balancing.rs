@@ -23,7 +23,7 @@ use tonic_etcd::{Balancer, Metadata, Registration};
 const LIMIT: Duration = Duration::from_secs(10);
 
 async fn register(svc: &str, addr: &str, meta: Metadata) -> Registration {
-    common::register_with(&shared().client().await, svc, addr, meta).await
+    common::register_with(&*shared().client().await, svc, addr, meta).await
 }
 
 /// One finished call: when it started, how long it took, who answered (or

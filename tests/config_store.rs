@@ -30,7 +30,7 @@ struct Setup {
     backend: Backend,
     _reg: Registration,
     svc: String,
-    client: etcd_client::Client,
+    client: tonic_etcd::Etcd,
 }
 
 async fn setup() -> Setup {

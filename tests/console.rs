@@ -372,7 +372,7 @@ fn banner(page: &str) -> String {
 }
 
 async fn console_in_process(
-    client: etcd_client::Client,
+    client: tonic_etcd::Etcd,
     ns: &str,
     opts: tonic_etcd::console::ConsoleOptions,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {

@@ -16,10 +16,11 @@ use tower::discover::Change;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-async fn through(proxy: &FaultProxy) -> etcd_client::Client {
+async fn through(proxy: &FaultProxy) -> tonic_etcd::Etcd {
     etcd_client::Client::connect([proxy.endpoint()], Some(tonic_etcd::connect_options()))
         .await
         .unwrap()
+        .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ async fn connect_as(
     etcd: &Etcd,
     user: &str,
     password: &str,
-) -> Result<etcd_client::Client, etcd_client::Error> {
+) -> Result<tonic_etcd::Etcd, etcd_client::Error> {
     etcd_client::Client::connect(
         etcd.endpoints(),
         Some(
@@ -47,6 +47,7 @@ async fn connect_as(
         ),
     )
     .await
+    .map(Into::into)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,7 +28,7 @@ fn subsetting(scheme: &str, size: u32) -> ServiceConfig {
 }
 
 struct Fleet {
-    client: etcd_client::Client,
+    client: tonic_etcd::Etcd,
     svc: String,
     backends: Vec<Backend>,
     _regs: Vec<Registration>,

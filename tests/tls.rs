@@ -55,7 +55,7 @@ fn files(dir: &Path, client_auth: bool) -> TlsFiles {
     }
 }
 
-async fn connect(etcd: &Etcd, tls: TlsOptions) -> Result<etcd_client::Client, String> {
+async fn connect(etcd: &Etcd, tls: TlsOptions) -> Result<tonic_etcd::Etcd, String> {
     let opts: ConnectOptions = tonic_etcd::connect_options().with_tls(tls);
     let mut c = etcd_client::Client::connect(etcd.endpoints(), Some(opts))
         .await
@@ -65,7 +65,7 @@ async fn connect(etcd: &Etcd, tls: TlsOptions) -> Result<etcd_client::Client, St
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    Ok(c)
+    Ok(c.into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,8 +94,7 @@ async fn registration_and_discovery_work_over_tls() {
     // Without the CA the server's certificate is not trusted.
     let err = connect(&etcd, TlsOptions::new())
         .await
-        .err()
-        .expect("refused without the CA");
+        .expect_err("refused without the CA");
     assert!(
         err.to_lowercase().contains("certificate") || err.contains("transport error"),
         "{err}"
@@ -124,8 +123,7 @@ async fn client_certificates_are_required_when_etcd_asks_for_them() {
 
     let err = connect(&etcd, ca())
         .await
-        .err()
-        .expect("refused without a client certificate");
+        .expect_err("refused without a client certificate");
     assert!(!err.is_empty(), "refused without a client certificate");
 
     let with_identity = ca().identity(Identity::from_pem(

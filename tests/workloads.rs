@@ -19,7 +19,7 @@ use tonic_etcd::{Balancer, Metadata, Registration};
 const LIMIT: Duration = Duration::from_secs(10);
 
 async fn register(svc: &str, b: &Backend) -> Registration {
-    common::register_with(&shared().client().await, svc, &b.addr, Metadata::new()).await
+    common::register_with(&*shared().client().await, svc, &b.addr, Metadata::new()).await
 }
 
 /// An open `Chat` stream: requests go in through `tx`, replies come out.

@@ -150,13 +150,13 @@ pub struct Backends {
     registrations: Vec<Option<Registration>>,
     /// Registrations of killed backends, kept so their keys stay.
     zombies: Vec<Registration>,
-    client: etcd_client::Client,
+    client: tonic_etcd::Etcd,
     service: String,
 }
 
 impl Backends {
     /// Starts and registers `setup.n` greeters named `s0`, `s1`, ...
-    pub async fn start(client: &etcd_client::Client, service: &str, setup: Setup<'_>) -> Self {
+    pub async fn start(client: &tonic_etcd::Etcd, service: &str, setup: Setup<'_>) -> Self {
         let mut this = Self {
             addrs: Vec::new(),
             registered: Vec::new(),

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use futures_core::Stream;
 use http::HeaderValue;
 use tokio::time::Instant;
@@ -63,7 +63,7 @@ impl fmt::Debug for BalancerBuilder {
 }
 
 impl BalancerBuilder {
-    pub(super) fn new(client: Client, service: String) -> Self {
+    pub(super) fn new(client: Etcd, service: String) -> Self {
         Self {
             discover: Discover::builder(client, service.clone()),
             service,
@@ -446,7 +446,7 @@ impl BalancerBuilder {
         mut self,
         discover: D,
         etcd: Option<tokio::sync::watch::Receiver<crate::WatchStatus>>,
-        config: Option<(Client, crate::config_store::WatchConfig)>,
+        config: Option<(Etcd, crate::config_store::WatchConfig)>,
     ) -> Balancer
     where
         D: Stream<Item = Result<Change<String, Instance>, E>> + Unpin + Send + 'static,

@@ -217,7 +217,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -261,8 +261,8 @@ impl fmt::Debug for Balancer {
 
 impl Balancer {
     /// Options for a balancer over the instances of `service` in etcd.
-    pub fn builder(client: Client, service: impl Into<String>) -> BalancerBuilder {
-        BalancerBuilder::new(client, service.into())
+    pub fn builder(etcd: impl Into<Etcd>, service: impl Into<String>) -> BalancerBuilder {
+        BalancerBuilder::new(etcd.into(), service.into())
     }
 
     /// Endpoints connected and in rotation now.

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 use tonic_etcd::catalog::{self, Listing};
 use tonic_etcd::console::ConsoleOptions;
+use tonic_etcd::Etcd;
 use tonic_etcd::schema::{self, Schema};
 use tonic_etcd::testing::demo::{self, DemoOptions};
 use tonic_etcd::{ConfigStore, Discover, Metadata, Override, OverrideStore, Registration};
@@ -369,7 +370,7 @@ async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure
     }
 }
 
-async fn connect(g: &Global, timeout: Duration) -> Result<etcd_client::Client, Failure> {
+async fn connect(g: &Global, timeout: Duration) -> Result<Etcd, Failure> {
     let mut opts = tonic_etcd::connect_options().with_connect_timeout(timeout);
     if let Some(user) = &g.user {
         let password = g.password.clone().map(|s| s.0).unwrap_or_default();
@@ -460,7 +461,7 @@ fn operator() -> String {
 }
 
 async fn console(
-    client: etcd_client::Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     listen: &str,
     allow_writes: bool,
@@ -486,7 +487,7 @@ async fn console(
 }
 
 async fn list(
-    client: &etcd_client::Client,
+    client: &Etcd,
     schema: Arc<dyn Schema>,
     service: Option<&str>,
     json: bool,
@@ -635,7 +636,7 @@ fn now_ms() -> u128 {
 }
 
 async fn watch(
-    client: etcd_client::Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     service: &str,
     timeout: Duration,
@@ -678,7 +679,7 @@ async fn watch(
 }
 
 async fn register(
-    client: etcd_client::Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     service: String,
     addr: String,

@@ -40,7 +40,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
@@ -100,7 +100,7 @@ impl ConsoleOptions {
 }
 
 struct Console {
-    client: Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     overrides: OverrideStore,
     configs: ConfigStore,
@@ -115,12 +115,13 @@ struct Console {
 
 /// Serves the console on `listener` until `shutdown` resolves.
 pub async fn serve(
-    client: Client,
+    etcd: impl Into<Etcd>,
     schema: Arc<dyn Schema>,
     opts: ConsoleOptions,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let client = etcd.into();
     let local: SocketAddr = listener.local_addr()?;
     let timeout = opts.request_timeout.unwrap_or(Duration::from_secs(5));
     let read_only_reason = match (opts.allow_writes, local.ip().is_loopback()) {

@@ -54,7 +54,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -132,7 +132,7 @@ impl Eq for RegistrationState {}
 
 /// Options for a registration. Created by [`Registration::builder`].
 pub struct RegistrationBuilder {
-    client: Client,
+    client: Etcd,
     schema: Arc<dyn Schema>,
     services: Vec<String>,
     addr: Option<String>,
@@ -300,7 +300,7 @@ impl RegistrationBuilder {
             request_timeout: self.request_timeout,
             key_check_interval: self.key_check_interval,
         };
-        start(self.client, spec, self.startup_timeout).await
+        start(etcd_client::Client::from(self.client), spec, self.startup_timeout).await
     }
 }
 
@@ -382,9 +382,9 @@ impl Registration {
     ///
     /// Any client works, so etcd auth and TLS come from its `ConnectOptions`
     /// (see [`crate::connect_options`] for recommended settings).
-    pub fn builder(client: Client) -> RegistrationBuilder {
+    pub fn builder(etcd: impl Into<Etcd>) -> RegistrationBuilder {
         RegistrationBuilder {
-            client,
+            client: etcd.into(),
             schema: Arc::new(NamingSchema::new()),
             services: Vec::new(),
             addr: None,

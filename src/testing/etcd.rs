@@ -144,6 +144,11 @@ impl Etcd {
         vec![self.endpoint()]
     }
 
+    /// etcd's Prometheus metrics (its `/metrics`).
+    pub fn metrics(&self) -> String {
+        http_get(self.cluster.member(0).metrics_port, "/metrics")
+    }
+
     /// Stops etcd gracefully (SIGTERM); keeps ports and data.
     pub fn stop(&self) {
         self.cluster.member(0).stop();
@@ -188,7 +193,7 @@ impl Etcd {
     }
 
     /// A client with the crate's recommended connect options.
-    pub async fn client(&self) -> etcd_client::Client {
+    pub async fn client(&self) -> crate::Etcd {
         connect(&self.endpoints()).await
     }
 }
@@ -245,12 +250,12 @@ impl EtcdCluster {
     }
 
     /// A client over every member, with the crate's recommended options.
-    pub async fn client(&self) -> etcd_client::Client {
+    pub async fn client(&self) -> crate::Etcd {
         connect(&self.endpoints()).await
     }
 
     /// A client connected to member `i` only.
-    pub async fn member_client(&self, i: usize) -> etcd_client::Client {
+    pub async fn member_client(&self, i: usize) -> crate::Etcd {
         connect(&[self.endpoint(i)]).await
     }
 }
@@ -259,7 +264,7 @@ impl EtcdCluster {
 ///
 /// # Panics
 /// When no connection is made within a few seconds.
-pub async fn connect(endpoints: &[String]) -> etcd_client::Client {
+pub async fn connect(endpoints: &[String]) -> crate::Etcd {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match crate::connect(endpoints, Some(crate::connect_options())).await {
@@ -603,6 +608,25 @@ fn health(port: u16) -> bool {
 }
 
 /// The response to `GET path` on loopback `port` (empty when it fails).
+/// The sum of every sample of `name` (all label sets) in Prometheus text,
+/// or `None` when there is none.
+pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name{labels} v` or `name v`, not `name_suffix …`.
+        if !rest.starts_with(['{', ' ']) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
 pub(super) fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();

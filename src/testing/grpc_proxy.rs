@@ -47,7 +47,7 @@ impl EtcdProxy {
     }
 
     /// A client of etcd through the proxy (see [`crate::connect`]).
-    pub async fn client(&self) -> etcd_client::Client {
+    pub async fn client(&self) -> crate::Etcd {
         super::etcd::connect(&[self.endpoint()]).await
     }
 

@@ -10,7 +10,9 @@ mod grpc_proxy;
 pub mod interop;
 mod proxy;
 
-pub use etcd::{connect, etcd_binary, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles};
+pub use etcd::{
+    connect, etcd_binary, metric, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles,
+};
 pub use grpc_proxy::EtcdProxy;
 pub use proxy::FaultProxy;
 

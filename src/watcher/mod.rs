@@ -35,6 +35,7 @@ use crate::schema::{NamingSchema, Schema};
 use crate::{Error, Instance};
 use source::{Entry, Event, Reply, Source, WatchStream};
 
+pub(crate) mod multiplex;
 pub(crate) mod source;
 
 /// Keys per page of a listing. etcd (3.4 and 3.5) walks its index over the

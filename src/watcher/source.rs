@@ -9,14 +9,17 @@
 
 use std::future::Future;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+
+use super::multiplex::SharedWatch;
+use crate::Etcd;
 
 pub(super) type EtcdResult<T> = Result<T, etcd_client::Error>;
 
 /// tonic's default 4 MiB decode limit is below what etcd sends when a watch
 /// catches up on a backlog or a page holds large values; the limit on what
 /// etcd accepts (`--max-request-bytes`) bounds each entry anyway.
-const MAX_DECODE: usize = 256 << 20;
+pub(crate) const MAX_DECODE: usize = 256 << 20;
 
 /// A key and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +56,7 @@ pub(crate) enum Event {
 }
 
 /// One response of a watch stream.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Reply {
     pub(crate) header: Option<Header>,
     pub(crate) created: bool,
@@ -105,8 +108,9 @@ fn header(h: Option<&etcd_client::ResponseHeader>) -> Header {
     })
 }
 
-impl Source for Client {
-    type Watch = etcd_client::WatchStream;
+impl Source for Etcd {
+    /// On the client's one shared stream (`multiplex.rs`).
+    type Watch = SharedWatch;
 
     async fn page(
         &self,
@@ -122,7 +126,7 @@ impl Source for Client {
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let mut kv = self.kv_client().max_decoding_message_size(MAX_DECODE);
+        let mut kv = self.client().kv_client().max_decoding_message_size(MAX_DECODE);
         let mut resp = kv.get(from, Some(opts)).await?;
         let entries = resp
             .take_kvs()
@@ -152,51 +156,42 @@ impl Source for Client {
     /// boundaries, and etcd-client does not say which response is a
     /// fragment, so a stream lost mid-revision would resume past the rest of
     /// it. Whole responses keep every revision in one piece; the decode
-    /// limit is raised instead.
+    /// limit is raised instead (`multiplex.rs`).
     async fn watch(&self, prefix: String, start_revision: i64) -> EtcdResult<Self::Watch> {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start_revision)
             .with_progress_notify();
-        let mut watch = self.watch_client().max_decoding_message_size(MAX_DECODE);
-        watch.watch(prefix, Some(opts)).await
+        Ok(self.watches().watch(prefix.into_bytes(), opts))
     }
 }
 
-impl WatchStream for etcd_client::WatchStream {
-    async fn next(&mut self) -> EtcdResult<Option<Reply>> {
-        let Some(resp) = self.message().await? else {
-            return Ok(None);
-        };
-        let events = resp
-            .events()
-            .iter()
-            .filter_map(|e| {
-                let kv = e.kv()?;
-                let entry = Entry {
-                    key: kv.key().to_vec(),
-                    value: kv.value().to_vec(),
-                    mod_revision: kv.mod_revision(),
-                    create_revision: kv.create_revision(),
-                    lease: kv.lease(),
-                };
-                Some(match e.event_type() {
-                    EventType::Put => Event::Put(entry),
-                    EventType::Delete => Event::Delete(entry),
-                })
+/// A watch response as the views read it.
+pub(crate) fn reply(resp: etcd_client::WatchResponse) -> Reply {
+    let events = resp
+        .events()
+        .iter()
+        .filter_map(|e| {
+            let kv = e.kv()?;
+            let entry = Entry {
+                key: kv.key().to_vec(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+                create_revision: kv.create_revision(),
+                lease: kv.lease(),
+            };
+            Some(match e.event_type() {
+                EventType::Put => Event::Put(entry),
+                EventType::Delete => Event::Delete(entry),
             })
-            .collect();
-        Ok(Some(Reply {
-            header: resp.header().map(|h| header(Some(h))),
-            created: resp.created(),
-            canceled: resp.canceled(),
-            compact_revision: resp.compact_revision(),
-            cancel_reason: resp.cancel_reason().to_owned(),
-            events,
-        }))
-    }
-
-    async fn request_progress(&mut self) -> EtcdResult<()> {
-        etcd_client::WatchStream::request_progress(self).await
+        })
+        .collect();
+    Reply {
+        header: resp.header().map(|h| header(Some(h))),
+        created: resp.created(),
+        canceled: resp.canceled(),
+        compact_revision: resp.compact_revision(),
+        cancel_reason: resp.cancel_reason().to_owned(),
+        events,
     }
 }

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use crate::Etcd;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tower::discover::Change;
@@ -147,7 +147,7 @@ pub(crate) type Rank = Option<(usize, usize)>;
 /// What the coordinated scheme needs to register the client.
 #[derive(Clone)]
 pub(crate) struct Registry {
-    pub(crate) client: Client,
+    pub(crate) client: Etcd,
     /// The service's name under [`CLIENTS_ROOT`] (the schema's root prefix
     /// and the service).
     pub(crate) service: String,

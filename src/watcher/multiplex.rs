@@ -1,0 +1,608 @@
+//! One etcd Watch stream for every watch of one [`Etcd`](crate::Etcd).
+//!
+//! Each `watch()` of etcd-client opens a gRPC stream of its own, and a
+//! stream costs etcd far more than a watcher on it (its watch-memory
+//! benchmark: about 18 KB per stream, 350 B per watcher; its design target
+//! is O(100k) streams but O(10M) watchers). etcd's Go client puts every
+//! watch of one client on one stream (`clientv3/watch.go`); so does this.
+//!
+//! A task of its own reads the stream and routes each response by watch id
+//! to its watch's queue, so the stream is drained whether or not a watch's
+//! owner reads (an unread watch makes h2 close the connection that every
+//! other etcd call shares). Creates are sent one at a time and each answer
+//! is matched to the create in flight, as Go's client does: etcd answers a
+//! refused create without a usable id. A progress answer (watch id -1) is
+//! for the whole stream and goes to every created watch; progress requests
+//! are coalesced, so a thousand quiet watches ask etcd once.
+//!
+//! Each watch keeps its own revision, compaction handling and back-off (the
+//! view's task owns them). When the stream breaks every watch on it ends
+//! with the error; each re-creates itself from its own revision after its
+//! own back-off, and the first to do so opens the next stream. The stream
+//! closes when its last watch is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use etcd_client::{Client, WatchOptions};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
+
+use super::source::{reply, EtcdResult, Reply, WatchStream, MAX_DECODE};
+
+/// How long opening the stream may take before its watches are told it
+/// failed (each then retries after its back-off).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A progress request unanswered for this long may be sent again: etcd
+/// 3.5.8 and later answer only when every watcher on the stream is synced,
+/// and etcd's gRPC proxy never answers, so an answer can be owed forever.
+const PROGRESS_RESEND: Duration = Duration::from_secs(1);
+
+/// The id etcd gives a response that belongs to no single watch (a
+/// progress answer for the whole stream).
+const STREAM_WIDE: i64 = -1;
+
+/// Every watch of one etcd client, on one stream at a time.
+pub(crate) struct Multiplexer {
+    client: Client,
+    /// The running stream task's commands; `None` when no stream is open.
+    /// Watches are added only under this lock, and the task clears it
+    /// under the lock before it ends, so no watch is sent to a task that
+    /// will not serve it.
+    link: Arc<Mutex<Option<UnboundedSender<Command>>>>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Multiplexer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = lock(&self.link).as_ref().is_some_and(|c| !c.is_closed());
+        f.debug_struct("Multiplexer").field("open", &open).finish()
+    }
+}
+
+enum Command {
+    Watch {
+        local: u64,
+        request: Create,
+        replies: UnboundedSender<EtcdResult<Reply>>,
+    },
+    Cancel(u64),
+    Progress,
+}
+
+/// A create: the key and the rest of the request. (etcd-client sets the
+/// key from its own argument, over any key in the options.)
+type Create = (Vec<u8>, WatchOptions);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Multiplexer {
+    pub(crate) fn new(client: Client) -> Self {
+        Self {
+            client,
+            link: Arc::default(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds a watch of `key` (with `options`: range, start revision…) to
+    /// the open stream, opening one if there is none. Its first reply is
+    /// etcd's answer to the create.
+    pub(crate) fn watch(&self, key: Vec<u8>, options: WatchOptions) -> SharedWatch {
+        let local = self.next.fetch_add(1, Ordering::Relaxed);
+        let (replies, rx) = unbounded_channel();
+        let mut link = lock(&self.link);
+        let commands = match &*link {
+            Some(commands) if !commands.is_closed() => commands.clone(),
+            _ => {
+                let (commands, rx) = unbounded_channel();
+                tokio::spawn(run(self.client.clone(), self.link.clone(), rx));
+                *link = Some(commands.clone());
+                commands
+            }
+        };
+        // A task that is gone drops `replies`: the watch reads as ended
+        // and is retried.
+        let _ = commands.send(Command::Watch {
+            local,
+            request: (key, options),
+            replies,
+        });
+        SharedWatch {
+            local,
+            replies: rx,
+            commands,
+        }
+    }
+
+}
+
+/// One watch on the shared stream; dropping it cancels the watch at etcd.
+#[derive(Debug)]
+pub(crate) struct SharedWatch {
+    local: u64,
+    replies: UnboundedReceiver<EtcdResult<Reply>>,
+    commands: UnboundedSender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Watch { local, .. } => write!(f, "Watch({local})"),
+            Self::Cancel(local) => write!(f, "Cancel({local})"),
+            Self::Progress => f.write_str("Progress"),
+        }
+    }
+}
+
+impl Drop for SharedWatch {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Cancel(self.local));
+    }
+}
+
+impl WatchStream for SharedWatch {
+    async fn next(&mut self) -> EtcdResult<Option<Reply>> {
+        self.replies.recv().await.transpose()
+    }
+
+    async fn request_progress(&mut self) -> EtcdResult<()> {
+        self.commands
+            .send(Command::Progress)
+            .map_err(|_| etcd_client::Error::WatchError("the watch stream is closed".into()))
+    }
+}
+
+/// Which watch each response belongs to: the stream task's state, kept
+/// apart from its I/O so that the routing rules are unit-tested.
+#[derive(Default)]
+struct Router {
+    watches: HashMap<u64, Routed>,
+    /// etcd's watch id → the watch.
+    ids: HashMap<i64, u64>,
+    /// Watches whose create waits for the one in flight to be answered.
+    queue: VecDeque<u64>,
+    /// The watch whose create etcd has not answered yet. It stays here
+    /// when that watch is dropped meanwhile: the answer is still its.
+    creating: Option<u64>,
+}
+
+struct Routed {
+    replies: UnboundedSender<EtcdResult<Reply>>,
+    /// The create, until it is sent.
+    request: Option<Create>,
+    /// etcd's id, once created.
+    id: Option<i64>,
+}
+
+/// What the stream must send after a router step.
+#[derive(Debug, Default, PartialEq)]
+struct Send {
+    /// Cancel this etcd watch (its owner is gone).
+    cancel: Option<i64>,
+    /// The next create, of this watch.
+    create: Option<u64>,
+}
+
+impl Router {
+    /// Adds a watch; `Some` when its create is to be sent now.
+    fn add(
+        &mut self,
+        local: u64,
+        request: Create,
+        replies: UnboundedSender<EtcdResult<Reply>>,
+    ) -> Option<u64> {
+        self.watches.insert(
+            local,
+            Routed {
+                replies,
+                request: Some(request),
+                id: None,
+            },
+        );
+        self.queue.push_back(local);
+        self.next_create()
+    }
+
+    /// The create to send next, if none is in flight.
+    fn next_create(&mut self) -> Option<u64> {
+        if self.creating.is_some() {
+            return None;
+        }
+        while let Some(local) = self.queue.pop_front() {
+            if self.watches.contains_key(&local) {
+                self.creating = Some(local);
+                return Some(local);
+            }
+        }
+        None
+    }
+
+    /// The create request of `local`, taken to be sent.
+    fn take_request(&mut self, local: u64) -> Option<Create> {
+        self.watches.get_mut(&local)?.request.take()
+    }
+
+    /// Removes a dropped watch; `Some(id)`: cancel it at etcd.
+    fn remove(&mut self, local: u64) -> Option<i64> {
+        let id = self.watches.remove(&local)?.id?;
+        self.ids.remove(&id);
+        Some(id)
+    }
+
+    /// Routes one response.
+    fn route(&mut self, reply: Reply, watch_id: i64) -> Send {
+        let mut send = Send::default();
+        if reply.created {
+            let local = self.creating.take();
+            match local.and_then(|l| self.watches.get_mut(&l).map(|w| (l, w))) {
+                Some((local, watch)) => {
+                    let refused = reply.canceled;
+                    if !refused {
+                        watch.id = Some(watch_id);
+                        self.ids.insert(watch_id, local);
+                    }
+                    let _ = watch.replies.send(Ok(reply));
+                    if refused {
+                        self.watches.remove(&local);
+                    }
+                }
+                // Dropped before etcd created it: cancel it now.
+                None if !reply.canceled => send.cancel = Some(watch_id),
+                None => {}
+            }
+            send.create = self.next_create();
+        } else if watch_id == STREAM_WIDE && !reply.canceled {
+            // Only to created watches: a watch's first reply is its create's.
+            for watch in self.watches.values().filter(|w| w.id.is_some()) {
+                let _ = watch.replies.send(Ok(reply.clone()));
+            }
+        } else if let Some(&local) = self.ids.get(&watch_id) {
+            let canceled = reply.canceled;
+            if let Some(watch) = self.watches.get(&local) {
+                let _ = watch.replies.send(Ok(reply));
+            }
+            if canceled {
+                self.ids.remove(&watch_id);
+                self.watches.remove(&local);
+            }
+        }
+        // Anything else belongs to a watch already dropped and cancelled.
+        send
+    }
+
+    /// Ends every watch with `error` (the stream broke).
+    fn fail(&mut self, error: &str) {
+        for (_, watch) in self.watches.drain() {
+            let _ = watch.replies.send(Err(stream_error(error)));
+        }
+        self.ids.clear();
+        self.queue.clear();
+        self.creating = None;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.watches.is_empty()
+    }
+}
+
+fn stream_error(error: &str) -> etcd_client::Error {
+    etcd_client::Error::WatchError(format!("the shared watch stream failed: {error}"))
+}
+
+/// etcd 3.5 says why it refused a create; these reasons concern the
+/// stream's token, not the watch, so Go's client opens a new stream with a
+/// fresh token. (etcd 3.4 says "permission denied" for both.)
+fn stale_auth(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("auth store is old")
+}
+
+/// The stream task: opens the stream with the first watch's create, then
+/// routes until the stream breaks or its last watch is gone.
+async fn run(
+    client: Client,
+    link: Arc<Mutex<Option<UnboundedSender<Command>>>>,
+    mut commands: UnboundedReceiver<Command>,
+) {
+    let mut router = Router::default();
+    // The spawner sends a watch before anyone else can reach this task; the
+    // first one added is the first create.
+    let first = loop {
+        match commands.recv().await {
+            Some(Command::Watch {
+                local,
+                request,
+                replies,
+            }) => {
+                if let Some(first) = router.add(local, request, replies) {
+                    break first;
+                }
+            }
+            Some(_) => {}
+            None => return,
+        }
+    };
+    let Some((key, options)) = router.take_request(first) else {
+        return close(&link, commands, router, "no create to send").await;
+    };
+    let mut watch_client = client.watch_client().max_decoding_message_size(MAX_DECODE);
+    let open = watch_client.watch(key, Some(options));
+    let stream = match tokio::time::timeout(OPEN_TIMEOUT, open).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return close(&link, commands, router, &e.to_string()).await,
+        Err(_) => return close(&link, commands, router, "no answer within 5s").await,
+    };
+    let (mut sender, mut responses) = stream.split();
+    let mut progress_asked: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(command) = command else { return };
+                let result = match command {
+                    Command::Watch { local, request, replies } => {
+                        match router.add(local, request, replies) {
+                            Some(local) => send_create(&mut sender, &mut router, local).await,
+                            None => Ok(()),
+                        }
+                    }
+                    Command::Cancel(local) => {
+                        let result = match router.remove(local) {
+                            Some(id) => sender.cancel(id).await,
+                            None => Ok(()),
+                        };
+                        if router.is_empty() && idle_close(&link, &commands) {
+                            return;
+                        }
+                        result
+                    }
+                    Command::Progress => {
+                        if progress_asked.is_some_and(|at| at.elapsed() < PROGRESS_RESEND) {
+                            Ok(())
+                        } else {
+                            progress_asked = Some(Instant::now());
+                            sender.request_progress().await
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    return close(&link, commands, router, &e.to_string()).await;
+                }
+            }
+            response = responses.message() => {
+                let response = match response {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return close(&link, commands, router, "etcd ended it").await,
+                    Err(e) => return close(&link, commands, router, &e.to_string()).await,
+                };
+                let watch_id = response.watch_id();
+                let reply = reply(response);
+                if watch_id == STREAM_WIDE && !reply.created {
+                    progress_asked = None;
+                }
+                let auth = reply.canceled && stale_auth(&reply.cancel_reason);
+                let reason = reply.cancel_reason.clone();
+                let send = router.route(reply, watch_id);
+                if auth {
+                    tracing::info!(%reason, "etcd refused a watch for the stream's token; \
+                        refreshing it and opening a new stream");
+                    let _ = tokio::time::timeout(OPEN_TIMEOUT, client.refresh_token()).await;
+                    return close(&link, commands, router, &reason).await;
+                }
+                let mut result = Ok(());
+                if let Some(id) = send.cancel {
+                    result = sender.cancel(id).await;
+                }
+                if let (Ok(()), Some(local)) = (&result, send.create) {
+                    result = send_create(&mut sender, &mut router, local).await;
+                }
+                if let Err(e) = result {
+                    return close(&link, commands, router, &e.to_string()).await;
+                }
+                if router.is_empty() && idle_close(&link, &commands) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn send_create(
+    sender: &mut etcd_client::WatchRequestSender,
+    router: &mut Router,
+    local: u64,
+) -> EtcdResult<()> {
+    match router.take_request(local) {
+        Some((key, options)) => sender.watch(key, Some(options)).await,
+        None => Ok(()),
+    }
+}
+
+/// Closes an idle stream unless a watch is on its way to it.
+fn idle_close(
+    link: &Mutex<Option<UnboundedSender<Command>>>,
+    commands: &UnboundedReceiver<Command>,
+) -> bool {
+    let mut link = lock(link);
+    if !commands.is_empty() {
+        return false;
+    }
+    *link = None;
+    true
+}
+
+/// Ends the stream: every watch on it, and every watch sent to it before
+/// the link was cleared, ends with `error`.
+async fn close(
+    link: &Mutex<Option<UnboundedSender<Command>>>,
+    mut commands: UnboundedReceiver<Command>,
+    mut router: Router,
+    error: &str,
+) {
+    *lock(link) = None;
+    tracing::debug!(%error, "etcd watch stream closed");
+    router.fail(error);
+    // Nothing adds a watch once the link is cleared.
+    commands.close();
+    while let Some(command) = commands.recv().await {
+        if let Command::Watch { replies, .. } = command {
+            let _ = replies.send(Err(stream_error(error)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watcher::source::{Entry, Event, Header};
+
+    fn router_with(n: u64) -> (Router, Vec<UnboundedReceiver<EtcdResult<Reply>>>) {
+        let mut router = Router::default();
+        let mut rxs = Vec::new();
+        for local in 0..n {
+            let (tx, rx) = unbounded_channel();
+            router.add(local, (Vec::new(), WatchOptions::new()), tx);
+            rxs.push(rx);
+        }
+        (router, rxs)
+    }
+
+    fn created(canceled: bool) -> Reply {
+        Reply {
+            created: true,
+            canceled,
+            ..Reply::default()
+        }
+    }
+
+    fn event(rev: i64) -> Reply {
+        Reply {
+            header: Some(Header {
+                revision: rev,
+                cluster_id: 1,
+            }),
+            events: vec![Event::Put(Entry {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                mod_revision: rev,
+                create_revision: rev,
+                lease: 0,
+            })],
+            ..Reply::default()
+        }
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<EtcdResult<Reply>>) -> Vec<Reply> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            out.push(r.expect("an Ok reply"));
+        }
+        out
+    }
+
+    #[test]
+    fn creates_go_one_at_a_time_and_answers_match_them_in_order() {
+        let mut router = Router::default();
+        let (tx0, mut rx0) = unbounded_channel();
+        let (tx1, mut rx1) = unbounded_channel();
+        assert_eq!(router.add(0, (Vec::new(), WatchOptions::new()), tx0), Some(0));
+        assert_eq!(router.add(1, (Vec::new(), WatchOptions::new()), tx1), None, "one create in flight");
+        let send = router.route(created(false), 7);
+        assert_eq!(send.create, Some(1));
+        assert_eq!(router.route(created(false), 8).create, None);
+        router.route(event(10), 8);
+        router.route(event(11), 7);
+        assert_eq!(drain(&mut rx0).len(), 2, "created + its event");
+        let r1 = drain(&mut rx1);
+        assert!(r1[0].created && r1[1].events.len() == 1);
+    }
+
+    #[test]
+    fn a_refused_create_goes_to_its_watch_and_the_next_create_follows() {
+        let (mut router, mut rxs) = router_with(2);
+        let send = router.route(created(true), STREAM_WIDE);
+        assert_eq!(send.create, Some(1));
+        let r0 = drain(&mut rxs[0]);
+        assert!(r0.len() == 1 && r0[0].canceled);
+        assert!(!router.watches.contains_key(&0));
+        // A later response with the refused watch's id reaches nobody.
+        router.route(created(false), 0);
+        router.route(event(5), 0);
+        assert_eq!(drain(&mut rxs[1]).len(), 2);
+    }
+
+    #[test]
+    fn progress_for_the_stream_reaches_every_created_watch_only() {
+        let (mut router, mut rxs) = router_with(3);
+        router.route(created(false), 0);
+        router.route(created(false), 1);
+        // Watch 2's create is in flight.
+        let progress = Reply {
+            header: Some(Header {
+                revision: 9,
+                cluster_id: 1,
+            }),
+            ..Reply::default()
+        };
+        router.route(progress, STREAM_WIDE);
+        assert_eq!(drain(&mut rxs[0]).len(), 2);
+        assert_eq!(drain(&mut rxs[1]).len(), 2);
+        assert!(drain(&mut rxs[2]).is_empty(), "no reply before its create's answer");
+    }
+
+    #[test]
+    fn a_watch_dropped_before_its_create_is_answered_is_cancelled_then() {
+        let (mut router, _rxs) = router_with(2);
+        assert_eq!(router.remove(0), None, "no id to cancel yet");
+        let send = router.route(created(false), 4);
+        assert_eq!(send, Send { cancel: Some(4), create: Some(1) });
+    }
+
+    #[test]
+    fn a_dropped_created_watch_is_cancelled_and_its_late_events_go_nowhere() {
+        let (mut router, mut rxs) = router_with(2);
+        router.route(created(false), 3);
+        router.route(created(false), 4);
+        assert_eq!(router.remove(0), Some(3));
+        router.route(event(6), 3);
+        assert_eq!(drain(&mut rxs[1]).len(), 1);
+        assert!(!router.is_empty());
+        assert_eq!(router.remove(1), Some(4));
+        assert!(router.is_empty());
+    }
+
+    #[test]
+    fn a_compaction_cancel_ends_only_its_watch() {
+        let (mut router, mut rxs) = router_with(2);
+        router.route(created(false), 0);
+        router.route(created(false), 1);
+        let cancel = Reply {
+            canceled: true,
+            compact_revision: 42,
+            ..Reply::default()
+        };
+        router.route(cancel, 0);
+        let r0 = drain(&mut rxs[0]);
+        assert_eq!(r0.last().map(|r| r.compact_revision), Some(42));
+        assert!(!router.watches.contains_key(&0));
+        router.route(event(50), 1);
+        assert_eq!(drain(&mut rxs[1]).len(), 2);
+    }
+
+    #[test]
+    fn a_broken_stream_ends_every_watch_with_its_error() {
+        let (mut router, mut rxs) = router_with(3);
+        router.route(created(false), 0);
+        router.fail("connection reset");
+        for rx in &mut rxs {
+            let last = std::iter::from_fn(|| rx.try_recv().ok()).last();
+            let err = last.expect("a reply").expect_err("an error");
+            assert!(err.to_string().contains("connection reset"), "{err}");
+        }
+        assert!(router.is_empty() && router.creating.is_none());
+    }
+}
