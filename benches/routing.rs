@@ -243,10 +243,7 @@ async fn call_key(b: &Balancer, key: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn keys_moved(
-    client: &tonic_etcd::Etcd,
-    rows: &mut Vec<Vec<String>>,
-) -> serde_json::Value {
+async fn keys_moved(client: &tonic_etcd::Etcd, rows: &mut Vec<Vec<String>>) -> serde_json::Value {
     let n = setting("BENCH_RING_INSTANCES", 20, 4) as usize;
     let n_keys = setting("BENCH_KEYS", 2_000, 100) as usize;
     let joiners = setting("BENCH_JOINERS", 5, 1) as usize;

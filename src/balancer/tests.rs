@@ -9,7 +9,9 @@ type NoChange = Result<Change<String, Instance>, std::convert::Infallible>;
 async fn balancer(configure: impl FnOnce(BalancerBuilder) -> BalancerBuilder) -> Balancer {
     // Never dialled: etcd-client connects lazily, and `build_with`
     // replaces etcd as the source of endpoints.
-    let client = etcd_client::Client::connect(["http://127.0.0.1:1"], None).await.unwrap();
+    let client = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+        .await
+        .unwrap();
     let never = tokio_stream::pending::<NoChange>();
     configure(Balancer::builder(client, "svc"))
         .build_with(never)

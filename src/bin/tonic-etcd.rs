@@ -13,9 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_stream::StreamExt;
 use tonic_etcd::catalog::{self, Listing};
 use tonic_etcd::console::ConsoleOptions;
-use tonic_etcd::Etcd;
 use tonic_etcd::schema::{self, Schema};
 use tonic_etcd::testing::demo::{self, DemoOptions};
+use tonic_etcd::Etcd;
 use tonic_etcd::{ConfigStore, Discover, Metadata, Override, OverrideStore, Registration};
 use tower::discover::Change;
 

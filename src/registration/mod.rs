@@ -300,7 +300,12 @@ impl RegistrationBuilder {
             request_timeout: self.request_timeout,
             key_check_interval: self.key_check_interval,
         };
-        start(etcd_client::Client::from(self.client), spec, self.startup_timeout).await
+        start(
+            etcd_client::Client::from(self.client),
+            spec,
+            self.startup_timeout,
+        )
+        .await
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions};
 
 use super::multiplex::SharedWatch;
 use crate::Etcd;
@@ -126,7 +126,10 @@ impl Source for Etcd {
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let mut kv = self.client().kv_client().max_decoding_message_size(MAX_DECODE);
+        let mut kv = self
+            .client()
+            .kv_client()
+            .max_decoding_message_size(MAX_DECODE);
         let mut resp = kv.get(from, Some(opts)).await?;
         let entries = resp
             .take_kvs()
@@ -152,17 +155,9 @@ impl Source for Etcd {
         })
     }
 
-    /// No fragments: etcd splits them on event boundaries, not revision
-    /// boundaries, and etcd-client does not say which response is a
-    /// fragment, so a stream lost mid-revision would resume past the rest of
-    /// it. Whole responses keep every revision in one piece; the decode
-    /// limit is raised instead (`multiplex.rs`).
+    /// On the client's one stream, shared with its other watches.
     async fn watch(&self, prefix: String, start_revision: i64) -> EtcdResult<Self::Watch> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(start_revision)
-            .with_progress_notify();
-        Ok(self.watches().watch(prefix.into_bytes(), opts))
+        Ok(self.watches().watch(prefix.into_bytes(), start_revision))
     }
 }
 
