@@ -116,3 +116,58 @@ async fn a_restarted_proxy_is_followed() {
     })
     .await;
 }
+
+/// etcd's count of linearizable reads (`Range` calls) served.
+fn ranges(etcd: &tonic_etcd::testing::Etcd) -> f64 {
+    etcd.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_handled_total") && l.contains("grpc_method=\"Range\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Through the proxy a quiet watch is checked with a read; on one `Etcd`
+/// one read answers for all its quiet watches, so twenty of them cost
+/// about one read per quiet period, not twenty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_watches_on_one_client_share_their_liveness_reads() {
+    common::init_tracing();
+    const VIEWS: usize = 20;
+    const PERIODS: u32 = 8;
+    // A dedicated etcd: its read count is this test's alone.
+    let etcd = tonic_etcd::testing::Etcd::start();
+    let proxy = EtcdProxy::start(&[etcd.endpoint()]);
+    let client = proxy.client().await;
+    let views: Vec<Discover> = (0..VIEWS)
+        .map(|i| {
+            Discover::builder(client.clone(), format!("quiet{i}"))
+                .idle_timeout(IDLE)
+                .request_timeout(REQUEST)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for v in &views {
+        let status = v.status();
+        eventually(LIMIT, "each view synced", || async {
+            status.borrow().synced.then_some(())
+        })
+        .await;
+    }
+    // The first quiet period finds out that the proxy does not answer
+    // progress requests; count from after it.
+    tokio::time::sleep(IDLE + REQUEST * 2).await;
+    let before = ranges(&etcd);
+    tokio::time::sleep(IDLE * PERIODS).await;
+    let reads = ranges(&etcd) - before;
+    assert!(
+        reads <= f64::from(PERIODS) * 2.0,
+        "{reads} reads in {PERIODS} quiet periods of {VIEWS} watches"
+    );
+    for v in &views {
+        let s = v.status().borrow().clone();
+        assert_eq!(s.reconnects, 0, "a quiet watch was restarted: {s:?}");
+    }
+}

@@ -718,7 +718,11 @@ pub(crate) async fn next_reply<S: Source>(
                     })?;
             }
             (Progress::Unknown | Progress::Unanswered, _) => {
-                check_by_read(source, prefix, request_timeout).await?;
+                // On a shared stream, anything it received for another
+                // watch answers for this one.
+                if !stream.heard_within(idle) {
+                    check_alive(source, prefix, request_timeout, idle).await?;
+                }
                 if liveness.progress == Progress::Unknown {
                     tracing::info!(%prefix, "etcd does not answer watch progress requests \
                         (an etcd gRPC proxy?); checking quiet watches with a read instead");
@@ -728,6 +732,37 @@ pub(crate) async fn next_reply<S: Source>(
             }
         }
     }
+}
+
+/// Checks with a read that the connection under a quiet watch is alive.
+/// The watches of one client share its connection: one read at a time
+/// answers for all of them, and its outcome stands for `age` (a quiet
+/// period), so a thousand quiet watches cost one read per period.
+async fn check_alive<S: Source>(
+    source: &S,
+    prefix: &str,
+    timeout: Duration,
+    age: Duration,
+) -> Result<(), Error> {
+    let Some(gate) = source.read_gate() else {
+        return check_by_read(source, prefix, timeout).await;
+    };
+    let mut last = gate.lock().await;
+    if let Some((at, outcome)) = &*last {
+        if at.elapsed() <= age {
+            return outcome.clone().map_err(|e| Error::Etcd {
+                op: "watch liveness read",
+                source: etcd_client::Error::WatchError(e),
+            });
+        }
+    }
+    let outcome = check_by_read(source, prefix, timeout).await;
+    let at = tokio::time::Instant::now();
+    *last = Some((
+        at,
+        outcome.as_ref().map(|_| ()).map_err(ToString::to_string),
+    ));
+    outcome
 }
 
 /// A linearizable read of one key of `prefix`, within `timeout`.

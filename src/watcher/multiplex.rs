@@ -52,13 +52,43 @@ pub(crate) struct Multiplexer {
     /// Watches are added only under this lock, and the task clears it
     /// under the lock before it ends, so no watch is sent to a task that
     /// will not serve it.
-    link: Arc<Mutex<Option<UnboundedSender<Command>>>>,
+    link: Arc<Mutex<Option<Link>>>,
     next: AtomicU64,
+    /// The liveness reads of this client's quiet watches (`watcher::check_alive`).
+    reads: ReadGate,
+}
+
+/// One liveness read at a time per client, and its outcome reused within a
+/// quiet period: the watches of a client share its connection, so one read
+/// answers for all of them. `Err` holds the failure's message.
+pub(crate) type ReadGate = tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>;
+
+/// The open stream: its task's commands, and when it last heard from etcd.
+struct Link {
+    commands: UnboundedSender<Command>,
+    heard: Arc<Heard>,
+}
+
+/// When a stream last received anything: proof, for every watch on it,
+/// that the stream is alive.
+#[derive(Debug, Default)]
+pub(crate) struct Heard(Mutex<Option<Instant>>);
+
+impl Heard {
+    fn mark(&self) {
+        *lock(&self.0) = Some(Instant::now());
+    }
+
+    fn within(&self, age: Duration) -> bool {
+        lock(&self.0).is_some_and(|at| at.elapsed() <= age)
+    }
 }
 
 impl std::fmt::Debug for Multiplexer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let open = lock(&self.link).as_ref().is_some_and(|c| !c.is_closed());
+        let open = lock(&self.link)
+            .as_ref()
+            .is_some_and(|l| !l.commands.is_closed());
         f.debug_struct("Multiplexer").field("open", &open).finish()
     }
 }
@@ -86,6 +116,7 @@ impl Multiplexer {
             client,
             link: Arc::default(),
             next: AtomicU64::new(0),
+            reads: ReadGate::default(),
         }
     }
 
@@ -96,13 +127,18 @@ impl Multiplexer {
         let local = self.next.fetch_add(1, Ordering::Relaxed);
         let (replies, rx) = unbounded_channel();
         let mut link = lock(&self.link);
-        let commands = match &*link {
-            Some(commands) if !commands.is_closed() => commands.clone(),
+        let (commands, heard) = match &*link {
+            Some(l) if !l.commands.is_closed() => (l.commands.clone(), l.heard.clone()),
             _ => {
                 let (commands, rx) = unbounded_channel();
-                tokio::spawn(run(self.client.clone(), self.link.clone(), rx));
-                *link = Some(commands.clone());
-                commands
+                let heard = Arc::new(Heard::default());
+                let task = run(self.client.clone(), self.link.clone(), rx, heard.clone());
+                tokio::spawn(task);
+                *link = Some(Link {
+                    commands: commands.clone(),
+                    heard: heard.clone(),
+                });
+                (commands, heard)
             }
         };
         // A task that is gone drops `replies`: the watch reads as ended
@@ -116,7 +152,12 @@ impl Multiplexer {
             local,
             replies: rx,
             commands,
+            heard,
         }
+    }
+
+    pub(crate) fn reads(&self) -> &ReadGate {
+        &self.reads
     }
 }
 
@@ -126,6 +167,7 @@ pub(crate) struct SharedWatch {
     local: u64,
     replies: UnboundedReceiver<EtcdResult<Reply>>,
     commands: UnboundedSender<Command>,
+    heard: Arc<Heard>,
 }
 
 impl std::fmt::Debug for Command {
@@ -153,6 +195,11 @@ impl WatchStream for SharedWatch {
         self.commands
             .send(Command::Progress)
             .map_err(|_| etcd_client::Error::WatchError("the watch stream is closed".into()))
+    }
+
+    /// Anything the shared stream received (for any watch) shows it alive.
+    fn heard_within(&self, age: Duration) -> bool {
+        self.heard.within(age)
     }
 }
 
@@ -421,8 +468,9 @@ fn stale_auth(reason: &str) -> bool {
 /// routes until the stream breaks or its last watch is gone.
 async fn run(
     client: Client,
-    link: Arc<Mutex<Option<UnboundedSender<Command>>>>,
+    link: Arc<Mutex<Option<Link>>>,
     mut commands: UnboundedReceiver<Command>,
+    heard: Arc<Heard>,
 ) {
     let mut router = Router::default();
     // The spawner sends a watch before anyone else can reach this task; the
@@ -490,7 +538,10 @@ async fn run(
             }
             response = responses.message() => {
                 let response = match response {
-                    Ok(Some(response)) => response,
+                    Ok(Some(response)) => {
+                        heard.mark();
+                        response
+                    }
                     Ok(None) => return close(&link, commands, router, "etcd ended it").await,
                     Err(e) => return close(&link, commands, router, &e.to_string()).await,
                 };
@@ -551,10 +602,7 @@ fn options(start: i64) -> WatchOptions {
 }
 
 /// Closes an idle stream unless a watch is on its way to it.
-fn idle_close(
-    link: &Mutex<Option<UnboundedSender<Command>>>,
-    commands: &UnboundedReceiver<Command>,
-) -> bool {
+fn idle_close(link: &Mutex<Option<Link>>, commands: &UnboundedReceiver<Command>) -> bool {
     let mut link = lock(link);
     if !commands.is_empty() {
         return false;
@@ -566,7 +614,7 @@ fn idle_close(
 /// Ends the stream: every watch on it, and every watch sent to it before
 /// the link was cleared, ends with `error`.
 async fn close(
-    link: &Mutex<Option<UnboundedSender<Command>>>,
+    link: &Mutex<Option<Link>>,
     mut commands: UnboundedReceiver<Command>,
     mut router: Router,
     error: &str,

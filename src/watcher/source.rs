@@ -8,10 +8,11 @@
 //! partitioned etcd does.
 
 use std::future::Future;
+use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions};
 
-use super::multiplex::SharedWatch;
+use super::multiplex::{ReadGate, SharedWatch};
 use crate::Etcd;
 
 pub(super) type EtcdResult<T> = Result<T, etcd_client::Error>;
@@ -90,6 +91,12 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
         prefix: String,
         start_revision: i64,
     ) -> impl Future<Output = EtcdResult<Self::Watch>> + Send;
+
+    /// Where the liveness reads of this source's watches meet, when they
+    /// share a connection (see `watcher::check_alive`).
+    fn read_gate(&self) -> Option<&ReadGate> {
+        None
+    }
 }
 
 /// An open watch.
@@ -99,6 +106,13 @@ pub(crate) trait WatchStream: Send + 'static {
 
     /// Asks etcd for a progress notification.
     fn request_progress(&mut self) -> impl Future<Output = EtcdResult<()>> + Send;
+
+    /// Whether the stream under this watch received anything within `age`
+    /// (for another watch, when it is shared): then it is alive without
+    /// asking.
+    fn heard_within(&self, _age: Duration) -> bool {
+        false
+    }
 }
 
 fn header(h: Option<&etcd_client::ResponseHeader>) -> Header {
@@ -158,6 +172,10 @@ impl Source for Etcd {
     /// On the client's one stream, shared with its other watches.
     async fn watch(&self, prefix: String, start_revision: i64) -> EtcdResult<Self::Watch> {
         Ok(self.watches().watch(prefix.into_bytes(), start_revision))
+    }
+
+    fn read_gate(&self) -> Option<&ReadGate> {
+        Some(self.watches().reads())
     }
 }
 
