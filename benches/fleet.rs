@@ -13,7 +13,7 @@
 //!
 //! `cargo bench --bench fleet`; `BENCH_FLEET_PROCS` (4),
 //! `BENCH_FLEET_BALANCERS` per process (100), `BENCH_FLEET_SERVICES` (50),
-//! `BENCH_FLEET_IDLE_SECS` (10), `BENCH_FLEET_CHANGES` (30),
+//! `BENCH_FLEET_IDLE_SECS` (30), `BENCH_FLEET_CHANGES` (30),
 //! `BENCH_SCENARIOS` (`direct`, `proxy`).
 
 #[path = "support/mod.rs"]
@@ -29,8 +29,9 @@ use support::{ms, setting, table, write_json, Stats};
 use tonic_etcd::testing::{metric, Etcd, EtcdProxy};
 
 const CHILD: &str = "TONIC_ETCD_FLEET_CHILD";
-/// Longest wait for a change to reach every member, and for a sync.
-const WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a change to reach every member, and for a sync; a
+/// member that has not seen a change by then is counted as missed.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn service(i: usize) -> String {
     format!("fleet.v1.S{i}")
@@ -87,7 +88,9 @@ fn main() {
     let procs = setting("BENCH_FLEET_PROCS", 4, 2) as usize;
     let per = setting("BENCH_FLEET_BALANCERS", 100, 4) as usize;
     let services = setting("BENCH_FLEET_SERVICES", 50, 2) as usize;
-    let idle = Duration::from_secs(setting("BENCH_FLEET_IDLE_SECS", 10, 1));
+    // Longer than a quiet period and its request timeout (10 s + 5 s), so
+    // the steady liveness checks fall inside it.
+    let idle = Duration::from_secs(setting("BENCH_FLEET_IDLE_SECS", 30, 1));
     let changes = setting("BENCH_FLEET_CHANGES", 30, 3) as usize;
     let etcd = Etcd::options().fsync(true).start();
     let rt = support::runtime();
@@ -175,6 +178,8 @@ struct Measured {
     etcd_cpu_ms_s: f64,
     etcd_rss: u64,
     reads_per_s: f64,
+    /// Members that had not seen a change within `WAIT`.
+    missed: usize,
     change: Stats,
 }
 
@@ -195,6 +200,7 @@ impl Measured {
             ms(self.change.p50),
             ms(self.change.p99),
             ms(self.change.max),
+            self.missed.to_string(),
         ]
     }
 
@@ -209,6 +215,7 @@ impl Measured {
             "etcd_rss_bytes": self.etcd_rss,
             "etcd_reads_per_s_idle": self.reads_per_s,
             "change": self.change.json(),
+            "change_missed": self.missed,
         })
     }
 }
@@ -314,6 +321,7 @@ impl Run<'_> {
         // Changes: a new instance of one service, seen by every member of it.
         let mut client = self.etcd.client().await;
         let mut delays = Vec::new();
+        let mut missed = 0;
         for c in 0..self.changes {
             let s = c % self.services;
             for k in &mut kids {
@@ -329,11 +337,13 @@ impl Run<'_> {
                 .expect("put a change");
             for k in &mut kids {
                 let line = k.read();
-                // A member that never saw it counts as the whole wait.
                 for seen in line.split_whitespace().skip(1) {
-                    delays.push(seen.parse::<u128>().map_or(WAIT, |at| {
-                        Duration::from_micros(at.saturating_sub(put_at) as u64)
-                    }));
+                    match seen.parse::<u128>() {
+                        Ok(at) => {
+                            delays.push(Duration::from_micros(at.saturating_sub(put_at) as u64))
+                        }
+                        Err(_) => missed += 1,
+                    }
                 }
             }
         }
@@ -357,6 +367,7 @@ impl Run<'_> {
             etcd_cpu_ms_s,
             etcd_rss: rss_of(pid),
             reads_per_s,
+            missed,
             change: Stats::of(if delays.is_empty() {
                 vec![Duration::ZERO]
             } else {
@@ -429,9 +440,16 @@ fn child() {
                     .expect("a plain watch");
                 let set = flag.clone();
                 watches.push(tokio::spawn(async move {
-                    while let Ok(Some(resp)) = stream.message().await {
-                        if !resp.events().is_empty() {
-                            set.store(true, Ordering::Release);
+                    // A plain watch, as a client without recovery keeps it:
+                    // when it ends, say so (the bench counts its misses).
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(resp)) if !resp.events().is_empty() => {
+                                set.store(true, Ordering::Release);
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => break eprintln!("fleet floor: a watch ended"),
+                            Err(e) => break eprintln!("fleet floor: a watch failed: {e}"),
                         }
                     }
                 }));

@@ -171,3 +171,28 @@ async fn quiet_watches_on_one_client_share_their_liveness_reads() {
         assert_eq!(s.reconnects, 0, "a quiet watch was restarted: {s:?}");
     }
 }
+
+/// etcd's gRPC proxy keeps gRPC-go's default ping policy (a client may ping
+/// at most every 5 minutes; the third ping sooner on a quiet connection is
+/// answered with GOAWAY `too_many_pings` and the connection closed): a
+/// client that pings every few seconds loses every watch about every 15 s.
+/// A quiet watch through the proxy must outlive several such periods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_connection_through_the_proxy_is_not_closed_for_its_pings() {
+    common::init_tracing();
+    let etcd = shared();
+    let proxy = EtcdProxy::start(&[etcd.endpoint()]);
+    let client = proxy.client().await;
+    let discover = Discover::builder(client.clone(), unique("pings"))
+        .build()
+        .unwrap();
+    let status = discover.status();
+    eventually(LIMIT, "the view synced", || async {
+        status.borrow().synced.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let s = status.borrow().clone();
+    assert_eq!(s.reconnects, 0, "the watch was restarted: {s:?}");
+    assert!(s.last_error.is_none(), "{s:?}");
+}
