@@ -132,6 +132,7 @@ fn main() {
             json.insert(format!("{via}/{mode}"), r.json());
         }
     }
+    write_json("fleet", &serde_json::Value::Object(json));
     table(
         &format!(
             "Fleet: {procs} processes × {per} watchers or Balancers over {services} services \
@@ -152,10 +153,10 @@ fn main() {
             "change p50",
             "change p99",
             "change max",
+            "missed",
         ],
         &rows,
     );
-    write_json("fleet", &serde_json::Value::Object(json));
 }
 
 struct Run<'a> {
