@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{ms, setting, table, write_json, Stats};
+use support::{cpu_of, ms, setting, table, write_json, Stats};
 use tonic_etcd::testing::{metric, Etcd, EtcdProxy};
 
 const CHILD: &str = "TONIC_ETCD_FLEET_CHILD";
@@ -51,24 +51,6 @@ fn own_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
     tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-/// A process's CPU time so far (user + system), from /proc.
-fn cpu_of(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis((field(11) + field(12)) * 1_000 / hz)
 }
 
 fn rss_of(pid: u32) -> u64 {

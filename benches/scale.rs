@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, Txn, TxnOp, WatchOptions};
-use support::{ms, rss_bytes, selected, setting, smoke, table, write_json};
+use support::{cpu_of, ms, rss_bytes, selected, setting, smoke, table, write_json};
 use tokio_stream::StreamExt;
 use tonic_etcd::schema::Schema;
 use tonic_etcd::testing::Etcd;
@@ -325,20 +325,8 @@ async fn churn(etcd: &Etcd, json: &mut serde_json::Map<String, serde_json::Value
 }
 
 /// CPU seconds (user + system) that process `pid` has used so far.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // `after` starts at field 3 (state): utime is field 14, stime 15.
-    (ticks(11) + ticks(12)) / 100.0
+fn cpu_seconds(pid: u32) -> f64 {
+    cpu_of(pid).as_secs_f64()
 }
 
 /// Registrations held against one etcd: what a fleet costs etcd in steady
@@ -359,7 +347,7 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
         ]
     };
     let window = Duration::from_millis(setting("BENCH_HELD_MS", 30_000, 1_000));
-    let etcd_pid = etcd.pid().expect("etcd runs").to_string();
+    let etcd_pid = etcd.pid().expect("etcd runs");
     let client = etcd.client().await;
     let mut json = serde_json::Map::new();
     let mut rows = Vec::new();
@@ -392,10 +380,10 @@ async fn held(etcd: &Etcd) -> serde_json::Value {
         tokio::time::sleep(Duration::from_secs(if smoke() { 0 } else { 7 })).await;
         let mut status = client.clone();
         let raft0 = status.status().await.unwrap().raft_index();
-        let (etcd0, me0) = (cpu_seconds(&etcd_pid), cpu_seconds("self"));
+        let (etcd0, me0) = (cpu_seconds(etcd_pid), cpu_seconds(std::process::id()));
         tokio::time::sleep(window).await;
         let raft1 = status.status().await.unwrap().raft_index();
-        let (etcd1, me1) = (cpu_seconds(&etcd_pid), cpu_seconds("self"));
+        let (etcd1, me1) = (cpu_seconds(etcd_pid), cpu_seconds(std::process::id()));
         let secs = window.as_secs_f64();
         let proposals = (raft1 - raft0) as f64 / secs;
         let etcd_cpu = (etcd1 - etcd0) / secs;

@@ -36,7 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{GetOptions, PutOptions};
-use support::{setting, table, write_json};
+use support::{cpu_of, setting, table, write_json};
 use tokio::time::Instant;
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Metadata, Registration};
@@ -449,27 +449,6 @@ async fn raft_index(client: &etcd_client::Client) -> u64 {
 /// etcd's CPU time so far (user + system).
 fn etcd_cpu(etcd: &Etcd) -> Duration {
     etcd.pid().map_or(Duration::ZERO, cpu_of)
-}
-
-/// A process's CPU time so far (user + system), from /proc.
-fn cpu_of(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the command's closing parenthesis: utime is the 12th,
-    // stime the 13th of those.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let ticks = field(11) + field(12);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1_000 / hz)
 }
 
 fn unix_ms() -> u128 {

@@ -17,6 +17,16 @@ const LIMIT: Duration = Duration::from_secs(15);
 const IDLE: Duration = Duration::from_millis(300);
 const REQUEST: Duration = Duration::from_millis(700);
 
+/// `discover`'s status, once its first listing is done.
+async fn synced(discover: &Discover) -> tokio::sync::watch::Receiver<tonic_etcd::WatchStatus> {
+    let status = discover.status();
+    eventually(LIMIT, "the view synced", || async {
+        status.borrow().synced.then_some(())
+    })
+    .await;
+    status
+}
+
 async fn serve_greeter(id: &str) -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -103,11 +113,7 @@ async fn a_restarted_proxy_is_followed() {
         .request_timeout(REQUEST)
         .build()
         .unwrap();
-    let status = discover.status();
-    eventually(LIMIT, "the view synced", || async {
-        status.borrow().synced.then_some(())
-    })
-    .await;
+    let status = synced(&discover).await;
     proxy.restart();
     // Written directly to etcd while the proxy restarts.
     let _reg = common::register_with(&direct, &svc, "127.0.0.1:1", Metadata::new()).await;
@@ -150,11 +156,7 @@ async fn quiet_watches_on_one_client_share_their_liveness_reads() {
         })
         .collect();
     for v in &views {
-        let status = v.status();
-        eventually(LIMIT, "each view synced", || async {
-            status.borrow().synced.then_some(())
-        })
-        .await;
+        synced(v).await;
     }
     // The first quiet period finds out that the proxy does not answer
     // progress requests; count from after it.
@@ -186,11 +188,7 @@ async fn a_quiet_connection_through_the_proxy_is_not_closed_for_its_pings() {
     let discover = Discover::builder(client.clone(), unique("pings"))
         .build()
         .unwrap();
-    let status = discover.status();
-    eventually(LIMIT, "the view synced", || async {
-        status.borrow().synced.then_some(())
-    })
-    .await;
+    let status = synced(&discover).await;
     tokio::time::sleep(Duration::from_secs(22)).await;
     let s = status.borrow().clone();
     assert_eq!(s.reconnects, 0, "the watch was restarted: {s:?}");
