@@ -3,7 +3,7 @@
 //! The watch task's timing (idle progress requests, silence, back-off,
 //! compaction, revision regressions) is tested on tokio's paused clock
 //! against an in-memory [`Source`]; the integration tests run the same task
-//! against real etcd through the [`Client`] implementation below. Limits
+//! against real etcd through the `Etcd` implementation below. Limits
 //! and retries are the task's, so a source call may hang forever like a
 //! partitioned etcd does.
 
