@@ -396,11 +396,7 @@ fn child() {
     };
     let parse = |s: &str| s.parse::<usize>().unwrap_or(0);
     let (first, count, services) = (parse(first), parse(count), parse(services).max(1));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime_with(1);
     rt.block_on(async {
         let etcd = tonic_etcd::testing::connect(std::slice::from_ref(endpoint)).await;
         let mut members = Vec::new();

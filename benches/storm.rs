@@ -481,11 +481,7 @@ fn child() {
                 .init();
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::runtime_with(1);
     rt.block_on(async {
         let client = tonic_etcd::testing::connect(std::slice::from_ref(endpoint)).await;
         let wait = start_at.saturating_sub(unix_ms()) as u64;

@@ -130,8 +130,14 @@ pub fn write_json(name: &str, value: &serde_json::Value) {
 /// The runtime the benchmarks' clients run on: two workers, as many as
 /// this machine has cores.
 pub fn runtime() -> tokio::runtime::Runtime {
+    runtime_with(2)
+}
+
+/// A runtime of `workers` threads (a benchmark's child process uses one,
+/// so that many of them share the machine's cores as a fleet would).
+pub fn runtime_with(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("tokio runtime")
