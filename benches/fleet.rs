@@ -16,6 +16,8 @@
 //! `BENCH_FLEET_IDLE_SECS` (30), `BENCH_FLEET_CHANGES` (30),
 //! `BENCH_SCENARIOS` (`direct`, `proxy`).
 
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::{cpu_of, ms, setting, table, write_json, Stats};
-use tonic_etcd::testing::{metric, Etcd, EtcdProxy};
+use tonic_etcd::testing::{metric, metric_where, Etcd, EtcdProxy};
 
 const CHILD: &str = "TONIC_ETCD_FLEET_CHILD";
 /// Longest wait for a change to reach every member, and for a sync; a
@@ -41,16 +43,6 @@ fn unix_us() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros())
-}
-
-/// This process's CPU time (user + system).
-fn own_cpu() -> Duration {
-    // SAFETY: getrusage writes into the zeroed struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; RUSAGE_SELF is valid.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn rss_of(pid: u32) -> u64 {
@@ -205,13 +197,12 @@ impl Measured {
 
 /// etcd's count of `Range` calls served.
 fn ranges(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_handled_total") && l.contains("grpc_method=\"Range\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_where(
+        metrics,
+        "grpc_server_handled_total",
+        "grpc_method=\"Range\"",
+    )
+    .unwrap_or(0.0)
 }
 
 struct Kid {
@@ -457,7 +448,7 @@ fn child() {
             match words.as_slice() {
                 ["usage"] => println!(
                     "usage {} {}",
-                    own_cpu().as_micros(),
+                    cpu::cpu_time().as_micros(),
                     rss_of(std::process::id())
                 ),
                 ["change", s] => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{eventually, unique};
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
-use tonic_etcd::testing::{shared, EtcdProxy};
+use tonic_etcd::testing::{metric_where, shared, EtcdProxy};
 use tonic_etcd::{Balancer, Discover, Metadata, Registration};
 
 const LIMIT: Duration = Duration::from_secs(15);
@@ -125,13 +125,12 @@ async fn a_restarted_proxy_is_followed() {
 
 /// etcd's count of linearizable reads (`Range` calls) served.
 fn ranges(etcd: &tonic_etcd::testing::Etcd) -> f64 {
-    etcd.metrics()
-        .lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_handled_total") && l.contains("grpc_method=\"Range\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_where(
+        &etcd.metrics(),
+        "grpc_server_handled_total",
+        "grpc_method=\"Range\"",
+    )
+    .unwrap_or(0.0)
 }
 
 /// Through the proxy a quiet watch is checked with a read; on one `Etcd`

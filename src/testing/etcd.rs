@@ -607,10 +607,15 @@ fn health(port: u16) -> bool {
     http_get(port, "/health").contains("\"health\":\"true\"")
 }
 
-/// The response to `GET path` on loopback `port` (empty when it fails).
 /// The sum of every sample of `name` (all label sets) in Prometheus text,
 /// or `None` when there is none.
 pub fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metric_where(metrics, name, "")
+}
+
+/// The sum of the samples of `name` whose labels contain `label` (such as
+/// `grpc_method="Range"`), or `None` when there is none.
+pub fn metric_where(metrics: &str, name: &str, label: &str) -> Option<f64> {
     let mut found = None;
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         let Some(rest) = line.strip_prefix(name) else {
@@ -620,13 +625,18 @@ pub fn metric(metrics: &str, name: &str) -> Option<f64> {
         if !rest.starts_with(['{', ' ']) {
             continue;
         }
-        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+        let (labels, value) = rest.rsplit_once(' ').unwrap_or(("", rest));
+        if !labels.contains(label) {
+            continue;
+        }
+        if let Ok(v) = value.parse::<f64>() {
             *found.get_or_insert(0.0) += v;
         }
     }
     found
 }
 
+/// The response to `GET path` on loopback `port` (empty when it fails).
 pub(super) fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();

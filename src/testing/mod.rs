@@ -11,7 +11,8 @@ pub mod interop;
 mod proxy;
 
 pub use etcd::{
-    connect, etcd_binary, metric, shared, signal, Etcd, EtcdCluster, EtcdOptions, TlsFiles,
+    connect, etcd_binary, metric, metric_where, shared, signal, Etcd, EtcdCluster, EtcdOptions,
+    TlsFiles,
 };
 pub use grpc_proxy::EtcdProxy;
 pub use proxy::FaultProxy;
