@@ -61,6 +61,18 @@ impl Fixture {
         }
     }
 
+    /// Drops the caller's `call` (its task) once the server's handler has
+    /// started, and waits for the server to see the cancellation.
+    async fn drop_once_started<T>(&self, call: tokio::task::JoinHandle<T>, method: &str) {
+        common::eventually(LIMIT, "the handler started", || async {
+            (self.events.started() == 1).then_some(())
+        })
+        .await;
+        call.abort();
+        let dropped = Instant::now();
+        self.cancelled(method, dropped).await;
+    }
+
     /// The server's record of the one cancelled handler of `method`, which
     /// it must see no later than `SLACK` after `ended`.
     async fn cancelled(&self, method: &str, ended: Instant) -> Cancellation {
@@ -136,13 +148,7 @@ async fn unary_dropped_by_the_caller_reaches_the_server() {
         .insert(DELAY_HEADER, FOREVER.parse().unwrap());
     let mut client = f.client.clone();
     let call = tokio::spawn(async move { client.unary_call(request).await });
-    common::eventually(LIMIT, "the handler started", || async {
-        (f.events.started() == 1).then_some(())
-    })
-    .await;
-    call.abort();
-    let dropped = Instant::now();
-    f.cancelled("UnaryCall", dropped).await;
+    f.drop_once_started(call, "UnaryCall").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,13 +180,7 @@ async fn client_stream_dropped_while_the_caller_holds_its_sender() {
             .streaming_input_call(Request::new(ReceiverStream::new(rx)))
             .await
     });
-    common::eventually(LIMIT, "the handler started", || async {
-        (f.events.started() == 1).then_some(())
-    })
-    .await;
-    call.abort();
-    let dropped = Instant::now();
-    f.cancelled("StreamingInputCall", dropped).await;
+    f.drop_once_started(call, "StreamingInputCall").await;
     sender_learns(&tx).await;
 }
 
