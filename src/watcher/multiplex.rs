@@ -379,7 +379,9 @@ impl Router {
                 shared.delivered = shared.delivered.max(revision);
             }
             for watch in self.watches.values().filter(|w| w.id.is_some()) {
-                let _ = watch.replies.send(Ok(reply.clone()));
+                if let Some(reply) = from_start(&reply, watch.start) {
+                    let _ = watch.replies.send(Ok(reply));
+                }
             }
         } else if let Some(shared) = self.shared.get_mut(&watch_id) {
             let revision = match reply.events.iter().map(event_revision).max() {
@@ -436,8 +438,15 @@ fn event_revision(event: &Event) -> i64 {
 
 /// `reply` as a watch that starts at `start` sees it: without the events
 /// before `start`, and not at all when that leaves an event response empty
-/// (it would read as a progress notification).
+/// (it would read as a progress notification), nor when it is a progress
+/// notification from before the watch's own listing (etcd computed it
+/// before the watch joined; the watch would read etcd as gone back in time).
 fn from_start(reply: &Reply, start: i64) -> Option<Reply> {
+    let progress = reply.events.is_empty() && !reply.canceled;
+    let revision = reply.header.map_or(0, |h| h.revision);
+    if progress && revision > 0 && revision < start - 1 {
+        return None;
+    }
     if reply.events.iter().all(|e| event_revision(e) >= start) {
         return Some(reply.clone());
     }
@@ -700,6 +709,43 @@ mod tests {
         assert_eq!(revisions(&drain(&mut rx1)), [16]);
         assert_eq!(router.remove(1), Some(3));
         assert_eq!(router.watchers(), 0);
+    }
+
+    #[test]
+    fn progress_from_before_a_joined_watch_listed_is_not_handed_to_it() {
+        let mut router = Router::default();
+        let (tx0, mut rx0) = unbounded_channel();
+        router.add(0, (b"p/".to_vec(), 10), tx0);
+        router.route(created_at(9), 3);
+        // Listed at 14 and joined while progress answers taken at 12 are
+        // on their way (one for the stream, one for the watcher).
+        let (tx1, mut rx1) = unbounded_channel();
+        assert_eq!(router.add(1, (b"p/".to_vec(), 15), tx1), None);
+        let at = |revision| Reply {
+            header: Some(Header {
+                revision,
+                cluster_id: 1,
+            }),
+            ..Reply::default()
+        };
+        router.route(at(12), STREAM_WIDE);
+        router.route(at(12), 3);
+        let progress = |rx: &mut UnboundedReceiver<EtcdResult<Reply>>| {
+            drain(rx)
+                .iter()
+                .filter(|r| !r.created)
+                .filter_map(|r| r.header.map(|h| h.revision))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(progress(&mut rx0), [12, 12]);
+        assert_eq!(
+            progress(&mut rx1),
+            Vec::<i64>::new(),
+            "12 < its listing at 14"
+        );
+        // A later one reaches both.
+        router.route(at(14), STREAM_WIDE);
+        assert_eq!(progress(&mut rx1), [14]);
     }
 
     #[test]
