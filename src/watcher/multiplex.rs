@@ -72,7 +72,7 @@ struct Link {
 /// When a stream last received anything: proof, for every watch on it,
 /// that the stream is alive.
 #[derive(Debug, Default)]
-pub(crate) struct Heard(Mutex<Option<Instant>>);
+struct Heard(Mutex<Option<Instant>>);
 
 impl Heard {
     fn mark(&self) {
