@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use etcd_client::Client;
 
+use crate::registration::SharedLease;
 use crate::watcher::multiplex::Multiplexer;
 
 /// An etcd client shared by everything one process builds on it.
@@ -30,6 +31,9 @@ use crate::watcher::multiplex::Multiplexer;
 pub struct Etcd {
     client: Client,
     watches: Arc<Multiplexer>,
+    /// The one lease this process's client keys (coordinated subsetting)
+    /// share.
+    lease: Arc<SharedLease>,
 }
 
 impl Etcd {
@@ -38,6 +42,7 @@ impl Etcd {
     pub fn new(client: Client) -> Self {
         Self {
             watches: Arc::new(Multiplexer::new(client.clone())),
+            lease: Arc::default(),
             client,
         }
     }
@@ -50,12 +55,24 @@ impl Etcd {
     pub(crate) fn watches(&self) -> &Multiplexer {
         &self.watches
     }
+
+    /// Keeps `entry` in etcd under the lease every such key of this `Etcd`
+    /// shares, until the result is dropped.
+    pub(crate) fn hold_key(
+        &self,
+        entry: crate::schema::Encoded,
+        label: String,
+        request_timeout: std::time::Duration,
+    ) -> crate::registration::LeaseKey {
+        self.lease.hold(&self.client, entry, label, request_timeout)
+    }
 }
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Etcd")
             .field("watches", &self.watches)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }

@@ -203,3 +203,69 @@ async fn twenty_clients_of_ten_backends_give_every_backend_six_connections() {
         b.wait_for_ready(3, LIMIT).await.unwrap();
     }
 }
+
+/// The client keys of every `(lease, key)` under `service`'s client prefix.
+async fn client_keys(etcd: &tonic_etcd::Etcd, service: &str) -> Vec<(i64, String)> {
+    let prefix = format!("_tonic-etcd/clients/{service}/");
+    let opts = etcd_client::GetOptions::new().with_prefix();
+    let resp = etcd.kv_client().get(prefix, Some(opts)).await.unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| (kv.lease(), kv.key_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The Balancers of one `Etcd` keep their client keys under one lease
+/// (one keep-alive stream for the process, not one per Balancer): a
+/// Balancer that goes deletes its key and leaves the lease to the others,
+/// and the last one revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balancers_of_one_etcd_share_one_lease_for_their_client_keys() {
+    let (a, b) = tokio::join!(fleet(3), fleet(3));
+    // A process of its own: an `Etcd` nothing else in this test uses.
+    let etcd = shared().client().await;
+    let config = subsetting("tonic_etcd_coordinated_subsetting", 2);
+    let build = |svc: &str| {
+        Balancer::builder(etcd.clone(), svc)
+            .service_config(config.clone())
+            .build()
+            .unwrap()
+    };
+    let mut clients = vec![build(&a.svc), build(&a.svc), build(&b.svc)];
+    let keys = eventually(LIMIT, "three client keys", || async {
+        let mut keys = client_keys(&etcd, &a.svc).await;
+        keys.extend(client_keys(&etcd, &b.svc).await);
+        (keys.len() == 3).then_some(keys)
+    })
+    .await;
+    let lease = keys[0].0;
+    assert!(
+        lease != 0 && keys.iter().all(|(l, _)| *l == lease),
+        "one lease for every client key: {keys:?}"
+    );
+    eventually(LIMIT, "every client ranked", || async {
+        clients
+            .iter()
+            .all(|c| c.subset().is_some_and(|s| s.rank.is_some()))
+            .then_some(())
+    })
+    .await;
+
+    drop(clients.remove(0));
+    let left = eventually(LIMIT, "the dropped Balancer's key deleted", || async {
+        let keys = client_keys(&etcd, &a.svc).await;
+        (keys.len() == 1).then_some(keys)
+    })
+    .await;
+    assert_eq!(left[0].0, lease, "the others keep the lease");
+    assert_eq!(client_keys(&etcd, &b.svc).await[0].0, lease);
+
+    drop(clients);
+    eventually(LIMIT, "the lease revoked with the last key", || async {
+        let ttl = etcd.lease_client().time_to_live(lease, None).await.ok()?;
+        (ttl.ttl() == -1).then_some(())
+    })
+    .await;
+    assert!(client_keys(&etcd, &a.svc).await.is_empty());
+    assert!(client_keys(&etcd, &b.svc).await.is_empty());
+}

@@ -47,8 +47,11 @@
 //! State changes are logged with `tracing` and published on
 //! [`Registration::watch_state`].
 
+mod shared;
 mod store;
 mod worker;
+
+pub(crate) use shared::{LeaseKey, SharedLease};
 
 use std::fmt;
 use std::sync::Arc;
@@ -433,6 +436,26 @@ impl Registration {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Metadata(metadata, reply))
+            .await
+            .map_err(|_| Error::TaskGone("registration"))?;
+        answer.await.map_err(|_| Error::TaskGone("registration"))?
+    }
+
+    /// Replaces the set of keys under the lease (see [`shared`]): new and
+    /// changed keys are written, dropped ones deleted; answers once etcd
+    /// has, or at once while etcd is away (the worker writes them later).
+    pub(crate) async fn replace_entries(
+        &self,
+        services: Vec<String>,
+        entries: Vec<Encoded>,
+    ) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Entries {
+                services,
+                entries,
+                reply,
+            })
             .await
             .map_err(|_| Error::TaskGone("registration"))?;
         answer.await.map_err(|_| Error::TaskGone("registration"))?

@@ -51,6 +51,9 @@ pub(super) trait Store: Clone + Send + Sync + 'static {
         lease: i64,
     ) -> impl Future<Output = EtcdResult<bool>> + Send;
 
+    /// Deletes `keys` (keys dropped from a shared lease's set).
+    fn delete(&self, keys: &[String]) -> impl Future<Output = EtcdResult<()>> + Send;
+
     /// Revokes `lease`, deleting its keys.
     fn revoke(&self, lease: i64) -> impl Future<Output = EtcdResult<()>> + Send;
 
@@ -69,6 +72,13 @@ pub(super) trait KeepAlive: Send + 'static {
     /// `None` when the stream ended. Cancel-safe.
     fn next(&mut self) -> impl Future<Output = EtcdResult<Option<i64>>> + Send;
 }
+
+/// Entries per transaction: two compares each, within etcd's default
+/// limit of 128 operations. A server's registration fits in one (the
+/// builder refuses more); a process's shared lease may hold more keys, and
+/// its writes and checks go in several transactions (one key does not need
+/// another's to be atomic).
+const TXN_ENTRIES: usize = super::MAX_SERVICES;
 
 fn compares(entries: &[Encoded], lease: i64) -> Vec<Compare> {
     entries
@@ -98,7 +108,8 @@ impl Store for Client {
 
     async fn put(&self, entries: &[Encoded], lease: i64) -> EtcdResult<Vec<(String, i64)>> {
         let opts = PutOptions::new().with_lease(lease).with_prev_key();
-        let previous = if let [only] = entries {
+        let mut previous = Vec::new();
+        if let [only] = entries {
             // One key needs no transaction: a plain put is atomic and cheaper.
             let resp = Client::put(
                 &mut self.clone(),
@@ -107,18 +118,17 @@ impl Store for Client {
                 Some(opts),
             )
             .await?;
-            vec![resp.prev_key().cloned()]
+            previous.push(resp.prev_key().cloned());
         } else {
-            let txn = Txn::new().and_then(put_ops(entries, &opts));
-            let resp = self.clone().txn(txn).await?;
-            resp.op_responses()
-                .into_iter()
-                .map(|op| match op {
+            for chunk in entries.chunks(TXN_ENTRIES) {
+                let txn = Txn::new().and_then(put_ops(chunk, &opts));
+                let resp = self.clone().txn(txn).await?;
+                previous.extend(resp.op_responses().into_iter().map(|op| match op {
                     TxnOpResponse::Put(put) => put.prev_key().cloned(),
                     _ => None,
-                })
-                .collect()
-        };
+                }));
+            }
+        }
         Ok(previous
             .into_iter()
             .flatten()
@@ -135,16 +145,35 @@ impl Store for Client {
     /// is a range), so a healthy registration costs etcd no Raft proposal and
     /// no WAL write between keep-alives, which are not proposals either.
     async fn intact(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
-        let check = Txn::new().when(compares(entries, lease));
-        Ok(self.clone().txn(check).await?.succeeded())
+        for chunk in entries.chunks(TXN_ENTRIES) {
+            let check = Txn::new().when(compares(chunk, lease));
+            if !self.clone().txn(check).await?.succeeded() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Guarded by the same compares, so a concurrent repair by another
     /// attempt writes nothing twice.
     async fn restore(&self, entries: &[Encoded], lease: i64) -> EtcdResult<bool> {
-        let puts = put_ops(entries, &PutOptions::new().with_lease(lease));
-        let txn = Txn::new().when(compares(entries, lease)).or_else(puts);
-        Ok(!self.clone().txn(txn).await?.succeeded())
+        let mut wrote = false;
+        for chunk in entries.chunks(TXN_ENTRIES) {
+            let puts = put_ops(chunk, &PutOptions::new().with_lease(lease));
+            let txn = Txn::new().when(compares(chunk, lease)).or_else(puts);
+            wrote |= !self.clone().txn(txn).await?.succeeded();
+        }
+        Ok(wrote)
+    }
+
+    async fn delete(&self, keys: &[String]) -> EtcdResult<()> {
+        for chunk in keys.chunks(2 * TXN_ENTRIES) {
+            let deletes = chunk.iter().map(|k| TxnOp::delete(k.as_str(), None));
+            self.clone()
+                .txn(Txn::new().and_then(deletes.collect::<Vec<_>>()))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn revoke(&self, lease: i64) -> EtcdResult<()> {

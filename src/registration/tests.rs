@@ -228,6 +228,14 @@ impl Store for Fake {
         Ok(true)
     }
 
+    async fn delete(&self, keys: &[String]) -> EtcdResult<()> {
+        let mut state = self.reach().await?;
+        for k in keys {
+            state.keys.remove(k);
+        }
+        Ok(())
+    }
+
     /// An etcd that answers late is one with a queue.
     async fn behind(&self) -> EtcdResult<bool> {
         Ok(!self.lock().slow.is_zero())
@@ -730,4 +738,60 @@ async fn a_grant_queued_in_an_etcd_that_is_behind_is_sent_once() {
     assert_eq!((state.puts_sent, state.puts), (1, 1));
     drop(state);
     assert_eq!(reg.lease_id(), Some(1));
+}
+
+/// The key set of a shared lease changes under the same lease: a key added
+/// or changed is one put, an unchanged one is not written again, a dropped
+/// one is deleted — at once, or (etcd away) by the repair after it returns.
+#[tokio::test(start_paused = true)]
+async fn a_shared_lease_key_set_changes_under_the_same_lease() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    let entry = |key: &str, value: &str| Encoded {
+        key: key.to_owned(),
+        value: value.as_bytes().to_vec(),
+    };
+    let keys = |fake: &Fake| -> Vec<(String, String, i64)> {
+        let state = fake.lock();
+        let all = state.keys.iter();
+        all.map(|(k, (v, l))| (k.clone(), String::from_utf8(v.clone()).unwrap(), *l))
+            .collect()
+    };
+    let services = || vec!["clients".to_owned()];
+    let puts = fake.lock().puts;
+    reg.replace_entries(services(), vec![entry("c/a", "1"), entry("c/b", "1")])
+        .await
+        .unwrap();
+    // KEY dropped, a and b added: one put (of both), one delete.
+    assert_eq!(fake.lock().puts, puts + 1);
+    assert_eq!(
+        keys(&fake),
+        [("c/a".into(), "1".into(), 1), ("c/b".into(), "1".into(), 1)]
+    );
+    reg.replace_entries(services(), vec![entry("c/a", "1"), entry("c/b", "2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.lock().puts,
+        puts + 2,
+        "only the changed key is written"
+    );
+    assert_eq!(keys(&fake)[1].1, "2");
+
+    // Past the first keep-alive; then etcd goes away and b is dropped.
+    run_for(Duration::from_millis(2100)).await;
+    fake.lock().down = true;
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
+        .await
+        .unwrap();
+    reg.replace_entries(services(), vec![entry("c/a", "1")])
+        .await
+        .unwrap();
+    assert_eq!(keys(&fake).len(), 2, "etcd is away: nothing deleted yet");
+    fake.lock().down = false;
+    run_for(Duration::from_secs(2)).await;
+    assert_eq!(keys(&fake), [("c/a".into(), "1".into(), 1)]);
+    assert_eq!(reg.lease_id(), Some(1), "the same lease throughout");
 }

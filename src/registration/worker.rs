@@ -37,6 +37,15 @@ pub(super) enum Command {
     /// New metadata for every key; answered once written (or kept for the
     /// next registration while etcd is unreachable).
     Metadata(Metadata, oneshot::Sender<Result<(), Error>>),
+    /// A new set of keys under the same lease (the keys a process shares
+    /// one lease for, see [`super::shared`]): keys added or changed are
+    /// written, keys dropped are deleted; answered like `Metadata`.
+    Entries {
+        /// What the keys stand for, in logs and metrics.
+        services: Vec<String>,
+        entries: Vec<Encoded>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// What the worker needs to know about the instance.
@@ -61,6 +70,10 @@ pub(super) struct Worker<S> {
     overload: Backoff,
     /// Metadata changed while no lease was attached; the next repair writes it.
     unwritten: bool,
+    /// Keys dropped from the set that may still be under the lease (the
+    /// delete was not answered); the next repair deletes them. A new lease
+    /// forgets them: they went with the old one.
+    stale: Vec<String>,
     /// Until when etcd counts as overloaded (see [`Worker::pressed`]).
     pressed_until: Option<Instant>,
     /// When etcd answered the grant of the current lease: its TTL runs from
@@ -87,6 +100,7 @@ impl<S: Store> Worker<S> {
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
             overload: Backoff::new(OVERLOAD_BACKOFF_BASE, OVERLOAD_BACKOFF_MAX),
             unwritten: false,
+            stale: Vec::new(),
             pressed_until: None,
             granted: Instant::now(),
             put_took: Duration::ZERO,
@@ -172,6 +186,7 @@ impl<S: Store> Worker<S> {
     /// A registration attempt succeeded: back-offs start over, and the new
     /// lease's TTL runs from `granted`.
     fn registered(&mut self, granted: Instant) {
+        self.stale.clear();
         self.backoff.reset();
         self.overload.reset();
         self.granted = granted;
@@ -299,7 +314,11 @@ impl<S: Store> Worker<S> {
     /// Writes every entry under `lease`, warning about keys that were held by
     /// another lease.
     async fn put(&self, lease: i64) -> Result<(), Error> {
-        let entries = &self.spec.entries;
+        self.put_entries(&self.spec.entries, lease).await
+    }
+
+    /// Writes `entries` under `lease`, as [`put`](Self::put) does.
+    async fn put_entries(&self, entries: &[Encoded], lease: i64) -> Result<(), Error> {
         let previous = self.write("put", || self.store.put(entries, lease)).await?;
         for (key, old_lease) in previous {
             if old_lease != 0 && old_lease != lease {
@@ -416,39 +435,93 @@ impl<S: Store> Worker<S> {
         lease: Option<i64>,
         stop: &mut watch::Receiver<bool>,
     ) {
-        let Command::Metadata(metadata, reply) = cmd;
-        let spec = &self.spec;
-        let result = match encode_all(
-            &*spec.schema,
-            &spec.services,
-            &spec.addr,
-            spec.id.as_deref(),
-            &metadata,
-        ) {
-            Err(e) => Err(e),
-            Ok(entries) => {
+        let (result, reply) = match cmd {
+            Command::Metadata(metadata, reply) => {
+                let spec = &self.spec;
+                let encoded = encode_all(
+                    &*spec.schema,
+                    &spec.services,
+                    &spec.addr,
+                    spec.id.as_deref(),
+                    &metadata,
+                );
+                let result = match encoded {
+                    Err(e) => Err(e),
+                    Ok(entries) => {
+                        self.spec.entries = entries;
+                        let all = self.spec.entries.clone();
+                        self.write_now(&all, lease, stop).await
+                    }
+                };
+                (result, reply)
+            }
+            Command::Entries {
+                services,
+                entries,
+                reply,
+            } => {
+                let changed: Vec<Encoded> = entries
+                    .iter()
+                    .filter(|e| !self.spec.entries.contains(e))
+                    .cloned()
+                    .collect();
+                self.stale.extend(
+                    self.spec
+                        .entries
+                        .iter()
+                        .filter(|old| !entries.iter().any(|e| e.key == old.key))
+                        .map(|old| old.key.clone()),
+                );
+                self.stale.retain(|k| !entries.iter().any(|e| &e.key == k));
                 self.spec.entries = entries;
-                match lease {
-                    // Written by the next registration, or by the repair
-                    // after re-attaching.
-                    None => {
-                        self.unwritten = true;
-                        Ok(())
-                    }
-                    Some(lease) => {
-                        let written = tokio::select! {
-                            biased;
-                            () = stopped(stop) => Err(Error::TaskGone("registration")),
-                            r = self.put(lease) => r,
-                        };
-                        // Not written now: the next repair writes it.
-                        self.unwritten = written.is_err();
-                        written
-                    }
+                self.spec.services = services;
+                let mut result = self.write_now(&changed, lease, stop).await;
+                if let (Some(_), Ok(())) = (lease, &result) {
+                    result = self.delete_stale().await;
                 }
+                (result, reply)
             }
         };
         let _ = reply.send(result);
+    }
+
+    /// Writes `entries` under `lease` now; without a lease (or when the
+    /// write fails) the next registration or repair writes every entry.
+    async fn write_now(
+        &mut self,
+        entries: &[Encoded],
+        lease: Option<i64>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let Some(lease) = lease else {
+            // Written by the next registration, or by the repair after
+            // re-attaching.
+            self.unwritten = true;
+            return Ok(());
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let written = tokio::select! {
+            biased;
+            () = stopped(stop) => Err(Error::TaskGone("registration")),
+            r = self.put_entries(entries, lease) => r,
+        };
+        // Not written now: the next repair writes it.
+        self.unwritten |= written.is_err();
+        written
+    }
+
+    /// Deletes the keys dropped from the set; those not deleted stay for
+    /// the next repair.
+    async fn delete_stale(&mut self) -> Result<(), Error> {
+        if self.stale.is_empty() {
+            return Ok(());
+        }
+        let (stale, timeout) = (&self.stale, self.spec.request_timeout);
+        with_timeout("delete", timeout, || self.store.delete(stale)).await?;
+        self.stale.clear();
+        Ok(())
     }
 
     /// One lease's life: attach a keep-alive stream, keep it fed and drained,
@@ -671,6 +744,9 @@ impl<S: Store> Worker<S> {
     /// or that lacks metadata updated while etcd was away. The check costs
     /// etcd no write; only when it fails does a guarded put follow.
     async fn repair(&mut self, lease: i64) {
+        if let Err(e) = self.delete_stale().await {
+            return tracing::debug!(error = %e, "deleting dropped keys failed");
+        }
         let (entries, timeout) = (&self.spec.entries, self.spec.request_timeout);
         match with_timeout("key check", timeout, || self.store.intact(entries, lease)).await {
             Ok(true) => return self.unwritten = false,

@@ -9,7 +9,8 @@
 //!   90 each at 63 % to 121 % of the average connections per backend.
 //! * **Coordinated** (`tonic_etcd_coordinated_subsetting`, new): every
 //!   client of the service holds a lease-bound key under
-//!   `_tonic-etcd/clients/<namespace prefix><service>/`, which says when it
+//!   `_tonic-etcd/clients/<namespace prefix><service>/` (under the one
+//!   lease all client keys of its `Etcd` share), which says when it
 //!   joined, so each knows its rank in join order and the number of
 //!   clients. The instances, sorted by id and shuffled once with a fixed
 //!   seed, form a ring; client `i` takes the `size` positions from
@@ -39,10 +40,9 @@ use tokio_stream::StreamExt;
 use tower::discover::Change;
 use xxhash_rust::xxh64::xxh64;
 
-use crate::backoff::Backoff;
-use crate::schema::NamingSchema;
+use crate::schema::{NamingSchema, Schema};
 use crate::service_config::SubsetScheme;
-use crate::{Discover, Instance, Metadata, Registration};
+use crate::{Discover, Instance, Metadata};
 
 /// Where client keys live: outside every schema's instance keys.
 pub(crate) const CLIENTS_ROOT: &str = "_tonic-etcd/clients";
@@ -156,7 +156,7 @@ pub(crate) struct Registry {
 
 /// Registers this client (`id`) under the service's client prefix, keeps
 /// it registered, and publishes its rank among the clients there. Runs
-/// until aborted; the registration ends with it (its lease is revoked).
+/// until aborted; the key is deleted with it.
 pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Sender<Rank>) {
     // The join order: a client that joins takes the next slice and moves
     // nobody else's; re-registering after a lost lease keeps its place.
@@ -171,37 +171,26 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
             return;
         }
     };
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    // Registered in the background: the view below works without it (the
-    // rank is unknown until the key shows up).
-    let register = {
-        let (registry, id, schema) = (registry.clone(), id.clone(), schema.clone());
-        async move {
-            loop {
-                let attempt = Registration::builder(registry.client.clone())
-                    .schema(schema.clone())
-                    .service(&registry.service)
-                    .id(&id)
-                    // Not dialled: a client key says who, not where.
-                    .addr("client.invalid:1")
-                    .metadata(
-                        Metadata::new()
-                            .with("pid", std::process::id().to_string())
-                            .with(JOINED, joined.clone()),
-                    )
-                    .request_timeout(registry.request_timeout)
-                    .register()
-                    .await;
-                match attempt {
-                    Ok(held) => return held,
-                    Err(error) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in = ?delay,
-                            "cannot register this client for coordinated subsetting");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            }
+    // Kept under the lease every client key of this `Etcd` shares: a
+    // process with 100 coordinated Balancers holds one lease, not 100.
+    let entry = schema.encode(&Instance {
+        service: registry.service.clone(),
+        id: id.clone(),
+        // Not dialled: a client key says who, not where.
+        addr: "client.invalid:1".into(),
+        metadata: Metadata::new()
+            .with("pid", std::process::id().to_string())
+            .with(JOINED, joined),
+    });
+    let _key = match entry {
+        Ok(entry) => registry.client.hold_key(
+            entry,
+            format!("{CLIENTS_ROOT}/{}", registry.service),
+            registry.request_timeout,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "client registry unavailable; random subsets");
+            return;
         }
     };
     let view = Discover::builder(registry.client.clone(), registry.service.clone())
@@ -218,20 +207,17 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
     let own = format!("{CLIENTS_ROOT}/{}/{id}", registry.service);
     // Key → when it joined (a key without a readable time sorts first).
     let mut clients: BTreeMap<String, u128> = BTreeMap::new();
-    tokio::pin!(register);
-    let mut held: Option<Registration> = None;
     loop {
-        tokio::select! {
-            r = &mut register, if held.is_none() => held = Some(r),
-            change = view.next() => match change {
-                Some(Ok(Change::Insert(key, client))) => {
-                    let at = client.metadata.get(JOINED).and_then(|t| t.parse().ok());
-                    clients.insert(key, at.unwrap_or(0));
-                }
-                Some(Ok(Change::Remove(key))) => { clients.remove(&key); }
-                Some(Err(error)) => tracing::debug!(%error, "client registry view"),
-                None => return,
-            },
+        match view.next().await {
+            Some(Ok(Change::Insert(key, client))) => {
+                let at = client.metadata.get(JOINED).and_then(|t| t.parse().ok());
+                clients.insert(key, at.unwrap_or(0));
+            }
+            Some(Ok(Change::Remove(key))) => {
+                clients.remove(&key);
+            }
+            Some(Err(error)) => tracing::debug!(%error, "client registry view"),
+            None => return,
         }
         let now = rank_of(&clients, &own);
         rank.send_if_modified(|r| std::mem::replace(r, now) != now);
