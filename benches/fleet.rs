@@ -1,6 +1,7 @@
 //! A client fleet at etcd: P client processes × B Balancers over S services,
 //! each Balancer's service holding one (unreachable) instance, directly at
-//! etcd and through etcd's gRPC proxy; beside it the floor of the same
+//! etcd, through one etcd gRPC proxy, and through two (the processes split
+//! between them); beside it the floor of the same
 //! number of plain etcd-client watchers (one watch per Balancer, as a
 //! client without sharing opens them).
 //!
@@ -14,7 +15,7 @@
 //! `cargo bench --bench fleet`; `BENCH_FLEET_PROCS` (4),
 //! `BENCH_FLEET_BALANCERS` per process (100), `BENCH_FLEET_SERVICES` (50),
 //! `BENCH_FLEET_IDLE_SECS` (30), `BENCH_FLEET_CHANGES` (30),
-//! `BENCH_SCENARIOS` (`direct`, `proxy`).
+//! `BENCH_SCENARIOS` (`direct`, `proxy`, `2proxies`).
 
 #[path = "../tests/common/cpu.rs"]
 mod cpu;
@@ -23,10 +24,11 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use support::counted::Counted;
 use support::{cpu_of, ms, setting, table, write_json, Stats};
 use tonic_etcd::testing::{metric, metric_where, Etcd, EtcdProxy};
 
@@ -82,18 +84,23 @@ fn main() {
     });
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
-    for via in ["direct", "proxy"] {
+    for (via, n_proxies) in [("direct", 0), ("proxy", 1), ("2proxies", 2)] {
         if !support::selected(via) {
             continue;
         }
-        let proxy = (via == "proxy").then(|| EtcdProxy::start(&[etcd.endpoint()]));
-        let endpoint = proxy
-            .as_ref()
-            .map_or_else(|| etcd.endpoint(), EtcdProxy::endpoint);
+        let proxies: Vec<EtcdProxy> = (0..n_proxies)
+            .map(|_| EtcdProxy::start(&[etcd.endpoint()]))
+            .collect();
+        let endpoints: Vec<String> = if proxies.is_empty() {
+            vec![etcd.endpoint()]
+        } else {
+            proxies.iter().map(EtcdProxy::endpoint).collect()
+        };
         for mode in ["floor", "balancer"] {
             let run = Run {
                 etcd: &etcd,
-                endpoint: &endpoint,
+                proxies: &proxies,
+                endpoints: &endpoints,
                 mode,
                 procs,
                 per,
@@ -123,7 +130,11 @@ fn main() {
             "client RSS KiB per member",
             "etcd CPU ms/s idle",
             "etcd RSS MiB",
+            "proxies CPU ms/s idle",
+            "proxies RSS MiB",
             "reads/s idle",
+            "restarts idle",
+            "re-lists idle",
             "change p50",
             "change p99",
             "change max",
@@ -135,7 +146,9 @@ fn main() {
 
 struct Run<'a> {
     etcd: &'a Etcd,
-    endpoint: &'a str,
+    proxies: &'a [EtcdProxy],
+    /// Process `p` connects to `endpoints[p % len]`.
+    endpoints: &'a [String],
     mode: &'a str,
     procs: usize,
     per: usize,
@@ -152,7 +165,13 @@ struct Measured {
     client_rss_per_member: u64,
     etcd_cpu_ms_s: f64,
     etcd_rss: u64,
+    /// The proxies' CPU while idle and RSS, summed (from their metrics).
+    proxy_cpu_ms_s: f64,
+    proxy_rss: u64,
     reads_per_s: f64,
+    /// Watch restarts and re-listings while the fleet idled.
+    restarts: u64,
+    relists: u64,
     /// Members that had not seen a change within `WAIT`.
     missed: usize,
     change: Stats,
@@ -171,7 +190,11 @@ impl Measured {
             format!("{}", self.client_rss_per_member / 1024),
             format!("{:.1}", self.etcd_cpu_ms_s),
             format!("{}", self.etcd_rss >> 20),
+            format!("{:.1}", self.proxy_cpu_ms_s),
+            format!("{}", self.proxy_rss >> 20),
             format!("{:.1}", self.reads_per_s),
+            self.restarts.to_string(),
+            self.relists.to_string(),
             ms(self.change.p50),
             ms(self.change.p99),
             ms(self.change.max),
@@ -188,7 +211,11 @@ impl Measured {
             "client_rss_bytes_per_member": self.client_rss_per_member,
             "etcd_cpu_ms_per_s_idle": self.etcd_cpu_ms_s,
             "etcd_rss_bytes": self.etcd_rss,
+            "proxies_cpu_ms_per_s_idle": self.proxy_cpu_ms_s,
+            "proxies_rss_bytes": self.proxy_rss,
             "etcd_reads_per_s_idle": self.reads_per_s,
+            "watch_restarts_idle": self.restarts,
+            "relists_idle": self.relists,
             "change": self.change.json(),
             "change_missed": self.missed,
         })
@@ -203,6 +230,17 @@ fn ranges(metrics: &str) -> f64 {
         "grpc_method=\"Range\"",
     )
     .unwrap_or(0.0)
+}
+
+/// What the children report: CPU and RSS, and the watch restarts and
+/// re-listings their clients counted (a plain watch that ended counts as
+/// a restart it would need).
+#[derive(Default)]
+struct Usage {
+    cpu: Duration,
+    rss: u64,
+    restarts: u64,
+    relists: u64,
 }
 
 struct Kid {
@@ -228,6 +266,18 @@ impl Kid {
 }
 
 impl Run<'_> {
+    /// The proxies' CPU seconds and RSS bytes, summed, from their own
+    /// metrics (Go's process collector).
+    fn proxies_usage(&self) -> (f64, f64) {
+        self.proxies.iter().fold((0.0, 0.0), |(cpu, rss), p| {
+            let m = p.metrics();
+            (
+                cpu + metric(&m, "process_cpu_seconds_total").unwrap_or(0.0),
+                rss + metric(&m, "process_resident_memory_bytes").unwrap_or(0.0),
+            )
+        })
+    }
+
     async fn measure(&self) -> Measured {
         let before = self.etcd.metrics();
         let t0 = Instant::now();
@@ -237,7 +287,7 @@ impl Run<'_> {
                     .env(CHILD, "1")
                     .args([
                         self.mode,
-                        self.endpoint,
+                        &self.endpoints[p % self.endpoints.len()],
                         &(p * self.per).to_string(),
                         &self.per.to_string(),
                         &self.services.to_string(),
@@ -270,27 +320,36 @@ impl Run<'_> {
 
         // Idle.
         let pid = self.etcd.pid().unwrap_or(0);
-        let usage = |kids: &mut Vec<Kid>| -> (Duration, u64) {
-            let mut cpu = Duration::ZERO;
-            let mut rss = 0;
+        let usage = |kids: &mut Vec<Kid>| -> Usage {
+            let mut sum = Usage::default();
             for k in kids.iter_mut() {
                 k.send("usage");
                 let line = k.read();
-                let mut it = line.split_whitespace().skip(1);
-                cpu += Duration::from_micros(it.next().and_then(|v| v.parse().ok()).unwrap_or(0));
-                rss += it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .map(|v| v.parse().unwrap_or(0))
+                    .collect();
+                let at = |i: usize| v.get(i).copied().unwrap_or(0);
+                sum.cpu += Duration::from_micros(at(0));
+                sum.rss += at(1);
+                sum.restarts += at(2);
+                sum.relists += at(3);
             }
-            (cpu, rss)
+            sum
         };
-        let (cpu0, _) = usage(&mut kids);
+        let u0 = usage(&mut kids);
         let (etcd0, reads0, at0) = (cpu_of(pid), ranges(&self.etcd.metrics()), Instant::now());
+        let proxies0 = self.proxies_usage();
         tokio::time::sleep(self.idle).await;
-        let (cpu1, rss) = usage(&mut kids);
+        let u1 = usage(&mut kids);
         let span = at0.elapsed().as_secs_f64();
         let etcd_cpu_ms_s = (cpu_of(pid) - etcd0).as_secs_f64() * 1e3 / span;
+        let proxies1 = self.proxies_usage();
+        let proxy_cpu_ms_s = (proxies1.0 - proxies0.0) * 1e3 / span;
         let reads_per_s = (ranges(&self.etcd.metrics()) - reads0) / span;
         let members = (self.procs * self.per) as f64;
-        let client_cpu_per_member_ms_s = (cpu1 - cpu0).as_secs_f64() * 1e3 / span / members;
+        let client_cpu_per_member_ms_s = (u1.cpu - u0.cpu).as_secs_f64() * 1e3 / span / members;
 
         // Changes: a new instance of one service, seen by every member of it.
         let mut client = self.etcd.client().await;
@@ -337,9 +396,13 @@ impl Run<'_> {
             watchers,
             sync,
             client_cpu_per_member_ms_s,
-            client_rss_per_member: rss / (self.procs * self.per).max(1) as u64,
+            client_rss_per_member: u1.rss / (self.procs * self.per).max(1) as u64,
+            restarts: u1.restarts - u0.restarts,
+            relists: u1.relists - u0.relists,
             etcd_cpu_ms_s,
             etcd_rss: rss_of(pid),
+            proxy_cpu_ms_s,
+            proxy_rss: proxies1.1 as u64,
             reads_per_s,
             missed,
             change: Stats::of(if delays.is_empty() {
@@ -387,6 +450,9 @@ fn child() {
     };
     let parse = |s: &str| s.parse::<usize>().unwrap_or(0);
     let (first, count, services) = (parse(first), parse(count), parse(services).max(1));
+    let counted = Counted::install();
+    // Plain watches that ended (the floor's restarts).
+    let ended = Arc::new(AtomicU64::new(0));
     let rt = support::runtime_with(1);
     rt.block_on(async {
         let etcd = tonic_etcd::testing::connect(std::slice::from_ref(endpoint)).await;
@@ -409,6 +475,7 @@ fn child() {
                     .await
                     .expect("a plain watch");
                 let set = flag.clone();
+                let ended = ended.clone();
                 watches.push(tokio::spawn(async move {
                     // A plain watch, as a client without recovery keeps it:
                     // when it ends, say so (the bench counts its misses).
@@ -422,6 +489,7 @@ fn child() {
                             Err(e) => break eprintln!("fleet floor: a watch failed: {e}"),
                         }
                     }
+                    ended.fetch_add(1, Ordering::Relaxed);
                 }));
                 Member::Watch(flag)
             };
@@ -447,9 +515,12 @@ fn child() {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 ["usage"] => println!(
-                    "usage {} {}",
+                    "usage {} {} {} {}",
                     cpu::cpu_time().as_micros(),
-                    rss_of(std::process::id())
+                    rss_of(std::process::id()),
+                    counted.total("tonic_etcd_watch_reconnects_total", None)
+                        + ended.load(Ordering::Relaxed),
+                    counted.total("tonic_etcd_watch_resyncs_total", None),
                 ),
                 ["change", s] => {
                     let s = parse(s);

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backends::{caller, round, Backends, Call, Outcome, Setup};
+use support::counted::Counted;
 use support::{ms, setting, table, write_json};
 use tokio::time::Instant;
 use tonic_etcd::testing::Etcd;
@@ -198,8 +199,7 @@ fn main() {
         },
     ];
     // Before any Balancer: their retry and hedge counters register here.
-    let counted = Counted::default();
-    metrics::set_global_recorder(counted.clone()).expect("the only recorder");
+    let counted = Counted::install();
     let etcd = Etcd::start();
     let rt = support::runtime();
     let mut json = serde_json::Map::new();
@@ -358,72 +358,14 @@ fn report(
     scenario_json
 }
 
-/// Counts the retries and hedges Balancers report
-/// (`tonic_etcd_client_retries_total` / `_hedges_total` with result
-/// `retried` / `sent`); every other metric goes nowhere.
-#[derive(Default, Clone)]
-struct Counted {
-    retried: Arc<std::sync::atomic::AtomicU64>,
-    hedged: Arc<std::sync::atomic::AtomicU64>,
+/// Retries (`tonic_etcd_client_retries_total{result="retried"}`) counted so far.
+fn retried(counted: &Counted) -> u64 {
+    counted.total("tonic_etcd_client_retries_total", Some(("result", "retried")))
 }
 
-impl Counted {
-    fn retried(&self) -> u64 {
-        self.retried.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn hedged(&self) -> u64 {
-        self.hedged.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-impl metrics::Recorder for Counted {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        let result = |v: &str| key.labels().any(|l| l.key() == "result" && l.value() == v);
-        match key.name() {
-            "tonic_etcd_client_retries_total" if result("retried") => {
-                metrics::Counter::from_arc(self.retried.clone())
-            }
-            "tonic_etcd_client_hedges_total" if result("sent") => {
-                metrics::Counter::from_arc(self.hedged.clone())
-            }
-            _ => metrics::Counter::noop(),
-        }
-    }
-
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
+/// Hedges (`tonic_etcd_client_hedges_total{result="sent"}`) counted so far.
+fn hedged(counted: &Counted) -> u64 {
+    counted.total("tonic_etcd_client_hedges_total", Some(("result", "sent")))
 }
 
 /// Four backends doing 20 ms of work per call; in each round, a fifth into
@@ -473,7 +415,7 @@ async fn rolling_kill(
         "rolling kill",
         &variants,
         "retries",
-        || counted.retried(),
+        || retried(counted),
         pace,
         Some(fault),
         rows,
@@ -531,7 +473,7 @@ async fn all_failing(
         "all failing",
         &variants,
         "retries",
-        || counted.retried(),
+        || retried(counted),
         pace,
         None,
         rows,
@@ -546,12 +488,12 @@ async fn all_failing(
     // A second alone first spends what the budget saved up while the other
     // variants ran (at most 10 s of its floor).
     round(call, pace.rate, Duration::from_secs(1), None).await;
-    let before = counted.retried();
+    let before = retried(counted);
     let t0 = Instant::now();
     let check = Duration::from_secs(setting("BENCH_BUDGET_S", BUDGET_CHECK_S, 1));
     let outcomes = round(call, pace.rate, check, None).await;
     let seconds = t0.elapsed().as_secs_f64();
-    let retries = counted.retried() - before;
+    let retries = retried(counted) - before;
     let calls = outcomes.len();
     let bound = 0.2 * calls as f64 + 10.0 * seconds;
     println!(
@@ -600,7 +542,7 @@ async fn random_spikes(
         "random spikes",
         &variants,
         "hedges",
-        || counted.hedged(),
+        || hedged(counted),
         pace,
         None,
         rows,

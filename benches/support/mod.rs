@@ -1,6 +1,8 @@
 //! Shared by the benchmarks: percentiles, a readable table, JSON output.
 #![allow(dead_code)]
 
+pub mod counted;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
