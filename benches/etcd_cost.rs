@@ -5,8 +5,10 @@
 //! the sizing guide (`docs/operations.md`, "Sizing").
 //!
 //! Each holding is measured on a fresh etcd (fsync on): its Go heap in use
-//! and RSS, and its CPU while idle, before and after `count` of them are
-//! opened, divided by `count`. An event's cost is etcd's CPU for the same
+//! and RSS, and its CPU while idle (all from etcd's own metrics), before
+//! and after `count` of them are opened, divided by `count`;
+//! `process_via_proxy` measures the same client processes at an etcd gRPC
+//! proxy in front of etcd (the proxy's own metrics). An event's cost is etcd's CPU for the same
 //! puts with and without `watchers` watching their prefix, divided by the
 //! events delivered.
 //!
@@ -15,7 +17,7 @@
 //! `BENCH_COST_PROCESSES` (200),
 //! `BENCH_COST_EVENT_WATCHERS` (2,000), `BENCH_COST_PUTS` (200),
 //! `BENCH_COST_IDLE_SECS` (20), `BENCH_SCENARIOS` (`stream`, `watcher`,
-//! `lease`, `process`, `event`).
+//! `lease`, `process`, `process_via_proxy`, `event`).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -26,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::WatchOptions;
 use support::{cpu_of, setting, table, write_json};
-use tonic_etcd::testing::{metric, Etcd};
+
+use tonic_etcd::testing::{metric, Etcd, EtcdProxy};
 
 /// Connections the holdings are spread over (a fleet's are many; a few
 /// keep one connection's stream limit out of the measurement).
@@ -44,6 +47,7 @@ fn main() {
         ("watcher", setting("BENCH_COST_WATCHERS", 50_000, 100)),
         ("lease", setting("BENCH_COST_LEASES", 1_000, 10)),
         ("process", setting("BENCH_COST_PROCESSES", 200, 4)),
+        ("process_via_proxy", setting("BENCH_COST_PROCESSES", 200, 4)),
     ];
     for (name, count) in holdings {
         if !support::selected(name) {
@@ -138,21 +142,21 @@ struct Cost {
     idle_after_ms_s: f64,
 }
 
-/// etcd's heap in use and RSS, from its own metrics.
-fn memory(etcd: &Etcd) -> (f64, f64) {
-    let m = etcd.metrics();
+/// A Go process's CPU seconds, heap in use and RSS, from its own metrics.
+fn usage(metrics: &str) -> (f64, f64, f64) {
     (
-        metric(&m, "go_memstats_heap_inuse_bytes").unwrap_or(0.0),
-        metric(&m, "process_resident_memory_bytes").unwrap_or(0.0),
+        metric(metrics, "process_cpu_seconds_total").unwrap_or(0.0),
+        metric(metrics, "go_memstats_heap_inuse_bytes").unwrap_or(0.0),
+        metric(metrics, "process_resident_memory_bytes").unwrap_or(0.0),
     )
 }
 
-/// etcd's CPU over `span`, in ms/s.
-async fn idle_cpu(etcd: &Etcd, span: Duration) -> f64 {
-    let pid = etcd.pid().unwrap_or(0);
-    let (c0, t0) = (cpu_of(pid), Instant::now());
+/// Heap and RSS now, and CPU in ms/s over `span` of idling.
+async fn idle_usage(metrics: impl Fn() -> String, span: Duration) -> (f64, f64, f64) {
+    let (c0, t0) = (usage(&metrics()).0, Instant::now());
     tokio::time::sleep(span).await;
-    (cpu_of(pid) - c0).as_secs_f64() * 1e3 / t0.elapsed().as_secs_f64()
+    let (c1, heap, rss) = usage(&metrics());
+    ((c1 - c0) * 1e3 / t0.elapsed().as_secs_f64(), heap, rss)
 }
 
 async fn clients(etcd: &Etcd) -> Vec<tonic_etcd::Etcd> {
@@ -163,22 +167,32 @@ async fn clients(etcd: &Etcd) -> Vec<tonic_etcd::Etcd> {
     out
 }
 
-/// Opens `count` of `name` on a fresh etcd and measures what they cost it.
+/// Opens `count` of `name` on a fresh etcd and measures what they cost it
+/// (for `process_via_proxy`: what they cost the proxy in front of it).
 async fn hold(name: &str, count: usize, idle: Duration) -> Cost {
     let etcd = Etcd::options().fsync(true).start();
+    let proxy = (name == "process_via_proxy").then(|| EtcdProxy::start(&[etcd.endpoint()]));
     let clients = clients(&etcd).await;
+    let metrics = || {
+        proxy
+            .as_ref()
+            .map_or_else(|| etcd.metrics(), EtcdProxy::metrics)
+    };
     tokio::time::sleep(SETTLE).await;
-    let before = idle_cpu(&etcd, idle).await;
-    let (heap0, rss0) = memory(&etcd);
+    let (before, heap0, rss0) = idle_usage(metrics, idle).await;
     let held: Box<dyn std::any::Any + Send> = match name {
         "stream" => Box::new(streams(&clients, count).await),
         "watcher" => Box::new(watchers(&clients[0], count).await),
         "lease" => Box::new(leases(&clients, count).await),
-        _ => Box::new(processes(&etcd, count).await),
+        _ => {
+            let endpoint = proxy
+                .as_ref()
+                .map_or_else(|| etcd.endpoint(), EtcdProxy::endpoint);
+            Box::new(processes(&endpoint, count).await)
+        }
     };
     tokio::time::sleep(SETTLE).await;
-    let after = idle_cpu(&etcd, idle).await;
-    let (heap1, rss1) = memory(&etcd);
+    let (after, heap1, rss1) = idle_usage(metrics, idle).await;
     drop(held);
     let n = count.max(1) as f64;
     Cost {
@@ -278,10 +292,10 @@ const BALANCERS_PER_PROCESS: usize = 5;
 /// connection, HTTP/2 pings, one watch stream) with five Balancers of
 /// five services (instances, service config and overrides: 15 watchers),
 /// idle.
-async fn processes(etcd: &Etcd, count: usize) -> Vec<tonic_etcd::Balancer> {
+async fn processes(endpoint: &str, count: usize) -> Vec<tonic_etcd::Balancer> {
     let mut out = Vec::with_capacity(count * BALANCERS_PER_PROCESS);
     for p in 0..count {
-        let client = etcd.client().await;
+        let client = tonic_etcd::testing::connect(&[endpoint.to_owned()]).await;
         for b in 0..BALANCERS_PER_PROCESS {
             let service = format!("cost.v1.S{}", (p + b) % 50);
             out.push(
@@ -329,10 +343,7 @@ async fn event_cost(watchers: usize, puts: usize) -> EventCost {
     for (n, first) in (0..watchers).step_by(per_stream).enumerate() {
         let mut w = clients[n % clients.len()].watch_client();
         let prefix = Some(WatchOptions::new().with_prefix());
-        let mut s = w
-            .watch("cost/event/", prefix.clone())
-            .await
-            .expect("watch");
+        let mut s = w.watch("cost/event/", prefix.clone()).await.expect("watch");
         for _ in first + 1..(first + per_stream).min(watchers) {
             s.watch("cost/event/", prefix.clone()).await.expect("watch");
         }

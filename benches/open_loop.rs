@@ -360,7 +360,10 @@ fn report(
 
 /// Retries (`tonic_etcd_client_retries_total{result="retried"}`) counted so far.
 fn retried(counted: &Counted) -> u64 {
-    counted.total("tonic_etcd_client_retries_total", Some(("result", "retried")))
+    counted.total(
+        "tonic_etcd_client_retries_total",
+        Some(("result", "retried")),
+    )
 }
 
 /// Hedges (`tonic_etcd_client_hedges_total{result="sent"}`) counted so far.

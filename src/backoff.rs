@@ -8,6 +8,36 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// How long a request etcd refused for the user's permissions waits before
+/// it is asked again: it fails the same way until an operator changes the
+/// grants, and 10,000 clients retrying every second are 10,000 refused
+/// requests a second. Between 60 and 66 s, so that a fleet spreads out.
+pub(crate) fn refused_retry() -> Duration {
+    REFUSED_RETRY + jitter(REFUSED_RETRY / 10)
+}
+
+pub(crate) const REFUSED_RETRY: Duration = Duration::from_secs(60);
+
+/// A retry loop's memory of refusals: the first of a run is said loudly
+/// (a warning that names the grant), the repeats quietly; a success
+/// forgets, so that a grant revoked later is said again.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    said: bool,
+}
+
+impl Refusals {
+    /// Whether this refusal is the first of its run.
+    pub(crate) fn first(&mut self) -> bool {
+        !std::mem::replace(&mut self.said, true)
+    }
+
+    /// The request succeeded.
+    pub(crate) fn clear(&mut self) {
+        self.said = false;
+    }
+}
+
 /// Delays of `base * 2^n`, capped at `max`, each drawn uniformly from
 /// `[delay/2, delay]` so retries spread out but never collapse to zero.
 #[derive(Debug, Clone)]

@@ -286,9 +286,11 @@ pub(crate) async fn watch<S: Source>(
     status: watch::Sender<ServiceConfigStatus>,
 ) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    let mut refusals = crate::backoff::Refusals::default();
     while !status.is_closed() {
         let error = match read(&source, &cfg.key, cfg.request_timeout).await {
             Ok((entry, revision)) => {
+                refusals.clear();
                 apply(&cfg, &status, entry);
                 status.send_if_modified(|s| {
                     let changed = !s.synced || s.last_error.is_some();
@@ -300,9 +302,24 @@ pub(crate) async fn watch<S: Source>(
             }
             Err(e) => e,
         };
-        let delay = backoff.next_delay();
-        tracing::warn!(key = %cfg.key, %error, retry_in = ?delay,
-            "service config watch failed; keeping the config in force");
+        let error = error.naming_grant("read", &cfg.key);
+        let delay = if error.is_refused() {
+            // Optional: the builder's config serves meanwhile.
+            crate::metrics::refused(&cfg.key);
+            let delay = crate::backoff::refused_retry();
+            if refusals.first() {
+                tracing::warn!(key = %cfg.key, %error, retry_in = ?delay,
+                    "etcd refused the service config watch; the config in force stays, asked again once a minute");
+            } else {
+                tracing::debug!(key = %cfg.key, %error, "etcd refused the service config watch again");
+            }
+            delay
+        } else {
+            let delay = backoff.next_delay();
+            tracing::warn!(key = %cfg.key, %error, retry_in = ?delay,
+                "service config watch failed; keeping the config in force");
+            delay
+        };
         status.send_modify(|s| s.last_error = Some(Arc::new(error)));
         tokio::time::sleep(delay).await;
     }

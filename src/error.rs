@@ -90,6 +90,23 @@ pub enum Error {
         source: etcd_client::Error,
     },
 
+    /// etcd refused a request for the user's permissions: the message names
+    /// the grant to add. Retried at most once a minute, never in a loop.
+    #[error(
+        "etcd refused to let this user {access} {key:?} ({source}); grant its role \
+         `etcdctl role grant-permission <role> {access} {key} --prefix` \
+         (see `tonic-etcd rbac`)"
+    )]
+    Refused {
+        /// `read` or `readwrite`: the permission missing.
+        access: &'static str,
+        /// The key or prefix the request was for.
+        key: String,
+        /// etcd's answer.
+        #[source]
+        source: Arc<Error>,
+    },
+
     /// etcd ended a stream (watch or keep-alive) that should have stayed open.
     #[error("etcd ended the {0} stream")]
     StreamEnded(&'static str),
@@ -161,6 +178,58 @@ impl Error {
         }
     }
 
+    /// Whether etcd refused the request for the user's permissions or
+    /// credentials (`PERMISSION_DENIED`, `UNAUTHENTICATED`, a watch
+    /// cancelled with "permission denied"). Such a request fails the same
+    /// way until an operator changes the grants, so it is retried at most
+    /// once a minute.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            Error::Refused { .. } => true,
+            Error::Etcd { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(s) => matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ),
+                etcd_client::Error::WatchError(m) => {
+                    m.contains("permission denied") || m.contains("authentication failed")
+                }
+                _ => false,
+            },
+            Error::StartupDeadline { last_error, .. } => last_error.is_refused(),
+            _ => false,
+        }
+    }
+
+    /// A copy of a refusal (errors are not `Clone`; a refusal's parts are).
+    pub(crate) fn refusal(&self) -> Option<Self> {
+        match self {
+            Error::Refused {
+                access,
+                key,
+                source,
+            } => Some(Error::Refused {
+                access,
+                key: key.clone(),
+                source: source.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// `self` as a refusal naming the grant `key` needs (`access` is
+    /// `read` or `readwrite`); unchanged when it is not a refusal.
+    pub(crate) fn naming_grant(self, access: &'static str, key: &str) -> Self {
+        if matches!(self, Error::Refused { .. }) || !self.is_refused() {
+            return self;
+        }
+        Error::Refused {
+            access,
+            key: key.to_owned(),
+            source: Arc::new(self),
+        }
+    }
+
     /// Whether retrying cannot help: etcd refused the request for what it is
     /// (permission denied, bad credentials, invalid argument), not for a
     /// passing fault. Start-up fails at once on these instead of retrying.
@@ -176,8 +245,10 @@ impl Error {
                         | tonic::Code::OutOfRange
                 ),
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => true,
+                etcd_client::Error::WatchError(_) => self.is_refused(),
                 _ => false,
             },
+            Error::Refused { .. } => true,
             Error::Timeout { .. }
             | Error::StreamEnded(_)
             | Error::TaskGone(_)

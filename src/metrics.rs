@@ -7,6 +7,7 @@
 //! | `tonic_etcd_changes_total` | counter | `prefix`, `kind` (`insert`/`remove`) | changes applied to a view |
 //! | `tonic_etcd_watch_reconnects_total` | counter | `prefix` | watches re-established after a failure |
 //! | `tonic_etcd_watch_resyncs_total` | counter | `prefix` | re-listings after compaction |
+//! | `tonic_etcd_refused_total` | counter | `prefix` | requests etcd refused for permissions (views and service config; asked again once a minute) |
 //! | `tonic_etcd_skipped_entries_total` | counter | `prefix` | undecodable entries skipped |
 //! | `tonic_etcd_lease_losses_total` | counter | `service` | leases lost and replaced |
 //! | `tonic_etcd_registration_state` | gauge | `service` | 0 registering, 1 registered, 2 lost, 3 retrying, 4 deregistered |
@@ -67,6 +68,10 @@ mod imp {
     pub(crate) fn reconnect(prefix: &str) {
         metrics::counter!("tonic_etcd_watch_reconnects_total", "prefix" => prefix.to_owned())
             .increment(1);
+    }
+
+    pub(crate) fn refused(prefix: &str) {
+        metrics::counter!("tonic_etcd_refused_total", "prefix" => prefix.to_owned()).increment(1);
     }
 
     pub(crate) fn resync(prefix: &str) {
@@ -167,6 +172,10 @@ pub(crate) fn describe() {
         describe_counter!(
             "tonic_etcd_watch_resyncs_total",
             "re-listings after compaction or a revision regression"
+        );
+        describe_counter!(
+            "tonic_etcd_refused_total",
+            "requests etcd refused for the user's permissions (asked again once a minute)"
         );
         describe_counter!(
             "tonic_etcd_skipped_entries_total",
@@ -514,6 +523,7 @@ mod imp {
     pub(crate) fn endpoints(_: &str, _: usize) {}
     pub(crate) fn changes(_: &str, _: u64, _: u64) {}
     pub(crate) fn reconnect(_: &str) {}
+    pub(crate) fn refused(_: &str) {}
     pub(crate) fn resync(_: &str) {}
     pub(crate) fn skipped(_: &str, _: u64) {}
     pub(crate) fn lease_lost(_: &[String]) {}

@@ -159,3 +159,129 @@ async fn a_wrong_password_fails_at_start_up_without_leaking_it() {
     let debug = format!("{builder:?}");
     assert!(!debug.contains(SVC_PW), "{debug}");
 }
+
+/// Every line the crate logs at warn or above, for the test that counts them.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Installed as the process's subscriber (only the test below logs).
+    fn install() -> Self {
+        let captured = Self::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// etcd's count of requests it refused for permissions (unary calls).
+fn denied(etcd: &Etcd) -> f64 {
+    tonic_etcd::testing::metric_where(
+        &etcd.metrics(),
+        "grpc_server_handled_total",
+        "grpc_code=\"PermissionDenied\"",
+    )
+    .unwrap_or(0.0)
+}
+
+/// The README's old one-prefix role: a Balancer in its namespace finds its
+/// instances, but the service config and overrides live outside the role.
+/// It works, warns once per refused watch naming the grant to add, shows
+/// the refusal in `service_config()`, and asks etcd again at most once a
+/// minute (before: every second, 21 refusals in 6 s). A Balancer of a
+/// service outside the role fails its readiness at once, naming the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_optional_grants_works_warns_once_and_does_not_loop() {
+    let logs = Captured::install();
+    let etcd = Etcd::start();
+    with_auth(&etcd).await;
+    let client = connect_as(&etcd, "svc", SVC_PW).await.unwrap();
+    let inside = NamingSchema::with_namespace("allowed").unwrap();
+    let _reg = Registration::builder(client.clone())
+        .schema(inside.clone())
+        .service("greeter")
+        .addr("127.0.0.1:7203")
+        .register()
+        .await
+        .unwrap();
+    let balancer = tonic_etcd::Balancer::builder(client.clone(), "greeter")
+        .schema(inside)
+        .build()
+        .unwrap();
+    eventually(LIMIT, "the instance found", || async {
+        (balancer.registered() == 1).then_some(())
+    })
+    .await;
+    let refusal = eventually(LIMIT, "the config refusal shown", || async {
+        let status = balancer.service_config();
+        status.last_error.map(|e| e.to_string())
+    })
+    .await;
+    assert!(refusal.contains("grant-permission"), "{refusal}");
+    // The optional watches' first refusals have landed; then a window in
+    // which the old loop made ten more.
+    // (Other tests in this binary log refusals of their own prefixes.)
+    let optional = || {
+        let lines = logs.lines_with("etcd refused");
+        lines
+            .into_iter()
+            .filter(|l| l.contains("_tonic-etcd/"))
+            .collect::<Vec<_>>()
+    };
+    eventually(LIMIT, "both optional watches refused once", || async {
+        (optional().len() >= 2).then_some(())
+    })
+    .await;
+    let settled = denied(&etcd);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let later = denied(&etcd);
+    assert!(settled <= 2.0, "{settled} refused requests at start");
+    assert_eq!(later, settled, "refused requests repeated within 10 s");
+    let warned = optional();
+    assert_eq!(
+        warned.len(),
+        2,
+        "one warning per optional watch: {warned:#?}"
+    );
+    assert!(
+        warned.iter().all(|l| l.contains("grant-permission")),
+        "{warned:#?}"
+    );
+    assert_eq!(balancer.registered(), 1, "the instances stay");
+
+    let t = Instant::now();
+    let outside = tonic_etcd::Balancer::builder(client, "greeter")
+        .schema(NamingSchema::with_namespace("other").unwrap())
+        .build()
+        .unwrap();
+    let err = outside.wait_for_ready(1, LIMIT).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let text = err.to_string();
+    assert!(
+        matches!(err, tonic_etcd::Error::Refused { access: "read", .. })
+            && text.contains("other/greeter"),
+        "{text}"
+    );
+}

@@ -317,10 +317,32 @@ impl Balancer {
     }
 
     /// Waits until at least `n` endpoints are in rotation, up to `timeout`.
+    ///
+    /// Fails at once with [`Error::Refused`] (naming the grant to add) when
+    /// etcd refuses this user the service's instances.
     pub async fn wait_for_ready(&self, n: usize, timeout: Duration) -> Result<(), Error> {
         let mut info = self.router.pool.info.subscribe();
         let deadline = deadline_after(Instant::now(), timeout);
-        match wait_until(&mut info, deadline, |i| i.ready >= n).await {
+        let refused = async {
+            let Some(mut etcd) = self.router.pool.etcd.clone() else {
+                return std::future::pending().await;
+            };
+            let refusal = |s: &crate::WatchStatus| s.last_error.as_ref().and_then(|e| e.refusal());
+            let found = match etcd.wait_for(|s| refusal(s).is_some()).await {
+                Ok(s) => refusal(&s),
+                Err(_) => None,
+            };
+            match found {
+                Some(e) => Some(e),
+                None => std::future::pending().await,
+            }
+        };
+        let waited = tokio::select! {
+            biased;
+            w = wait_until(&mut info, deadline, |i| i.ready >= n) => w,
+            Some(e) = refused => return Err(e),
+        };
+        match waited {
             Waited::Ready => Ok(()),
             Waited::Gone => Err(Error::TaskGone("balancer")),
             Waited::TimedOut => Err(Error::NoEndpoints {

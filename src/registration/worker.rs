@@ -252,9 +252,14 @@ impl<S: Store> Worker<S> {
         Ok((lease, granted))
     }
 
-    /// The pause before the next registration attempt after `error`: long
-    /// and growing while etcd is overloaded, short otherwise.
+    /// The pause before the next registration attempt after `error`: a
+    /// minute when etcd refused it for permissions, long and growing while
+    /// etcd is overloaded, short otherwise.
     fn next_delay(&mut self, error: &Error) -> Duration {
+        if error.is_refused() {
+            // The same answer until an operator changes the grants.
+            return crate::backoff::refused_retry();
+        }
         if error.is_overload() {
             self.overload.next_delay()
         } else {
@@ -618,7 +623,11 @@ impl<S: Store> Worker<S> {
                     // etcd refusing renewals while it catches up: back off
                     // further, but not past half an interval, so the lease
                     // is renewed as soon as etcd can.
-                    let delay = self.next_delay(&e).min(interval / 2);
+                    let delay = if e.is_refused() {
+                        self.next_delay(&e)
+                    } else {
+                        self.next_delay(&e).min(interval / 2)
+                    };
                     self.retrying(e);
                     if !self.pause(delay, None, stop, commands).await {
                         return SessionEnd::Stopped;

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Refusals};
 use crate::retry::with_timeout;
 use crate::schema::{NamingSchema, Schema};
 use crate::{Error, Instance};
@@ -364,6 +364,7 @@ pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchCon
             cfg,
             view: view.clone(),
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            refusals: Refusals::default(),
             cluster_id: 0,
         }
         .run(),
@@ -377,6 +378,8 @@ struct Task<S> {
     cfg: WatchConfig,
     view: Arc<View>,
     backoff: Backoff,
+    /// Whether etcd's refusal of this view was said already.
+    refusals: Refusals,
     /// The cluster the view was listed from.
     cluster_id: u64,
 }
@@ -438,9 +441,23 @@ impl<S: Source> Task<S> {
     }
 
     async fn failed(&mut self, error: Error) {
-        let delay = self.backoff.next_delay();
-        tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
-            "etcd watch failed; keeping the last known endpoints");
+        let error = error.naming_grant("read", &self.cfg.prefix);
+        let delay = if error.is_refused() {
+            crate::metrics::refused(&self.cfg.prefix);
+            let delay = crate::backoff::refused_retry();
+            if self.refusals.first() {
+                tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
+                    "etcd refused this view; keeping the last known endpoints and asking again once a minute");
+            } else {
+                tracing::debug!(prefix = %self.cfg.prefix, %error, retry_in = ?delay, "etcd refused this view again");
+            }
+            delay
+        } else {
+            let delay = self.backoff.next_delay();
+            tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
+                "etcd watch failed; keeping the last known endpoints");
+            delay
+        };
         self.view
             .update_status(|s| s.last_error = Some(Arc::new(error)));
         tokio::time::sleep(delay).await;
@@ -495,6 +512,7 @@ impl<S: Source> Task<S> {
         });
         crate::metrics::skipped(&self.cfg.prefix, skipped);
         self.backoff.reset();
+        self.refusals.clear();
         tracing::debug!(prefix = %self.cfg.prefix, revision, count, "listed");
         Ok(revision)
     }
@@ -542,6 +560,7 @@ impl<S: Source> Task<S> {
             // Only a session that delivers something counts as recovered; a
             // watch that is created and then fails keeps backing off.
             self.backoff.reset();
+            self.refusals.clear();
             self.view
                 .status
                 .send_if_modified(|s| s.last_error.take().is_some());
