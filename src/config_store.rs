@@ -287,9 +287,14 @@ pub(crate) async fn watch<S: Source>(
 ) {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     let mut refusals = crate::backoff::Refusals::default();
+    // Whether a refused watch has had its stream reopened with a fresh
+    // token since the last failure that was not a refusal.
+    let mut reauthenticated = false;
     while !status.is_closed() {
+        let mut read_ok = false;
         let error = match read(&source, &cfg.key, cfg.request_timeout).await {
             Ok((entry, revision)) => {
+                read_ok = true;
                 refusals.clear();
                 apply(&cfg, &status, entry);
                 status.send_if_modified(|s| {
@@ -302,6 +307,17 @@ pub(crate) async fn watch<S: Source>(
             }
             Err(e) => e,
         };
+        if !error.is_refused() {
+            reauthenticated = false;
+        } else if read_ok && !std::mem::replace(&mut reauthenticated, true) {
+            // The key was just read, so the watch stream's token is likely
+            // the one refused (etcd 3.4 says "permission denied" for both).
+            tracing::info!(key = %cfg.key, %error,
+                "etcd refused a watch of a key this user reads; refreshing the token and reopening the stream");
+            source.reauthenticate().await;
+            tokio::time::sleep(backoff.next_delay()).await;
+            continue;
+        }
         let error = error.naming_grant("read", &cfg.key);
         let delay = if error.is_refused() {
             // Optional: the builder's config serves meanwhile.

@@ -35,10 +35,23 @@ struct Etcd {
     streams: Vec<mpsc::UnboundedSender<EtcdResult<Reply>>>,
     watches: Vec<(Instant, i64)>,
     progress_requests: Vec<Instant>,
+    /// Lists are refused for permissions: the user lacks the grant.
+    refuse_lists: bool,
+    /// Watch creates are refused for permissions until the source
+    /// reauthenticates (etcd 3.4 and a stream with an expired token), or
+    /// always when `refuse_lists` is set too.
+    stale_token: bool,
+    reauthentications: u32,
 }
 
 #[derive(Clone, Default)]
 struct Fake(Arc<Mutex<Etcd>>);
+
+fn denied() -> etcd_client::Error {
+    etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
+        "etcdserver: permission denied",
+    ))
+}
 
 fn unavailable() -> etcd_client::Error {
     etcd_client::Error::GRpcStatus(tonic::Status::unavailable("fake etcd down"))
@@ -153,6 +166,9 @@ impl Source for Fake {
             return Err(unavailable());
         }
         etcd.pages.push(limit);
+        if etcd.refuse_lists {
+            return Err(denied());
+        }
         if etcd.max_page.is_some_and(|max| limit as usize > max) {
             return Err(etcd_client::Error::GRpcStatus(tonic::Status::out_of_range(
                 "decoded message length too large",
@@ -176,6 +192,21 @@ impl Source for Fake {
         etcd.watches.push((Instant::now(), start));
         let (tx, rx) = mpsc::unbounded_channel();
         let header = Some(Self::header(&etcd));
+        if etcd.stale_token {
+            // As etcd 3.4 refuses a create: created and cancelled at once.
+            let _ = tx.send(Ok(Reply {
+                header,
+                created: true,
+                canceled: true,
+                cancel_reason: "etcdserver: permission denied".into(),
+                ..Reply::default()
+            }));
+            return Ok(FakeWatch {
+                fake: self.clone(),
+                tx,
+                rx,
+            });
+        }
         let _ = tx.send(Ok(Reply {
             header,
             created: true,
@@ -211,6 +242,18 @@ impl Source for Fake {
             tx,
             rx,
         })
+    }
+
+    async fn reauthenticate(&self) {
+        self.reauthenticated();
+    }
+}
+
+impl Fake {
+    fn reauthenticated(&self) {
+        let mut etcd = self.lock();
+        etcd.reauthentications += 1;
+        etcd.stale_token = false;
     }
 }
 
@@ -606,4 +649,56 @@ async fn a_service_config_survives_outages_and_refuses_what_does_not_validate() 
     assert_eq!(rx.borrow().source, ConfigSource::Builder);
     assert_eq!(secs(), None);
     task.abort();
+}
+
+/// A user without the grant: the view asks again once a minute, not every
+/// second, and reports the refusal naming the grant.
+#[tokio::test(start_paused = true)]
+async fn a_refused_view_asks_etcd_again_once_a_minute() {
+    let fake = Fake::new();
+    fake.lock().refuse_lists = true;
+    let w = start(&fake);
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    let lists = fake.lock().pages.len();
+    // At 0 s, then every 60 to 66 s.
+    assert!((5..=6).contains(&lists), "{lists} lists in 300 s");
+    let status = w.view.status().borrow().clone();
+    let error = status.last_error.expect("the refusal shown");
+    assert!(
+        matches!(&*error, Error::Refused { access: "read", key, .. } if key == "svc/"),
+        "{error}"
+    );
+    // The grant added: taken up at the next minute.
+    fake.put("a:1");
+    fake.lock().refuse_lists = false;
+    tokio::time::sleep(Duration::from_secs(67)).await;
+    assert_eq!(addrs(&w), ["a:1"]);
+}
+
+/// etcd 3.4 refuses a watch whose stream token expired with the same
+/// "permission denied" as a missing grant. The prefix was just listed, so
+/// the view reopens the stream with a fresh token once, at once; a watch
+/// refused again after that is a refusal (once a minute).
+#[tokio::test(start_paused = true)]
+async fn a_watch_refused_for_its_stream_token_reopens_the_stream_once() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    fake.lock().stale_token = true;
+    let w = start(&fake);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fake.put("b:1");
+    settle().await;
+    assert_eq!(addrs(&w), ["a:1", "b:1"], "resumed within 2 s");
+    assert_eq!(fake.lock().reauthentications, 1);
+
+    // A refusal that stays after the reopen (and the reopen before it was
+    // answered by a delivery, so the next one is a refusal at once).
+    fake.break_streams();
+    fake.lock().stale_token = true;
+    fake.lock().refuse_lists = true;
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    let etcd = fake.lock();
+    assert!(etcd.reauthentications <= 2, "{}", etcd.reauthentications);
+    let creates = etcd.watches.len();
+    assert!(creates <= 4, "{creates} creates: a refusal in a loop");
 }

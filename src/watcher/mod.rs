@@ -365,6 +365,7 @@ pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchCon
             view: view.clone(),
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
             refusals: Refusals::default(),
+            reauthenticated: false,
             cluster_id: 0,
         }
         .run(),
@@ -380,6 +381,9 @@ struct Task<S> {
     backoff: Backoff,
     /// Whether etcd's refusal of this view was said already.
     refusals: Refusals,
+    /// Whether a refused watch has had its stream reopened with a fresh
+    /// token since the view last delivered: once per run of refusals.
+    reauthenticated: bool,
     /// The cluster the view was listed from.
     cluster_id: u64,
 }
@@ -432,7 +436,17 @@ impl<S: Source> Task<S> {
                 }
                 SessionEnd::Failed(e) => {
                     revision = Some(last);
-                    self.failed(e).await;
+                    if e.is_refused() && !std::mem::replace(&mut self.reauthenticated, true) {
+                        // The user could read the prefix (it was listed),
+                        // so the stream's token is likely the one refused.
+                        tracing::info!(prefix = %self.cfg.prefix, error = %e,
+                            "etcd refused a watch of a prefix this user reads; \
+                             refreshing the token and reopening the stream");
+                        self.source.reauthenticate().await;
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                    } else {
+                        self.failed(e).await;
+                    }
                     self.view.update_status(|s| s.reconnects += 1);
                     crate::metrics::reconnect(&self.cfg.prefix);
                 }
@@ -561,6 +575,7 @@ impl<S: Source> Task<S> {
             // watch that is created and then fails keeps backing off.
             self.backoff.reset();
             self.refusals.clear();
+            self.reauthenticated = false;
             self.view
                 .status
                 .send_if_modified(|s| s.last_error.take().is_some());

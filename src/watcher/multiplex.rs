@@ -101,6 +101,9 @@ enum Command {
     },
     Cancel(u64),
     Progress,
+    /// Close the stream: the client has a fresh token, and the stream
+    /// still carries the one it was opened with.
+    Reopen,
 }
 
 /// A create: every key under a prefix, from a revision on.
@@ -159,6 +162,19 @@ impl Multiplexer {
     pub(crate) fn reads(&self) -> &ReadGate {
         &self.reads
     }
+
+    /// Refreshes the client's token and closes the open stream, so that
+    /// the watches resume on one opened with the fresh token. etcd 3.4
+    /// refuses a create whose stream token has expired with the same
+    /// "permission denied" as a missing grant (3.5 says "invalid auth
+    /// token", handled in the stream task); a view calls this when etcd
+    /// refused its watch although the user could read the prefix.
+    pub(crate) async fn reauthenticate(&self) {
+        let _ = tokio::time::timeout(OPEN_TIMEOUT, self.client.clone().refresh_token()).await;
+        if let Some(link) = &*lock(&self.link) {
+            let _ = link.commands.send(Command::Reopen);
+        }
+    }
 }
 
 /// One watch on the shared stream; dropping it cancels the watch at etcd.
@@ -176,6 +192,7 @@ impl std::fmt::Debug for Command {
             Self::Watch { local, .. } => write!(f, "Watch({local})"),
             Self::Cancel(local) => write!(f, "Cancel({local})"),
             Self::Progress => f.write_str("Progress"),
+            Self::Reopen => f.write_str("Reopen"),
         }
     }
 }
@@ -531,6 +548,9 @@ async fn run(
                             return;
                         }
                         result
+                    }
+                    Command::Reopen => {
+                        return close(&link, commands, router, "reopened with a fresh token").await;
                     }
                     Command::Progress => {
                         if progress_asked.is_some_and(|at| at.elapsed() < PROGRESS_RESEND) {

@@ -97,6 +97,12 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
     fn read_gate(&self) -> Option<&ReadGate> {
         None
     }
+
+    /// Gets a fresh token for this source's watches (see
+    /// `Multiplexer::reauthenticate`).
+    fn reauthenticate(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// An open watch.
@@ -176,6 +182,10 @@ impl Source for Etcd {
 
     fn read_gate(&self) -> Option<&ReadGate> {
         Some(self.watches().reads())
+    }
+
+    async fn reauthenticate(&self) {
+        self.watches().reauthenticate().await;
     }
 }
 
