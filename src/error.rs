@@ -94,8 +94,7 @@ pub enum Error {
     /// the grant to add. Retried at most once a minute, never in a loop.
     #[error(
         "etcd refused to let this user {access} {key:?} ({source}); grant its role \
-         `etcdctl role grant-permission <role> {access} {key} --prefix` \
-         (see `tonic-etcd rbac`)"
+         `etcdctl role grant-permission <role> {access} {key} --prefix`"
     )]
     Refused {
         /// `read` or `readwrite`: the permission missing.

@@ -455,7 +455,12 @@ impl<S: Store> Worker<S> {
                     Ok(entries) => {
                         self.spec.entries = entries;
                         let all = self.spec.entries.clone();
-                        self.write_now(&all, lease, stop).await
+                        let written = self.write_now(&all, lease, stop).await;
+                        if lease.is_some() && written.is_ok() {
+                            // Every entry is written: nothing left for a repair.
+                            self.unwritten = false;
+                        }
+                        written
                     }
                 };
                 (result, reply)
