@@ -307,6 +307,18 @@ async fn registered(fake: &Fake, ttl: u64) -> Registration {
         .unwrap()
 }
 
+/// Runs past the first keep-alive (at most two thirds of a 3 s TTL after
+/// the grant), then takes etcd down until the registration says so.
+async fn lose_etcd_after_the_first_keep_alive(fake: &Fake, reg: &Registration) {
+    run_for(Duration::from_millis(2100)).await;
+    fake.lock().down = true;
+    let mut states = reg.watch_state();
+    states
+        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
+        .await
+        .unwrap();
+}
+
 /// Lets the worker run until the clock has moved `by`.
 async fn run_for(by: Duration) {
     tokio::time::sleep(by).await;
@@ -576,14 +588,7 @@ async fn metadata_is_written_now_or_after_an_outage() {
         .unwrap();
     assert!(value(&fake).contains("\"a\""), "{}", value(&fake));
 
-    // Past the first keep-alive (at most two thirds of the TTL after the grant).
-    run_for(Duration::from_millis(2100)).await;
-    fake.lock().down = true;
-    let mut states = reg.watch_state();
-    states
-        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
-        .await
-        .unwrap();
+    lose_etcd_after_the_first_keep_alive(&fake, &reg).await;
     let t0 = Instant::now();
     reg.update_metadata(Metadata::new().with("zone", "b"))
         .await
@@ -778,14 +783,8 @@ async fn a_shared_lease_key_set_changes_under_the_same_lease() {
     );
     assert_eq!(keys(&fake)[1].1, "2");
 
-    // Past the first keep-alive; then etcd goes away and b is dropped.
-    run_for(Duration::from_millis(2100)).await;
-    fake.lock().down = true;
-    let mut states = reg.watch_state();
-    states
-        .wait_for(|s| matches!(s, RegistrationState::Retrying { .. }))
-        .await
-        .unwrap();
+    // Then etcd goes away and b is dropped.
+    lose_etcd_after_the_first_keep_alive(&fake, &reg).await;
     reg.replace_entries(services(), vec![entry("c/a", "1")])
         .await
         .unwrap();
