@@ -27,9 +27,20 @@ pub(crate) struct Refusals {
 }
 
 impl Refusals {
-    /// Whether this refusal is the first of its run.
-    pub(crate) fn first(&mut self) -> bool {
-        !std::mem::replace(&mut self.said, true)
+    /// Notes that etcd refused the request for `key` with `error` (which
+    /// names the grant): counts it, says it once per run (`keeping` is
+    /// what stays in force meanwhile), and returns the wait before the
+    /// next attempt ([`refused_retry`]).
+    pub(crate) fn refused(&mut self, key: &str, error: &crate::Error, keeping: &str) -> Duration {
+        crate::metrics::refused(key);
+        let delay = refused_retry();
+        if std::mem::replace(&mut self.said, true) {
+            tracing::debug!(%key, %error, retry_in = ?delay, "etcd refused this again");
+        } else {
+            tracing::warn!(%key, %error, retry_in = ?delay, keeping,
+                "etcd refused this request; asking again once a minute");
+        }
+        delay
     }
 
     /// The request succeeded.

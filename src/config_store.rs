@@ -321,15 +321,7 @@ pub(crate) async fn watch<S: Source>(
         let error = error.naming_grant("read", &cfg.key);
         let delay = if error.is_refused() {
             // Optional: the builder's config serves meanwhile.
-            crate::metrics::refused(&cfg.key);
-            let delay = crate::backoff::refused_retry();
-            if refusals.first() {
-                tracing::warn!(key = %cfg.key, %error, retry_in = ?delay,
-                    "etcd refused the service config watch; the config in force stays, asked again once a minute");
-            } else {
-                tracing::debug!(key = %cfg.key, %error, "etcd refused the service config watch again");
-            }
-            delay
+            refusals.refused(&cfg.key, &error, "the service config in force")
         } else {
             let delay = backoff.next_delay();
             tracing::warn!(key = %cfg.key, %error, retry_in = ?delay,

@@ -457,15 +457,8 @@ impl<S: Source> Task<S> {
     async fn failed(&mut self, error: Error) {
         let error = error.naming_grant("read", &self.cfg.prefix);
         let delay = if error.is_refused() {
-            crate::metrics::refused(&self.cfg.prefix);
-            let delay = crate::backoff::refused_retry();
-            if self.refusals.first() {
-                tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
-                    "etcd refused this view; keeping the last known endpoints and asking again once a minute");
-            } else {
-                tracing::debug!(prefix = %self.cfg.prefix, %error, retry_in = ?delay, "etcd refused this view again");
-            }
-            delay
+            let keeping = "the last known endpoints";
+            self.refusals.refused(&self.cfg.prefix, &error, keeping)
         } else {
             let delay = self.backoff.next_delay();
             tracing::warn!(prefix = %self.cfg.prefix, %error, retry_in = ?delay,
