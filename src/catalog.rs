@@ -98,6 +98,9 @@ pub async fn list(
     };
     for kv in kvs {
         let key = String::from_utf8_lossy(&kv.key).into_owned();
+        if service.is_none() && crate::schema::is_reserved(&kv.key, &prefix) {
+            continue;
+        }
         match schema.decode(&kv.key, &kv.value) {
             Ok(i) if service.is_some_and(|s| s != i.service) => {}
             Ok(i) => {
@@ -117,6 +120,7 @@ pub async fn list(
                     .push(i);
             }
             Err(_) if everything => {}
+            Err(crate::schema::DecodeError::Reserved) => {}
             Err(e) => listing.undecodable.push((key, e)),
         }
     }

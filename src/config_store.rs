@@ -4,15 +4,16 @@
 //! # Where
 //!
 //! A service's config lives at
-//! `_tonic-etcd/service-config/<namespace prefix><service>` ([`config_key`]),
+//! `<namespace prefix>_tonic-etcd/service-config/<service>` ([`config_key`]),
 //! e.g. `_tonic-etcd/service-config/greeter.v1.Greeter`, or
-//! `_tonic-etcd/service-config/prod/greeter.v1.Greeter` under the naming
-//! schema's namespace `prod`. Not beside the instances: etcd's Go resolver
+//! `prod/_tonic-etcd/service-config/greeter.v1.Greeter` under the naming
+//! schema's namespace `prod`: inside the namespace, so the namespace's
+//! grant covers it, but not beside the instances: etcd's Go resolver
 //! watches the *bare* prefix `<service>` (etcd-io/etcd#15022), so it would
 //! read any key that starts with the service's name, even
-//! `<service>-config`, as an endpoint. No schema's instance keys start with
-//! `_tonic-etcd/`; a [`Catalog`](crate::Catalog) without a namespace, which
-//! watches every key, leaves it out as a key that is not an instance.
+//! `<service>-config`, as an endpoint. No service may be called
+//! `_tonic-etcd`, and a [`Catalog`](crate::Catalog) leaves these keys out
+//! (see [`Reserved`]).
 //!
 //! # What a balancer does with it
 //!
@@ -39,14 +40,10 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::retry::with_timeout;
-use crate::schema::{NamingSchema, Schema};
+use crate::schema::{NamingSchema, Reserved, Schema};
 use crate::watcher::source::{Event, Source};
 use crate::watcher::{next_reply, Liveness};
 use crate::{Error, ServiceConfig};
-
-/// The root of every service config key: outside every schema's instance
-/// keys (see the [module docs](self)).
-pub const CONFIG_ROOT: &str = "_tonic-etcd/service-config/";
 
 /// Largest document read: gRPC service configs are a few KiB at most.
 const MAX_DOCUMENT: usize = 256 * 1024;
@@ -56,7 +53,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The etcd key of `service`'s config under `schema`.
 pub fn config_key(schema: &dyn Schema, service: &str) -> Result<String, Error> {
     schema.validate_service(service)?;
-    Ok(format!("{CONFIG_ROOT}{}{service}", schema.root_prefix()))
+    Ok(format!(
+        "{}{service}",
+        Reserved::ServiceConfig.prefix(schema)
+    ))
 }
 
 /// A service config document as etcd holds it.

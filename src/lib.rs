@@ -112,6 +112,7 @@ mod etcd;
 pub mod instance;
 pub mod metrics;
 pub mod overrides;
+pub mod rbac;
 pub mod registration;
 mod retry;
 pub mod schema;
@@ -120,6 +121,7 @@ pub mod service_config;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod time;
+pub mod upgrade;
 mod watcher;
 
 pub use balancer::{Balancer, BalancerBuilder};

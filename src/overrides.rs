@@ -2,7 +2,8 @@
 //! its weight without touching its process, as Nacos' console does.
 //!
 //! An override lives at
-//! `_tonic-etcd/overrides/<namespace prefix><service>/<instance id>`:
+//! `<namespace prefix>_tonic-etcd/overrides/<service>/<instance id>`
+//! ([`Reserved::Overrides`]):
 //!
 //! * **not under the instance's key**, so the registering process's key
 //!   check never undoes it, and etcd's Go resolver (which watches the bare
@@ -37,12 +38,8 @@ use tokio_stream::Stream;
 use tower::discover::Change;
 
 use crate::retry::with_timeout;
-use crate::schema::{NamingSchema, Schema};
+use crate::schema::{Reserved, Schema};
 use crate::{Discover, Error, Instance, Metadata};
-
-/// Where overrides live (the reserved prefix, then the instances' own
-/// namespace prefix and service).
-pub(crate) const OVERRIDES_ROOT: &str = "_tonic-etcd/overrides";
 
 /// The metadata key that marks a drained instance in a Balancer's view; its
 /// value says who drained it.
@@ -135,17 +132,6 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The service name overrides are stored under (with the overrides schema).
-fn scoped(schema: &dyn Schema, service: &str) -> Result<String, Error> {
-    schema.validate_service(service)?;
-    Ok(format!("{}{service}", schema.root_prefix()))
-}
-
-fn overrides_schema() -> NamingSchema {
-    // A constant that is a valid namespace.
-    NamingSchema::with_namespace(OVERRIDES_ROOT).unwrap_or_else(|_| NamingSchema::new())
-}
-
 /// Reads and writes overrides.
 #[derive(Clone)]
 pub struct OverrideStore {
@@ -186,7 +172,8 @@ impl OverrideStore {
         if o.is_empty() {
             return self.remove(service, id).await.map(drop);
         }
-        let scoped = scoped(&*self.schema, service)?;
+        self.schema.validate_service(service)?;
+        let layout = Reserved::Overrides.schema(&*self.schema)?;
         for _ in 0..WRITE_TRIES {
             let listing =
                 crate::catalog::list(&self.client, &*self.schema, Some(service), self.timeout)
@@ -203,12 +190,12 @@ impl OverrideStore {
                 });
             };
             let stored = Instance {
-                service: scoped.clone(),
+                service: service.to_owned(),
                 id: id.to_owned(),
                 addr: instance.addr,
                 metadata: o.to_metadata(),
             };
-            let encoded = overrides_schema().encode(&stored)?;
+            let encoded = layout.encode(&stored)?;
             let opts = (info.lease != 0).then(|| PutOptions::new().with_lease(info.lease));
             // Only while the instance still holds that lease.
             let txn = Txn::new()
@@ -250,24 +237,16 @@ impl OverrideStore {
         &self,
         service: Option<&str>,
     ) -> Result<BTreeMap<(String, String), Override>, Error> {
-        let root = self.schema.root_prefix();
-        let scoped = service.map(|s| scoped(&*self.schema, s)).transpose()?;
-        let listing = crate::catalog::list(
-            &self.client,
-            &overrides_schema(),
-            scoped.as_deref(),
-            self.timeout,
-        )
-        .await?;
+        if let Some(service) = service {
+            self.schema.validate_service(service)?;
+        }
+        let layout = Reserved::Overrides.schema(&*self.schema)?;
+        let listing = crate::catalog::list(&self.client, &layout, service, self.timeout).await?;
         let mut out = BTreeMap::new();
         for (svc, instances) in listing.services {
-            // Another namespace's overrides share the root: not ours.
-            let Some(name) = svc.strip_prefix(root.as_str()) else {
-                continue;
-            };
             for i in instances {
                 out.insert(
-                    (name.to_owned(), i.id.clone()),
+                    (svc.clone(), i.id.clone()),
                     Override::from_metadata(&i.metadata),
                 );
             }
@@ -276,14 +255,17 @@ impl OverrideStore {
     }
 
     fn key(&self, service: &str, id: &str) -> Result<String, Error> {
-        let scoped = scoped(&*self.schema, service)?;
+        self.schema.validate_service(service)?;
         let probe = Instance {
-            service: scoped,
+            service: service.to_owned(),
             id: id.to_owned(),
             addr: "override.invalid:1".into(),
             metadata: Metadata::new(),
         };
-        Ok(overrides_schema().encode(&probe)?.key)
+        Ok(Reserved::Overrides
+            .schema(&*self.schema)?
+            .encode(&probe)?
+            .key)
     }
 }
 
@@ -315,9 +297,12 @@ impl<D> WithOverrides<D> {
         weight_key: String,
         request_timeout: Duration,
     ) -> Self {
-        let overrides = scoped(schema, service).ok().and_then(|scoped| {
-            Discover::builder(client, scoped)
-                .schema(overrides_schema())
+        let layout = schema
+            .validate_service(service)
+            .and_then(|()| Reserved::Overrides.schema(schema));
+        let overrides = layout.ok().and_then(|layout| {
+            Discover::builder(client, service)
+                .schema(layout)
                 .request_timeout(request_timeout)
                 .build()
                 .map_err(|e| tracing::warn!(error = %e, "overrides not watched"))

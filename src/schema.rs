@@ -115,6 +115,10 @@ pub enum DecodeError {
     /// The key is not under the schema's prefix.
     #[error("the key is outside the schema's prefix")]
     OutsidePrefix,
+    /// One of this crate's own keys (under `<root prefix>_tonic-etcd/`):
+    /// not an instance, and not a mistake.
+    #[error("the key is one of tonic-etcd's own (service configs, overrides, clients)")]
+    Reserved,
     /// The key does not have the schema's shape.
     #[error("malformed key: {0}")]
     MalformedKey(String),
@@ -212,9 +216,76 @@ impl NamingSchema {
     }
 }
 
-/// The prefix of the keys this crate keeps for itself (service configs,
-/// the client registry of coordinated subsetting).
-pub(crate) const RESERVED: &str = "_tonic-etcd/";
+/// The segment under a schema's root prefix where this crate keeps its own
+/// keys (service configs, overrides, the client registry of coordinated
+/// subsetting): `<root prefix>_tonic-etcd/`.
+pub const RESERVED: &str = "_tonic-etcd/";
+
+/// What this crate keeps beside a schema's instances, each under
+/// `<root prefix>_tonic-etcd/<kind>/`: inside the namespace, so one grant
+/// on the namespace's prefix covers all of it (see [`crate::rbac`]), yet
+/// never under `<namespace>/<service>`, which etcd's Go resolver would read
+/// as endpoints (it watches the bare prefix, etcd-io/etcd#15022).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    /// One gRPC service config per service ([`crate::ConfigStore`]).
+    ServiceConfig,
+    /// Drains and weight overrides, bound to the instance's lease.
+    Overrides,
+    /// The client keys of coordinated subsetting.
+    Clients,
+}
+
+impl Reserved {
+    /// Every kind, in key order.
+    pub const ALL: [Reserved; 3] = [Self::Clients, Self::Overrides, Self::ServiceConfig];
+
+    /// The kind's segment under [`RESERVED`].
+    pub fn segment(self) -> &'static str {
+        match self {
+            Self::ServiceConfig => "service-config",
+            Self::Overrides => "overrides",
+            Self::Clients => "clients",
+        }
+    }
+
+    /// `<root prefix>_tonic-etcd/<kind>/`: the prefix of every key of this
+    /// kind beside `schema`'s instances.
+    pub fn prefix(self, schema: &dyn Schema) -> String {
+        format!("{}{RESERVED}{}/", schema.root_prefix(), self.segment())
+    }
+
+    /// Where keys of this kind lived before 0.2 (outside the namespace:
+    /// `_tonic-etcd/<kind>/<root prefix>`), for `tonic-etcd upgrade-keys`.
+    pub fn legacy_prefix(self, schema: &dyn Schema) -> String {
+        format!("{RESERVED}{}/{}", self.segment(), schema.root_prefix())
+    }
+
+    /// The naming layout of this kind's keys, `<prefix><service>/<id>`:
+    /// overrides and client keys are stored as instances of their service.
+    pub(crate) fn schema(self, schema: &dyn Schema) -> Result<NamingSchema, Error> {
+        let prefix = self.prefix(schema);
+        NamingSchema::with_namespace(prefix.trim_end_matches('/'))
+    }
+}
+
+/// Whether `key`, under the root prefix `root`, is one of this crate's own
+/// keys rather than an instance.
+pub(crate) fn is_reserved(key: &[u8], root: &str) -> bool {
+    key.strip_prefix(root.as_bytes())
+        .is_some_and(|rest| rest.starts_with(RESERVED.as_bytes()))
+}
+
+/// Refuses a service whose keys would land among this crate's own.
+fn check_not_reserved(service: &str) -> Result<(), Error> {
+    if service == RESERVED.trim_end_matches('/') || service.starts_with(RESERVED) {
+        return Err(Error::InvalidServiceName {
+            name: service.to_owned(),
+            reason: format!("{RESERVED} is where tonic-etcd keeps its own keys"),
+        });
+    }
+    Ok(())
+}
 
 /// Checks a `/`-separated name: no empty segments, no leading or trailing `/`.
 fn check_path(name: &str, what: &str) -> Result<(), Error> {
@@ -234,7 +305,8 @@ impl Schema for NamingSchema {
     }
 
     fn validate_service(&self, service: &str) -> Result<(), Error> {
-        check_path(service, "service name")
+        check_path(service, "service name")?;
+        check_not_reserved(service)
     }
 
     fn service_prefix(&self, service: &str) -> String {
@@ -270,14 +342,13 @@ impl Schema for NamingSchema {
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
-        if self.namespace.is_none() && key.starts_with(RESERVED.as_bytes()) {
-            // Service configs and client keys of this crate, seen by a
-            // listing of every key: not instances.
-            return Err(DecodeError::MalformedKey(format!(
-                "{RESERVED} keys are tonic-etcd's own (service configs, clients)"
-            )));
+        let root = self.root_prefix();
+        if is_reserved(key, &root) {
+            // Service configs, overrides and client keys of this crate, seen
+            // by a listing of the whole namespace: not instances.
+            return Err(DecodeError::Reserved);
         }
-        let rest = after_root(key, &self.root_prefix())?;
+        let rest = after_root(key, &root)?;
         let (service, id) = rest.rsplit_once('/').ok_or_else(|| {
             DecodeError::MalformedKey("expected <service>/<id> after the namespace".into())
         })?;
@@ -469,7 +540,8 @@ impl Schema for ColonSchema {
     }
 
     fn validate_service(&self, service: &str) -> Result<(), Error> {
-        check_name(service, "service name", ':')
+        check_name(service, "service name", ':')?;
+        check_not_reserved(service)
     }
 
     fn service_prefix(&self, service: &str) -> String {
@@ -516,7 +588,11 @@ impl Schema for ColonSchema {
     }
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
-        let rest = after_root(key, &self.root_prefix())?;
+        let root = self.root_prefix();
+        if is_reserved(key, &root) {
+            return Err(DecodeError::Reserved);
+        }
+        let rest = after_root(key, &root)?;
         let mut parts = rest.rsplitn(3, ':');
         let (Some(port), Some(ip), Some(service)) = (parts.next(), parts.next(), parts.next())
         else {

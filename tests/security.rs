@@ -2,6 +2,8 @@
 //! discovers inside it, is refused outside it at once, and a wrong password
 //! is a clear error at start-up. Secrets never appear in errors or output.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 
 use std::process::Command;
@@ -175,16 +177,22 @@ impl std::io::Write for Captured {
 }
 
 impl Captured {
-    /// Installed as the process's subscriber (only the test below logs).
+    /// The process's subscriber, installed by the first test that asks
+    /// (tests share it: each filters the lines of its own namespace).
     fn install() -> Self {
-        let captured = Self::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        captured
+        static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+        CAPTURED
+            .get_or_init(|| {
+                let captured = Self::default();
+                let writer = captured.clone();
+                tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::WARN)
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone())
+                    .init();
+                captured
+            })
+            .clone()
     }
 
     fn lines_with(&self, needle: &str) -> Vec<String> {
@@ -206,9 +214,11 @@ fn denied(etcd: &Etcd) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// The README's old one-prefix role: a Balancer in its namespace finds its
-/// instances, but the service config and overrides live outside the role.
-/// It works, warns once per refused watch naming the grant to add, shows
+/// A role that covers the namespace's instances only (as a server's role
+/// does, or a one-prefix role did before 0.2 moved the service config and
+/// overrides into the namespace): a Balancer finds its instances, but not
+/// its service config and overrides. It works, warns once per refused
+/// watch naming the grant to add, shows
 /// the refusal in `service_config()`, and asks etcd again at most once a
 /// minute (before: every second, 21 refusals in 6 s). A Balancer of a
 /// service outside the role fails its readiness at once, naming the grant.
@@ -217,7 +227,22 @@ async fn a_client_without_the_optional_grants_works_warns_once_and_does_not_loop
     let logs = Captured::install();
     let etcd = Etcd::start();
     with_auth(&etcd).await;
-    let client = connect_as(&etcd, "svc", SVC_PW).await.unwrap();
+    let mut root = connect_as(&etcd, "root", ROOT_PW).await.unwrap();
+    root.role_add("instances").await.unwrap();
+    // The two ranges around `allowed/_tonic-etcd/` (lower-case service
+    // names sort after `_`).
+    for (from, to) in [
+        ("allowed/", "allowed/_tonic-etcd/"),
+        ("allowed/_tonic-etcd0", "allowed0"),
+    ] {
+        let instances = Permission::read_write(from).with_range_end(to);
+        root.role_grant_permission("instances", instances)
+            .await
+            .unwrap();
+    }
+    root.user_add("inst", SVC_PW, None).await.unwrap();
+    root.user_grant_role("inst", "instances").await.unwrap();
+    let client = connect_as(&etcd, "inst", SVC_PW).await.unwrap();
     let inside = NamingSchema::with_namespace("allowed").unwrap();
     let _reg = Registration::builder(client.clone())
         .schema(inside.clone())
@@ -247,7 +272,7 @@ async fn a_client_without_the_optional_grants_works_warns_once_and_does_not_loop
         let lines = logs.lines_with("etcd refused");
         lines
             .into_iter()
-            .filter(|l| l.contains("_tonic-etcd/"))
+            .filter(|l| l.contains("allowed/_tonic-etcd/"))
             .collect::<Vec<_>>()
     };
     eventually(LIMIT, "both optional watches refused once", || async {
@@ -283,5 +308,320 @@ async fn a_client_without_the_optional_grants_works_warns_once_and_does_not_loop
         matches!(err, tonic_etcd::Error::Refused { access: "read", .. })
             && text.contains("other/greeter"),
         "{text}"
+    );
+}
+
+/// etcd's count of requests it answered with `code` (unary calls and
+/// streams that ended with it).
+fn handled(etcd: &Etcd, code: &str) -> f64 {
+    tonic_etcd::testing::metric_where(
+        &etcd.metrics(),
+        "grpc_server_handled_total",
+        &format!("grpc_code=\"{code}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+/// The CLI as `user`, with its password in the environment.
+fn cli_as(etcd: &Etcd, user: &str, password: &str, ns: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
+        .args([
+            "--etcd",
+            &etcd.endpoint(),
+            "--user",
+            user,
+            "--namespace",
+            ns,
+        ])
+        .args(args)
+        .env("TONIC_ETCD_PASSWORD", password)
+        .env("USER", "role-test")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?} as {user}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// One HTTP/1.1 request to the console; the status and body.
+async fn http(addr: std::net::SocketAddr, request: String) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: console\r\nConnection: close\r\n\r\n")
+}
+
+/// The roles `tonic-etcd rbac` creates, each used by its own part for a
+/// whole life: a server registers (and deregisters while drained, which
+/// etcd's lease rule makes the hard case), `config set` stores a service
+/// config, a Balancer reads it, applies coordinated subsetting and the
+/// overrides and makes calls, the console shows everything read-only and
+/// drains with writes, the CLI drains, weighs and undrains. etcd refuses
+/// nothing: 0 `PermissionDenied` answers, and no refusal logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_runs_its_part_with_no_refused_request() {
+    use tonic_etcd::balancer::EndpointState;
+    use tonic_etcd::rbac;
+    use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
+
+    let logs = Captured::install();
+    let etcd = Etcd::start();
+    with_auth(&etcd).await;
+    let root = connect_as(&etcd, "root", ROOT_PW).await.unwrap();
+    let ns = "team-a";
+    let schema = NamingSchema::with_namespace(ns).unwrap();
+    let roles = rbac::roles(&schema, &rbac::default_prefix(ns)).unwrap();
+    let applied = rbac::apply(&root, &roles, true).await.unwrap();
+    let user = |part: &str| format!("tonic-etcd-{ns}-{part}");
+    let password = |part: &str| {
+        applied
+            .iter()
+            .find(|a| a.name == user(part))
+            .and_then(|a| a.password.clone())
+            .unwrap()
+    };
+    let as_part = |part: &str| {
+        let (user, password) = (user(part), password(part));
+        let etcd = &etcd;
+        async move { connect_as(etcd, &user, &password).await }
+    };
+    // Run again: roles updated, users kept.
+    let again = rbac::apply(&root, &roles, true).await.unwrap();
+    assert!(again
+        .iter()
+        .all(|a| !a.role_created && a.password.is_none()));
+
+    // A server registers.
+    let backend = backend::Backend::start("g0");
+    let reg = Registration::builder(as_part("server").await.unwrap())
+        .schema(schema.clone())
+        .service("greeter")
+        .addr(&backend.addr)
+        .register()
+        .await
+        .unwrap();
+    let id = backend.addr.clone();
+
+    // `config set`: coordinated subsetting over round robin.
+    let doc = std::env::temp_dir().join(format!("role-test-{}.json", std::process::id()));
+    std::fs::write(
+        &doc,
+        r#"{"loadBalancingConfig":[{"tonic_etcd_coordinated_subsetting":
+            {"subsetSize":1,"childPolicy":[{"round_robin":{}}]}}]}"#,
+    )
+    .unwrap();
+    let (config, config_pw) = (user("config"), password("config"));
+    cli_as(
+        &etcd,
+        &config,
+        &config_pw,
+        ns,
+        &["config", "set", "greeter", doc.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_file(&doc);
+
+    // A Balancer: instances, the service config, overrides, its client key.
+    let balancer = tonic_etcd::Balancer::builder(as_part("client").await.unwrap(), "greeter")
+        .schema(schema.clone())
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(1, LIMIT).await.unwrap();
+    eventually(LIMIT, "the service config from etcd", || async {
+        matches!(
+            balancer.service_config().source,
+            tonic_etcd::config_store::ConfigSource::Etcd { .. }
+        )
+        .then_some(())
+    })
+    .await;
+    let clients = format!("{ns}/_tonic-etcd/clients/greeter/");
+    eventually(LIMIT, "the client key", || async {
+        let got = root
+            .clone()
+            .get(
+                clients.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .ok()?;
+        (got.count() == 1).then_some(())
+    })
+    .await;
+    let mut greeter = GreeterClient::new(balancer.clone());
+    for _ in 0..20 {
+        greeter
+            .say_hello(HelloRequest {
+                name: "role".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let state = || {
+        balancer
+            .endpoints()
+            .into_iter()
+            .find(|e| e.instance.id == id)
+            .map(|e| e.state)
+    };
+
+    // The CLI as operator: drain, weight, undrain.
+    let (operator, operator_pw) = (user("operator"), password("operator"));
+    cli_as(
+        &etcd,
+        &operator,
+        &operator_pw,
+        ns,
+        &["drain", "greeter", &id],
+    );
+    eventually(LIMIT, "drained", || async {
+        (state() == Some(EndpointState::Drained)).then_some(())
+    })
+    .await;
+    cli_as(
+        &etcd,
+        &operator,
+        &operator_pw,
+        ns,
+        &["weight", "greeter", &id, "7"],
+    );
+    cli_as(
+        &etcd,
+        &operator,
+        &operator_pw,
+        ns,
+        &["undrain", "greeter", &id],
+    );
+    eventually(LIMIT, "back in traffic", || async {
+        (state() != Some(EndpointState::Drained)).then_some(())
+    })
+    .await;
+
+    // The console read-only as viewer, then with writes as operator.
+    let viewer = tonic_etcd::console::ConsoleOptions::new();
+    let token = "ops=role-test-token-0123456789";
+    let writer = tonic_etcd::console::ConsoleOptions::new()
+        .with_writes(token)
+        .unwrap();
+    for (part, opts) in [("viewer", viewer), ("operator", writer)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let console = tokio::spawn(tonic_etcd::console::serve(
+            as_part(part).await.unwrap(),
+            std::sync::Arc::new(schema.clone()),
+            opts,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        for path in ["/", "/service?name=greeter", "/etcd"] {
+            let (status, body) = http(addr, get(path)).await;
+            assert_eq!(status, 200, "{part} {path}: {body}");
+        }
+        let (_, page) = http(addr, get("/service?name=greeter")).await;
+        assert!(page.contains(&id), "{page}");
+        if part == "operator" {
+            let body = format!(r#"{{"service":"greeter","id":"{id}","action":"drain"}}"#);
+            let request = format!(
+                "POST /api/override HTTP/1.1\r\nHost: console\r\nConnection: close\r\n\
+                 Authorization: Bearer role-test-token-0123456789\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let (status, answer) = http(addr, request).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+        let _ = stop.send(());
+        let _ = console.await;
+    }
+    eventually(LIMIT, "drained from the console", || async {
+        (state() == Some(EndpointState::Drained)).then_some(())
+    })
+    .await;
+    let viewer_pw = password("viewer");
+    let listed = cli_as(&etcd, &user("viewer"), &viewer_pw, ns, &["list"]);
+    assert!(listed.contains(&id), "{listed}");
+    // The crate's own keys share the namespace but are not services.
+    assert!(!listed.contains("_tonic-etcd"), "{listed}");
+    let mut catalog = tonic_etcd::Catalog::builder(as_part("viewer").await.unwrap())
+        .schema(schema.clone())
+        .build()
+        .unwrap();
+    catalog.synced(LIMIT).await.unwrap();
+    let services: Vec<String> = catalog.snapshot().into_keys().collect();
+    assert_eq!(services, ["greeter"]);
+    assert_eq!(
+        catalog.status().borrow().skipped,
+        0,
+        "own keys counted as bad"
+    );
+    cli_as(
+        &etcd,
+        &user("viewer"),
+        &viewer_pw,
+        ns,
+        &["config", "get", "greeter"],
+    );
+
+    // The drained server leaves: its lease (with the drain bound to it) is
+    // revoked, which etcd allows only with write on every key of it.
+    let instance_key = reg.keys()[0].clone();
+    reg.deregister().await.unwrap();
+    let mut kv = root.clone();
+    let left = kv
+        .get(
+            format!("{ns}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    let keys: Vec<String> = left
+        .kvs()
+        .iter()
+        .map(|k| String::from_utf8_lossy(k.key()).into_owned())
+        .collect();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| *k == instance_key || k.contains("/overrides/")),
+        "left behind: {keys:?}"
+    );
+    drop(balancer);
+
+    let refused: Vec<String> = logs
+        .lines_with("etcd refused")
+        .into_iter()
+        .filter(|l| l.contains(ns))
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+    assert_eq!(
+        handled(&etcd, "PermissionDenied"),
+        0.0,
+        "etcd refused requests"
+    );
+    assert_eq!(
+        handled(&etcd, "Unauthenticated"),
+        0.0,
+        "etcd refused tokens"
     );
 }

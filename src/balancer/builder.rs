@@ -415,7 +415,8 @@ impl BalancerBuilder {
         let opts = self.discover.options();
         let registry = subset::Registry {
             client: client.clone(),
-            service: format!("{}{}", opts.schema.root_prefix(), self.service),
+            schema: opts.schema.clone(),
+            service: self.service.clone(),
             request_timeout: opts.request_timeout,
         };
         self.registry = Some(registry);

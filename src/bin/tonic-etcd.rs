@@ -16,6 +16,7 @@ use tonic_etcd::console::ConsoleOptions;
 use tonic_etcd::schema::{self, Schema};
 use tonic_etcd::testing::demo::{self, DemoOptions};
 use tonic_etcd::Etcd;
+use tonic_etcd::{rbac, upgrade};
 use tonic_etcd::{ConfigStore, Discover, Metadata, Override, OverrideStore, Registration};
 use tower::discover::Change;
 
@@ -160,6 +161,33 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// The etcd roles each part needs in --namespace (server, client,
+    /// viewer, operator, config), as etcdctl commands; with --apply, run as
+    /// etcd's root user, creates them.
+    Rbac {
+        /// Create the roles in etcd instead of printing the commands.
+        #[arg(long)]
+        apply: bool,
+        /// Also a user per role, holding it (with --apply: new random
+        /// passwords, printed once).
+        #[arg(long)]
+        users: bool,
+        /// Role and user names start with this [default: tonic-etcd-<namespace>].
+        #[arg(long)]
+        role_prefix: Option<String>,
+    },
+    /// Copy --namespace's service configs and overrides from the layout
+    /// before 0.2 (`_tonic-etcd/<kind>/<namespace>/...`) to their place
+    /// inside the namespace; prints the plan unless --apply is given.
+    UpgradeKeys {
+        /// Copy the keys (a key already in its new place is left as is).
+        #[arg(long)]
+        apply: bool,
+        /// With --apply: also remove the old keys whose copy exists (once
+        /// every client runs 0.2 or later).
+        #[arg(long, requires = "apply")]
+        remove_old: bool,
+    },
     /// The demo: a local etcd (unless --etcd is given), self-registering
     /// servers, and a client that dials them by name.
     Demo {
@@ -266,6 +294,39 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
     let schema = schema::by_name(&g.schema, g.namespace.as_deref())?;
     let timeout = Duration::from_secs_f64(g.timeout.max(0.1));
+    if let Command::Rbac {
+        apply,
+        users,
+        role_prefix,
+    } = &cli.command
+    {
+        let prefix = role_prefix
+            .clone()
+            .unwrap_or_else(|| rbac::default_prefix(g.namespace.as_deref().unwrap_or_default()));
+        let roles = rbac::roles(&*schema, &prefix)?;
+        if !apply {
+            print!("{}", rbac::script(&roles, *users));
+            return Ok(());
+        }
+        let client = connect(&g, timeout).await?;
+        for done in rbac::apply(&client, &roles, *users).await? {
+            let state = if done.role_created {
+                "created"
+            } else {
+                "updated"
+            };
+            println!("role {} {state}", done.name);
+            if let Some(password) = done.password {
+                println!("user {} created, password: {password}", done.name);
+            } else if *users {
+                println!("user {} exists: password unchanged", done.name);
+            }
+        }
+        if *users {
+            eprintln!("the passwords are shown only now: store them in your secret store");
+        }
+        return Ok(());
+    }
     let client = connect(&g, timeout).await?;
     match cli.command {
         Command::List {
@@ -319,7 +380,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .request_timeout(timeout);
             config(&store, action).await
         }
-        Command::Demo { .. } => Ok(()),
+        Command::UpgradeKeys { apply, remove_old } => {
+            let moves = if apply {
+                upgrade::apply(&client, &*schema, remove_old, timeout).await?
+            } else {
+                upgrade::plan(&client, &*schema, timeout).await?
+            };
+            if moves.is_empty() {
+                println!("nothing to move: no keys of this namespace in the old layout");
+            }
+            for m in &moves {
+                println!(
+                    "{} -> {}: {}",
+                    printable(&m.from),
+                    printable(&m.to),
+                    m.outcome
+                );
+            }
+            Ok(())
+        }
+        Command::Demo { .. } | Command::Rbac { .. } => Ok(()),
     }
 }
 

@@ -27,6 +27,9 @@ struct State {
     down: bool,
     /// Every request fails with this (a permanent answer).
     refuse: Option<tonic::Code>,
+    /// Revokes fail with this (etcd's lease rule: the user may not write
+    /// every key bound to the lease).
+    refuse_revokes: Option<tonic::Code>,
     /// Puts wait forever.
     stall_puts: bool,
     /// Attaching a keep-alive stream waits forever.
@@ -244,6 +247,9 @@ impl Store for Fake {
     async fn revoke(&self, lease: i64) -> EtcdResult<()> {
         let mut state = self.reach().await?;
         state.revoked.push(lease);
+        if let Some(code) = state.refuse_revokes {
+            return Err(status(code));
+        }
         if !state.leases.contains_key(&lease) {
             return Err(status(tonic::Code::NotFound));
         }
@@ -535,6 +541,23 @@ async fn deregister_revokes_the_lease() {
     assert_eq!(fake.lease_of(KEY), None);
     assert_eq!(fake.lock().revoked, [1]);
     assert_eq!(*states.borrow_and_update(), RegistrationState::Deregistered);
+}
+
+/// etcd refuses the revoke (a drain bound to the lease is outside the
+/// user's write grant): the instance key is deleted at once all the same,
+/// so clients stop calling before the server stops serving.
+#[tokio::test(start_paused = true)]
+async fn a_refused_revoke_still_deletes_the_instance_keys() {
+    let fake = Fake::new();
+    let reg = registered(&fake, 3).await;
+    fake.lock().refuse_revokes = Some(tonic::Code::PermissionDenied);
+    reg.deregister().await.unwrap();
+    assert_eq!(fake.lock().revoked, [1]);
+    assert_eq!(
+        fake.lease_of(KEY),
+        None,
+        "the key stayed until the lease expires"
+    );
 }
 
 /// The worker is re-registering when told to stop: its lease is granted

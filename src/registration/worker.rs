@@ -364,7 +364,25 @@ impl<S: Store> Worker<S> {
             }
         }
         let result = if live {
-            Box::pin(revoke(&self.store, lease, self.spec.request_timeout)).await
+            match Box::pin(revoke(&self.store, lease, self.spec.request_timeout)).await {
+                // etcd revokes a lease only for a user who may write every
+                // key bound to it, and an operator's drain is bound to this
+                // one: without that grant, the own keys still go now (the
+                // instance leaves discovery before it stops serving) and the
+                // rest expires with the lease.
+                Err(e) if e.is_refused() => {
+                    tracing::warn!(services = ?self.spec.services, lease, error = %e,
+                        "etcd refused to revoke the lease (a key bound to it, such as a drain, \
+                         is outside this user's write grant; see `tonic-etcd rbac`); \
+                         deleting the instance keys, the rest expires with the lease");
+                    let keys = self.keys();
+                    with_timeout("delete keys", self.spec.request_timeout, || {
+                        self.store.delete(&keys)
+                    })
+                    .await
+                }
+                other => other,
+            }
         } else {
             Ok(())
         };

@@ -643,6 +643,11 @@ impl<S: Source> Task<S> {
 
     /// Decodes `kv` (whose key is UTF-8: see `utf8_key`).
     fn decode(&self, kv: &Entry) -> Decoded {
+        // A namespace-wide view sees this crate's own keys too (whatever
+        // the schema): not instances, not mistakes.
+        if self.cfg.service.is_none() && crate::schema::is_reserved(&kv.key, &self.cfg.prefix) {
+            return Decoded::Foreign;
+        }
         match self.schema.decode(&kv.key, &kv.value) {
             Ok(instance) => match &self.cfg.service {
                 Some(s) if *s != instance.service => {
@@ -654,6 +659,7 @@ impl<S: Source> Task<S> {
             // Without a namespace every key in etcd is under the prefix: one
             // that does not decode is another application's.
             Err(_) if self.cfg.prefix.is_empty() => Decoded::Foreign,
+            Err(crate::schema::DecodeError::Reserved) => Decoded::Foreign,
             Err(error) => {
                 tracing::warn!(
                     key = %String::from_utf8_lossy(&kv.key[..kv.key.len().min(256)]),

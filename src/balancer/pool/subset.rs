@@ -9,7 +9,7 @@
 //!   90 each at 63 % to 121 % of the average connections per backend.
 //! * **Coordinated** (`tonic_etcd_coordinated_subsetting`, new): every
 //!   client of the service holds a lease-bound key under
-//!   `_tonic-etcd/clients/<namespace prefix><service>/` (under the one
+//!   `<namespace prefix>_tonic-etcd/clients/<service>/` (under the one
 //!   lease all client keys of its `Etcd` share), which says when it
 //!   joined, so each knows its rank in join order and the number of
 //!   clients. The instances, sorted by id and shuffled once with a fixed
@@ -40,12 +40,9 @@ use tokio_stream::StreamExt;
 use tower::discover::Change;
 use xxhash_rust::xxh64::xxh64;
 
-use crate::schema::{NamingSchema, Schema};
+use crate::schema::{Reserved, Schema};
 use crate::service_config::SubsetScheme;
 use crate::{Discover, Instance, Metadata};
-
-/// Where client keys live: outside every schema's instance keys.
-pub(crate) const CLIENTS_ROOT: &str = "_tonic-etcd/clients";
 
 /// Instances in the order client `who` prefers them: its subset first, then
 /// replacements. `instances` are (key, instance); the result indexes it.
@@ -148,8 +145,9 @@ pub(crate) type Rank = Option<(usize, usize)>;
 #[derive(Clone)]
 pub(crate) struct Registry {
     pub(crate) client: Etcd,
-    /// The service's name under [`CLIENTS_ROOT`] (the schema's root prefix
-    /// and the service).
+    /// The instances' schema: client keys live under its
+    /// [`Reserved::Clients`].
+    pub(crate) schema: Arc<dyn Schema>,
     pub(crate) service: String,
     pub(crate) request_timeout: Duration,
 }
@@ -164,7 +162,7 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
         .to_string();
-    let schema = match NamingSchema::with_namespace(CLIENTS_ROOT) {
+    let schema = match Reserved::Clients.schema(&*registry.schema) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "client registry unavailable; random subsets");
@@ -185,7 +183,7 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
     let _key = match entry {
         Ok(entry) => registry.client.hold_key(
             entry,
-            format!("{CLIENTS_ROOT}/{}", registry.service),
+            schema.service_prefix(&registry.service),
             registry.request_timeout,
         ),
         Err(e) => {
@@ -194,7 +192,7 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
         }
     };
     let view = Discover::builder(registry.client.clone(), registry.service.clone())
-        .schema(schema)
+        .schema(schema.clone())
         .request_timeout(registry.request_timeout)
         .build();
     let mut view = match view {
@@ -204,7 +202,7 @@ pub(crate) async fn coordinate(registry: Registry, id: String, rank: watch::Send
             return;
         }
     };
-    let own = format!("{CLIENTS_ROOT}/{}/{id}", registry.service);
+    let own = format!("{}{id}", schema.service_prefix(&registry.service));
     // Key → when it joined (a key without a readable time sorts first).
     let mut clients: BTreeMap<String, u128> = BTreeMap::new();
     loop {
