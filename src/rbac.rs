@@ -291,18 +291,21 @@ pub struct Applied {
 /// random password. Existing roles keep their other grants; existing users
 /// keep their password. Safe to run again.
 pub async fn apply(etcd: &Etcd, roles: &[Role], users: bool) -> Result<Vec<Applied>, Error> {
+    // Managing roles and users is for etcd's root role; say so on a refusal.
+    let failed = |op: &'static str| move |source| Error::Etcd { op, source };
     let mut client = etcd.clone();
     let mut applied = Vec::new();
     for role in roles {
         let role_created = match client.role_add(role.name.as_str()).await {
             Ok(_) => true,
             Err(e) if e.to_string().contains("already exists") => false,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed("role add (as etcd's root user)")(e)),
         };
         for g in &role.grants {
             client
                 .role_grant_permission(role.name.as_str(), g.permission())
-                .await?;
+                .await
+                .map_err(failed("role grant-permission"))?;
         }
         let password = if users {
             let password = new_password();
@@ -312,7 +315,7 @@ pub async fn apply(etcd: &Etcd, roles: &[Role], users: bool) -> Result<Vec<Appli
             {
                 Ok(_) => Some(password),
                 Err(e) if e.to_string().contains("already exists") => None,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(failed("user add")(e)),
             }
         } else {
             None
@@ -320,7 +323,8 @@ pub async fn apply(etcd: &Etcd, roles: &[Role], users: bool) -> Result<Vec<Appli
         if users {
             client
                 .user_grant_role(role.name.as_str(), role.name.as_str())
-                .await?;
+                .await
+                .map_err(failed("user grant-role"))?;
         }
         applied.push(Applied {
             name: role.name.clone(),

@@ -287,3 +287,117 @@ async fn drain_weight_and_undrain_show_in_list() {
     assert!(err.contains("no instance \"nobody\""), "{err}");
     drop(reg);
 }
+
+/// `upgrade-keys` moves a namespace's service config and overrides from
+/// the layout before 0.2 (`_tonic-etcd/<kind>/<ns>/...`) into the
+/// namespace: a plan first (nothing written), then copies (with the
+/// override's lease; a key already in its new place and an override whose
+/// instance is gone are left), then the old keys removed. A Balancer of
+/// the new version then reads both.
+#[tokio::test]
+async fn upgrade_keys_moves_the_old_layout_into_the_namespace() {
+    let client = shared().client().await;
+    let ns = unique("cli-upgrade");
+    let schema = tonic_etcd::NamingSchema::with_namespace(&ns).unwrap();
+    let reg = Registration::builder(client.clone())
+        .schema(schema.clone())
+        .service("greeter")
+        .addr("127.0.0.1:7111")
+        .register()
+        .await
+        .unwrap();
+    let mut raw = client.clone();
+    let instance = raw.get(reg.keys()[0].as_str(), None).await.unwrap();
+    let lease = instance.kvs()[0].lease();
+    let old_config = format!("_tonic-etcd/service-config/{ns}/greeter");
+    let old_drain = format!("_tonic-etcd/overrides/{ns}/greeter/127.0.0.1:7111");
+    let old_stale = format!("_tonic-etcd/overrides/{ns}/greeter/127.0.0.1:7112");
+    let old_kept = format!("_tonic-etcd/service-config/{ns}/other");
+    let config = r#"{"methodConfig":[{"name":[{}],"timeout":"7s"}]}"#;
+    raw.put(old_config.as_str(), config, None).await.unwrap();
+    raw.put(old_kept.as_str(), config, None).await.unwrap();
+    let drain = r#"{"Op":0,"Addr":"127.0.0.1:7111","Metadata":{"by":"cli:old","drain":"true"}}"#;
+    let with_lease = etcd_client::PutOptions::new().with_lease(lease);
+    raw.put(old_drain.as_str(), drain, Some(with_lease.clone()))
+        .await
+        .unwrap();
+    let other_lease = raw.lease_grant(60, None).await.unwrap().id();
+    let stale = etcd_client::PutOptions::new().with_lease(other_lease);
+    raw.put(old_stale.as_str(), drain, Some(stale))
+        .await
+        .unwrap();
+    // Written by a newer client already: stays.
+    let kept = format!("{ns}/_tonic-etcd/service-config/other");
+    raw.put(kept.as_str(), "{}", None).await.unwrap();
+
+    let plan = cli(&["--namespace", &ns, "upgrade-keys"]);
+    assert!(plan.status.success(), "{plan:?}");
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert_eq!(text.matches("to copy").count(), 4, "{text}");
+    assert!(absent(&client, &format!("{ns}/_tonic-etcd/service-config/greeter")).await);
+
+    let out = cli(&["--namespace", &ns, "upgrade-keys", "--apply"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches(": copied").count(), 2, "{text}");
+    assert!(text.contains("new key exists"), "{text}");
+    assert!(text.contains("instance gone"), "{text}");
+    let new_config = format!("{ns}/_tonic-etcd/service-config/greeter");
+    let new_drain = format!("{ns}/_tonic-etcd/overrides/greeter/127.0.0.1:7111");
+    assert_eq!(
+        get(&client, &new_config).await.unwrap().0,
+        config.as_bytes()
+    );
+    let copied = raw.get(new_drain.as_str(), None).await.unwrap();
+    assert_eq!(copied.kvs()[0].lease(), lease, "the copy keeps the lease");
+    assert_eq!(get(&client, &kept).await.unwrap().0, b"{}");
+    assert!(
+        absent(
+            &client,
+            &format!("{ns}/_tonic-etcd/overrides/greeter/127.0.0.1:7112")
+        )
+        .await
+    );
+
+    // The new version reads the moved keys.
+    let balancer = tonic_etcd::Balancer::builder(client.clone(), "greeter")
+        .schema(schema)
+        .build()
+        .unwrap();
+    eventually(LIMIT, "the moved config and drain in force", || async {
+        let from_etcd = matches!(
+            &balancer.service_config().source,
+            tonic_etcd::config_store::ConfigSource::Etcd { key, .. } if *key == new_config
+        );
+        // (Nothing listens: the endpoint stays connecting, and its
+        // metadata shows the drain.)
+        let drained = balancer.endpoints().iter().any(|e| {
+            e.instance
+                .metadata
+                .get(tonic_etcd::overrides::DRAINED_BY)
+                .as_deref()
+                == Some("cli:old")
+        });
+        (from_etcd && drained).then_some(())
+    })
+    .await;
+
+    let out = cli(&[
+        "--namespace",
+        &ns,
+        "upgrade-keys",
+        "--apply",
+        "--remove-old",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    for old in [&old_config, &old_drain, &old_kept] {
+        assert!(absent(&client, old).await, "{old} left");
+    }
+    // The stale override is left to its lease.
+    assert!(!absent(&client, &old_stale).await);
+    raw.lease_revoke(other_lease).await.unwrap();
+    let out = cli(&["--namespace", &ns, "upgrade-keys"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nothing to move"), "{text}");
+    reg.deregister().await.unwrap();
+}

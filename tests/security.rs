@@ -625,3 +625,67 @@ async fn each_role_runs_its_part_with_no_refused_request() {
         "etcd refused tokens"
     );
 }
+
+/// `tonic-etcd rbac` prints the etcdctl commands without touching etcd;
+/// with `--apply --users`, as root, creates the roles and users and prints
+/// each new password once; a user who may not manage roles gets a clear
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_prints_the_roles_and_creates_them_as_root() {
+    let etcd = Etcd::start();
+    with_auth(&etcd).await;
+    let run = |user: &str, password: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
+            .args([
+                "--etcd",
+                &etcd.endpoint(),
+                "--user",
+                user,
+                "--namespace",
+                "shop",
+            ])
+            .args(args)
+            .env("TONIC_ETCD_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    // Printing needs no etcd (and no password).
+    let printed = Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
+        .args(["--etcd", "127.0.0.1:9", "--namespace", "shop", "rbac"])
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let script = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        script.contains("etcdctl role grant-permission tonic-etcd-shop-viewer --prefix read shop/"),
+        "{script}"
+    );
+
+    let refused = run("svc", SVC_PW, &["rbac", "--apply"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        text.contains("permission denied") && text.contains("root user"),
+        "{text}"
+    );
+
+    let out = run("root", ROOT_PW, &["rbac", "--apply", "--users"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("user tonic-etcd-shop-client created, password: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let mut client = connect_as(&etcd, "tonic-etcd-shop-client", &password)
+        .await
+        .unwrap();
+    client.get("shop/", None).await.unwrap();
+    let write = client.put("shop/greeter/x", "v", None).await.unwrap_err();
+    assert!(write.to_string().contains("permission denied"), "{write}");
+    // Again: nothing new, passwords kept.
+    let again = run("root", ROOT_PW, &["rbac", "--apply", "--users"]);
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(!text.contains("password:"), "{text}");
+    assert_eq!(text.matches("password unchanged").count(), 5, "{text}");
+}
