@@ -193,7 +193,7 @@
 //! `subsetSize` and a `childPolicy`, makes the balancer connect to that
 //! many instances only; the child policy (the cost-weighted pick or ring
 //! hash) runs within them. The coordinated scheme registers the client
-//! under `_tonic-etcd/clients/` in etcd and takes the SRE book's
+//! under `<namespace prefix>_tonic-etcd/clients/` in etcd and takes the SRE book's
 //! deterministic subset by its rank, so instances get equal numbers of
 //! clients; A68's random subsets are uneven. A member out of rotation is
 //! replaced until it recovers. [`Balancer::subset`] shows where it stands.
