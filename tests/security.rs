@@ -64,7 +64,7 @@ async fn a_user_limited_to_a_prefix_works_inside_it_and_is_refused_outside() {
         .build()
         .unwrap();
     let reg = Registration::builder(client.clone())
-        .schema(inside)
+        .schema(inside.clone())
         .service("greeter")
         .addr("127.0.0.1:7201")
         .register()
@@ -76,6 +76,40 @@ async fn a_user_limited_to_a_prefix_works_inside_it_and_is_refused_outside() {
         .unwrap()
         .unwrap();
     assert!(matches!(change, Change::Insert(_, i) if i.addr == "127.0.0.1:7201"));
+    // The one-prefix role covers a Balancer's service config, overrides
+    // and client key too (all inside the namespace): etcd refuses nothing.
+    let config = tonic_etcd::ServiceConfig::from_json(
+        r#"{"loadBalancingConfig":[{"tonic_etcd_coordinated_subsetting":
+            {"subsetSize":1,"childPolicy":[{"round_robin":{}}]}}]}"#,
+    )
+    .unwrap();
+    let balancer = tonic_etcd::Balancer::builder(client.clone(), "greeter")
+        .schema(inside.clone())
+        .service_config(config)
+        .build()
+        .unwrap();
+    eventually(
+        LIMIT,
+        "the service config read and the client key written",
+        || {
+            let synced = balancer.service_config().synced;
+            let mut kv = client.clone();
+            async move {
+                let keys = kv
+                    .get(
+                        "allowed/_tonic-etcd/clients/greeter/",
+                        Some(etcd_client::GetOptions::new().with_prefix()),
+                    )
+                    .await
+                    .ok()?;
+                (synced && keys.count() == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(balancer.service_config().last_error.is_none());
+    assert_eq!(denied(&etcd), 0.0, "a one-prefix role was refused");
+    drop(balancer);
     reg.deregister().await.unwrap();
     assert!(matches!(
         tokio::time::timeout(LIMIT, discover.next())
