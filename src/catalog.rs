@@ -71,6 +71,15 @@ pub struct KeyInfo {
     pub mod_revision: i64,
 }
 
+impl Listing {
+    /// The registered service whose name is closest to `name`, when it is
+    /// close enough to be a typo of it (for "did you mean" hints).
+    pub fn nearest_service(&self, name: &str) -> Option<&str> {
+        let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        crate::service_config::lint::nearest(name, &names)
+    }
+}
+
 /// Reads every instance under `schema`'s namespace (or of one `service`)
 /// once, listing undecodable entries beside them instead of hiding them
 /// (except without a namespace, where keys that do not decode are other

@@ -244,6 +244,10 @@ pub struct ServiceConfigStatus {
     pub synced: bool,
     /// The last etcd failure, until the watch recovers.
     pub last_error: Option<Arc<Error>>,
+    /// Fields of the document in force that do nothing here (misspelled,
+    /// or gRPC's but unused), each with its fix; see
+    /// [`unknown_fields`](crate::service_config::unknown_fields).
+    pub warnings: Vec<crate::service_config::UnknownField>,
 }
 
 impl ServiceConfigStatus {
@@ -255,6 +259,7 @@ impl ServiceConfigStatus {
             rejected: None,
             synced: false,
             last_error: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -404,6 +409,8 @@ fn apply(
             }
             s.config = cfg.default.clone();
             s.source = ConfigSource::Builder;
+            s.warnings.clear();
+            crate::metrics::service_config(&cfg.key, false, 0);
             return was_etcd | s.rejected.take().is_some();
         };
         let seen = matches!(&s.source, ConfigSource::Etcd { revision: r, .. } if *r == revision)
@@ -414,6 +421,16 @@ fn apply(
         match parse(&value).1 {
             Ok(config) => {
                 tracing::info!(key = %cfg.key, revision, "service config from etcd in force");
+                // Once per revision, as the refusals below.
+                let warnings = serde_json::from_slice(&value)
+                    .map(|v| crate::service_config::unknown_fields(&v))
+                    .unwrap_or_default();
+                for w in &warnings {
+                    tracing::warn!(key = %cfg.key, revision, field = %w.path, hint = %w.hint,
+                        "a field of the service config in etcd has no effect");
+                }
+                crate::metrics::service_config(&cfg.key, false, warnings.len());
+                s.warnings = warnings;
                 s.config = Arc::new(config);
                 s.source = ConfigSource::Etcd {
                     key: cfg.key.clone(),
@@ -424,6 +441,7 @@ fn apply(
             Err(error) => {
                 tracing::warn!(key = %cfg.key, revision, %error,
                     "service config in etcd refused; the config in force stays");
+                crate::metrics::service_config(&cfg.key, true, s.warnings.len());
                 s.rejected = Some(RejectedConfig {
                     revision,
                     reason: error.to_string(),

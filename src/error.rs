@@ -48,7 +48,10 @@ pub enum Error {
     },
 
     /// No instance with this id is registered for the service.
-    #[error("no instance {id:?} of service {service:?} is registered")]
+    #[error(
+        "no instance {id:?} of service {service:?} is registered \
+         (give an id or address as `tonic-etcd list {service}` shows them)"
+    )]
     UnknownInstance {
         /// The service.
         service: String,

@@ -7,6 +7,8 @@
 //! | `tonic_etcd_changes_total` | counter | `prefix`, `kind` (`insert`/`remove`) | changes applied to a view |
 //! | `tonic_etcd_watch_reconnects_total` | counter | `prefix` | watches re-established after a failure |
 //! | `tonic_etcd_watch_resyncs_total` | counter | `prefix` | re-listings after compaction |
+//! | `tonic_etcd_service_config_rejected` | gauge | `key` | 1 while etcd holds a service config the Balancers refused |
+//! | `tonic_etcd_service_config_unknown_fields` | gauge | `key` | fields of the config in force with no effect |
 //! | `tonic_etcd_refused_total` | counter | `prefix` | requests etcd refused for permissions (views and service config; asked again once a minute) |
 //! | `tonic_etcd_skipped_entries_total` | counter | `prefix` | undecodable entries skipped |
 //! | `tonic_etcd_lease_losses_total` | counter | `service` | leases lost and replaced |
@@ -72,6 +74,15 @@ mod imp {
 
     pub(crate) fn refused(prefix: &str) {
         metrics::counter!("tonic_etcd_refused_total", "prefix" => prefix.to_owned()).increment(1);
+    }
+
+    /// Whether etcd holds a refused document for `key`, and how many
+    /// fields of the one in force have no effect.
+    pub(crate) fn service_config(key: &str, rejected: bool, unknown_fields: usize) {
+        metrics::gauge!("tonic_etcd_service_config_rejected", "key" => key.to_owned())
+            .set(f64::from(u8::from(rejected)));
+        metrics::gauge!("tonic_etcd_service_config_unknown_fields", "key" => key.to_owned())
+            .set(unknown_fields as f64);
     }
 
     pub(crate) fn resync(prefix: &str) {
@@ -172,6 +183,14 @@ pub(crate) fn describe() {
         describe_counter!(
             "tonic_etcd_watch_resyncs_total",
             "re-listings after compaction or a revision regression"
+        );
+        describe_gauge!(
+            "tonic_etcd_service_config_rejected",
+            "1 while etcd holds a service config the Balancers refused (the previous one stays in force)"
+        );
+        describe_gauge!(
+            "tonic_etcd_service_config_unknown_fields",
+            "fields of the service config in force that have no effect (misspelled or unused)"
         );
         describe_counter!(
             "tonic_etcd_refused_total",
@@ -524,6 +543,7 @@ mod imp {
     pub(crate) fn changes(_: &str, _: u64, _: u64) {}
     pub(crate) fn reconnect(_: &str) {}
     pub(crate) fn refused(_: &str) {}
+    pub(crate) fn service_config(_: &str, _: bool, _: usize) {}
     pub(crate) fn resync(_: &str) {}
     pub(crate) fn skipped(_: &str, _: u64) {}
     pub(crate) fn lease_lost(_: &[String]) {}

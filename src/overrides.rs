@@ -132,6 +132,44 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The instance of `service` whose id is `id`, else the one instance whose
+/// address it is: operators copy what `list` shows, and the address is the
+/// column they see first.
+fn find<'a>(instances: &'a [Instance], service: &str, id: &str) -> Result<&'a Instance, Error> {
+    if let Some(i) = instances.iter().find(|i| i.id == id) {
+        return Ok(i);
+    }
+    match instances
+        .iter()
+        .filter(|i| i.addr == id)
+        .collect::<Vec<_>>()[..]
+    {
+        [only] => Ok(only),
+        [] => Err(unknown(service, id)),
+        ref several => Err(ambiguous(
+            service,
+            id,
+            several.iter().map(|i| i.id.as_str()),
+        )),
+    }
+}
+
+fn unknown(service: &str, id: &str) -> Error {
+    Error::UnknownInstance {
+        service: service.to_owned(),
+        id: id.to_owned(),
+    }
+}
+
+fn ambiguous<'a>(service: &str, addr: &str, ids: impl Iterator<Item = &'a str>) -> Error {
+    let ids: Vec<&str> = ids.collect();
+    Error::InvalidConfig(format!(
+        "{addr} is the address of {} instances of {service} ({}): name one by its id",
+        ids.len(),
+        ids.join(", ")
+    ))
+}
+
 /// Reads and writes overrides.
 #[derive(Clone)]
 pub struct OverrideStore {
@@ -165,9 +203,11 @@ impl OverrideStore {
         self
     }
 
-    /// Sets the override of instance `id` of `service`, bound to its lease.
-    /// Fails with [`Error::UnknownInstance`] when no such instance is
-    /// registered. An empty override removes it.
+    /// Sets the override of instance `id` of `service` (or of the one
+    /// instance with that address), bound to its lease. Fails with
+    /// [`Error::UnknownInstance`] when no such instance is registered, and
+    /// names the ids when several share the address. An empty override
+    /// removes it.
     pub async fn set(&self, service: &str, id: &str, o: &Override) -> Result<(), Error> {
         if o.is_empty() {
             return self.remove(service, id).await.map(drop);
@@ -178,21 +218,16 @@ impl OverrideStore {
             let listing =
                 crate::catalog::list(&self.client, &*self.schema, Some(service), self.timeout)
                     .await?;
-            let found = listing.services.get(service).and_then(|all| {
-                let instance = all.iter().find(|i| i.id == id)?;
-                let info = listing.keys.get(&(service.to_owned(), id.to_owned()))?;
-                Some((instance.clone(), info.clone()))
-            });
-            let Some((instance, info)) = found else {
-                return Err(Error::UnknownInstance {
-                    service: service.to_owned(),
-                    id: id.to_owned(),
-                });
+            let instances = listing.services.get(service).map_or(&[][..], Vec::as_slice);
+            let instance = find(instances, service, id)?;
+            let key = (service.to_owned(), instance.id.clone());
+            let Some(info) = listing.keys.get(&key).cloned() else {
+                return Err(unknown(service, id));
             };
             let stored = Instance {
                 service: service.to_owned(),
-                id: id.to_owned(),
-                addr: instance.addr,
+                id: instance.id.clone(),
+                addr: instance.addr.clone(),
                 metadata: o.to_metadata(),
             };
             let encoded = layout.encode(&stored)?;
@@ -219,12 +254,36 @@ impl OverrideStore {
         )))
     }
 
-    /// Removes the override of instance `id` of `service`; true when there
-    /// was one.
+    /// Removes the override of instance `id` of `service` (or of the one
+    /// instance with that address); true when there was one.
     pub async fn remove(&self, service: &str, id: &str) -> Result<bool, Error> {
-        let key = self.key(service, id)?;
+        if self.delete(&self.key(service, id)?).await? {
+            return Ok(true);
+        }
+        // Not an id: the override that names this address (it holds its
+        // instance's address, and outlives nothing but its lease).
+        let layout = Reserved::Overrides.schema(&*self.schema)?;
+        let listing =
+            crate::catalog::list(&self.client, &layout, Some(service), self.timeout).await?;
+        let overrides = listing.services.get(service).map_or(&[][..], Vec::as_slice);
+        match overrides
+            .iter()
+            .filter(|o| o.addr == id)
+            .collect::<Vec<_>>()[..]
+        {
+            [only] => self.delete(&self.key(service, &only.id)?).await,
+            [] => Ok(false),
+            ref several => Err(ambiguous(
+                service,
+                id,
+                several.iter().map(|o| o.id.as_str()),
+            )),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, Error> {
         let resp = with_timeout("delete override", self.timeout, || {
-            let (mut c, key) = (self.client.clone(), key.clone());
+            let mut c = self.client.clone();
             async move { c.delete(key, None).await }
         })
         .await?;

@@ -8,7 +8,8 @@
 //! A6 says: a config with one invalid field is refused with an error that
 //! names the field and the value, never half applied. As in grpc-go (whose
 //! JSON decoding ignores the case of field names), `MaxAttempts` reads as
-//! `maxAttempts`; unknown fields are ignored; status codes are names
+//! `maxAttempts`; unknown fields are ignored (and named, with the field
+//! meant, by [`unknown_fields`]); status codes are names
 //! (`"UNAVAILABLE"`) or numbers (`14`); durations are proto3 JSON
 //! (`"0.25s"`, `".1s"`, `"2s"`).
 //!
@@ -35,9 +36,13 @@
 //! The [`Balancer`](crate::Balancer) applies all of it (see its module
 //! docs, *Retries* and *Ring hash*).
 
+pub(crate) mod lint;
+
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+
+pub use lint::{unknown_fields, UnknownField};
 use tonic::Code;
 
 use crate::Error;

@@ -285,7 +285,47 @@ async fn drain_weight_and_undrain_show_in_list() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("no instance \"nobody\""), "{err}");
-    drop(reg);
+    assert!(err.contains("id or address"), "{err}");
+
+    // By address, as `list` shows it first, when one instance has it; the
+    // record names who (here: no USER, so the host), never `unknown`.
+    let by_addr = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["--etcd", &shared().endpoint(), "--namespace", &ns])
+            .args(args)
+            .env_remove("USER")
+            .env_remove("LOGNAME")
+            .output()
+            .unwrap()
+    };
+    let out = by_addr(&["drain", "greeter", "127.0.0.1:7102"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = list();
+    assert!(listed.contains("drained by cli:host:"), "{listed}");
+    let out = by_addr(&["undrain", "greeter", "127.0.0.1:7102"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed the override"),
+        "{out:?}"
+    );
+    assert!(!list().contains(" by cli:"), "{}", list());
+    // Two instances on one address: which one is for the operator to say.
+    let twin = Registration::builder(client.clone())
+        .schema(tonic_etcd::NamingSchema::with_namespace(&ns).unwrap())
+        .service("greeter")
+        .id("two")
+        .addr("127.0.0.1:7102")
+        .register()
+        .await
+        .unwrap();
+    let out = by_addr(&["drain", "greeter", "127.0.0.1:7102"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("one, two") && err.contains("by its id"),
+        "{err}"
+    );
+    drop((reg, twin));
 }
 
 /// `upgrade-keys` moves a namespace's service config and overrides from
@@ -400,4 +440,106 @@ async fn upgrade_keys_moves_the_old_layout_into_the_namespace() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("nothing to move"), "{text}");
     reg.deregister().await.unwrap();
+}
+
+/// Mistakes in `config set` are named with their fix: a misspelled field
+/// (which gRPC would ignore: ring hash then hashes at random) and a
+/// misspelled service name are refused unless `--force`, a `methodConfig`
+/// for another service is warned about, `config rm` says what the clients
+/// fall back to and prints what it removed, and a Balancer shows the
+/// fields of its config that have no effect.
+#[tokio::test]
+async fn config_mistakes_are_named_with_their_fix() {
+    let client = shared().client().await;
+    let ns = unique("cli-mistakes");
+    let schema = tonic_etcd::NamingSchema::with_namespace(&ns).unwrap();
+    let _reg = Registration::builder(client.clone())
+        .schema(schema.clone())
+        .service("cache.v1.Cache")
+        .addr("127.0.0.1:7121")
+        .register()
+        .await
+        .unwrap();
+    let set = |service: &str, doc: &str, force: bool| {
+        let mut args = vec!["--namespace", &ns, "config", "set", service, "-"];
+        if force {
+            args.push("--force");
+        }
+        let mut child = Command::new(BIN)
+            .args(["--etcd", &shared().endpoint()])
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), doc.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key = format!("{ns}/_tonic-etcd/service-config/cache.v1.Cache");
+    let typo = r#"{"loadBalancingConfig":[{"ring_hash":{"requestHashHeaders":"x-user"}}]}"#;
+    let (code, err) = set("cache.v1.Cache", typo, false);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(r#"requestHashHeaders: not a field this client reads; did you mean "requestHashHeader"?"#)
+            && err.contains("nothing written")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert!(absent(&client, &key).await);
+
+    let (code, err) = set(
+        "cache.v1.Cahce",
+        r#"{"loadBalancingConfig":[{"ring_hash":{}}]}"#,
+        false,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(r#"did you mean "cache.v1.Cache"?"#), "{err}");
+
+    let (code, err) = set(
+        "cache.v1.Cache",
+        r#"{"methodConfig":[{"name":[{"service":"other.v1.Other"}],"timeout":"1s"}]}"#,
+        false,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(r#"names service "other.v1.Other""#), "{err}");
+
+    let (code, err) = set("cache.v1.Cache", typo, true);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("did you mean"), "warned all the same: {err}");
+    let balancer = tonic_etcd::Balancer::builder(client.clone(), "cache.v1.Cache")
+        .schema(schema)
+        .build()
+        .unwrap();
+    let warnings = eventually(LIMIT, "the warning in the Balancer's status", || async {
+        let w = balancer.service_config().warnings;
+        (!w.is_empty()).then_some(w)
+    })
+    .await;
+    assert_eq!(
+        warnings[0].path,
+        "loadBalancingConfig[0].ring_hash.requestHashHeaders"
+    );
+    let out = cli(&["--namespace", &ns, "config", "get", "cache.v1.Cache"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("requestHashHeader"),
+        "{out:?}"
+    );
+
+    let out = cli(&["--namespace", &ns, "config", "rm", "cache.v1.Cache"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), typo);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config they were built with") && err.contains("to restore"),
+        "{err}"
+    );
+    eventually(LIMIT, "the Balancer back on its own config", || async {
+        balancer.service_config().warnings.is_empty().then_some(())
+    })
+    .await;
 }

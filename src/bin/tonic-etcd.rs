@@ -220,6 +220,10 @@ enum ConfigAction {
         service: String,
         /// The JSON document, or `-` to read stdin.
         file: String,
+        /// Store it even with fields that have no effect, or for a service
+        /// that is not registered but resembles one that is.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete the stored document: balancers go back to their own config.
     Rm {
@@ -341,7 +345,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Drain { service, id } => {
             let store = OverrideStore::new(client, schema).request_timeout(timeout);
             store
-                .set(&service, &id, &Override::drain(operator()))
+                .set(&service, &id, &Override::drain(operator(&g)))
                 .await?;
             println!("drained {id} of {service}: Balancers send it no new calls");
             Ok(())
@@ -362,7 +366,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let store = OverrideStore::new(client, schema).request_timeout(timeout);
             store
-                .set(&service, &id, &Override::weight(weight, operator())?)
+                .set(&service, &id, &Override::weight(weight, operator(&g))?)
                 .await?;
             println!("weight of {id} of {service} set to {weight}");
             Ok(())
@@ -375,10 +379,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             metadata,
         } => register(client, schema, service, addr, ttl, metadata, timeout).await,
         Command::Config { action } => {
-            let store = ConfigStore::new(client)
-                .schema(schema)
+            let store = ConfigStore::new(client.clone())
+                .schema(schema.clone())
                 .request_timeout(timeout);
-            config(&store, action).await
+            config(&store, action, &client, &*schema, timeout).await
         }
         Command::UpgradeKeys { apply, remove_old } => {
             let moves = if apply {
@@ -403,7 +407,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure> {
+async fn config(
+    store: &ConfigStore,
+    action: ConfigAction,
+    client: &Etcd,
+    schema: &dyn Schema,
+    timeout: Duration,
+) -> Result<(), Failure> {
     match action {
         ConfigAction::Get { service } => match store.get(&service).await? {
             None => {
@@ -415,6 +425,11 @@ async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure
             }
             Some(stored) => {
                 println!("{}", stored.json.trim_end());
+                if let Ok(value) = serde_json::from_str(&stored.json) {
+                    for u in tonic_etcd::service_config::unknown_fields(&value) {
+                        eprintln!("warning: {u}");
+                    }
+                }
                 match stored.config {
                     Ok(_) => Ok(()),
                     Err(e) => Err(Failure(format!(
@@ -424,7 +439,11 @@ async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure
                 }
             }
         },
-        ConfigAction::Set { service, file } => {
+        ConfigAction::Set {
+            service,
+            file,
+            force,
+        } => {
             let json = if file == "-" {
                 std::io::read_to_string(std::io::stdin())
                     .map_err(|e| Failure(format!("cannot read stdin: {e}")))?
@@ -432,16 +451,70 @@ async fn config(store: &ConfigStore, action: ConfigAction) -> Result<(), Failure
                 std::fs::read_to_string(&file)
                     .map_err(|e| Failure(format!("cannot read {file}: {e}")))?
             };
-            if let Err(e) = tonic_etcd::ServiceConfig::from_json(&json) {
-                return Err(Failure(format!("{e}; nothing written")));
+            let parsed = serde_json::from_str(&json)
+                .map_err(|e| Failure(format!("not JSON: {e}; nothing written")))?;
+            let config = tonic_etcd::ServiceConfig::from_value(&parsed)
+                .map_err(|e| Failure(format!("{e}; nothing written")))?;
+            let mut doubts = Vec::new();
+            let unknown = tonic_etcd::service_config::unknown_fields(&parsed);
+            for u in &unknown {
+                eprintln!("warning: {u}");
+            }
+            if !unknown.is_empty() {
+                doubts.push(format!("{} field(s) with no effect", unknown.len()));
+            }
+            for (i, mc) in config.method_configs.iter().enumerate() {
+                for (k, name) in mc.names.iter().enumerate() {
+                    if let Some(other) = name.service.as_deref().filter(|s| *s != service) {
+                        eprintln!(
+                            "warning: methodConfig[{i}].name[{k}] names service {other:?}: this \
+                             document is for {service:?}, whose Balancers use the entry only for \
+                             calls to {other}'s methods"
+                        );
+                    }
+                }
+            }
+            let listing = catalog::list(client, schema, None, timeout).await?;
+            if !listing.services.contains_key(&service) {
+                match listing.nearest_service(&service) {
+                    Some(near) => {
+                        eprintln!(
+                            "warning: no instance of {service:?} is registered; did you mean {near:?}?"
+                        );
+                        doubts.push(format!("a service name close to {near:?}"));
+                    }
+                    None => eprintln!(
+                        "note: no instance of {service:?} is registered yet; its Balancers will \
+                         apply this config when they start"
+                    ),
+                }
+            }
+            if !doubts.is_empty() && !force {
+                return Err(Failure(format!(
+                    "{}; nothing written (fix the document, or pass --force to store it as it is)",
+                    doubts.join(" and ")
+                )));
             }
             let revision = store.set(&service, &json).await?;
             eprintln!("stored at {} (revision {revision})", store.key(&service)?);
             Ok(())
         }
         ConfigAction::Rm { service } => {
+            let before = store.get(&service).await?;
             if store.remove(&service).await? {
-                eprintln!("removed {}", store.key(&service)?);
+                eprintln!(
+                    "removed {}; Balancers of {service} now use the config they were built \
+                     with (BalancerBuilder::service_config, none unless set in code)",
+                    store.key(&service)?
+                );
+                if let Some(old) = before {
+                    eprintln!(
+                        "the removed document (revision {}), to restore it: \
+                         tonic-etcd config set {service} -",
+                        old.revision
+                    );
+                    println!("{}", old.json.trim_end());
+                }
             } else {
                 eprintln!("no service config for {service} in etcd");
             }
@@ -532,12 +605,32 @@ fn tls_options(
     Ok(opts)
 }
 
-/// Who a write from the CLI is logged as.
-fn operator() -> String {
-    format!(
-        "cli:{}",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-    )
+/// Who a write from the CLI is recorded as: the etcd user (the identity
+/// etcd itself checked), else the OS user, else the host name; never
+/// `unknown` (a drain nobody can trace back is an incident of its own).
+fn operator(g: &Global) -> String {
+    let os_user = || {
+        ["USER", "LOGNAME"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok())
+            .find(|u| !u.trim().is_empty())
+    };
+    let host = || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("host:{h}"))
+    };
+    let who = g
+        .user
+        .clone()
+        .map(|u| format!("etcd:{u}"))
+        .or_else(os_user)
+        .or_else(host)
+        .unwrap_or_else(|| format!("pid:{}", std::process::id()));
+    format!("cli:{who}")
 }
 
 async fn console(
