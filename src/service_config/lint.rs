@@ -283,6 +283,7 @@ fn edits(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn hints(config: Value) -> Vec<String> {
@@ -332,6 +333,67 @@ mod tests {
         );
         assert_eq!(got.len(), 1, "case is not a mistake: {got:?}");
         assert!(got[0].contains("childPolicy[0].ring_hash.bogus"), "{got:?}");
+    }
+
+    /// JSON shaped like a service config: known and unknown keys, at any
+    /// depth, with values of every type.
+    fn config_like() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("methodConfig".to_owned()),
+            Just("loadBalancingConfig".to_owned()),
+            Just("ring_hash".to_owned()),
+            Just("childPolicy".to_owned()),
+            Just("retryPolicy".to_owned()),
+            Just("name".to_owned()),
+            "[a-zA-Z_]{0,12}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any JSON: no panic, and every path reported is a key that is in
+        /// the document (no invented fields).
+        #[test]
+        fn any_document_is_linted_without_inventing_fields(doc in config_like()) {
+            for u in unknown_fields(&doc) {
+                let last = u.path.rsplit('.').next().unwrap_or_default();
+                prop_assert!(doc.to_string().contains(&format!("\"{last}\"")), "{u} in {doc}");
+            }
+        }
+
+        /// One letter added to any field this client reads is reported,
+        /// with a suggestion no further from the typo than the field meant.
+        #[test]
+        fn a_one_letter_typo_of_a_known_field_is_caught(
+            which in 0..RING_HASH.read.len() + RETRY.read.len(),
+            at in 0usize..20,
+            letter in "[a-z]",
+        ) {
+            let (field, doc): (&str, fn(&str) -> Value) = if which < RING_HASH.read.len() {
+                (RING_HASH.read[which], |k| json!({"loadBalancingConfig": [{"ring_hash": {k: 1}}]}))
+            } else {
+                (RETRY.read[which - RING_HASH.read.len()], |k| json!({"methodConfig": [{"name": [{}], "retryPolicy": {k: 1}}]}))
+            };
+            let mut typo = field.to_owned();
+            typo.insert_str(at.min(typo.len()), &letter);
+            prop_assume!(canonical(&typo, RING_HASH.read).is_none() && canonical(&typo, RETRY.read).is_none());
+            let found = unknown_fields(&doc(&typo));
+            prop_assert_eq!(found.len(), 1, "{:?}", found);
+            let suggested = found[0].hint.split('"').nth(1).unwrap_or_default();
+            prop_assert!(edits(&typo.to_ascii_lowercase(), &suggested.to_ascii_lowercase()) <= 1, "{:?}", found);
+        }
     }
 
     #[test]
