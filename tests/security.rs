@@ -356,9 +356,16 @@ fn handled(etcd: &Etcd, code: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// The CLI as `user`, with its password in the environment.
-fn cli_as(etcd: &Etcd, user: &str, password: &str, ns: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
+/// The CLI as `user` in namespace `ns`, with its password in the
+/// environment.
+fn cli_run(
+    etcd: &Etcd,
+    user: &str,
+    password: &str,
+    ns: &str,
+    args: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
         .args([
             "--etcd",
             &etcd.endpoint(),
@@ -371,7 +378,12 @@ fn cli_as(etcd: &Etcd, user: &str, password: &str, ns: &str, args: &[&str]) -> S
         .env("TONIC_ETCD_PASSWORD", password)
         .env("USER", "role-test")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`cli_run`], which must succeed; its output.
+fn cli_as(etcd: &Etcd, user: &str, password: &str, ns: &str, args: &[&str]) -> String {
+    let out = cli_run(etcd, user, password, ns, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -434,6 +446,8 @@ async fn each_role_runs_its_part_with_no_refused_request() {
         let etcd = &etcd;
         async move { connect_as(etcd, &user, &password).await }
     };
+    let cli_part =
+        |part: &str, args: &[&str]| cli_as(&etcd, &user(part), &password(part), ns, args);
     // Run again: roles updated, users kept.
     let again = rbac::apply(&root, &roles, true).await.unwrap();
     assert!(again
@@ -459,12 +473,8 @@ async fn each_role_runs_its_part_with_no_refused_request() {
             {"subsetSize":1,"childPolicy":[{"round_robin":{}}]}}]}"#,
     )
     .unwrap();
-    let (config, config_pw) = (user("config"), password("config"));
-    cli_as(
-        &etcd,
-        &config,
-        &config_pw,
-        ns,
+    cli_part(
+        "config",
         &["config", "set", "greeter", doc.to_str().unwrap()],
     );
     let _ = std::fs::remove_file(&doc);
@@ -514,32 +524,13 @@ async fn each_role_runs_its_part_with_no_refused_request() {
     };
 
     // The CLI as operator: drain, weight, undrain.
-    let (operator, operator_pw) = (user("operator"), password("operator"));
-    cli_as(
-        &etcd,
-        &operator,
-        &operator_pw,
-        ns,
-        &["drain", "greeter", &id],
-    );
+    cli_part("operator", &["drain", "greeter", &id]);
     eventually(LIMIT, "drained", || async {
         (state() == Some(EndpointState::Drained)).then_some(())
     })
     .await;
-    cli_as(
-        &etcd,
-        &operator,
-        &operator_pw,
-        ns,
-        &["weight", "greeter", &id, "7"],
-    );
-    cli_as(
-        &etcd,
-        &operator,
-        &operator_pw,
-        ns,
-        &["undrain", "greeter", &id],
-    );
+    cli_part("operator", &["weight", "greeter", &id, "7"]);
+    cli_part("operator", &["undrain", "greeter", &id]);
     eventually(LIMIT, "back in traffic", || async {
         (state() != Some(EndpointState::Drained)).then_some(())
     })
@@ -588,8 +579,7 @@ async fn each_role_runs_its_part_with_no_refused_request() {
         (state() == Some(EndpointState::Drained)).then_some(())
     })
     .await;
-    let viewer_pw = password("viewer");
-    let listed = cli_as(&etcd, &user("viewer"), &viewer_pw, ns, &["list"]);
+    let listed = cli_part("viewer", &["list"]);
     assert!(listed.contains(&id), "{listed}");
     // The crate's own keys share the namespace but are not services.
     assert!(!listed.contains("_tonic-etcd"), "{listed}");
@@ -605,13 +595,7 @@ async fn each_role_runs_its_part_with_no_refused_request() {
         0,
         "own keys counted as bad"
     );
-    cli_as(
-        &etcd,
-        &user("viewer"),
-        &viewer_pw,
-        ns,
-        &["config", "get", "greeter"],
-    );
+    cli_part("viewer", &["config", "get", "greeter"]);
 
     // The drained server leaves: its lease (with the drain bound to it) is
     // revoked, which etcd allows only with write on every key of it.
@@ -668,21 +652,8 @@ async fn each_role_runs_its_part_with_no_refused_request() {
 async fn rbac_prints_the_roles_and_creates_them_as_root() {
     let etcd = Etcd::start();
     with_auth(&etcd).await;
-    let run = |user: &str, password: &str, args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
-            .args([
-                "--etcd",
-                &etcd.endpoint(),
-                "--user",
-                user,
-                "--namespace",
-                "shop",
-            ])
-            .args(args)
-            .env("TONIC_ETCD_PASSWORD", password)
-            .output()
-            .unwrap()
-    };
+    let run =
+        |user: &str, password: &str, args: &[&str]| cli_run(&etcd, user, password, "shop", args);
     // Printing needs no etcd (and no password).
     let printed = Command::new(env!("CARGO_BIN_EXE_tonic-etcd"))
         .args(["--etcd", "127.0.0.1:9", "--namespace", "shop", "rbac"])
