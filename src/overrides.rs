@@ -260,8 +260,8 @@ impl OverrideStore {
         if self.delete(&self.key(service, id)?).await? {
             return Ok(true);
         }
-        // Not an id: the override that names this address (it holds its
-        // instance's address, and outlives nothing but its lease).
+        // Not an id: the one override for this address (an override stores
+        // its instance's address, so this works after the instance left).
         let layout = Reserved::Overrides.schema(&*self.schema)?;
         let listing =
             crate::catalog::list(&self.client, &layout, Some(service), self.timeout).await?;
