@@ -129,7 +129,6 @@ pub async fn list(
                     .push(i);
             }
             Err(_) if everything => {}
-            Err(crate::schema::DecodeError::Reserved) => {}
             Err(e) => listing.undecodable.push((key, e)),
         }
     }

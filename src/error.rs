@@ -180,6 +180,20 @@ impl Error {
         }
     }
 
+    /// etcd's "requested lease not found" (gRPC `NotFound`: no other lease
+    /// RPC answers it), or etcd-client's check of the first keep-alive
+    /// answer (TTL 0), which has no code.
+    pub(crate) fn is_lease_not_found(&self) -> bool {
+        match self {
+            Error::Etcd { source, .. } => match source {
+                etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+                etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Whether etcd refused the request for the user's permissions or
     /// credentials (`PERMISSION_DENIED`, `UNAUTHENTICATED`, a watch
     /// cancelled with "permission denied"). Such a request fails the same

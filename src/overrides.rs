@@ -136,21 +136,9 @@ fn now_unix() -> u64 {
 /// address it is: operators copy what `list` shows, and the address is the
 /// column they see first.
 fn find<'a>(instances: &'a [Instance], service: &str, id: &str) -> Result<&'a Instance, Error> {
-    if let Some(i) = instances.iter().find(|i| i.id == id) {
-        return Ok(i);
-    }
-    match instances
-        .iter()
-        .filter(|i| i.addr == id)
-        .collect::<Vec<_>>()[..]
-    {
-        [only] => Ok(only),
-        [] => Err(unknown(service, id)),
-        ref several => Err(ambiguous(
-            service,
-            id,
-            several.iter().map(|i| i.id.as_str()),
-        )),
+    match instances.iter().find(|i| i.id == id) {
+        Some(i) => Ok(i),
+        None => at_addr(instances, service, id)?.ok_or_else(|| unknown(service, id)),
     }
 }
 
@@ -161,13 +149,26 @@ fn unknown(service: &str, id: &str) -> Error {
     }
 }
 
-fn ambiguous<'a>(service: &str, addr: &str, ids: impl Iterator<Item = &'a str>) -> Error {
-    let ids: Vec<&str> = ids.collect();
-    Error::InvalidConfig(format!(
-        "{addr} is the address of {} instances of {service} ({}): name one by its id",
-        ids.len(),
-        ids.join(", ")
-    ))
+/// The one entry of `service` at `addr` (`None`: none); several are an
+/// error that names their ids, for the operator to choose.
+fn at_addr<'a>(
+    entries: &'a [Instance],
+    service: &str,
+    addr: &str,
+) -> Result<Option<&'a Instance>, Error> {
+    let found: Vec<&Instance> = entries.iter().filter(|i| i.addr == addr).collect();
+    match found[..] {
+        [] => Ok(None),
+        [only] => Ok(Some(only)),
+        _ => {
+            let ids: Vec<&str> = found.iter().map(|i| i.id.as_str()).collect();
+            Err(Error::InvalidConfig(format!(
+                "{addr} is the address of {} instances of {service} ({}): name one by its id",
+                ids.len(),
+                ids.join(", ")
+            )))
+        }
+    }
 }
 
 /// Reads and writes overrides.
@@ -266,18 +267,9 @@ impl OverrideStore {
         let listing =
             crate::catalog::list(&self.client, &layout, Some(service), self.timeout).await?;
         let overrides = listing.services.get(service).map_or(&[][..], Vec::as_slice);
-        match overrides
-            .iter()
-            .filter(|o| o.addr == id)
-            .collect::<Vec<_>>()[..]
-        {
-            [only] => self.delete(&self.key(service, &only.id)?).await,
-            [] => Ok(false),
-            ref several => Err(ambiguous(
-                service,
-                id,
-                several.iter().map(|o| o.id.as_str()),
-            )),
+        match at_addr(overrides, service, id)? {
+            Some(o) => self.delete(&self.key(service, &o.id)?).await,
+            None => Ok(false),
         }
     }
 

@@ -180,6 +180,13 @@ pub fn roles(schema: &dyn Schema, prefix: &str) -> Result<Vec<Role>, Error> {
             "roles are per namespace: give the schema a namespace (--namespace)".into(),
         ));
     }
+    // Its range end is the prefix with the last byte raised by one, which
+    // is text only when that byte is ASCII (the schemas' separators are).
+    if !root.ends_with(|c: char| c.is_ascii() && c != '\x7f') {
+        return Err(Error::InvalidConfig(format!(
+            "the namespace prefix {root:?} must end in an ASCII character for its key range"
+        )));
+    }
     let reserved = format!("{root}{RESERVED}");
     let instances = |access, why| {
         [
@@ -346,16 +353,11 @@ fn new_password() -> String {
         .collect()
 }
 
-/// The first key after every key that starts with `prefix`.
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end), as text: `roles` admits only prefixes ending in ASCII, whose end
+/// is ASCII too.
 fn prefix_end(prefix: &str) -> String {
-    let mut bytes = prefix.as_bytes().to_vec();
-    while let Some(last) = bytes.pop() {
-        if last < 0x7f {
-            bytes.push(last + 1);
-            return String::from_utf8(bytes).unwrap_or_default();
-        }
-    }
-    String::from("\0")
+    String::from_utf8(crate::watcher::prefix_end(prefix.as_bytes())).unwrap_or_default()
 }
 
 /// `s` as one shell word.

@@ -173,7 +173,7 @@ async fn copy(etcd: &Etcd, m: &Move, timeout: Duration) -> Result<Outcome, Error
     match resp {
         Ok(r) if r.succeeded() => Ok(Outcome::Copied),
         Ok(_) => Ok(Outcome::Exists),
-        Err(e) if m.lease != 0 && e.to_string().contains("lease not found") => Ok(Outcome::Expired),
+        Err(e) if m.lease != 0 && e.is_lease_not_found() => Ok(Outcome::Expired),
         Err(e) => Err(e),
     }
 }

@@ -641,7 +641,7 @@ impl<S: Store> Worker<S> {
             self.observe(attached.as_ref().err(), began.elapsed());
             let mut session = match attached {
                 Ok(session) => session,
-                Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost(e.to_string()),
+                Err(e) if e.is_lease_not_found() => return SessionEnd::LeaseLost(e.to_string()),
                 Err(e) => {
                     // etcd refusing renewals while it catches up: back off
                     // further, but not past half an interval, so the lease
@@ -811,7 +811,7 @@ async fn revoke<S: Store>(store: &S, lease: i64, timeout: Duration) -> Result<()
     match with_timeout("lease revoke", timeout, || store.revoke(lease)).await {
         Ok(()) => Ok(()),
         // Already gone: so are its keys.
-        Err(e) if is_lease_not_found(&e) => Ok(()),
+        Err(e) if e.is_lease_not_found() => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -846,20 +846,6 @@ impl<S: Store> Drop for RevokeOnDrop<S> {
                 let _ = revoke(&store, lease, timeout).await;
             });
         }
-    }
-}
-
-/// etcd's "requested lease not found" (gRPC `NotFound`: no other lease RPC
-/// answers it), or etcd-client's check of the first keep-alive answer (TTL
-/// 0), which has no code.
-fn is_lease_not_found(e: &Error) -> bool {
-    match e {
-        Error::Etcd { source, .. } => match source {
-            etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
-            etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::NotFound,
-            _ => false,
-        },
-        _ => false,
     }
 }
 

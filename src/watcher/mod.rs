@@ -659,7 +659,6 @@ impl<S: Source> Task<S> {
             // Without a namespace every key in etcd is under the prefix: one
             // that does not decode is another application's.
             Err(_) if self.cfg.prefix.is_empty() => Decoded::Foreign,
-            Err(crate::schema::DecodeError::Reserved) => Decoded::Foreign,
             Err(error) => {
                 tracing::warn!(
                     key = %String::from_utf8_lossy(&kv.key[..kv.key.len().min(256)]),
@@ -924,7 +923,7 @@ fn too_large(e: &Error) -> bool {
 
 /// The end of the key range `[prefix, end)` that holds every key starting
 /// with `prefix` (etcd's convention: `\0` for the empty prefix).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
