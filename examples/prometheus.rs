@@ -7,18 +7,21 @@
 //! cargo run --example prometheus
 //! ```
 //!
-//! In a service, install the exporter before building the Balancer and let
-//! Prometheus scrape it:
+//! In a service, install the exporter before building the Balancer, with
+//! the same buckets and idle timeout as here, and let Prometheus scrape it
+//! (`.with_http_listener(([127, 0, 0, 1], 9000)).install()?`).
 //!
-//! ```text
-//! metrics_exporter_prometheus::PrometheusBuilder::new()
-//!     .with_http_listener(([127, 0, 0, 1], 9000))
-//!     .install()?;
-//! ```
+//! - A66's buckets make the durations histograms, which add up across
+//!   clients (the exporter's default is a summary, which does not).
+//! - The idle timeout for gauges drops the series of endpoints that left
+//!   (every deploy brings new addresses); a Balancer touches its live
+//!   endpoints' gauges every `metrics_refresh` (10 s), so they stay.
 
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_util::MetricKindMask;
+use tonic_etcd::metrics::{COUNT_BUCKETS, LATENCY_BUCKETS};
 use tonic_etcd::server::RegisteredServer;
 use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
 use tonic_etcd::testing::Etcd;
@@ -29,7 +32,12 @@ const SERVICE: &str = "greeter.v1.Greeter";
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The recorder first: series made before it would go nowhere.
-    let prometheus = PrometheusBuilder::new().install_recorder()?;
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration".into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("retry_delay".into()), &LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("retries".into()), &COUNT_BUCKETS)?
+        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(120)))
+        .install_recorder()?;
 
     let etcd = Etcd::start();
     let client = etcd.client().await;
@@ -70,8 +78,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tx.send(HelloRequest { name: "s".into() }).await?;
     replies.message().await?;
 
+    // Every series but the buckets, and the buckets of one histogram.
     for line in prometheus.render().lines() {
-        if line.contains("tonic_etcd_client") || line.contains("tonic_etcd_balancer_endpoint") {
+        let shown = if line.contains("_bucket{") {
+            line.contains("grpc_client_call_duration_bucket")
+                && line.contains("SayHello")
+                && line.contains("\"OK\"")
+        } else {
+            line.contains("grpc_client") || line.contains("tonic_etcd_balancer")
+        };
+        if shown {
             println!("{line}");
         }
     }

@@ -290,6 +290,7 @@ pub(crate) async fn watch<S: Source>(
     cfg: WatchConfig,
     status: watch::Sender<ServiceConfigStatus>,
 ) {
+    crate::metrics::service_config_watched(&cfg.key);
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     let mut refusals = crate::backoff::Refusals::default();
     // Whether a refused watch has had its stream reopened with a fresh
@@ -410,7 +411,7 @@ fn apply(
             s.config = cfg.default.clone();
             s.source = ConfigSource::Builder;
             s.warnings.clear();
-            crate::metrics::service_config(&cfg.key, false, 0);
+            crate::metrics::service_config(&cfg.key, 0, false, 0);
             return was_etcd | s.rejected.take().is_some();
         };
         let seen = matches!(&s.source, ConfigSource::Etcd { revision: r, .. } if *r == revision)
@@ -429,7 +430,7 @@ fn apply(
                     tracing::warn!(key = %cfg.key, revision, field = %w.path, hint = %w.hint,
                         "a field of the service config in etcd has no effect");
                 }
-                crate::metrics::service_config(&cfg.key, false, warnings.len());
+                crate::metrics::service_config(&cfg.key, revision, false, warnings.len());
                 s.warnings = warnings;
                 s.config = Arc::new(config);
                 s.source = ConfigSource::Etcd {
@@ -441,7 +442,12 @@ fn apply(
             Err(error) => {
                 tracing::warn!(key = %cfg.key, revision, %error,
                     "service config in etcd refused; the config in force stays");
-                crate::metrics::service_config(&cfg.key, true, s.warnings.len());
+                let in_force = match &s.source {
+                    ConfigSource::Etcd { revision, .. } => *revision,
+                    ConfigSource::Builder => 0,
+                };
+                crate::metrics::service_config(&cfg.key, in_force, true, s.warnings.len());
+                crate::metrics::service_config_refused(&cfg.key);
                 s.rejected = Some(RejectedConfig {
                     revision,
                     reason: error.to_string(),

@@ -61,6 +61,34 @@ impl Metrics {
             .map(|(_, h)| h.data().len())
     }
 
+    /// The sum of the samples of the histogram `name` with every `labels` pair.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .get_histogram_handles()
+            .into_iter()
+            .find(|(k, _)| {
+                k.name() == name
+                    && labels
+                        .iter()
+                        .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
+            })
+            .map(|(_, h)| h.data().iter().sum())
+    }
+
+    /// Every series' name and labels, one string each.
+    fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .0
+            .get_counter_handles()
+            .into_keys()
+            .chain(self.0.get_gauge_handles().into_keys())
+            .chain(self.0.get_histogram_handles().into_keys())
+            .map(|k| format!("{k:?}"))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// The value of `name` whose labels include every `labels` pair.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let matches = |k: &Key| {
@@ -136,17 +164,18 @@ async fn registration_and_discovery_report_what_they_do() {
         .no_endpoint_timeout(Duration::from_millis(100))
         .build()
         .unwrap();
+    let target = [("grpc.target", "etcd:///observed")];
 
     eventually(LIMIT, "balancer connect failures counted", || async {
         metrics
-            .value("tonic_etcd_balancer_connect_failures_total", &service)
+            .value("tonic_etcd_balancer_connect_failures_total", &target)
             .filter(|v| *v >= 1.0)
     })
     .await;
     assert_eq!(
         metrics.value(
             "tonic_etcd_balancer_endpoints",
-            &[("service", "observed"), ("state", "ready")]
+            &[("grpc.target", "etcd:///observed"), ("state", "ready")]
         ),
         Some(0.0)
     );
@@ -156,7 +185,7 @@ async fn registration_and_discovery_report_what_they_do() {
     let _ = greeter.say_hello(request()).await;
     assert!(balancer.failing_fast());
     assert_eq!(
-        metrics.value("tonic_etcd_balancer_fail_fast", &service),
+        metrics.value("tonic_etcd_balancer_fail_fast", &target),
         Some(1.0)
     );
 
@@ -187,11 +216,13 @@ async fn registration_and_discovery_report_what_they_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
+async fn a_balancer_reports_grpc_client_metrics_by_method_status_and_endpoint() {
     let metrics = recorder();
     let etcd = tonic_etcd::testing::shared();
     let client = etcd.client().await;
     let svc = common::unique("metered");
+    let target = format!("etcd:///{svc}");
+    let target = target.as_str();
     let ok = Backend::start("ok");
     let failing = Backend::start("failing");
     failing.fail.set(Some(tonic::Code::Unavailable));
@@ -202,20 +233,44 @@ async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
     let balancer = tonic_etcd::Balancer::builder(client, &svc)
         .stream_methods(["greeter.v1.Greeter/Chat"])
         .outlier_detection(OutlierDetection::disabled())
+        .metrics_refresh(Duration::from_millis(50))
         .build()
         .unwrap();
-    // Present at zero before any call.
-    for code in ["OK", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"] {
-        let labels = [("service", svc.as_str()), ("code", code)];
-        assert_eq!(
-            metrics.value("tonic_etcd_client_calls_total", &labels),
-            Some(0.0),
-            "{code}"
+    const HELLO: &str = "greeter.v1.Greeter/SayHello";
+    const CHAT: &str = "greeter.v1.Greeter/Chat";
+    // Present at zero before any call: the Balancer's own series, and the
+    // counters of the method the builder names.
+    let chat = [("grpc.method", CHAT), ("grpc.target", target)];
+    assert_eq!(
+        metrics.value("grpc.client.attempt.started", &chat),
+        Some(0.0)
+    );
+    for (name, result) in [
+        ("tonic_etcd_client_retries_total", "retried"),
+        ("tonic_etcd_client_retries_total", "transparent"),
+        ("tonic_etcd_client_hedges_total", "sent"),
+    ] {
+        let labels = [
+            ("grpc.method", CHAT),
+            ("grpc.target", target),
+            ("result", result),
+        ];
+        assert_eq!(metrics.value(name, &labels), Some(0.0), "{name} {result}");
+    }
+    for state in ["ready", "ejected", "unhealthy", "drained"] {
+        let labels = [("grpc.target", target), ("state", state)];
+        assert!(
+            metrics
+                .value("tonic_etcd_balancer_endpoints", &labels)
+                .is_some(),
+            "{state}"
         );
     }
+    let hello = [("grpc.method", HELLO), ("grpc.target", target)];
+    assert_eq!(metrics.value("grpc.client.attempt.started", &hello), None);
     balancer.wait_for_ready(2, LIMIT).await.unwrap();
     for addr in [&ok.addr, &failing.addr] {
-        let endpoint = [("service", svc.as_str()), ("endpoint", addr.as_str())];
+        let endpoint = [("grpc.target", target), ("endpoint", addr.as_str())];
         assert_eq!(
             metrics.value("tonic_etcd_balancer_endpoint_state", &endpoint),
             Some(1.0)
@@ -230,34 +285,46 @@ async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
         );
     }
     let mut greeter = GreeterClient::new(balancer.clone());
-    let (mut oks, mut failures) = (0.0, 0.0);
+    let (mut oks, mut failures) = (0, 0);
     for _ in 0..40 {
         match greeter.say_hello(HelloRequest { name: "m".into() }).await {
-            Ok(_) => oks += 1.0,
-            Err(s) if s.code() == tonic::Code::Unavailable => failures += 1.0,
+            Ok(_) => oks += 1,
+            Err(s) if s.code() == tonic::Code::Unavailable => failures += 1,
             Err(s) => panic!("{s:?}"),
         }
     }
-    assert!(oks > 0.0 && failures > 0.0, "{oks} {failures}");
-    let calls = |code| {
-        metrics.value(
-            "tonic_etcd_client_calls_total",
-            &[("service", svc.as_str()), ("code", code)],
+    assert!(oks > 0 && failures > 0, "{oks} {failures}");
+    let calls = |method, status| {
+        metrics.samples(
+            "grpc.client.call.duration",
+            &[
+                ("grpc.method", method),
+                ("grpc.target", target),
+                ("grpc.status", status),
+            ],
         )
     };
-    assert_eq!(calls("OK"), Some(oks));
-    assert_eq!(calls("UNAVAILABLE"), Some(failures));
-    assert_eq!(
+    let attempts = |method, status| {
         metrics.samples(
-            "tonic_etcd_client_call_duration_seconds",
-            &[("service", svc.as_str()), ("code", "OK")]
-        ),
-        Some(oks as usize)
+            "grpc.client.attempt.duration",
+            &[
+                ("grpc.method", method),
+                ("grpc.target", target),
+                ("grpc.status", status),
+            ],
+        )
+    };
+    assert_eq!(calls(HELLO, "OK"), Some(oks));
+    assert_eq!(calls(HELLO, "UNAVAILABLE"), Some(failures));
+    assert_eq!(attempts(HELLO, "OK"), Some(oks));
+    assert_eq!(attempts(HELLO, "UNAVAILABLE"), Some(failures));
+    assert_eq!(
+        metrics.value("grpc.client.attempt.started", &hello),
+        Some((oks + failures) as f64)
     );
-    let failing_ep = [
-        ("service", svc.as_str()),
-        ("endpoint", failing.addr.as_str()),
-    ];
+    // No retry policy: no call made a further attempt.
+    assert_eq!(metrics.samples("grpc.client.call.retries", &hello), Some(0));
+    let failing_ep = [("grpc.target", target), ("endpoint", failing.addr.as_str())];
     let rate = metrics
         .value("tonic_etcd_balancer_endpoint_success_rate", &failing_ep)
         .unwrap();
@@ -271,14 +338,14 @@ async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
         rate < 1.0 && rate == seen,
         "the failing endpoint's success rate: {rate}, {seen}"
     );
-    let ok_ep = [("service", svc.as_str()), ("endpoint", ok.addr.as_str())];
+    let ok_ep = [("grpc.target", target), ("endpoint", ok.addr.as_str())];
     let latency = metrics
         .value("tonic_etcd_balancer_endpoint_latency_seconds", &ok_ep)
         .unwrap();
     assert!(latency > 0.0 && latency < 1.0, "{latency}");
 
-    // A stream: in flight and open on its endpoint while it lives; counted
-    // when it ends, not timed.
+    // A stream: in flight and open on its endpoint while it lives; its
+    // call timed when it ends, under its own method.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut replies = greeter
         .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -292,7 +359,7 @@ async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
     } else {
         &failing.addr
     };
-    let ep = [("service", svc.as_str()), ("endpoint", addr.as_str())];
+    let ep = [("grpc.target", target), ("endpoint", addr.as_str())];
     assert_eq!(
         metrics.value("tonic_etcd_balancer_endpoint_open_streams", &ep),
         Some(1.0)
@@ -301,19 +368,126 @@ async fn a_balancer_reports_calls_by_status_and_each_endpoint() {
         metrics.value("tonic_etcd_balancer_endpoint_in_flight", &ep),
         Some(1.0)
     );
+    assert_eq!(calls(CHAT, "OK"), None, "not before it ends");
     drop(tx);
     while let Ok(Some(_)) = replies.message().await {}
     eventually(LIMIT, "the stream's end counted", || async {
         (metrics.value("tonic_etcd_balancer_endpoint_open_streams", &ep) == Some(0.0)).then_some(())
     })
     .await;
-    assert_eq!(calls("OK"), Some(oks + 1.0), "the stream counts");
     assert_eq!(
-        metrics.samples(
-            "tonic_etcd_client_call_duration_seconds",
-            &[("service", svc.as_str()), ("code", "OK")]
-        ),
-        Some(oks as usize),
-        "a declared stream is not timed"
+        calls(CHAT, "OK"),
+        Some(1),
+        "the stream is timed under its method"
     );
+    assert_eq!(calls(HELLO, "OK"), Some(oks));
+
+    // A call no generated client named counts as `other` (A66): a caller
+    // cannot grow the scrape with made-up paths.
+    let mut raw = tonic::client::Grpc::new(balancer.clone());
+    raw.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/made.up.Service/Anything");
+    let codec =
+        tonic_prost::ProstCodec::<HelloRequest, tonic_etcd::testing::greeter::HelloReply>::default(
+        );
+    let _ = raw
+        .unary(
+            tonic::Request::new(HelloRequest { name: "r".into() }),
+            path,
+            codec,
+        )
+        .await;
+    let other = [("grpc.method", "other"), ("grpc.target", target)];
+    assert_eq!(
+        metrics.value("grpc.client.attempt.started", &other),
+        Some(1.0)
+    );
+    assert!(
+        metrics
+            .keys()
+            .iter()
+            .all(|k| !k.contains("made.up.Service")),
+        "an unnamed method is never a label"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_hedges_are_counted_per_method_with_their_delay() {
+    let metrics = recorder();
+    let etcd = tonic_etcd::testing::shared();
+    let client = etcd.client().await;
+    let svc = common::unique("retried");
+    let target = format!("etcd:///{svc}");
+    let target = target.as_str();
+    let failing = Backend::start("failing");
+    failing.fail.set(Some(tonic::Code::Unavailable));
+    let _reg =
+        common::register_with(&client, &svc, &failing.addr, tonic_etcd::Metadata::new()).await;
+    let config: tonic_etcd::ServiceConfig = r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
+        "retryPolicy":{"maxAttempts":3,"initialBackoff":"0.01s","maxBackoff":"0.02s","backoffMultiplier":2,
+        "retryableStatusCodes":["UNAVAILABLE"]}}]}"#
+        .parse()
+        .unwrap();
+    let balancer = tonic_etcd::Balancer::builder(client, &svc)
+        .service_config(config)
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    const HELLO: &str = "greeter.v1.Greeter/SayHello";
+    let hello = [("grpc.method", HELLO), ("grpc.target", target)];
+    let result = |r| {
+        metrics.value(
+            "tonic_etcd_client_retries_total",
+            &[
+                ("grpc.method", HELLO),
+                ("grpc.target", target),
+                ("result", r),
+            ],
+        )
+    };
+    assert_eq!(
+        result("retried"),
+        Some(0.0),
+        "named by the service config: at zero from build"
+    );
+    balancer.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let calls = 5;
+    for _ in 0..calls {
+        let status = greeter
+            .say_hello(HelloRequest { name: "r".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    // Three attempts per call: two retries each, then the policy's limit.
+    assert_eq!(
+        metrics.value("grpc.client.attempt.started", &hello),
+        Some(3.0 * calls as f64)
+    );
+    assert_eq!(result("retried"), Some(2.0 * calls as f64));
+    assert_eq!(result("attempts used up"), Some(calls as f64));
+    assert_eq!(
+        metrics.samples("grpc.client.call.retries", &hello),
+        Some(calls)
+    );
+    assert_eq!(
+        metrics.sum("grpc.client.call.retries", &hello),
+        Some(2.0 * calls as f64)
+    );
+    assert_eq!(
+        metrics.sum("grpc.client.call.transparent_retries", &hello),
+        Some(0.0)
+    );
+    let delay = metrics.sum("grpc.client.call.retry_delay", &hello).unwrap();
+    assert!(delay > 0.0 && delay <= 0.03 * calls as f64, "{delay}");
+    let attempts = metrics.samples(
+        "grpc.client.attempt.duration",
+        &[
+            ("grpc.method", HELLO),
+            ("grpc.target", target),
+            ("grpc.status", "UNAVAILABLE"),
+        ],
+    );
+    assert_eq!(attempts, Some(3 * calls));
 }

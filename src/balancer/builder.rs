@@ -44,6 +44,7 @@ pub struct BalancerBuilder {
     slow_start: Option<Duration>,
     outlier: OutlierDetection,
     health_check: Option<String>,
+    metrics_refresh: Duration,
     service_config: Arc<crate::ServiceConfig>,
     config_from_etcd: bool,
     /// Set by `build`: where coordinated subsetting registers the client.
@@ -101,6 +102,7 @@ impl BalancerBuilder {
             slow_start: None,
             outlier: OutlierDetection::new(),
             health_check: None,
+            metrics_refresh: Duration::from_secs(10),
             service_config: Arc::default(),
             config_from_etcd: true,
             registry: None,
@@ -321,6 +323,18 @@ impl BalancerBuilder {
         self
     }
 
+    /// How often every endpoint's gauges are set from the endpoint (feature
+    /// `metrics`; default 10 s; zero: never). An exporter that drops series
+    /// idle for longer than this (`metrics-exporter-prometheus`'
+    /// `idle_timeout`) then drops only those of endpoints that left, so a
+    /// fleet whose addresses churn does not grow the scrape; see
+    /// [`metrics`](crate::metrics).
+    #[must_use]
+    pub fn metrics_refresh(mut self, period: Duration) -> Self {
+        self.metrics_refresh = cap(period);
+        self
+    }
+
     /// TLS (and mutual TLS, with a client identity) to every backend.
     #[cfg(feature = "tls")]
     #[must_use]
@@ -490,6 +504,29 @@ impl BalancerBuilder {
             }
             None => (None, None),
         };
+        // The methods the builder names have their series from now on;
+        // others from their first call.
+        let known: Vec<String> = self
+            .calls
+            .streams
+            .iter()
+            .filter(|s| !s.ends_with('/'))
+            .cloned()
+            .chain(self.service_config.method_configs.iter().flat_map(|mc| {
+                mc.names
+                    .iter()
+                    .filter_map(|n| match (&n.service, &n.method) {
+                        (Some(s), Some(m)) => Some(format!("/{s}/{m}")),
+                        _ => None,
+                    })
+            }))
+            .collect();
+        let metrics = Arc::new(CallMetrics::new(
+            &router.pool.target,
+            known.iter().map(String::as_str),
+        ));
+        crate::metrics::balancer_built(&router.pool.target);
+        let refresh = (router.clone(), self.metrics_refresh);
         let task = tokio::spawn(async move {
             // No endpoint (so no call) before the config in etcd is read or
             // its first reading failed, bounded by the request timeout.
@@ -497,13 +534,35 @@ impl BalancerBuilder {
                 let _ =
                     tokio::time::timeout(limit, rx.wait_for(ServiceConfigStatus::settled)).await;
             }
-            reconcile::run(discover, shared_for_pool, cfg, pool_config).await;
+            tokio::select! {
+                () = reconcile::run(discover, shared_for_pool, cfg, pool_config) => {}
+                () = refresh_metrics(refresh.0, refresh.1) => {}
+            }
         });
         Balancer {
-            metrics: Arc::new(CallMetrics::new(&router.pool.service)),
+            metrics,
             router,
             calls: Arc::new(self.calls),
             _task: Arc::new((AbortOnDrop(task), config_task)),
+        }
+    }
+}
+
+/// Sets every registered endpoint's gauges from the endpoint every
+/// `period`: a live endpoint's series never look idle to an exporter that
+/// drops idle series, and come back if one was dropped anyway. Without the
+/// `metrics` feature it never wakes.
+async fn refresh_metrics(router: Arc<Router>, period: Duration) {
+    if !cfg!(feature = "metrics") || period.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let target = &router.pool.target;
+        for status in router.pool.snapshot(&router.ring_shares()) {
+            crate::metrics::endpoint_status(target, &status);
         }
     }
 }

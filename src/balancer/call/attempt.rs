@@ -16,7 +16,7 @@ use super::replay::Abort;
 use crate::balancer::error::{deadline_exceeded, BoxError};
 use crate::balancer::pool::{Outcome, Ready};
 use crate::balancer::route::Plan;
-use crate::metrics::CallRecord;
+use crate::metrics::{AttemptRecord, CallRecord};
 
 /// How one attempt ended.
 pub(crate) enum Attempt {
@@ -44,13 +44,33 @@ pub(crate) enum Attempt {
 
 /// Sends `request` to `ep` and waits for the response headers within the
 /// plan's deadline. `abort` ends the request body when the attempt is over:
-/// here, or in the response body that carries it on.
+/// here, or in the response body that carries it on; so does `attempt`,
+/// the attempt's record, which reports its status once it has one.
 pub(crate) async fn send(
+    ep: Arc<Ready>,
+    request: http::Request<tonic::body::Body>,
+    abort: Abort,
+    plan: Plan,
+    record: &mut Option<CallRecord>,
+    mut attempt: AttemptRecord,
+) -> Attempt {
+    let outcome = exchange(ep, request, abort, plan, record, &mut attempt).await;
+    match &outcome {
+        Attempt::Response(_) => {} // the body reports it
+        Attempt::Status { code, .. } => attempt.finish(*code),
+        Attempt::Failed(e) => attempt.finish(classify::code_of(&**e)),
+        Attempt::Unprocessed { .. } => attempt.finish(tonic::Code::Unavailable),
+    }
+    outcome
+}
+
+async fn exchange(
     ep: Arc<Ready>,
     mut request: http::Request<tonic::body::Body>,
     abort: Abort,
     plan: Plan,
     record: &mut Option<CallRecord>,
+    attempt: &mut AttemptRecord,
 ) -> Attempt {
     *request.uri_mut() = match ep.uri(request.uri()) {
         Ok(uri) => uri,
@@ -100,12 +120,13 @@ pub(crate) async fn send(
             let Some(code) = code else {
                 in_flight.headers_arrived(true);
                 let record = record.take().unwrap_or_else(CallRecord::none);
+                let attempt = std::mem::replace(attempt, AttemptRecord::none());
                 return Attempt::Response(response.map(|body| {
                     tonic::body::Body::new(CallBody::new(
                         body,
                         timer,
                         in_flight,
-                        record,
+                        (record, attempt),
                         Some(abort),
                     ))
                 }));
@@ -121,7 +142,7 @@ pub(crate) async fn send(
                     body,
                     timer,
                     in_flight,
-                    CallRecord::none(),
+                    (CallRecord::none(), AttemptRecord::none()),
                     Some(abort),
                 ))
             });

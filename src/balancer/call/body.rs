@@ -16,7 +16,7 @@ use super::classify::{cancelled_by_deadline, to_deadline_exceeded, transport_fai
 use super::replay::Abort;
 use crate::balancer::error::deadline_exceeded;
 use crate::balancer::pool::{InFlight, Outcome};
-use crate::metrics::CallRecord;
+use crate::metrics::{AttemptRecord, CallRecord};
 
 /// What a [`CallBody`] holds for its call while the body streams.
 pub(crate) trait Tracked {
@@ -63,8 +63,8 @@ pub(crate) struct CallBody<B, T = InFlight> {
     inner: Option<B>,
     timer: Option<Pin<Box<Sleep>>>,
     in_flight: Option<T>,
-    /// The call's final status, for metrics.
-    record: CallRecord,
+    /// The call's final status and its attempt's, for metrics.
+    record: (CallRecord, AttemptRecord),
     /// Ends the request body once the call is over (trailers read,
     /// deadline passed, stream failed, or this body dropped), so the
     /// stream is reset even while the caller holds its request sender.
@@ -76,7 +76,7 @@ impl<B, T> CallBody<B, T> {
         inner: B,
         timer: Option<Pin<Box<Sleep>>>,
         in_flight: T,
-        record: CallRecord,
+        record: (CallRecord, AttemptRecord),
         abort: Option<Abort>,
     ) -> Self {
         Self {
@@ -90,6 +90,12 @@ impl<B, T> CallBody<B, T> {
 }
 
 impl<B, T: Tracked> CallBody<B, T> {
+    /// The call (and the attempt it took) ended with `code`.
+    fn finish(&mut self, code: tonic::Code) {
+        self.record.0.finish(code);
+        self.record.1.finish(code);
+    }
+
     /// The deadline ended the call: the stream goes, the wait is recorded.
     fn expire(&mut self) -> Box<dyn std::error::Error + Send + Sync> {
         self.abort.take();
@@ -97,7 +103,7 @@ impl<B, T: Tracked> CallBody<B, T> {
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.expired();
         }
-        self.record.finish(tonic::Code::DeadlineExceeded);
+        self.finish(tonic::Code::DeadlineExceeded);
         Box::new(deadline_exceeded(format_args!(
             "while the response was streaming"
         )))
@@ -142,7 +148,7 @@ where
                                 code => code,
                             }
                         });
-                        this.record.finish(code);
+                        this.finish(code);
                         // The trailers end the call: it leaves the endpoint's
                         // load now, not when the caller drops the stream.
                         if let Some(mut call) = this.in_flight.take() {
@@ -166,7 +172,7 @@ where
                         Some(mut call) => {
                             call.ended(None);
                             let status = transport_failure(call.addr(), &*e);
-                            this.record.finish(status.code());
+                            this.finish(status.code());
                             Box::new(status)
                         }
                         None => e,
@@ -174,7 +180,7 @@ where
                 }
                 None => {
                     // Without trailers: tonic reports the missing status.
-                    this.record.finish(tonic::Code::Internal);
+                    this.finish(tonic::Code::Internal);
                     this.in_flight.take();
                     this.abort.take();
                     None
@@ -283,7 +289,7 @@ mod tests {
             Ends(Some(status)),
             Some(timer),
             Probe(state.clone()),
-            CallRecord::none(),
+            (CallRecord::none(), AttemptRecord::none()),
             None,
         );
         // The deadline passes before the trailers are read, as when the
@@ -323,7 +329,7 @@ mod tests {
             Stalled(false),
             Some(timer),
             Probe(state.clone()),
-            CallRecord::none(),
+            (CallRecord::none(), AttemptRecord::none()),
             None,
         );
         assert!(
@@ -345,7 +351,7 @@ mod tests {
             Stalled(false),
             None,
             Probe(state.clone()),
-            CallRecord::none(),
+            (CallRecord::none(), AttemptRecord::none()),
             None,
         );
         assert!(next(&mut body).await.is_some());
@@ -390,7 +396,7 @@ mod tests {
             Failing(0),
             None,
             Probe(state.clone()),
-            CallRecord::none(),
+            (CallRecord::none(), AttemptRecord::none()),
             None,
         );
         while next(&mut body).await.is_some() {}

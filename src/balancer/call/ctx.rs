@@ -11,7 +11,7 @@ use super::replay::{Abort, Replay};
 use super::throttle::CallRetries;
 use crate::balancer::pool::Ready;
 use crate::balancer::route::{Plan, Router};
-use crate::metrics::CallRecord;
+use crate::metrics::{AttemptRecord, CallRecord};
 
 const GRPC_PREVIOUS_RPC_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
@@ -47,9 +47,11 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// The service the call is for.
-    pub(crate) fn service(&self) -> &str {
-        &self.router.pool.service
+    /// Counts `result` of the retry policy (see [`CallRecord::retry_result`]).
+    pub(crate) fn retry_result(&self, result: &'static str) {
+        if let Some(r) = &self.record {
+            r.retry_result(result);
+        }
     }
 
     /// The request for an attempt after `previous` counted ones (from the
@@ -71,9 +73,16 @@ impl<'a> Call<'a> {
     /// not trailers-only.
     pub(crate) async fn attempt(&mut self, previous: usize, avoid: &[Arc<Ready>]) -> Attempt {
         let (request, abort) = self.request(previous);
+        let mut attempt = self
+            .record
+            .as_ref()
+            .map_or_else(AttemptRecord::none, CallRecord::attempt);
         match self.router.pick(self.plan, avoid).await {
-            Ok(ep) => send(ep, request, abort, self.plan, &mut self.record).await,
-            Err(e) => Attempt::Failed(e),
+            Ok(ep) => send(ep, request, abort, self.plan, &mut self.record, attempt).await,
+            Err(e) => {
+                attempt.finish(super::classify::code_of(&*e));
+                Attempt::Failed(e)
+            }
         }
     }
 

@@ -18,7 +18,6 @@
 //!   stop when most calls fail; they carry `grpc-previous-rpc-attempts`.
 //! * One deadline covers all of them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
@@ -30,6 +29,7 @@ use super::ctx::Call;
 use super::throttle::{pushback, Pushback, MAX_ATTEMPTS};
 use crate::balancer::error::{deadline_exceeded, BoxError};
 use crate::balancer::pool::Ready;
+use crate::metrics::{AttemptRecord, CallRecord, Hedged};
 use crate::service_config::HedgingPolicy;
 
 /// The call, hedged as `policy` says.
@@ -39,7 +39,7 @@ pub(crate) async fn run(
 ) -> Result<http::Response<tonic::body::Body>, BoxError> {
     let plan = call.plan;
     let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;
-    let winner = Arc::new(AtomicUsize::new(usize::MAX));
+    let hedged = Hedged::new();
     let mut used: Vec<Arc<Ready>> = Vec::new();
     let mut running: JoinSet<(usize, Attempt)> = JoinSet::new();
     let mut next_at = Instant::now();
@@ -67,9 +67,15 @@ pub(crate) async fn run(
             };
             if let Some(reason) = refused {
                 tracing::debug!(reason, sent = used.len(), "no further hedge");
-                crate::metrics::hedge(call.service(), reason);
+                if let Some(r) = &call.record {
+                    r.hedge_result(reason);
+                }
                 stopped = true;
             } else {
+                let mut attempt = call
+                    .record
+                    .as_ref()
+                    .map_or_else(AttemptRecord::none, CallRecord::attempt);
                 match call.router.pick(plan, &used).await {
                     Ok(ep) => {
                         let index = used.len();
@@ -77,17 +83,25 @@ pub(crate) async fn run(
                         let (request, abort) = call.request(index);
                         if index > 0 {
                             tracing::debug!(addr = %ep.addr(), hedge = index, "hedging");
-                            crate::metrics::hedge(call.service(), "sent");
+                            hedged.sent();
+                            if let Some(r) = &call.record {
+                                r.hedge_result("sent");
+                            }
                         }
-                        let mut own = call.record.as_ref().map(|r| r.for_hedge(&winner, index));
+                        let mut own = call.record.as_ref().map(|r| r.for_hedge(&hedged, index));
                         running.spawn(async move {
-                            let outcome = send(ep, request, abort, plan, &mut own).await;
+                            let outcome = send(ep, request, abort, plan, &mut own, attempt).await;
                             (index, outcome)
                         });
                         next_at = crate::time::deadline_after(Instant::now(), policy.hedging_delay);
                     }
-                    Err(e) if first => return Err(e),
-                    Err(_) => stopped = true,
+                    Err(e) => {
+                        attempt.finish(classify::code_of(&*e));
+                        if first {
+                            return Err(e);
+                        }
+                        stopped = true;
+                    }
                 }
             }
         }
@@ -117,7 +131,7 @@ pub(crate) async fn run(
         };
         let (code, said, answer) = match outcome {
             Attempt::Response(response) => {
-                winner.store(index, Ordering::Release);
+                hedged.won(index);
                 if let Some(r) = call.record.take() {
                     r.discard();
                 }

@@ -85,7 +85,7 @@ pub(crate) async fn call(
     } else {
         config.method(path)
     };
-    let record = Some(CallRecord::new(&metrics, now, !stream));
+    let record = Some(CallRecord::new(metrics.method(&request), now));
     // The method's configured timeout where set (streams included, as in
     // gRPC), else call_timeout for unary calls; the call's own deadline
     // wins when it is earlier.
@@ -139,7 +139,9 @@ async fn once(call: &mut Call<'_>) -> Result<http::Response<tonic::body::Body>, 
         }
         tracing::debug!(addr = %endpoint.addr(), %error,
             "request not processed; sending it to another endpoint");
-        crate::metrics::retry(call.service(), "transparent");
+        if let Some(r) = call.record.as_mut() {
+            r.transparent();
+        }
         outcome = call.attempt(0, &[endpoint]).await;
     }
     match outcome {

@@ -109,7 +109,9 @@ pub(crate) async fn run(
                     transparent = true;
                     tracing::debug!(addr = %endpoint.addr(), %error,
                         "request not processed; sending it to another endpoint");
-                    crate::metrics::retry(call.service(), "transparent");
+                    if let Some(r) = call.record.as_mut() {
+                        r.transparent();
+                    }
                     last = Some(endpoint);
                     moved_on = true;
                     continue;
@@ -140,7 +142,7 @@ pub(crate) async fn run(
         if let Some(reason) = refused {
             if retryable {
                 tracing::debug!(%code, attempts, reason, "not retrying");
-                crate::metrics::retry(call.service(), reason);
+                call.retry_result(reason);
             }
             return match failure {
                 Ok(response) => Ok(call.finish(code, response)),
@@ -168,7 +170,9 @@ pub(crate) async fn run(
         }
         tracing::debug!(%code, attempt = attempts, ?delay,
             addr = failed_on.as_ref().map_or("", |e| e.addr()), "retrying");
-        crate::metrics::retry(call.service(), "retried");
+        if let Some(r) = call.record.as_mut() {
+            r.retried(at.saturating_duration_since(now));
+        }
         drop(failure);
         tokio::time::sleep_until(at).await;
         last = failed_on;

@@ -39,7 +39,7 @@ pub(super) async fn maintain(
         let current = instance.borrow_and_update().clone();
         shared.set_state(&key, EndpointState::Connecting, &current, None);
         let connected = tokio::select! {
-            r = connect(&key, &shared.service, current.clone(), &cfg.conn, shared.policy.clone()) => r,
+            r = connect(&key, &shared.target, current.clone(), &cfg.conn, shared.policy.clone()) => r,
             () = removed(&mut instance) => return shared.forget(&key),
         };
         match connected {
@@ -57,7 +57,7 @@ pub(super) async fn maintain(
             }
             Err(error) => {
                 tracing::debug!(addr = %current.addr, %error, "connect failed");
-                crate::metrics::connect_failure(&shared.service);
+                crate::metrics::connect_failure(&shared.target);
                 shared.connect_failed(&key, &current.addr, ConnectError::from(error));
             }
         }
@@ -213,7 +213,7 @@ fn eject(shared: &Shared, ep: &Ready, ejections: &mut Ejections) -> Option<Insta
     let time = outlier.ejection_time_for(ejections.streak);
     tracing::warn!(addr = %ep.addr(), service = %shared.service, ejection = ejections.streak,
         seconds = time.as_secs_f64(), "endpoint ejected: its calls fail");
-    crate::metrics::ejection(&shared.service);
+    crate::metrics::ejection(&shared.target);
     Some(crate::time::deadline_after(Instant::now(), time))
 }
 

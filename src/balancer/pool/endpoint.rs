@@ -310,7 +310,7 @@ const MAX_RESET_STREAMS: usize = 4_096;
 /// frame has arrived, all within the connect timeout.
 pub(crate) async fn connect(
     key: &str,
-    service: &str,
+    target: &str,
     instance: Arc<Instance>,
     cfg: &ConnConfig,
     policy: Arc<Policy>,
@@ -411,7 +411,7 @@ pub(crate) async fn connect(
         joined_at: AtomicU64::new(0),
         policy,
         closed: Notify::new(),
-        metrics: crate::metrics::EndpointMetrics::new(service, &instance_addr),
+        metrics: crate::metrics::EndpointMetrics::new(target, &instance_addr),
     });
     // The gauge starts where the estimate does (the prior), not at zero.
     ready.metrics.latency(ready.load.latency_us());

@@ -145,6 +145,8 @@ pub type ConnectError = Arc<dyn std::error::Error + Send + Sync>;
 /// State shared by the pool task, the connectors and every call.
 pub(crate) struct Shared {
     pub(crate) service: String,
+    /// `etcd:///<service>`, the `grpc.target` of its metrics (A66).
+    pub(crate) target: String,
     /// Every registered endpoint and where it stands.
     registry: std::sync::Mutex<HashMap<String, Entry>>,
     ready: RwLock<Arc<ReadySet>>,
@@ -172,6 +174,7 @@ impl Shared {
             ..PoolInfo::default()
         };
         Self {
+            target: format!("etcd:///{service}"),
             service,
             registry: Default::default(),
             ready: RwLock::new(Arc::default()),
@@ -245,7 +248,7 @@ impl Shared {
                 (0, None) => Some(Instant::now()),
                 (0, since) => since,
                 (_, Some(_)) => {
-                    crate::metrics::fail_fast(&self.service, false);
+                    crate::metrics::fail_fast(&self.target, false);
                     None
                 }
                 (_, None) => None,
@@ -284,17 +287,7 @@ impl Shared {
             Some(_) => None,
             None => registry.get(key).and_then(|e| e.last_error.clone()),
         };
-        crate::metrics::endpoint_state(
-            &self.service,
-            &instance.addr,
-            match state {
-                EndpointState::Connecting => 0,
-                EndpointState::Ready => 1,
-                EndpointState::Ejected => 2,
-                EndpointState::Unhealthy => 3,
-                EndpointState::Drained => 5,
-            },
-        );
+        crate::metrics::endpoint_state(&self.target, &instance.addr, Some(state));
         let entry = Entry {
             state,
             instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),
@@ -322,7 +315,7 @@ impl Shared {
     fn forget(&self, key: &str) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(gone) = registry.remove(key) {
-            crate::metrics::endpoint_state(&self.service, &gone.instance.addr, 4);
+            crate::metrics::endpoint_state(&self.target, &gone.instance.addr, None);
         }
         self.publish(&registry);
         drop(registry);
@@ -337,7 +330,7 @@ impl Shared {
             ("drained", EndpointState::Drained),
         ] {
             let n = registry.values().filter(|e| e.state == state).count();
-            crate::metrics::balancer_endpoints(&self.service, name, n);
+            crate::metrics::balancer_endpoints(&self.target, name, n);
         }
     }
 

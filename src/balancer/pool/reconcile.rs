@@ -162,7 +162,7 @@ impl Pool {
                     changed
                 });
                 if changed {
-                    crate::metrics::subset(&shared.service, members.len(), clients);
+                    crate::metrics::subset(&shared.target, members.len(), clients);
                 }
                 members
             }

@@ -167,7 +167,7 @@ impl Rings {
                 .collect();
             for (key, share) in ring.shares() {
                 if let Some(addr) = addrs.get(key.as_str()) {
-                    crate::metrics::ring_share(&pool.service, addr, share);
+                    crate::metrics::ring_share(&pool.target, addr, share);
                 }
             }
         }

@@ -190,7 +190,7 @@ pub(super) async fn for_endpoint(
     let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
     let gate_closed = fail_fast && Instant::now() >= gate;
     if gate_closed {
-        crate::metrics::fail_fast(&shared.service, true);
+        crate::metrics::fail_fast(&shared.target, true);
     }
     Err(Box::new(tonic::Status::unavailable(format!(
         "{reason}; no endpoint in rotation for {} ms{}",
