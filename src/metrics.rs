@@ -39,6 +39,7 @@
 //! |---|---|---|---|
 //! | `tonic_etcd_client_retries_total` | counter | `grpc.method`, `grpc.target`, `result` | `retried` for each retry made, `transparent` for each request no server processed that was sent again; otherwise why a retryable failure was not retried (`attempts used up`, `the server said not to`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
 //! | `tonic_etcd_client_hedges_total` | counter | `grpc.method`, `grpc.target`, `result` | `sent` for each hedge sent (beyond the first attempt); otherwise why no further hedge was sent (`no other endpoint`, `request body outgrew the replay buffer`, `throttled (retryThrottling)`, `retry budget spent`) |
+//! | `tonic_etcd_client_unkeyed_calls_total` | counter | `grpc.target` | calls under ring hash without the service config's `requestHashHeader` (they pick at random: check the header's name) |
 //! | `tonic_etcd_balancer_endpoints` | gauge | `grpc.target`, `state` (`ready`/`ejected`/`unhealthy`/`drained`) | a Balancer's endpoints by state |
 //! | `tonic_etcd_balancer_ejections_total` | counter | `grpc.target` | endpoints ejected by outlier detection |
 //! | `tonic_etcd_balancer_connect_failures_total` | counter | `grpc.target` | failed connection attempts |
@@ -242,8 +243,16 @@ mod balancer {
             .set(clients as f64);
     }
 
+    /// A call under ring hash lacked the hash header.
+    pub(crate) fn unkeyed(target: &str) {
+        metrics::counter!("tonic_etcd_client_unkeyed_calls_total", "grpc.target" => target.to_owned())
+            .increment(1);
+    }
+
     /// The series a Balancer has from the moment it is built.
     pub(crate) fn balancer_built(target: &str) {
+        metrics::counter!("tonic_etcd_client_unkeyed_calls_total", "grpc.target" => target.to_owned())
+            .increment(0);
         for state in ["ready", "ejected", "unhealthy", "drained"] {
             balancer_endpoints(target, state, 0);
         }
@@ -348,6 +357,10 @@ pub(crate) fn describe() {
             "grpc.client.call.retry_delay",
             Unit::Seconds,
             "time a call waited to retry with no attempt running"
+        );
+        describe_counter!(
+            "tonic_etcd_client_unkeyed_calls_total",
+            "calls under ring hash without the configured hash header (random pick)"
         );
         describe_gauge!(
             "tonic_etcd_service_config_revision",
@@ -935,6 +948,7 @@ mod balancer {
     pub(crate) fn subset(_: &str, _: usize, _: usize) {}
     pub(crate) fn ring_share(_: &str, _: &str, _: f64) {}
     pub(crate) fn balancer_built(_: &str) {}
+    pub(crate) fn unkeyed(_: &str) {}
 }
 
 pub(crate) use balancer::*;

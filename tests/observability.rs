@@ -491,3 +491,45 @@ async fn retries_and_hedges_are_counted_per_method_with_their_delay() {
     );
     assert_eq!(attempts, Some(3 * calls));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_ring_hash_header_are_counted() {
+    let metrics = recorder();
+    let etcd = tonic_etcd::testing::shared();
+    let client = etcd.client().await;
+    let svc = common::unique("hashed");
+    let target = format!("etcd:///{svc}");
+    let backend = Backend::start("b");
+    let _reg =
+        common::register_with(&client, &svc, &backend.addr, tonic_etcd::Metadata::new()).await;
+    // The config names `x-sesion`; the callers send `x-session`.
+    let config: tonic_etcd::ServiceConfig =
+        r#"{"loadBalancingConfig":[{"ring_hash_experimental":{"requestHashHeader":"x-sesion"}}]}"#
+            .parse()
+            .unwrap();
+    let balancer = tonic_etcd::Balancer::builder(client, &svc)
+        .service_config(config)
+        .build()
+        .unwrap();
+    let unkeyed = || {
+        metrics.value(
+            "tonic_etcd_client_unkeyed_calls_total",
+            &[("grpc.target", &target)],
+        )
+    };
+    assert_eq!(unkeyed(), Some(0.0), "at zero from build");
+    balancer.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    for header in ["x-session", "x-session", "x-sesion", "x-session"] {
+        let mut request = tonic::Request::new(HelloRequest { name: "k".into() });
+        request
+            .metadata_mut()
+            .insert(header, "user-7".parse().unwrap());
+        greeter.say_hello(request).await.unwrap();
+    }
+    assert_eq!(
+        unkeyed(),
+        Some(3.0),
+        "the three calls without the configured header"
+    );
+}

@@ -36,7 +36,7 @@ pub(crate) use deadline::from_header as grpc_timeout;
 pub(crate) use throttle::Retries;
 
 use super::error::BoxError;
-use super::route::{request_hash, Plan, RingPlan, Router};
+use super::route::{Plan, RingPlan, Router};
 use crate::config_store::ServiceConfigStatus;
 use crate::metrics::{CallMetrics, CallRecord};
 use crate::service_config::{LoadBalancing, Policy};
@@ -100,7 +100,7 @@ pub(crate) async fn call(
             .map_or(router.wait.fail_fast, |wait| !wait),
         ring: match config.load_balancing {
             LoadBalancing::RingHash(ring) => Some(RingPlan {
-                hash: request_hash(request.headers(), &config.hash_header),
+                hash: router.key(request.headers(), &config.hash_header),
                 config: ring,
             }),
             _ => None,

@@ -21,13 +21,15 @@ pub(crate) mod ring_hash;
 mod wait;
 mod weighted;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use super::error::BoxError;
 use super::pool::{Ready, Shared};
-pub(crate) use ring_hash::{request_hash, RingPlan};
+use crate::service_config::HashHeader;
+pub(crate) use ring_hash::RingPlan;
 pub(crate) use wait::WaitConfig;
 
 /// What holds for one call's attempts: what the call layer tells the
@@ -58,6 +60,10 @@ pub(crate) struct Router {
     pub(crate) pool: Arc<Shared>,
     pub(crate) wait: WaitConfig,
     rings: ring_hash::Rings,
+    /// Calls under ring hash that lacked the configured hash header, and
+    /// when that was last logged (ms since `since`, +1; 0: never).
+    unkeyed: (AtomicU64, AtomicU64),
+    since: Instant,
 }
 
 impl std::fmt::Debug for Router {
@@ -75,7 +81,39 @@ impl Router {
             pool,
             wait,
             rings: ring_hash::Rings::default(),
+            unkeyed: Default::default(),
+            since: Instant::now(),
         }
+    }
+
+    /// A call's key under ring hash: the hash of its `header` values.
+    /// Without them the key is random (A76), so the call has no affinity:
+    /// a header name nobody sends (a typo, a header set by a proxy this
+    /// client is not behind) would make ring hash a random pick in
+    /// silence. Each such call is counted, and logged at most once a
+    /// minute with the header's name.
+    pub(crate) fn key(&self, headers: &http::HeaderMap, header: &HashHeader) -> u64 {
+        if let Some(hash) = ring_hash::request_hash(headers, header) {
+            return hash;
+        }
+        if let Some(name) = &header.0 {
+            let n = self.unkeyed.0.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::metrics::unkeyed(&self.pool.target);
+            let now = self.since.elapsed().as_millis() as u64 + 1;
+            let last = self.unkeyed.1.load(Ordering::Relaxed);
+            if (last == 0 || now.saturating_sub(last) >= 60_000)
+                && self
+                    .unkeyed
+                    .1
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(service = %self.pool.service, header = %name, calls = n,
+                    "calls carry no value of the service config's requestHashHeader: \
+                     ring hash picks at random for them (no affinity)");
+            }
+        }
+        rand::random()
     }
 
     /// An endpoint for the next attempt, never one of `avoid` while another

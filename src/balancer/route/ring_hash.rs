@@ -76,17 +76,12 @@ pub(crate) struct RingPlan {
     pub(crate) config: RingHashConfig,
 }
 
-/// The hash of a request's key: its `header` values joined by `,`, or a
-/// random one without them.
-pub(crate) fn request_hash(headers: &HeaderMap, header: &HashHeader) -> u64 {
-    let Some(name) = &header.0 else {
-        return rand::random();
-    };
-    let mut values = headers.get_all(name).iter();
-    let Some(first) = values.next() else {
-        return rand::random();
-    };
-    match values.next() {
+/// The hash of a request's key: its `header` values joined by `,` (`None`
+/// without them: the caller picks a random one, as A76 says).
+pub(crate) fn request_hash(headers: &HeaderMap, header: &HashHeader) -> Option<u64> {
+    let mut values = headers.get_all(header.0.as_ref()?).iter();
+    let first = values.next()?;
+    Some(match values.next() {
         None => xxh64(first.as_bytes(), 0),
         Some(second) => {
             let mut joined = first.as_bytes().to_vec();
@@ -96,7 +91,7 @@ pub(crate) fn request_hash(headers: &HeaderMap, header: &HashHeader) -> u64 {
             }
             xxh64(&joined, 0)
         }
-    }
+    })
 }
 
 /// A ring with the ready set and settings it was built from. It lives in
@@ -638,18 +633,14 @@ mod tests {
     }
 
     #[test]
-    fn request_keys_join_header_values_and_are_random_without_them() {
+    fn request_keys_join_header_values_and_are_none_without_them() {
         let header = HashHeader(Some(http::HeaderName::from_static("x-key")));
         let mut h = HeaderMap::new();
         h.append("x-key", "a".parse().unwrap());
-        assert_eq!(request_hash(&h, &header), xxh64(b"a", 0));
+        assert_eq!(request_hash(&h, &header), Some(xxh64(b"a", 0)));
         h.append("x-key", "b".parse().unwrap());
-        assert_eq!(request_hash(&h, &header), xxh64(b"a,b", 0));
-        let empty = HeaderMap::new();
-        assert_ne!(request_hash(&empty, &header), request_hash(&empty, &header));
-        assert_ne!(
-            request_hash(&h, &HashHeader(None)),
-            request_hash(&h, &HashHeader(None))
-        );
+        assert_eq!(request_hash(&h, &header), Some(xxh64(b"a,b", 0)));
+        assert_eq!(request_hash(&HeaderMap::new(), &header), None);
+        assert_eq!(request_hash(&h, &HashHeader(None)), None);
     }
 }
