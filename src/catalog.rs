@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::schema::{DecodeError, Schema};
 use crate::time::Waited;
-use crate::watcher::{self, ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
+use crate::watcher::{ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
 use crate::{Error, Instance};
 
 /// A change to the catalog.
@@ -209,7 +209,7 @@ impl CatalogBuilder {
             idle: self.opts.idle,
         };
         Ok(Catalog {
-            watched: watcher::spawn(self.client, self.opts.schema, cfg),
+            watched: self.client.view(self.opts.schema, cfg),
         })
     }
 }
@@ -238,7 +238,7 @@ impl Catalog {
     /// `Insert` first.)
     pub fn snapshot(&mut self) -> BTreeMap<String, Vec<Instance>> {
         let mut map: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for (_, instance) in self.watched.view.snapshot_and_catch_up() {
+        for (_, instance) in self.watched.snapshot_and_catch_up() {
             map.entry(instance.service.clone())
                 .or_default()
                 .push((*instance).clone());
@@ -265,7 +265,7 @@ impl Catalog {
 
     /// What the watch task is doing.
     pub fn status(&self) -> watch::Receiver<WatchStatus> {
-        self.watched.view.status()
+        self.watched.status()
     }
 }
 
@@ -273,7 +273,7 @@ impl Stream for Catalog {
     type Item = CatalogEvent;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.watched.view.poll_change(cx).map(|change| {
+        self.watched.poll_change(cx).map(|change| {
             Some(match change {
                 ViewChange::Upsert(key, instance) => CatalogEvent::Insert {
                     key,

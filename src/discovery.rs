@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tower::discover::Change;
 
 use crate::schema::Schema;
-use crate::watcher::{self, ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
+use crate::watcher::{ViewChange, ViewOptions, WatchConfig, WatchStatus, Watched};
 use crate::{Error, Instance};
 
 /// Options for a [`Discover`]. Created by [`Discover::builder`].
@@ -117,7 +117,7 @@ impl DiscoverBuilder {
             idle: self.opts.idle,
         };
         Ok(Discover {
-            watched: watcher::spawn(self.client, self.opts.schema, cfg),
+            watched: self.client.view(self.opts.schema, cfg),
             service: self.service,
         })
     }
@@ -149,7 +149,6 @@ impl Discover {
     /// The instances known now (whatever has been yielded so far).
     pub fn instances(&self) -> Vec<Instance> {
         self.watched
-            .view
             .snapshot()
             .into_iter()
             .map(|(_, i)| (*i).clone())
@@ -159,7 +158,7 @@ impl Discover {
     /// What the watch task is doing: synced, endpoint count, skipped
     /// entries, reconnects, resyncs, last error.
     pub fn status(&self) -> watch::Receiver<WatchStatus> {
-        self.watched.view.status()
+        self.watched.status()
     }
 }
 
@@ -167,7 +166,7 @@ impl Stream for Discover {
     type Item = Result<Change<String, Instance>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.watched.view.poll_change(cx).map(|change| {
+        self.watched.poll_change(cx).map(|change| {
             Some(Ok(match change {
                 ViewChange::Upsert(key, instance) => {
                     Change::Insert(key, Arc::unwrap_or_clone(instance))

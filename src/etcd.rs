@@ -1,18 +1,26 @@
 //! [`Etcd`]: one etcd client and what the crate shares over it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use etcd_client::Client;
 
 use crate::registration::SharedLease;
+use crate::schema::Schema;
 use crate::watcher::multiplex::Multiplexer;
+use crate::watcher::{Running, WatchConfig, Watched};
 
 /// An etcd client shared by everything one process builds on it.
 ///
 /// Every watch opened through one `Etcd` and its clones (each Balancer's
 /// instances, service config and overrides, every Discover and Catalog)
 /// rides on one etcd Watch stream, as with etcd's Go client: a stream
-/// costs etcd about fifty times what a watcher on it costs. Build one per
+/// costs etcd about fifty times what a watcher on it costs. Discovers,
+/// Balancers and Catalogs of one prefix also share one view of it: one
+/// listing, one watcher and one task, however many read it, and one built
+/// beside a running view starts from what it holds without asking etcd
+/// (the view stops with its last reader). Build one per
 /// process with [`connect`](crate::connect) and pass clones of it to every
 /// builder; a builder given a bare `etcd_client::Client` makes an `Etcd` of
 /// its own, so its watches share a stream only among themselves.
@@ -34,6 +42,20 @@ pub struct Etcd {
     /// The one lease this process's client keys (coordinated subsetting)
     /// share.
     lease: Arc<SharedLease>,
+    /// The views running on this client, by what they watch: a second
+    /// Discover, Balancer or Catalog of one prefix joins the first's.
+    views: Arc<Mutex<HashMap<ViewKey, Weak<Running>>>>,
+}
+
+/// What makes two views the same: the prefix, the service they keep, the
+/// schema that decodes them, and their timings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ViewKey {
+    schema: String,
+    prefix: String,
+    service: Option<String>,
+    request_timeout: Duration,
+    idle: Duration,
 }
 
 impl Etcd {
@@ -43,8 +65,34 @@ impl Etcd {
         Self {
             watches: Arc::new(Multiplexer::new(client.clone())),
             lease: Arc::default(),
+            views: Arc::default(),
             client,
         }
+    }
+
+    /// A view of `cfg.prefix`: the running one of this client when there is
+    /// one (its consumers share one listing, one watch and one task, and a
+    /// new one starts from what it holds), else a new one. Views of a
+    /// schema without an [`identity`](Schema::identity) are never shared.
+    pub(crate) fn view(&self, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
+        let Some(identity) = schema.identity() else {
+            return crate::watcher::spawn(self.clone(), schema, cfg);
+        };
+        let key = ViewKey {
+            schema: identity,
+            prefix: cfg.prefix.clone(),
+            service: cfg.service.clone(),
+            request_timeout: cfg.request_timeout,
+            idle: cfg.idle,
+        };
+        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = views.get(&key).and_then(Weak::upgrade) {
+            return running.join();
+        }
+        let watched = crate::watcher::spawn(self.clone(), schema, cfg);
+        views.retain(|_, v| v.strong_count() > 0);
+        views.insert(key, Arc::downgrade(watched.running()));
+        watched
     }
 
     /// The etcd client, for calls of one's own.

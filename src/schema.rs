@@ -57,6 +57,15 @@ pub trait Schema: fmt::Debug + Send + Sync + 'static {
 
     /// The instance stored under `key` with `value`.
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError>;
+
+    /// A string two schemas share exactly when they encode and decode
+    /// alike, or `None` (the default) when that cannot be told. Views of
+    /// one prefix on one [`Etcd`](crate::Etcd) whose schemas have the same
+    /// identity share one listing and one watch (Discovers, Balancers and
+    /// Catalogs of one service); with `None` each view is its own.
+    fn identity(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A shared schema is a schema: builders take `Arc<dyn Schema>` (from
@@ -85,6 +94,10 @@ impl Schema for std::sync::Arc<dyn Schema> {
 
     fn decode(&self, key: &[u8], value: &[u8]) -> Result<Instance, DecodeError> {
         (**self).decode(key, value)
+    }
+
+    fn identity(&self) -> Option<String> {
+        (**self).identity()
     }
 }
 
@@ -302,6 +315,10 @@ fn check_path(name: &str, what: &str) -> Result<(), Error> {
 impl Schema for NamingSchema {
     fn name(&self) -> &'static str {
         "naming"
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(format!("{self:?}"))
     }
 
     fn validate_service(&self, service: &str) -> Result<(), Error> {
@@ -537,6 +554,10 @@ impl ColonSchema {
 impl Schema for ColonSchema {
     fn name(&self) -> &'static str {
         "colon"
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(format!("{self:?}"))
     }
 
     fn validate_service(&self, service: &str) -> Result<(), Error> {

@@ -115,3 +115,117 @@ async fn every_watch_of_one_etcd_rides_one_stream_through_restarts() {
     wait_for_counts(&server, 0.0, 0.0, "every view dropped").await;
     drop(regs);
 }
+
+/// Range requests etcd has answered (listings, reads of configs).
+fn ranges(etcd: &Etcd) -> f64 {
+    tonic_etcd::testing::metric_where(
+        &etcd.metrics(),
+        "grpc_server_handled_total",
+        "grpc_method=\"Range\"",
+    )
+    .unwrap_or(0.0)
+}
+
+/// The next `n` changes of `d`, within the limit.
+async fn changes(
+    d: &mut Discover,
+    n: usize,
+) -> Vec<tower::discover::Change<String, tonic_etcd::Instance>> {
+    use tokio_stream::StreamExt;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = tokio::time::timeout(LIMIT, d.next()).await;
+        out.push(
+            next.expect("a change in time")
+                .expect("stream open")
+                .unwrap(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_of_one_prefix_share_one_listing_and_start_from_it() {
+    common::init_tracing();
+    let server = Etcd::start();
+    let etcd = server.client().await;
+    let svc = unique("shared-view");
+    let mut regs = Vec::new();
+    for i in 0..3 {
+        let addr = format!("127.0.0.1:{}", 22_000 + i);
+        regs.push(common::register_with(&etcd, &svc, &addr, Metadata::new()).await);
+    }
+    let mut first = Discover::builder(etcd.clone(), &svc).build().unwrap();
+    assert_eq!(changes(&mut first, 3).await.len(), 3);
+
+    // A second Discover of the same service: its three instances at once,
+    // from the running view, without asking etcd.
+    let before = ranges(&server);
+    let mut second = Discover::builder(etcd.clone(), &svc).build().unwrap();
+    let got = changes(&mut second, 3).await;
+    assert!(got
+        .iter()
+        .all(|c| matches!(c, tower::discover::Change::Insert(..))));
+    assert_eq!(ranges(&server), before, "no second listing");
+    assert!(second.status().borrow().synced);
+
+    // A Balancer on a client of its own reads etcd three times: its
+    // instances, its service config, its overrides. One beside the
+    // Discovers reads the last two only, and is ready on the shared view.
+    let reads_of = |build: Box<dyn FnOnce() -> Balancer>, expected: f64, what: &'static str| {
+        let server = &server;
+        async move {
+            let before = ranges(server);
+            let balancer = build();
+            eventually(LIMIT, what, || async {
+                (balancer.registered() == 3 && ranges(server) - before == expected).then_some(())
+            })
+            .await;
+            balancer
+        }
+    };
+    let other = tonic_etcd::Etcd::from(etcd.client().clone());
+    let (s, e) = (svc.clone(), etcd.clone());
+    let alone = reads_of(
+        Box::new(move || Balancer::builder(other, &s).build().unwrap()),
+        3.0,
+        "a Balancer on a client of its own: three reads",
+    )
+    .await;
+    let s = svc.clone();
+    let balancer = reads_of(
+        Box::new(move || Balancer::builder(e, &s).build().unwrap()),
+        2.0,
+        "a Balancer beside the Discovers: two reads",
+    )
+    .await;
+    drop(alone);
+
+    // Changes reach every consumer, and one leaving does not stop the others.
+    let addr = "127.0.0.1:22100";
+    let fourth = common::register_with(&etcd, &svc, addr, Metadata::new()).await;
+    for d in [&mut first, &mut second] {
+        let got = changes(d, 1).await;
+        assert!(matches!(&got[0], tower::discover::Change::Insert(_, i) if i.addr == addr));
+    }
+    drop(first);
+    drop(fourth);
+    let got = changes(&mut second, 1).await;
+    assert!(matches!(&got[0], tower::discover::Change::Remove(_)));
+    eventually(LIMIT, "the Balancer sees the removal", || async {
+        (balancer.registered() == 3).then_some(())
+    })
+    .await;
+
+    // The last consumer gone, the view stops: the next one lists again.
+    drop((second, balancer));
+    wait_for_counts(&server, 0.0, 0.0, "every view dropped").await;
+    let before = ranges(&server);
+    let mut again = Discover::builder(etcd.clone(), &svc).build().unwrap();
+    assert_eq!(changes(&mut again, 3).await.len(), 3);
+    assert!(
+        ranges(&server) > before,
+        "a fresh listing once the shared view stopped"
+    );
+    drop(regs);
+}

@@ -299,7 +299,6 @@ fn start(fake: &Fake) -> Watched {
 
 fn addrs(w: &Watched) -> Vec<String> {
     let mut a: Vec<String> = w
-        .view
         .snapshot()
         .into_iter()
         .map(|(_, i)| i.addr.clone())
@@ -310,6 +309,79 @@ fn addrs(w: &Watched) -> Vec<String> {
 
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// The next change `w` reads: `+addr` or `-addr`.
+async fn next(w: &Watched) -> String {
+    let change = tokio::time::timeout(
+        Duration::from_secs(1),
+        std::future::poll_fn(|cx| w.poll_change(cx)),
+    )
+    .await
+    .expect("a change");
+    match change {
+        ViewChange::Upsert(_, i) => format!("+{}", i.addr),
+        ViewChange::Remove(_, i) => format!("-{}", i.addr),
+    }
+}
+
+/// Changes `w` has ready now, without waiting.
+fn ready_changes(w: &Watched) -> usize {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut n = 0;
+    while w.poll_change(&mut cx).is_ready() {
+        n += 1;
+    }
+    n
+}
+
+/// Consumers of one view (Discovers, Balancers, Catalogs of one prefix)
+/// each read every change exactly once from the one listing and watch; a
+/// consumer that joins later starts from what the view holds; one that
+/// leaves takes nothing from the others; the last one stops the task.
+#[tokio::test(start_paused = true)]
+async fn consumers_of_one_view_each_read_every_change_once() {
+    let fake = Fake::new();
+    fake.put("a:1");
+    fake.put("b:1");
+    let first = start(&fake);
+    settle().await;
+    let second = first.running().join();
+    for w in [&first, &second] {
+        let mut got = vec![next(w).await, next(w).await];
+        got.sort();
+        assert_eq!(got, ["+a:1", "+b:1"]);
+        assert_eq!(ready_changes(w), 0, "each once");
+    }
+    fake.put("c:1");
+    fake.delete("a:1");
+    fake.put("b:1"); // an identical value: nothing
+    settle().await;
+    for w in [&first, &second] {
+        assert_eq!([next(w).await, next(w).await], ["+c:1", "-a:1"]);
+        assert_eq!(ready_changes(w), 0);
+    }
+    // A late consumer: what the view holds now, as inserts.
+    let third = second.running().join();
+    let mut got = vec![next(&third).await, next(&third).await];
+    got.sort();
+    assert_eq!(got, ["+b:1", "+c:1"]);
+    drop(first);
+    fake.delete("b:1");
+    settle().await;
+    for w in [&second, &third] {
+        assert_eq!(next(w).await, "-b:1");
+    }
+    assert_eq!(fake.lock().pages.len(), 1, "one listing for all three");
+    assert_eq!(fake.lock().watches.len(), 1, "one watch");
+    drop((second, third));
+    settle().await;
+    fake.put("d:1");
+    assert!(
+        fake.lock().streams.is_empty(),
+        "the last consumer stopped the task"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -367,7 +439,7 @@ async fn a_quiet_watch_is_asked_for_progress_and_replaced_if_silent() {
     assert_eq!(etcd.watches[1].1, etcd.revision + 1);
     drop(etcd);
     assert_eq!(addrs(&w), ["a:1"]);
-    assert_eq!(w.view.status().borrow().reconnects, 1);
+    assert_eq!(w.status().borrow().reconnects, 1);
 }
 
 /// Through etcd's gRPC proxy progress requests go unanswered: a quiet
@@ -423,12 +495,12 @@ async fn a_broken_watch_resumes_without_losing_or_repeating_events() {
         ["a:1"],
         "the last known endpoints stay while etcd is down"
     );
-    let status = w.view.status().borrow().clone();
+    let status = w.status().borrow().clone();
     assert!(status.last_error.is_some());
     fake.lock().down = false;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(addrs(&w), ["b:1"]);
-    assert!(w.view.status().borrow().last_error.is_none());
+    assert!(w.status().borrow().last_error.is_none());
     let etcd = fake.lock();
     assert_eq!(
         etcd.watches.last().unwrap().1,
@@ -472,7 +544,7 @@ async fn a_compacted_revision_is_relisted_and_only_the_difference_applied() {
     fake.lock().down = false;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(addrs(&w), ["a:1", "c:1"]);
-    assert_eq!(w.view.status().borrow().resyncs, 1);
+    assert_eq!(w.status().borrow().resyncs, 1);
 }
 
 /// etcd restored from an older snapshot (or wiped and refilled) answers a
@@ -492,7 +564,7 @@ async fn a_revision_regression_is_relisted() {
     fake.wipe_to(0, &["a:1", "b:1"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(addrs(&w), ["a:1", "b:1"]);
-    assert_eq!(w.view.status().borrow().resyncs, 1);
+    assert_eq!(w.status().borrow().resyncs, 1);
     // Followed from the new history on.
     fake.put("c:1");
     settle().await;
@@ -532,7 +604,7 @@ async fn an_undecodable_or_non_utf8_key_touches_no_other_entry() {
     fake.write("svc/c:1", Some("not json"));
     settle().await;
     assert_eq!(addrs(&w), ["a:1", "b:1"]);
-    assert_eq!(w.view.status().borrow().skipped, 3);
+    assert_eq!(w.status().borrow().skipped, 3);
 }
 
 #[tokio::test(start_paused = true)]
@@ -544,7 +616,7 @@ async fn a_page_too_large_to_decode_is_read_in_smaller_pages() {
     fake.lock().max_page = Some(1000);
     let w = start(&fake);
     settle().await;
-    assert_eq!(w.view.snapshot().len(), 3000);
+    assert_eq!(w.snapshot().len(), 3000);
     let pages = fake.lock().pages.clone();
     // Halved until it fits, then kept for the rest of the listing.
     assert_eq!(
@@ -662,7 +734,7 @@ async fn a_refused_view_asks_etcd_again_once_a_minute() {
     let lists = fake.lock().pages.len();
     // At 0 s, then every 60 to 66 s.
     assert!((5..=6).contains(&lists), "{lists} lists in 300 s");
-    let status = w.view.status().borrow().clone();
+    let status = w.status().borrow().clone();
     let error = status.last_error.expect("the refusal shown");
     assert!(
         matches!(&*error, Error::Refused { access: "read", key, .. } if key == "svc/"),

@@ -15,10 +15,13 @@
 //!   treats a watch that does not answer as dead (partitions hang silently);
 //! * keeps the last known entries while etcd is unreachable (fail static).
 //!
-//! The consumer side is a coalescing queue of changed keys: a key that
-//! changes many times before it is read yields one change, memory stays
-//! bounded by the number of keys, and a PUT of an identical value yields
-//! nothing.
+//! The consumer side is a coalescing queue of changed keys per consumer: a
+//! key that changes many times before it is read yields one change, memory
+//! stays bounded by the number of keys, and a PUT of an identical value
+//! yields nothing. A view has any number of consumers (see
+//! [`Etcd::view`](crate::Etcd)): each reads every change once, a new one
+//! starts from the entries the view holds, and the task stops with the
+//! last one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -137,37 +140,51 @@ pub(crate) enum ViewChange {
     Remove(String, Arc<Instance>),
 }
 
-/// One key: what etcd holds and what the consumer was told. One map of
-/// these (instead of one map per role) costs one hash per change on each
-/// side, which is most of the work when a view starts on many endpoints.
-#[derive(Debug, Default)]
+/// One key in etcd: its entry, and the listing that last saw it.
+#[derive(Debug)]
 struct Slot {
-    /// The entry in etcd now.
-    current: Option<Arc<Instance>>,
-    /// What the consumer has been told.
-    told: Option<Arc<Instance>>,
-    /// The key is in the queue of changed keys.
-    queued: bool,
-    /// The listing that last saw the key.
+    current: Arc<Instance>,
     listing: u64,
 }
 
-impl Slot {
-    fn is_empty(&self) -> bool {
-        self.current.is_none() && self.told.is_none() && !self.queued
+/// What one consumer of a view was told, and what it has yet to read.
+#[derive(Debug, Default)]
+struct Consumer {
+    /// Per key: what the consumer was told (`None`: nothing, or that it
+    /// went), and whether the key is in `dirty`. A key leaves the map once
+    /// it is neither.
+    seen: HashMap<String, (Option<Arc<Instance>>, bool)>,
+    /// Keys whose entry changed since the consumer last looked, each once.
+    dirty: VecDeque<String>,
+    waker: Option<Waker>,
+}
+
+impl Consumer {
+    fn queue(&mut self, key: &str) {
+        match self.seen.get_mut(key) {
+            Some((_, true)) => {}
+            Some((_, queued)) => {
+                *queued = true;
+                self.dirty.push_back(key.to_owned());
+            }
+            None => {
+                self.seen.insert(key.to_owned(), (None, true));
+                self.dirty.push_back(key.to_owned());
+            }
+        }
     }
 }
 
 #[derive(Debug, Default)]
 struct State {
-    slots: HashMap<String, Slot>,
-    /// Keys whose entry changed since the consumer last looked, each once.
-    dirty: VecDeque<String>,
     /// Entries in etcd now.
-    live: usize,
+    slots: HashMap<String, Slot>,
     /// Counts listings, to find the keys a new listing no longer holds.
     listing: u64,
-    waker: Option<Waker>,
+    /// Everyone reading the view (Discovers, Balancers, Catalogs of one
+    /// prefix share it), by id.
+    consumers: HashMap<u64, Consumer>,
+    next_consumer: u64,
     /// Changes since the last publish, for metrics.
     inserted: u64,
     removed: u64,
@@ -177,55 +194,56 @@ impl State {
     /// Sets `key`'s entry (unless identical) and marks the key as seen by
     /// the current listing.
     fn upsert(&mut self, key: &str, instance: Instance) {
-        if !self.slots.contains_key(key) {
-            self.slots.insert(key.to_owned(), Slot::default());
-        }
-        let Some(slot) = self.slots.get_mut(key) else {
-            return;
-        };
-        slot.listing = self.listing;
-        if slot.current.as_deref() == Some(&instance) {
-            return;
-        }
-        if slot.current.replace(Arc::new(instance)).is_none() {
-            self.live += 1;
+        let listing = self.listing;
+        match self.slots.get_mut(key) {
+            Some(slot) => {
+                slot.listing = listing;
+                if *slot.current == instance {
+                    return;
+                }
+                slot.current = Arc::new(instance);
+            }
+            None => {
+                let slot = Slot {
+                    current: Arc::new(instance),
+                    listing,
+                };
+                self.slots.insert(key.to_owned(), slot);
+            }
         }
         self.inserted += 1;
-        queue_key(&mut self.dirty, slot, key);
+        self.queue(key);
     }
 
     fn remove(&mut self, key: &str) {
-        let Some(slot) = self.slots.get_mut(key) else {
-            return;
-        };
-        if slot.current.take().is_some() {
-            self.live -= 1;
+        if self.slots.remove(key).is_some() {
             self.removed += 1;
-            queue_key(&mut self.dirty, slot, key);
+            self.queue(key);
         }
     }
 
     /// Removes every entry the current listing did not see.
     fn remove_unlisted(&mut self) {
         let listing = self.listing;
-        for (key, slot) in &mut self.slots {
-            if slot.listing != listing && slot.current.take().is_some() {
-                self.live -= 1;
-                self.removed += 1;
-                queue_key(&mut self.dirty, slot, key);
-            }
+        let gone: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.listing != listing)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+    }
+
+    fn queue(&mut self, key: &str) {
+        for c in self.consumers.values_mut() {
+            c.queue(key);
         }
     }
 }
 
-fn queue_key(dirty: &mut VecDeque<String>, slot: &mut Slot, key: &str) {
-    if !slot.queued {
-        slot.queued = true;
-        dirty.push_back(key.to_owned());
-    }
-}
-
-/// The view shared between the task and its consumer.
+/// The view shared between the task and its consumers.
 #[derive(Debug)]
 pub(crate) struct View {
     /// The watched prefix, labelling metrics.
@@ -240,18 +258,19 @@ impl View {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ends a batch of changes: wakes the consumer, updates the status.
+    /// Ends a batch of changes: wakes the consumers, updates the status.
     fn publish(&self, mut state: MutexGuard<'_, State>) {
-        let endpoints = state.live;
+        let endpoints = state.slots.len();
         crate::metrics::changes(&self.prefix, state.inserted, state.removed);
         (state.inserted, state.removed) = (0, 0);
-        let waker = if state.dirty.is_empty() {
-            None
-        } else {
-            state.waker.take()
-        };
+        let wakers: Vec<Waker> = state
+            .consumers
+            .values_mut()
+            .filter(|c| !c.dirty.is_empty())
+            .filter_map(|c| c.waker.take())
+            .collect();
         drop(state);
-        if let Some(w) = waker {
+        for w in wakers {
             w.wake();
         }
         self.status.send_if_modified(|s| {
@@ -266,60 +285,79 @@ impl View {
         self.status.send_modify(f);
     }
 
-    /// The next change for the consumer, or `Pending` with the waker stored.
-    pub(crate) fn poll_change(&self, cx: &mut Context<'_>) -> Poll<ViewChange> {
+    /// A new consumer: every entry in the view now is its first changes.
+    fn join(&self) -> u64 {
         let mut state = self.lock();
         let state = &mut *state;
-        while let Some(key) = state.dirty.pop_front() {
-            let Some(slot) = state.slots.get_mut(&key) else {
+        let mut consumer = Consumer::default();
+        for key in state.slots.keys() {
+            consumer.queue(key);
+        }
+        let id = state.next_consumer;
+        state.next_consumer += 1;
+        state.consumers.insert(id, consumer);
+        id
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().consumers.remove(&id);
+    }
+
+    /// Consumer `id`'s next change, or `Pending` with the waker stored.
+    fn poll_change(&self, id: u64, cx: &mut Context<'_>) -> Poll<ViewChange> {
+        let mut state = self.lock();
+        let State {
+            slots, consumers, ..
+        } = &mut *state;
+        let Some(c) = consumers.get_mut(&id) else {
+            return Poll::Pending;
+        };
+        while let Some(key) = c.dirty.pop_front() {
+            let Some((told, queued)) = c.seen.get_mut(&key) else {
                 continue;
             };
-            slot.queued = false;
-            let change = match (&slot.current, &slot.told) {
+            *queued = false;
+            let current = slots.get(&key).map(|s| &s.current);
+            let change = match (current, &*told) {
                 (Some(cur), Some(old)) if Arc::ptr_eq(cur, old) => None,
                 (Some(cur), _) => {
-                    slot.told = Some(cur.clone());
+                    *told = Some(cur.clone());
                     Some(ViewChange::Upsert(key.clone(), cur.clone()))
                 }
-                (None, Some(_)) => slot
-                    .told
-                    .take()
-                    .map(|old| ViewChange::Remove(key.clone(), old)),
+                (None, Some(_)) => told.take().map(|old| ViewChange::Remove(key.clone(), old)),
                 (None, None) => None,
             };
-            if slot.is_empty() {
-                state.slots.remove(&key);
+            if told.is_none() {
+                c.seen.remove(&key);
             }
             if let Some(change) = change {
                 return Poll::Ready(change);
             }
         }
-        if !state
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            state.waker = Some(cx.waker().clone());
+        if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            c.waker = Some(cx.waker().clone());
         }
         Poll::Pending
     }
 
     /// Every entry in the view now, and every change up to now marked as
-    /// told to the consumer: its stream goes on from here.
-    pub(crate) fn snapshot_and_catch_up(&self) -> Vec<(String, Arc<Instance>)> {
+    /// told to consumer `id`: its stream goes on from here.
+    fn snapshot_and_catch_up(&self, id: u64) -> Vec<(String, Arc<Instance>)> {
         let mut state = self.lock();
         let state = &mut *state;
-        state.dirty.clear();
-        state.slots.retain(|_, slot| {
-            slot.told.clone_from(&slot.current);
-            slot.queued = false;
-            !slot.is_empty()
-        });
+        if let Some(c) = state.consumers.get_mut(&id) {
+            c.dirty.clear();
+            c.seen = state
+                .slots
+                .iter()
+                .map(|(k, slot)| (k.clone(), (Some(slot.current.clone()), false)))
+                .collect();
+        }
         Self::entries(state)
     }
 
     /// Every entry in the view now.
-    pub(crate) fn snapshot(&self) -> Vec<(String, Arc<Instance>)> {
+    fn snapshot(&self) -> Vec<(String, Arc<Instance>)> {
         Self::entries(&self.lock())
     }
 
@@ -327,29 +365,79 @@ impl View {
         state
             .slots
             .iter()
-            .filter_map(|(k, slot)| Some((k.clone(), slot.current.clone()?)))
+            .map(|(k, slot)| (k.clone(), slot.current.clone()))
             .collect()
-    }
-
-    pub(crate) fn status(&self) -> watch::Receiver<WatchStatus> {
-        self.status.subscribe()
     }
 }
 
-/// The running view: dropping it stops the task and cancels the etcd watch.
+/// A view and the task that keeps it: dropping the last handle stops the
+/// task and cancels the etcd watch.
 #[derive(Debug)]
-pub(crate) struct Watched {
-    pub(crate) view: Arc<View>,
+pub(crate) struct Running {
+    view: Arc<View>,
     task: JoinHandle<()>,
 }
 
-impl Drop for Watched {
+impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// Starts the task that keeps a view of `cfg.prefix`.
+impl Running {
+    /// A new consumer of the view, starting from what it holds now.
+    pub(crate) fn join(self: &Arc<Self>) -> Watched {
+        Watched {
+            id: self.view.join(),
+            running: self.clone(),
+        }
+    }
+}
+
+/// One consumer's handle on a running view (Discovers, Balancers and
+/// Catalogs of one prefix on one [`Etcd`](crate::Etcd) share the view:
+/// one listing, one watch, one task). Dropping the last handle stops it.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    running: Arc<Running>,
+    id: u64,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.running.view.leave(self.id);
+    }
+}
+
+impl Watched {
+    /// This consumer's next change, or `Pending` with the waker stored.
+    pub(crate) fn poll_change(&self, cx: &mut Context<'_>) -> Poll<ViewChange> {
+        self.running.view.poll_change(self.id, cx)
+    }
+
+    /// Every entry in the view now, and every change up to now marked as
+    /// told to this consumer: its stream goes on from here.
+    pub(crate) fn snapshot_and_catch_up(&self) -> Vec<(String, Arc<Instance>)> {
+        self.running.view.snapshot_and_catch_up(self.id)
+    }
+
+    /// Every entry in the view now.
+    pub(crate) fn snapshot(&self) -> Vec<(String, Arc<Instance>)> {
+        self.running.view.snapshot()
+    }
+
+    /// What the view's task is doing.
+    pub(crate) fn status(&self) -> watch::Receiver<WatchStatus> {
+        self.running.view.status.subscribe()
+    }
+
+    /// The running view, for the registry of shared views.
+    pub(crate) fn running(&self) -> &Arc<Running> {
+        &self.running
+    }
+}
+
+/// Starts the task that keeps a view of `cfg.prefix`, with one consumer.
 pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchConfig) -> Watched {
     crate::metrics::describe();
     let view = Arc::new(View {
@@ -370,7 +458,7 @@ pub(crate) fn spawn<S: Source>(source: S, schema: Arc<dyn Schema>, cfg: WatchCon
         }
         .run(),
     );
-    Watched { view, task }
+    Arc::new(Running { view, task }).join()
 }
 
 struct Task<S> {
@@ -949,11 +1037,11 @@ mod tests {
         Instance::new("s", addr)
     }
 
-    fn drain(view: &View) -> Vec<ViewChange> {
+    fn drain(view: &View, id: u64) -> Vec<ViewChange> {
         let waker = futures_noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut out = Vec::new();
-        while let Poll::Ready(c) = view.poll_change(&mut cx) {
+        while let Poll::Ready(c) = view.poll_change(id, &mut cx) {
             out.push(c);
         }
         out
@@ -970,6 +1058,7 @@ mod tests {
             state: Mutex::new(State::default()),
             status: watch::channel(WatchStatus::default()).0,
         };
+        let id = view.join();
         {
             let mut s = view.lock();
             s.upsert("k1", inst("h:1"));
@@ -977,7 +1066,7 @@ mod tests {
             s.upsert("k2", inst("h:3"));
             view.publish(s);
         }
-        let changes = drain(&view);
+        let changes = drain(&view, id);
         assert_eq!(changes.len(), 2, "{changes:?}");
         assert!(matches!(&changes[0], ViewChange::Upsert(k, i) if k == "k1" && i.addr == "h:2"));
         {
@@ -989,7 +1078,7 @@ mod tests {
             s.remove("k3"); // never told, now gone: nothing
             view.publish(s);
         }
-        let changes = drain(&view);
+        let changes = drain(&view, id);
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert!(matches!(&changes[0], ViewChange::Remove(k, _) if k == "k2"));
         assert_eq!(
