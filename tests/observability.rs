@@ -46,33 +46,32 @@ impl Recorder for Metrics {
     }
 }
 
+/// Whether `k` is `name` with every `labels` pair among its labels.
+fn matches(k: &Key, name: &str, labels: &[(&str, &str)]) -> bool {
+    k.name() == name
+        && labels
+            .iter()
+            .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
+}
+
 impl Metrics {
-    /// How many samples the histogram `name` with every `labels` pair holds.
-    fn samples(&self, name: &str, labels: &[(&str, &str)]) -> Option<usize> {
+    /// The samples of the histogram `name` with every `labels` pair.
+    fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Option<Vec<f64>> {
         self.0
             .get_histogram_handles()
             .into_iter()
-            .find(|(k, _)| {
-                k.name() == name
-                    && labels
-                        .iter()
-                        .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
-            })
-            .map(|(_, h)| h.data().len())
+            .find(|(k, _)| matches(k, name, labels))
+            .map(|(_, h)| h.data())
+    }
+
+    /// How many samples the histogram `name` with every `labels` pair holds.
+    fn samples(&self, name: &str, labels: &[(&str, &str)]) -> Option<usize> {
+        self.histogram(name, labels).map(|d| d.len())
     }
 
     /// The sum of the samples of the histogram `name` with every `labels` pair.
     fn sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.0
-            .get_histogram_handles()
-            .into_iter()
-            .find(|(k, _)| {
-                k.name() == name
-                    && labels
-                        .iter()
-                        .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
-            })
-            .map(|(_, h)| h.data().iter().sum())
+        self.histogram(name, labels).map(|d| d.iter().sum())
     }
 
     /// Every series' name and labels, one string each.
@@ -91,12 +90,7 @@ impl Metrics {
 
     /// The value of `name` whose labels include every `labels` pair.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let matches = |k: &Key| {
-            k.name() == name
-                && labels
-                    .iter()
-                    .all(|(lk, lv)| k.labels().any(|l| l.key() == *lk && l.value() == *lv))
-        };
+        let matches = |k: &Key| matches(k, name, labels);
         let counter = self
             .0
             .get_counter_handles()
