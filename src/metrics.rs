@@ -604,8 +604,9 @@ pub(crate) struct CallRecord {
     retries: u32,
     transparent: u32,
     delay: std::time::Duration,
-    /// A hedge's copy: it reports only if its attempt won.
-    hedge: Option<(std::sync::Arc<Hedged>, usize)>,
+    /// Under a hedging policy: what the attempts share, and for a hedge's
+    /// copy its index (it reports only if its attempt won).
+    hedge: Option<(std::sync::Arc<Hedged>, Option<usize>)>,
 }
 
 #[cfg(feature = "metrics")]
@@ -674,8 +675,14 @@ impl CallRecord {
             retries: 0,
             transparent: self.transparent,
             delay: self.delay,
-            hedge: Some((hedged.clone(), index)),
+            hedge: Some((hedged.clone(), Some(index))),
         }
+    }
+
+    /// The call hedges: its hedges are counted in `hedged`, whichever
+    /// record reports.
+    pub(crate) fn hedging(&mut self, hedged: &std::sync::Arc<Hedged>) {
+        self.hedge = Some((hedged.clone(), None));
     }
 
     /// Drops the record without reporting (a hedge reports instead).
@@ -699,7 +706,7 @@ impl CallRecord {
     pub(crate) fn finish(&mut self, code: tonic::Code) {
         use std::sync::atomic::Ordering;
         if let Some((hedged, index)) = &self.hedge {
-            if hedged.winner.load(Ordering::Acquire) != *index {
+            if index.is_some_and(|i| hedged.winner.load(Ordering::Acquire) != i) {
                 self.metrics = None;
             }
             self.retries = hedged.sent.load(Ordering::Relaxed);
@@ -906,6 +913,7 @@ mod call_noop {
         pub(crate) fn for_hedge(&self, _: &Arc<Hedged>, _: usize) -> Self {
             Self
         }
+        pub(crate) fn hedging(&mut self, _: &Arc<Hedged>) {}
         pub(crate) fn discard(self) {}
         pub(crate) fn finish(&mut self, _: tonic::Code) {}
     }

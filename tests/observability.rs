@@ -527,3 +527,66 @@ async fn calls_without_the_ring_hash_header_are_counted() {
         "the three calls without the configured header"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_are_counted_as_further_attempts_of_their_call() {
+    let metrics = recorder();
+    let etcd = tonic_etcd::testing::shared();
+    let client = etcd.client().await;
+    let svc = common::unique("hedged");
+    let target = format!("etcd:///{svc}");
+    let target = target.as_str();
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    a.fail.set(Some(tonic::Code::Unavailable));
+    b.fail.set(Some(tonic::Code::Unavailable));
+    let _regs = [
+        common::register_with(&client, &svc, &a.addr, tonic_etcd::Metadata::new()).await,
+        common::register_with(&client, &svc, &b.addr, tonic_etcd::Metadata::new()).await,
+    ];
+    let config: tonic_etcd::ServiceConfig = r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter"}],
+        "hedgingPolicy":{"maxAttempts":2,"hedgingDelay":"0s","nonFatalStatusCodes":["UNAVAILABLE"]}}]}"#
+        .parse()
+        .unwrap();
+    let balancer = tonic_etcd::Balancer::builder(client, &svc)
+        .service_config(config)
+        .outlier_detection(OutlierDetection::disabled())
+        .build()
+        .unwrap();
+    balancer.wait_for_ready(2, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(balancer.clone());
+    let calls = 4;
+    for _ in 0..calls {
+        let status = greeter
+            .say_hello(HelloRequest { name: "h".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    // Each call: its first attempt and one hedge, both failing; the call
+    // ends with the last status, and its record counts the hedge.
+    let hello = [
+        ("grpc.method", "greeter.v1.Greeter/SayHello"),
+        ("grpc.target", target),
+    ];
+    assert_eq!(
+        metrics.value("grpc.client.attempt.started", &hello),
+        Some(2.0 * calls as f64)
+    );
+    assert_eq!(
+        metrics.samples("grpc.client.call.retries", &hello),
+        Some(calls)
+    );
+    assert_eq!(
+        metrics.sum("grpc.client.call.retries", &hello),
+        Some(calls as f64)
+    );
+    let sent = [
+        ("grpc.method", "greeter.v1.Greeter/SayHello"),
+        ("grpc.target", target),
+        ("result", "sent"),
+    ];
+    assert_eq!(
+        metrics.value("tonic_etcd_client_hedges_total", &sent),
+        Some(calls as f64)
+    );
+}

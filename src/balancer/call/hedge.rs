@@ -40,6 +40,9 @@ pub(crate) async fn run(
     let plan = call.plan;
     let max = policy.max_attempts.min(MAX_ATTEMPTS) as usize;
     let hedged = Hedged::new();
+    if let Some(r) = call.record.as_mut() {
+        r.hedging(&hedged);
+    }
     let mut used: Vec<Arc<Ready>> = Vec::new();
     let mut running: JoinSet<(usize, Attempt)> = JoinSet::new();
     let mut next_at = Instant::now();
