@@ -285,12 +285,15 @@ impl View {
         self.status.send_modify(f);
     }
 
-    /// A new consumer: every entry in the view now is its first changes.
+    /// A new consumer: every entry in the view now is its first changes,
+    /// in key order (as a listing gives them to the first one).
     fn join(&self) -> u64 {
         let mut state = self.lock();
         let state = &mut *state;
         let mut consumer = Consumer::default();
-        for key in state.slots.keys() {
+        let mut keys: Vec<&String> = state.slots.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
             consumer.queue(key);
         }
         let id = state.next_consumer;
