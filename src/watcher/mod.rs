@@ -322,7 +322,9 @@ impl View {
             *queued = false;
             let current = slots.get(&key).map(|s| &s.current);
             let change = match (current, &*told) {
-                (Some(cur), Some(old)) if Arc::ptr_eq(cur, old) => None,
+                // Unchanged, or removed and put back as it was before the
+                // consumer looked: nothing happened, as far as it can tell.
+                (Some(cur), Some(old)) if Arc::ptr_eq(cur, old) || cur == old => None,
                 (Some(cur), _) => {
                     *told = Some(cur.clone());
                     Some(ViewChange::Upsert(key.clone(), cur.clone()))
@@ -1091,6 +1093,82 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(256))]
+
+        /// Any interleaving of changes, consumers joining and leaving, and
+        /// consumers reading (or not): once a consumer has read what is
+        /// queued for it, what it was told is exactly the view's entries;
+        /// it is never told an entry it already has, nor a removal of one
+        /// it was not told; and the view holds no consumer state for keys
+        /// a consumer neither knows nor has queued.
+        #[test]
+        fn every_consumer_converges_on_the_view_without_repeats(
+            ops in proptest::collection::vec((0u8..6, 0u8..5, 0u8..3), 1..120),
+        ) {
+            let view = View {
+                prefix: "p/".into(),
+                state: Mutex::new(State::default()),
+                status: watch::channel(WatchStatus::default()).0,
+            };
+            // Each consumer's own record of what it was told.
+            let mut told: Vec<(u64, HashMap<String, String>)> = vec![(view.join(), HashMap::new())];
+            let read = |id: u64, mine: &mut HashMap<String, String>| -> Result<(), proptest::test_runner::TestCaseError> {
+                for change in drain(&view, id) {
+                    match change {
+                        ViewChange::Upsert(k, i) => {
+                            proptest::prop_assert_ne!(mine.get(&k), Some(&i.addr), "told again: {}", k);
+                            mine.insert(k, i.addr.clone());
+                        }
+                        ViewChange::Remove(k, _) => {
+                            proptest::prop_assert!(mine.remove(&k).is_some(), "removal of an untold key {}", k);
+                        }
+                    }
+                }
+                Ok(())
+            };
+            for (op, key, value) in ops {
+                let key = format!("k{key}");
+                match op {
+                    0 | 1 => {
+                        let mut s = view.lock();
+                        s.upsert(&key, inst(&format!("h:{value}")));
+                        view.publish(s);
+                    }
+                    2 => {
+                        let mut s = view.lock();
+                        s.remove(&key);
+                        view.publish(s);
+                    }
+                    3 => told.push((view.join(), HashMap::new())),
+                    4 if told.len() > 1 => {
+                        let (id, _) = told.remove(usize::from(value) % told.len());
+                        view.leave(id);
+                    }
+                    _ => {
+                        let n = told.len();
+                        let (id, mine) = &mut told[usize::from(value) % n];
+                        read(*id, mine)?;
+                    }
+                }
+            }
+            let entries: HashMap<String, String> = view
+                .snapshot()
+                .into_iter()
+                .map(|(k, i)| (k, i.addr.clone()))
+                .collect();
+            for (id, mine) in &mut told {
+                read(*id, mine)?;
+                proptest::prop_assert_eq!(&*mine, &entries);
+            }
+            let state = view.lock();
+            for c in state.consumers.values() {
+                proptest::prop_assert!(c.dirty.is_empty());
+                proptest::prop_assert_eq!(c.seen.len(), entries.len(), "no state for forgotten keys");
+            }
+        }
     }
 }
 
