@@ -168,17 +168,19 @@ mod imp {
             .set(unknown_fields as f64);
     }
 
+    fn refused_documents(key: &str) -> metrics::Counter {
+        metrics::counter!("tonic_etcd_service_config_refused_total", "key" => key.to_owned())
+    }
+
     /// A document in etcd was refused (counted once per revision).
     pub(crate) fn service_config_refused(key: &str) {
-        metrics::counter!("tonic_etcd_service_config_refused_total", "key" => key.to_owned())
-            .increment(1);
+        refused_documents(key).increment(1);
     }
 
     /// The series of a service config watch, at zero from its start.
     pub(crate) fn service_config_watched(key: &str) {
         service_config(key, 0, false, 0);
-        metrics::counter!("tonic_etcd_service_config_refused_total", "key" => key.to_owned())
-            .increment(0);
+        refused_documents(key).increment(0);
     }
 
     pub(crate) fn resync(prefix: &str) {
@@ -221,14 +223,21 @@ mod balancer {
             .set(n as f64);
     }
 
+    /// A Balancer's counter `name`.
+    fn counter(name: &'static str, target: &str) -> metrics::Counter {
+        metrics::counter!(name, "grpc.target" => target.to_owned())
+    }
+
+    const EJECTIONS: &str = "tonic_etcd_balancer_ejections_total";
+    const CONNECT_FAILURES: &str = "tonic_etcd_balancer_connect_failures_total";
+    const UNKEYED: &str = "tonic_etcd_client_unkeyed_calls_total";
+
     pub(crate) fn ejection(target: &str) {
-        metrics::counter!("tonic_etcd_balancer_ejections_total", "grpc.target" => target.to_owned())
-            .increment(1);
+        counter(EJECTIONS, target).increment(1);
     }
 
     pub(crate) fn connect_failure(target: &str) {
-        metrics::counter!("tonic_etcd_balancer_connect_failures_total", "grpc.target" => target.to_owned())
-            .increment(1);
+        counter(CONNECT_FAILURES, target).increment(1);
     }
 
     pub(crate) fn fail_fast(target: &str, closed: bool) {
@@ -245,22 +254,18 @@ mod balancer {
 
     /// A call under ring hash lacked the hash header.
     pub(crate) fn unkeyed(target: &str) {
-        metrics::counter!("tonic_etcd_client_unkeyed_calls_total", "grpc.target" => target.to_owned())
-            .increment(1);
+        counter(UNKEYED, target).increment(1);
     }
 
     /// The series a Balancer has from the moment it is built.
     pub(crate) fn balancer_built(target: &str) {
-        metrics::counter!("tonic_etcd_client_unkeyed_calls_total", "grpc.target" => target.to_owned())
-            .increment(0);
+        for name in [UNKEYED, EJECTIONS, CONNECT_FAILURES] {
+            counter(name, target).increment(0);
+        }
         for state in ["ready", "ejected", "unhealthy", "drained"] {
             balancer_endpoints(target, state, 0);
         }
         fail_fast(target, false);
-        metrics::counter!("tonic_etcd_balancer_ejections_total", "grpc.target" => target.to_owned())
-            .increment(0);
-        metrics::counter!("tonic_etcd_balancer_connect_failures_total", "grpc.target" => target.to_owned())
-            .increment(0);
     }
 
     pub(crate) fn ring_share(target: &str, endpoint: &str, share: f64) {
@@ -513,10 +518,13 @@ impl MethodMetrics {
         let attempts = metrics::counter!("grpc.client.attempt.started", &labels);
         attempts.increment(0);
         // The series rate queries divide by: present at zero.
-        for result in ["retried", "transparent"] {
-            retry_counter(target, method, result).increment(0);
+        for (name, result) in [
+            (RETRIES, "retried"),
+            (RETRIES, "transparent"),
+            (HEDGES, "sent"),
+        ] {
+            result_counter(name, target, method, result).increment(0);
         }
-        hedge_counter(target, method, "sent").increment(0);
         Self {
             target: target.to_owned(),
             method: method.to_owned(),
@@ -546,14 +554,19 @@ impl MethodMetrics {
 }
 
 #[cfg(feature = "metrics")]
-fn retry_counter(target: &str, method: &str, result: &'static str) -> metrics::Counter {
-    metrics::counter!("tonic_etcd_client_retries_total",
-        "grpc.method" => method.to_owned(), "grpc.target" => target.to_owned(), "result" => result)
-}
-
+const RETRIES: &str = "tonic_etcd_client_retries_total";
 #[cfg(feature = "metrics")]
-fn hedge_counter(target: &str, method: &str, result: &'static str) -> metrics::Counter {
-    metrics::counter!("tonic_etcd_client_hedges_total",
+const HEDGES: &str = "tonic_etcd_client_hedges_total";
+
+/// A method's retry (`RETRIES`) or hedge (`HEDGES`) counter of `result`.
+#[cfg(feature = "metrics")]
+fn result_counter(
+    name: &'static str,
+    target: &str,
+    method: &str,
+    result: &'static str,
+) -> metrics::Counter {
+    metrics::counter!(name,
         "grpc.method" => method.to_owned(), "grpc.target" => target.to_owned(), "result" => result)
 }
 
@@ -654,7 +667,7 @@ impl CallRecord {
     /// `transparent`, or why a retryable failure was not retried.
     pub(crate) fn retry_result(&self, result: &'static str) {
         if let Some(m) = &self.metrics {
-            retry_counter(&m.target, &m.method, result).increment(1);
+            result_counter(RETRIES, &m.target, &m.method, result).increment(1);
         }
     }
 
@@ -662,7 +675,7 @@ impl CallRecord {
     /// further hedge was sent.
     pub(crate) fn hedge_result(&self, result: &'static str) {
         if let Some(m) = &self.metrics {
-            hedge_counter(&m.target, &m.method, result).increment(1);
+            result_counter(HEDGES, &m.target, &m.method, result).increment(1);
         }
     }
 
@@ -787,14 +800,19 @@ fn endpoint_labels(target: &str, addr: &str) -> [(&'static str, String); 2] {
 
 #[cfg(feature = "metrics")]
 impl EndpointMetrics {
-    pub(crate) fn new(target: &str, addr: &str) -> Self {
+    /// The gauges of endpoint `addr` (made if the recorder has none).
+    fn handles(target: &str, addr: &str) -> Self {
         let labels = endpoint_labels(target, addr);
-        let this = Self {
+        Self {
             in_flight: metrics::gauge!("tonic_etcd_balancer_endpoint_in_flight", &labels),
             open_streams: metrics::gauge!("tonic_etcd_balancer_endpoint_open_streams", &labels),
             latency: metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels),
             success: metrics::gauge!("tonic_etcd_balancer_endpoint_success_rate", &labels),
-        };
+        }
+    }
+
+    pub(crate) fn new(target: &str, addr: &str) -> Self {
+        let this = Self::handles(target, addr);
         // Registering makes the series (at 0); in-flight counts are left to
         // the increments, as calls on a previous connection of the same
         // endpoint may still end. A new connection starts a new estimate.
@@ -860,18 +878,17 @@ pub(crate) fn endpoint_state(
 /// did), while those of removed endpoints are left to expire.
 #[cfg(feature = "metrics")]
 pub(crate) fn endpoint_status(target: &str, e: &crate::balancer::EndpointStatus) {
-    let labels = endpoint_labels(target, &e.instance.addr);
-    metrics::gauge!("tonic_etcd_balancer_endpoint_state", &labels).set(state_number(e.state));
+    let addr = &e.instance.addr;
+    endpoint_state(target, addr, Some(e.state));
     if let Some(latency) = e.latency {
-        metrics::gauge!("tonic_etcd_balancer_endpoint_in_flight", &labels).set(e.in_flight as f64);
-        metrics::gauge!("tonic_etcd_balancer_endpoint_open_streams", &labels)
-            .set(e.open_streams as f64);
-        metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels)
-            .set(latency.as_secs_f64());
-        metrics::gauge!("tonic_etcd_balancer_endpoint_success_rate", &labels).set(e.success_rate);
+        let gauges = EndpointMetrics::handles(target, addr);
+        gauges.in_flight.set(e.in_flight as f64);
+        gauges.open_streams.set(e.open_streams as f64);
+        gauges.latency.set(latency.as_secs_f64());
+        gauges.success.set(e.success_rate);
     }
     if let Some(share) = e.ring_share {
-        metrics::gauge!("tonic_etcd_balancer_endpoint_ring_share", &labels).set(share);
+        ring_share(target, addr, share);
     }
 }
 

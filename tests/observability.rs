@@ -212,10 +212,7 @@ async fn registration_and_discovery_report_what_they_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_reports_grpc_client_metrics_by_method_status_and_endpoint() {
     let metrics = recorder();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("metered");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("metered").await;
     let target = target.as_str();
     let ok = Backend::start("ok");
     let failing = Backend::start("failing");
@@ -408,10 +405,7 @@ async fn a_balancer_reports_grpc_client_metrics_by_method_status_and_endpoint() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_hedges_are_counted_per_method_with_their_delay() {
     let metrics = recorder();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("retried");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("retried").await;
     let target = target.as_str();
     let failing = Backend::start("failing");
     failing.fail.set(Some(tonic::Code::Unavailable));
@@ -489,10 +483,7 @@ async fn retries_and_hedges_are_counted_per_method_with_their_delay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_ring_hash_header_are_counted() {
     let metrics = recorder();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("hashed");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("hashed").await;
     let backend = Backend::start("b");
     let _reg =
         common::register_with(&client, &svc, &backend.addr, tonic_etcd::Metadata::new()).await;
@@ -531,10 +522,7 @@ async fn calls_without_the_ring_hash_header_are_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedges_are_counted_as_further_attempts_of_their_call() {
     let metrics = recorder();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("hedged");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("hedged").await;
     let target = target.as_str();
     let (a, b) = (Backend::start("a"), Backend::start("b"));
     a.fail.set(Some(tonic::Code::Unavailable));

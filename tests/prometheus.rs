@@ -11,11 +11,14 @@
 //!   series and no others, and live endpoints keep theirs however long
 //!   they stay idle.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use backend::Backend;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 use tonic_etcd::metrics::{COUNT_BUCKETS, LATENCY_BUCKETS};
@@ -137,10 +140,7 @@ fn all_series(handle: &PrometheusHandle, target: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churning_a_thousand_addresses_leaves_only_the_live_endpoints_series() {
     let handle = prometheus();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("churned");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("churned").await;
     let balancer = Balancer::builder(client.clone(), &svc)
         .metrics_refresh(REFRESH)
         .build()
@@ -219,20 +219,15 @@ async fn churning_a_thousand_addresses_leaves_only_the_live_endpoints_series() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_traffic_scrapes_as_grpc_histograms_per_method_with_retries_where_allowed() {
     let handle = prometheus();
-    let etcd = tonic_etcd::testing::shared();
-    let client = etcd.client().await;
-    let svc = common::unique("scraped");
-    let target = format!("etcd:///{svc}");
+    let (client, svc, target) = common::metered_service("scraped").await;
     // Two servers, one failing every call with UNAVAILABLE: SayHello may
     // retry it (its policy says so), the streams may not.
-    let good = start(&client, &svc, &BTreeSet::new()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bad_addr = listener.local_addr().unwrap().to_string();
-    let greeter = Greeter::new("bad");
-    greeter.fail_switch().set(Some(tonic::Code::Unavailable));
-    let router = tonic_etcd::server::builder().add_service(greeter.into_service());
-    tokio::spawn(router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
-    let _bad = common::register_with(&client, &svc, &bad_addr, tonic_etcd::Metadata::new()).await;
+    let (good, bad) = (Backend::start("good"), Backend::start("bad"));
+    bad.fail.set(Some(tonic::Code::Unavailable));
+    let _regs = [
+        common::register_with(&client, &svc, &good.addr, tonic_etcd::Metadata::new()).await,
+        common::register_with(&client, &svc, &bad.addr, tonic_etcd::Metadata::new()).await,
+    ];
     let config: tonic_etcd::ServiceConfig = r#"{"methodConfig":[{"name":[{"service":"greeter.v1.Greeter","method":"SayHello"}],
         "retryPolicy":{"maxAttempts":4,"initialBackoff":"0.001s","maxBackoff":"0.002s","backoffMultiplier":2,
         "retryableStatusCodes":["UNAVAILABLE"]}}]}"#
@@ -345,5 +340,4 @@ async fn mixed_traffic_scrapes_as_grpc_histograms_per_method_with_retries_where_
         })
         .sum();
     eprintln!("{streams} rounds of streams; {failed_streams} failed on the bad server, unretried");
-    drop(good);
 }

@@ -23,9 +23,6 @@ use crate::schema::{Encoded, NamingSchema};
 /// How long one attempt to grant the shared lease retries before the task
 /// reports and backs off (the attempt itself retries with back-off).
 const ATTEMPT: Duration = Duration::from_secs(30);
-/// An etcd that refuses the lease or the keys outright (no permission):
-/// asked again at most once a minute.
-const REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// One process's shared lease: the keys to keep under it, and whether its
 /// keeper task runs.
@@ -178,7 +175,9 @@ async fn keep(client: etcd_client::Client, lease: Arc<SharedLease>) {
                     }
                     Err(error) => {
                         let delay = if error.is_permanent() {
-                            REFUSED_RETRY
+                            // Refused outright (no permission): asked
+                            // again at most once a minute.
+                            crate::backoff::REFUSED_RETRY
                         } else {
                             backoff.next_delay()
                         };

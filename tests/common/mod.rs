@@ -89,6 +89,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A service unique to the caller on the shared etcd: a client to it, the
+/// service's name, and the `grpc.target` its Balancer's metrics carry.
+pub async fn metered_service(prefix: &str) -> (tonic_etcd::Etcd, String, String) {
+    let client = tonic_etcd::testing::shared().client().await;
+    let svc = unique(prefix);
+    let target = format!("etcd:///{svc}");
+    (client, svc, target)
+}
+
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
