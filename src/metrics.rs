@@ -780,14 +780,19 @@ impl Drop for AttemptRecord {
     }
 }
 
-/// One endpoint's gauges, made when it connects and updated by its calls;
-/// [`endpoint_status`] sets them from the endpoint itself every refresh.
+/// One connection's gauges, made when it connects and set from its own
+/// counts by its calls; [`endpoint_status`] sets them from the endpoint
+/// itself every refresh. Every writer sets a count read from the
+/// connection (never increments), so a refresh racing a call cannot leave
+/// a sum that was never true, and a connection that is gone stops writing:
+/// the calls still ending on it do not overwrite its successor's counts.
 #[cfg(feature = "metrics")]
 pub(crate) struct EndpointMetrics {
     in_flight: metrics::Gauge,
     open_streams: metrics::Gauge,
     latency: metrics::Gauge,
     success: metrics::Gauge,
+    retired: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(feature = "metrics")]
@@ -808,39 +813,47 @@ impl EndpointMetrics {
             open_streams: metrics::gauge!("tonic_etcd_balancer_endpoint_open_streams", &labels),
             latency: metrics::gauge!("tonic_etcd_balancer_endpoint_latency_seconds", &labels),
             success: metrics::gauge!("tonic_etcd_balancer_endpoint_success_rate", &labels),
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     pub(crate) fn new(target: &str, addr: &str) -> Self {
         let this = Self::handles(target, addr);
-        // Registering makes the series (at 0); in-flight counts are left to
-        // the increments, as calls on a previous connection of the same
-        // endpoint may still end. A new connection starts a new estimate.
+        // A new connection starts with nothing in flight and a new estimate.
+        this.in_flight.set(0.0);
+        this.open_streams.set(0.0);
         this.success.set(1.0);
         this
     }
 
-    pub(crate) fn started(&self) {
-        self.in_flight.increment(1.0);
+    fn live(&self) -> bool {
+        !self.retired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub(crate) fn headers(&self) {
-        self.open_streams.increment(1.0);
+    /// The connection is gone: its calls stop writing the endpoint's series.
+    pub(crate) fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(crate) fn ended(&self, had_headers: bool) {
-        self.in_flight.decrement(1.0);
-        if had_headers {
-            self.open_streams.decrement(1.0);
+    /// A call started or ended: the connection's counts now.
+    pub(crate) fn in_flight(&self, in_flight: usize, open_streams: usize) {
+        if self.live() {
+            self.in_flight.set(in_flight as f64);
+            self.open_streams.set(open_streams as f64);
         }
     }
 
     pub(crate) fn latency(&self, us: f64) {
-        self.latency.set(us / 1e6);
+        if self.live() {
+            self.latency.set(us / 1e6);
+        }
     }
 
     pub(crate) fn success(&self, rate: f64) {
-        self.success.set(rate);
+        if self.live() {
+            self.success.set(rate);
+        }
     }
 }
 
@@ -950,9 +963,8 @@ mod call_noop {
         pub(crate) fn new(_: &str, _: &str) -> Self {
             Self
         }
-        pub(crate) fn started(&self) {}
-        pub(crate) fn headers(&self) {}
-        pub(crate) fn ended(&self, _: bool) {}
+        pub(crate) fn retire(&self) {}
+        pub(crate) fn in_flight(&self, _: usize, _: usize) {}
         pub(crate) fn latency(&self, _: f64) {}
         pub(crate) fn success(&self, _: f64) {}
     }

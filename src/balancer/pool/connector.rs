@@ -180,6 +180,7 @@ async fn serve(
     if in_rotation {
         shared.remove(&ep);
     }
+    ep.retire();
     // On removal the driver runs on until in-flight calls finish and the last
     // handle to the connection is dropped.
     removed

@@ -191,10 +191,22 @@ impl Ready {
         self.send.clone()
     }
 
+    /// Its calls in flight changed: the gauges follow.
+    fn counted(&self) {
+        self.metrics
+            .in_flight(self.load.pending(), self.load.open_streams());
+    }
+
+    /// The connection is gone; calls still ending on it no longer speak
+    /// for the endpoint in metrics.
+    pub(crate) fn retire(&self) {
+        self.metrics.retire();
+    }
+
     /// Counts a call in flight until the guard is dropped.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         let started = self.load.start();
-        self.metrics.started();
+        self.counted();
         InFlight {
             ep: self.clone(),
             started,
@@ -241,7 +253,7 @@ impl InFlight {
         let now = self.ep.load.now();
         if std::mem::take(&mut self.awaiting) {
             self.ep.load.headers(self.started);
-            self.ep.metrics.headers();
+            self.ep.counted();
             if sample {
                 self.ep
                     .load
@@ -287,7 +299,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let before = self.ep.load.end(self.started, self.awaiting);
-        self.ep.metrics.ended(!self.awaiting);
+        self.ep.counted();
         if before >= self.ep.max_streams {
             self.ep.policy.capacity.notify_one();
         }
