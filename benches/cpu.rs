@@ -23,13 +23,18 @@
 //! client), voluntary and involuntary context switches per call
 //! (`getrusage`), and system calls per call (`strace -c -f`, the
 //! difference of two runs as for instructions), each client on one thread.
-//! Tasks woken per call would need tokio's unstable metrics and are not
-//! counted.
+//! Runtime parks per call: how often the client's thread ran out of work
+//! and slept until the kernel woke it (tokio's `worker_park_count`). Tasks
+//! polled per call (each poll is a task woken or spawned) need tokio's
+//! unstable metrics: build with `RUSTFLAGS="--cfg tokio_unstable"` for that
+//! column (`-` otherwise).
 //!
 //! The servers run in this (parent) process, on a runtime each; the clients
 //! are this binary started again with `cpu-child` arguments. Writes
 //! `target/bench/cpu.json`. Settings: `BENCH_CALLS` (N2 − N1, default
-//! 2,000), `BENCH_IDLE_SECS` (default 10).
+//! 2,000), `BENCH_IDLE_SECS` (default 10), `BENCH_CALLGRIND_DIR` (keep
+//! each callgrind profile there as `<variant>-<calls>.out`: compare two
+//! with `callgrind_annotate --inclusive=yes`).
 
 #[path = "support/backends.rs"]
 mod backends;
@@ -209,6 +214,8 @@ fn main() {
                 sys.map_or("-".into(), |s| format!("{s:.2}")),
                 format!("{:.3}", c.voluntary),
                 format!("{:.3}", c.involuntary),
+                format!("{:.3}", c.parks),
+                c.polls.map_or("-".into(), |p| format!("{p:.2}")),
             ]
         })
         .collect();
@@ -221,6 +228,8 @@ fn main() {
             "syscalls/call",
             "vol. switches/call",
             "invol. switches/call",
+            "parks/call",
+            "task polls/call",
         ],
         &kernel_rows,
     );
@@ -231,6 +240,8 @@ fn main() {
             o.insert("syscalls_per_call".into(), (*sys).into());
             o.insert("voluntary_switches_per_call".into(), c.voluntary.into());
             o.insert("involuntary_switches_per_call".into(), c.involuntary.into());
+            o.insert("runtime_parks_per_call".into(), c.parks.into());
+            o.insert("task_polls_per_call".into(), c.polls.into());
         }
     }
     for (name, key) in [
@@ -265,6 +276,11 @@ struct Counts {
     bytes: f64,
     voluntary: f64,
     involuntary: f64,
+    /// Times the runtime's thread went to sleep waiting for work (each a
+    /// wake-up from the kernel to resume).
+    parks: f64,
+    /// Tasks polled (only when built with `--cfg tokio_unstable`).
+    polls: Option<f64>,
 }
 
 /// System calls of a child run under `strace -c -f` (every thread).
@@ -298,7 +314,13 @@ fn run_child_traced(args: &[&str]) -> u64 {
 
 fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
     let exe = std::env::current_exe().expect("current exe");
-    let out_file = std::env::temp_dir().join(format!("tonic-etcd-cpu-{}.out", std::process::id()));
+    // BENCH_CALLGRIND_DIR keeps each run's profile there, named by its
+    // arguments, for `callgrind_annotate` (where the instructions go).
+    let keep = std::env::var_os("BENCH_CALLGRIND_DIR").map(std::path::PathBuf::from);
+    let out_file = match &keep {
+        Some(dir) => dir.join(format!("{}-{}.out", args[0], args[2])),
+        None => std::env::temp_dir().join(format!("tonic-etcd-cpu-{}.out", std::process::id())),
+    };
     let mut cmd = if under_valgrind {
         let mut c = Command::new("valgrind");
         c.arg("--tool=callgrind")
@@ -311,7 +333,9 @@ fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
     cmd.arg("cpu-child").args(args);
     let t0 = Instant::now();
     let output = cmd.output().expect("start the client process");
-    let _ = std::fs::remove_file(&out_file);
+    if keep.is_none() {
+        let _ = std::fs::remove_file(&out_file);
+    }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -341,6 +365,8 @@ fn run_child(under_valgrind: bool, args: &[&str]) -> Report {
         bytes: field("bytes_per_call").unwrap_or(0.0),
         voluntary: field("voluntary_per_call").unwrap_or(0.0),
         involuntary: field("involuntary_per_call").unwrap_or(0.0),
+        parks: field("parks_per_call").unwrap_or(0.0),
+        polls: field("polls_per_call"),
     };
     report
 }
@@ -398,11 +424,14 @@ fn child(args: &[String]) {
                     ALLOCATIONS.load(Ordering::Relaxed),
                     ALLOCATED.load(Ordering::Relaxed),
                 );
+                let metrics = tokio::runtime::Handle::current().metrics();
                 let (v0, i0) = context_switches();
+                let (p0, q0) = (metrics.worker_park_count(0), polls(&metrics));
                 for _ in 0..n {
                     call().await.expect("call");
                 }
                 let (v1, i1) = context_switches();
+                let (p1, q1) = (metrics.worker_park_count(0), polls(&metrics));
                 let per = |d: f64| d / n as f64;
                 println!(
                     "allocations_per_call {:.2}",
@@ -414,6 +443,10 @@ fn child(args: &[String]) {
                 );
                 println!("voluntary_per_call {:.4}", per((v1 - v0) as f64));
                 println!("involuntary_per_call {:.4}", per((i1 - i0) as f64));
+                println!("parks_per_call {:.4}", per((p1 - p0) as f64));
+                if let (Some(q0), Some(q1)) = (q0, q1) {
+                    println!("polls_per_call {:.4}", per((q1 - q0) as f64));
+                }
             }
             "idle" => {
                 let (cpu0, t0) = (cpu::cpu_time(), Instant::now());
@@ -427,6 +460,18 @@ fn child(args: &[String]) {
             other => panic!("unknown mode {other}"),
         }
     });
+}
+
+/// Tasks the runtime has polled so far: a task polled is a task woken (or
+/// spawned). tokio counts it only under `--cfg tokio_unstable`.
+#[cfg(tokio_unstable)]
+fn polls(m: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    Some(m.worker_poll_count(0))
+}
+
+#[cfg(not(tokio_unstable))]
+fn polls(_: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    None
 }
 
 fn which(bin: &str) -> bool {
