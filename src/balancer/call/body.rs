@@ -46,9 +46,12 @@ impl Tracked for InFlight {
     }
 }
 
+/// Made once: a lookup by `&str` parses the name each time (twice a call).
+pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The gRPC status in `headers` (a trailers-only response, or trailers).
 pub(crate) fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
+    let value = headers.get(GRPC_STATUS)?.to_str().ok()?;
     Some(tonic::Code::from(value.trim().parse::<i32>().unwrap_or(2)))
 }
 

@@ -57,8 +57,8 @@ impl<'a> Call<'a> {
     /// The request for an attempt after `previous` counted ones (from the
     /// second on it carries `grpc-previous-rpc-attempts`, A6), and what
     /// ends its request body when the attempt is over.
-    pub(crate) fn request(&self, previous: usize) -> (http::Request<tonic::body::Body>, Abort) {
-        let (mut request, abort) = self.replay.request(&self.parts);
+    pub(crate) fn request(&mut self, previous: usize) -> (http::Request<tonic::body::Body>, Abort) {
+        let (mut request, abort) = self.replay.request(&mut self.parts);
         if previous > 0 {
             request
                 .headers_mut()

@@ -18,7 +18,9 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// A name made once: looking a header up by `&str` parses the name on
+/// every call.
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// The largest value the header can carry: 8 digits.
 const MAX_DIGITS: u64 = 99_999_999;

@@ -144,15 +144,19 @@ impl Replay {
     }
 
     /// The next attempt's request: the call's `parts` with a replayed body,
-    /// and what ends that attempt's body from the response side.
-    pub(crate) fn request(&self, parts: &http::request::Parts) -> (http::Request<Inner>, Abort) {
+    /// and what ends that attempt's body from the response side. The first
+    /// attempt takes the caller's extensions; later ones go without: below
+    /// the balancer only hyper reads a request's extensions (extended
+    /// CONNECT, which gRPC does not use), and copying them cost every call
+    /// a map and a box.
+    pub(crate) fn request(&self, parts: &mut http::request::Parts) -> (http::Request<Inner>, Abort) {
         let (body, abort) = self.body();
         let mut request = http::Request::new(Inner::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = parts.uri.clone();
         *request.version_mut() = parts.version;
         *request.headers_mut() = parts.headers.clone();
-        *request.extensions_mut() = parts.extensions.clone();
+        *request.extensions_mut() = std::mem::take(&mut parts.extensions);
         (request, abort)
     }
 
