@@ -58,7 +58,15 @@ use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Balancer, ChannelBuilder};
 
 const SERVICE: &str = "cpu.v1.Greeter";
-const VARIANTS: [&str; 3] = ["plain", "tonic_balanced", "balancer"];
+/// `balancer_no_keepalive`: the Balancer at tonic's settings (no HTTP/2
+/// keep-alive, which tonic's channels leave off), to tell what the
+/// Balancer's own path costs from what its default keep-alive costs.
+const VARIANTS: [&str; 4] = [
+    "plain",
+    "tonic_balanced",
+    "balancer",
+    "balancer_no_keepalive",
+];
 /// Calls made before anything is counted (connections made, estimates fed).
 const WARM_UP: usize = 50;
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -182,16 +190,19 @@ fn main() {
         rows.push((variant, instructions, idle));
     }
     let floor = per_call.get("plain").copied();
+    let tonic = per_call.get("tonic_balanced").copied();
+    let ratio = |i: Option<f64>, to: Option<f64>, digits: usize| match (i, to) {
+        (Some(i), Some(to)) => format!("{:.digits$}x", i / to),
+        _ => "-".into(),
+    };
     let rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|(v, i, idle)| {
             vec![
                 v.to_string(),
                 i.map_or("-".into(), |i| format!("{i:.0}")),
-                match (i, floor) {
-                    (Some(i), Some(f)) => format!("{:.2}x", i / f),
-                    _ => "-".into(),
-                },
+                ratio(i, floor, 2),
+                ratio(i, tonic, 3),
                 idle.map_or("-".into(), |ms| format!("{ms:.3}")),
             ]
         })
@@ -201,7 +212,13 @@ fn main() {
             "Client CPU: instructions per unary call (callgrind, {calls} calls) and \
              idle CPU ({idle_secs} s, 4 connected endpoints)"
         ),
-        &["client", "instr/call", "vs plain", "idle ms CPU/s"],
+        &[
+            "client",
+            "instr/call",
+            "vs plain",
+            "vs tonic_balanced",
+            "idle ms CPU/s",
+        ],
         &rows,
     );
     let kernel_rows: Vec<Vec<String>> = kernel
@@ -244,11 +261,16 @@ fn main() {
             o.insert("task_polls_per_call".into(), c.polls.into());
         }
     }
-    for (name, key) in [
-        ("balancer_to_plain", "plain"),
-        ("balancer_to_tonic_balanced", "tonic_balanced"),
+    for (name, variant, key) in [
+        ("balancer_to_plain", "balancer", "plain"),
+        ("balancer_to_tonic_balanced", "balancer", "tonic_balanced"),
+        (
+            "balancer_no_keepalive_to_tonic_balanced",
+            "balancer_no_keepalive",
+            "tonic_balanced",
+        ),
     ] {
-        if let (Some(b), Some(o)) = (per_call.get("balancer"), per_call.get(key)) {
+        if let (Some(b), Some(o)) = (per_call.get(variant), per_call.get(key)) {
             json.insert(
                 format!("instructions_ratio_{name}"),
                 ((b / o * 1000.0).round() / 1000.0).into(),
@@ -405,11 +427,13 @@ fn child(args: &[String]) {
                 }
                 caller(c, None)
             }
-            "balancer" => {
+            "balancer" | "balancer_no_keepalive" => {
                 let client = tonic_etcd::testing::connect(std::slice::from_ref(etcd)).await;
-                let b = Balancer::builder(client, SERVICE)
-                    .build()
-                    .expect("balancer");
+                let mut builder = Balancer::builder(client, SERVICE);
+                if variant == "balancer_no_keepalive" {
+                    builder = builder.no_http2_keep_alive();
+                }
+                let b = builder.build().expect("balancer");
                 b.wait_for_ready(4, READY_LIMIT).await.expect("4 ready");
                 caller(b, None)
             }

@@ -613,7 +613,11 @@ impl Hedged {
 #[cfg(feature = "metrics")]
 pub(crate) struct CallRecord {
     metrics: Option<std::sync::Arc<MethodMetrics>>,
-    started: tokio::time::Instant,
+    /// `None` in a record that reports nothing: it reads no clock.
+    started: Option<tokio::time::Instant>,
+    /// An attempt has started: the first one starts when the call does,
+    /// with the call's clock read.
+    attempted: std::sync::atomic::AtomicBool,
     retries: u32,
     transparent: u32,
     delay: std::time::Duration,
@@ -631,7 +635,8 @@ impl CallRecord {
     ) -> Self {
         Self {
             metrics: Some(method),
-            started,
+            started: Some(started),
+            attempted: std::sync::atomic::AtomicBool::new(false),
             retries: 0,
             transparent: 0,
             delay: std::time::Duration::ZERO,
@@ -644,9 +649,17 @@ impl CallRecord {
         if let Some(m) = &self.metrics {
             m.attempts.increment(1);
         }
+        let first = !self
+            .attempted
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
         AttemptRecord {
-            metrics: self.metrics.clone(),
-            started: tokio::time::Instant::now(),
+            timed: self.metrics.clone().map(|m| {
+                let started = match self.started {
+                    Some(call) if first => call,
+                    _ => tokio::time::Instant::now(),
+                };
+                (m, started)
+            }),
         }
     }
 
@@ -685,6 +698,7 @@ impl CallRecord {
         Self {
             metrics: self.metrics.clone(),
             started: self.started,
+            attempted: std::sync::atomic::AtomicBool::new(true),
             retries: 0,
             transparent: self.transparent,
             delay: self.delay,
@@ -707,7 +721,8 @@ impl CallRecord {
     pub(crate) fn none() -> Self {
         Self {
             metrics: None,
-            started: tokio::time::Instant::now(),
+            started: None,
+            attempted: std::sync::atomic::AtomicBool::new(true),
             retries: 0,
             transparent: 0,
             delay: std::time::Duration::ZERO,
@@ -717,6 +732,12 @@ impl CallRecord {
 
     /// The call ended with `code`.
     pub(crate) fn finish(&mut self, code: tonic::Code) {
+        self.finish_at(code, None);
+    }
+
+    /// The call ended with `code` at `now` (read here when `None`): one
+    /// clock read can end a call, its attempt and its endpoint's account.
+    pub(crate) fn finish_at(&mut self, code: tonic::Code, now: Option<tokio::time::Instant>) {
         use std::sync::atomic::Ordering;
         if let Some((hedged, index)) = &self.hedge {
             if index.is_some_and(|i| hedged.winner.load(Ordering::Acquire) != i) {
@@ -724,11 +745,12 @@ impl CallRecord {
             }
             self.retries = hedged.sent.load(Ordering::Relaxed);
         }
-        let Some(m) = self.metrics.take() else {
+        let (Some(m), Some(started)) = (self.metrics.take(), self.started) else {
             return;
         };
+        let now = now.unwrap_or_else(tokio::time::Instant::now);
         m.duration("grpc.client.call.duration", &m.call_duration, code)
-            .record(self.started.elapsed().as_secs_f64());
+            .record(now.saturating_duration_since(started).as_secs_f64());
         // A96 per call; here only for calls that made a further attempt,
         // so the healthy path records one histogram, not four.
         if self.retries + self.transparent > 0 {
@@ -750,25 +772,29 @@ impl Drop for CallRecord {
 /// attempt dropped before its status counts as `CANCELLED`).
 #[cfg(feature = "metrics")]
 pub(crate) struct AttemptRecord {
-    metrics: Option<std::sync::Arc<MethodMetrics>>,
-    started: tokio::time::Instant,
+    /// The method's instruments and when the attempt started; `None` in a
+    /// record that reports nothing (it reads no clock).
+    timed: Option<(std::sync::Arc<MethodMetrics>, tokio::time::Instant)>,
 }
 
 #[cfg(feature = "metrics")]
 impl AttemptRecord {
     /// A record that reports nothing.
     pub(crate) fn none() -> Self {
-        Self {
-            metrics: None,
-            started: tokio::time::Instant::now(),
-        }
+        Self { timed: None }
     }
 
     /// The attempt ended with `code`.
     pub(crate) fn finish(&mut self, code: tonic::Code) {
-        if let Some(m) = self.metrics.take() {
+        self.finish_at(code, None);
+    }
+
+    /// The attempt ended with `code` at `now` (read here when `None`).
+    pub(crate) fn finish_at(&mut self, code: tonic::Code, now: Option<tokio::time::Instant>) {
+        if let Some((m, started)) = self.timed.take() {
+            let now = now.unwrap_or_else(tokio::time::Instant::now);
             m.duration("grpc.client.attempt.duration", &m.attempt_duration, code)
-                .record(self.started.elapsed().as_secs_f64());
+                .record(now.saturating_duration_since(started).as_secs_f64());
         }
     }
 }
@@ -946,6 +972,7 @@ mod call_noop {
         pub(crate) fn hedging(&mut self, _: &Arc<Hedged>) {}
         pub(crate) fn discard(self) {}
         pub(crate) fn finish(&mut self, _: tonic::Code) {}
+        pub(crate) fn finish_at(&mut self, _: tonic::Code, _: Option<tokio::time::Instant>) {}
     }
 
     pub(crate) struct AttemptRecord;
@@ -955,6 +982,7 @@ mod call_noop {
             Self
         }
         pub(crate) fn finish(&mut self, _: tonic::Code) {}
+        pub(crate) fn finish_at(&mut self, _: tonic::Code, _: Option<tokio::time::Instant>) {}
     }
 
     pub(crate) struct EndpointMetrics;

@@ -15,7 +15,7 @@ use super::classify;
 use super::replay::Abort;
 use crate::balancer::error::{deadline_exceeded, BoxError};
 use crate::balancer::pool::{Outcome, Ready};
-use crate::balancer::route::Plan;
+use crate::balancer::route::{Picked, Plan};
 use crate::metrics::{AttemptRecord, CallRecord};
 
 /// How one attempt ended.
@@ -47,14 +47,14 @@ pub(crate) enum Attempt {
 /// here, or in the response body that carries it on; so does `attempt`,
 /// the attempt's record, which reports its status once it has one.
 pub(crate) async fn send(
-    ep: Arc<Ready>,
+    picked: Picked,
     request: http::Request<tonic::body::Body>,
     abort: Abort,
     plan: Plan,
     record: &mut Option<CallRecord>,
     mut attempt: AttemptRecord,
 ) -> Attempt {
-    let outcome = exchange(ep, request, abort, plan, record, &mut attempt).await;
+    let outcome = exchange(picked, request, abort, plan, record, &mut attempt).await;
     match &outcome {
         Attempt::Response(_) => {} // the body reports it
         Attempt::Status { code, .. } => attempt.finish(*code),
@@ -65,7 +65,7 @@ pub(crate) async fn send(
 }
 
 async fn exchange(
-    ep: Arc<Ready>,
+    Picked { ep, at }: Picked,
     mut request: http::Request<tonic::body::Body>,
     abort: Abort,
     plan: Plan,
@@ -87,7 +87,7 @@ async fn exchange(
             ep.addr()
         ))));
     }
-    let mut in_flight = ep.start();
+    let mut in_flight = ep.start(at);
     let send = ep.sender().try_send_request(request);
     // One timer per call: it bounds the response headers here and then
     // moves into the body.

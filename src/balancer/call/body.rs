@@ -20,8 +20,9 @@ use crate::metrics::{AttemptRecord, CallRecord};
 
 /// What a [`CallBody`] holds for its call while the body streams.
 pub(crate) trait Tracked {
-    /// The call ended with this gRPC status (`None`: the stream failed).
-    fn ended(&mut self, status: Option<tonic::Code>);
+    /// The call ended with this gRPC status (`None`: the stream failed)
+    /// at `now`.
+    fn ended(&mut self, status: Option<tonic::Code>, now: tokio::time::Instant);
     /// The deadline passed before the body ended.
     fn expired(self);
     /// The endpoint's address, for errors that name it.
@@ -29,12 +30,12 @@ pub(crate) trait Tracked {
 }
 
 impl Tracked for InFlight {
-    fn ended(&mut self, status: Option<tonic::Code>) {
+    fn ended(&mut self, status: Option<tonic::Code>, now: tokio::time::Instant) {
         let outcome = match status {
             Some(code) => Outcome::of(code, self.policy()),
             None => Outcome::Failure,
         };
-        self.settle(outcome);
+        self.settle_at(outcome, now);
     }
 
     fn expired(self) {
@@ -94,9 +95,9 @@ impl<B, T> CallBody<B, T> {
 
 impl<B, T: Tracked> CallBody<B, T> {
     /// The call (and the attempt it took) ended with `code`.
-    fn finish(&mut self, code: tonic::Code) {
-        self.record.0.finish(code);
-        self.record.1.finish(code);
+    fn finish(&mut self, code: tonic::Code, now: tokio::time::Instant) {
+        self.record.0.finish_at(code, Some(now));
+        self.record.1.finish_at(code, Some(now));
     }
 
     /// The deadline ended the call: the stream goes, the wait is recorded.
@@ -106,7 +107,7 @@ impl<B, T: Tracked> CallBody<B, T> {
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.expired();
         }
-        self.finish(tonic::Code::DeadlineExceeded);
+        self.finish(tonic::Code::DeadlineExceeded, tokio::time::Instant::now());
         Box::new(deadline_exceeded(format_args!(
             "while the response was streaming"
         )))
@@ -151,11 +152,14 @@ where
                                 code => code,
                             }
                         });
-                        this.finish(code);
+                        // One clock read ends the call, its attempt and its
+                        // account on the endpoint.
+                        let now = tokio::time::Instant::now();
+                        this.finish(code, now);
                         // The trailers end the call: it leaves the endpoint's
                         // load now, not when the caller drops the stream.
                         if let Some(mut call) = this.in_flight.take() {
-                            call.ended(Some(code));
+                            call.ended(Some(code), now);
                         }
                         this.abort.take();
                     }
@@ -173,9 +177,9 @@ where
                         // A lost connection reads UNAVAILABLE, naming the
                         // endpoint (see `classify`).
                         Some(mut call) => {
-                            call.ended(None);
+                            call.ended(None, tokio::time::Instant::now());
                             let status = transport_failure(call.addr(), &*e);
-                            this.finish(status.code());
+                            this.finish(status.code(), tokio::time::Instant::now());
                             Box::new(status)
                         }
                         None => e,
@@ -183,7 +187,7 @@ where
                 }
                 None => {
                     // Without trailers: tonic reports the missing status.
-                    this.finish(tonic::Code::Internal);
+                    this.finish(tonic::Code::Internal, tokio::time::Instant::now());
                     this.in_flight.take();
                     this.abort.take();
                     None
@@ -221,7 +225,7 @@ mod tests {
     struct Probe(Arc<AtomicU8>);
 
     impl Tracked for Probe {
-        fn ended(&mut self, status: Option<tonic::Code>) {
+        fn ended(&mut self, status: Option<tonic::Code>, _: Instant) {
             let v = status.map_or(3, |c| 10 + c as u8);
             self.0.store(v, Ordering::SeqCst);
         }

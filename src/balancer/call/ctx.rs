@@ -78,7 +78,7 @@ impl<'a> Call<'a> {
             .as_ref()
             .map_or_else(AttemptRecord::none, CallRecord::attempt);
         match self.router.pick(self.plan, avoid).await {
-            Ok(ep) => send(ep, request, abort, self.plan, &mut self.record, attempt).await,
+            Ok(picked) => send(picked, request, abort, self.plan, &mut self.record, attempt).await,
             Err(e) => {
                 attempt.finish(super::classify::code_of(&*e));
                 Attempt::Failed(e)

@@ -80,7 +80,8 @@ pub(crate) async fn run(
                     .as_ref()
                     .map_or_else(AttemptRecord::none, CallRecord::attempt);
                 match call.router.pick(plan, &used).await {
-                    Ok(ep) => {
+                    Ok(picked) => {
+                        let ep = picked.ep.clone();
                         let index = used.len();
                         used.push(ep.clone());
                         let (request, abort) = call.request(index);
@@ -93,7 +94,8 @@ pub(crate) async fn run(
                         }
                         let mut own = call.record.as_ref().map(|r| r.for_hedge(&hedged, index));
                         running.spawn(async move {
-                            let outcome = send(ep, request, abort, plan, &mut own, attempt).await;
+                            let outcome =
+                                send(picked, request, abort, plan, &mut own, attempt).await;
                             (index, outcome)
                         });
                         next_at = crate::time::deadline_after(Instant::now(), policy.hedging_delay);

@@ -149,7 +149,10 @@ impl Replay {
     /// the balancer only hyper reads a request's extensions (extended
     /// CONNECT, which gRPC does not use), and copying them cost every call
     /// a map and a box.
-    pub(crate) fn request(&self, parts: &mut http::request::Parts) -> (http::Request<Inner>, Abort) {
+    pub(crate) fn request(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> (http::Request<Inner>, Abort) {
         let (body, abort) = self.body();
         let mut request = http::Request::new(Inner::new(body));
         *request.method_mut() = parts.method.clone();

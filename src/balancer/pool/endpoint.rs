@@ -33,7 +33,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 pub(crate) struct ConnConfig {
     pub(crate) connect_timeout: Duration,
-    pub(crate) keep_alive_interval: Duration,
+    /// `None`: no HTTP/2 keep-alive (tonic's default).
+    pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) tcp_nodelay: bool,
     pub(crate) initial_stream_window_size: Option<u32>,
@@ -204,8 +205,10 @@ impl Ready {
     }
 
     /// Counts a call in flight until the guard is dropped.
-    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
-        let started = self.load.start();
+    /// `now` (µs, as `Load::now`) is a time the caller read already: the
+    /// pick's.
+    pub(crate) fn start(self: &Arc<Self>, now: u64) -> InFlight {
+        let started = self.load.start(now);
         self.counted();
         InFlight {
             ep: self.clone(),
@@ -270,13 +273,18 @@ impl InFlight {
 
     /// Records how the call went (once; later calls are ignored).
     pub(crate) fn settle(&mut self, outcome: Outcome) {
+        self.settle_at(outcome, Instant::now());
+    }
+
+    /// [`settle`](Self::settle) with the time the caller already read.
+    pub(crate) fn settle_at(&mut self, outcome: Outcome, now: Instant) {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
         let ok = outcome == Outcome::Success;
         self.ep.load.outcome(ok);
         self.ep.metrics.success(self.ep.load.health());
-        let now = self.ep.load.now();
+        let now = self.ep.load.at(now);
         self.ep.outliers.record(ok, now, &self.ep.policy.outlier);
     }
 

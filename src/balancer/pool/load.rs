@@ -70,7 +70,12 @@ pub(crate) struct LoadConfig {
 impl LoadConfig {
     /// Microseconds since the epoch (at least 1, so 0 can mean "never").
     pub(crate) fn now(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_micros())
+        self.at(Instant::now())
+    }
+
+    /// `instant` in microseconds since the epoch (at least 1).
+    pub(crate) fn at(&self, instant: Instant) -> u64 {
+        u64::try_from(instant.saturating_duration_since(self.base).as_micros())
             .unwrap_or(u64::MAX)
             .max(1)
     }
@@ -115,6 +120,11 @@ impl Load {
     /// Microseconds since the epoch (at least 1, so 0 can mean "never").
     pub(crate) fn now(&self) -> u64 {
         self.cfg.now()
+    }
+
+    /// `instant` as a time stamp of [`now`](Self::now)'s kind.
+    pub(crate) fn at(&self, instant: Instant) -> u64 {
+        self.cfg.at(instant)
     }
 
     pub(crate) fn pending(&self) -> usize {
@@ -173,10 +183,10 @@ impl Load {
                 .is_ok()
     }
 
-    /// A call starts, waiting for its response headers: returns its start
-    /// time for [`headers`](Self::headers) and [`end`](Self::end).
-    pub(crate) fn start(&self) -> u64 {
-        let now = self.now();
+    /// A call starts at `now` (read by the caller: the pick's), waiting for
+    /// its response headers: returns its start time for
+    /// [`headers`](Self::headers) and [`end`](Self::end).
+    pub(crate) fn start(&self, now: u64) -> u64 {
         self.picked_at.store(now, Ordering::Relaxed);
         self.started_sum.fetch_add(now, Ordering::Relaxed);
         self.awaiting.fetch_add(1, Ordering::Relaxed);
@@ -292,7 +302,7 @@ mod tests {
         let l = load();
         l.observe(300.0, l.now());
         let idle = l.cost(l.now(), 1.0);
-        let started = l.start();
+        let started = l.start(l.now());
         let c0 = l.cost(l.now(), 1.0);
         assert!(c0 > idle, "a call in flight costs");
         tokio::time::advance(Duration::from_millis(50)).await;
@@ -310,7 +320,7 @@ mod tests {
         let l = load();
         l.observe(300.0, l.now());
         let idle = l.cost(l.now(), 1.0);
-        let stream = l.start();
+        let stream = l.start(l.now());
         l.headers(stream);
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(l.open_streams(), 1);
@@ -320,7 +330,7 @@ mod tests {
             "half a call's worth of load, however long it is open"
         );
         // A stream opening that gets no answer ages like any call.
-        let unanswered = l.start();
+        let unanswered = l.start(l.now());
         tokio::time::advance(Duration::from_millis(100)).await;
         assert_eq!(l.cost(l.now(), 1.0), 100_000.0 * 2.5);
         l.end(unanswered, true);
@@ -337,7 +347,7 @@ mod tests {
             "a new endpoint's first call is a probe"
         );
         let l = load();
-        let t = l.start();
+        let t = l.start(l.now());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!l.claim_probe(l.now()), "a call is in flight");
         l.end(t, true);

@@ -55,6 +55,14 @@ pub(crate) enum Pick {
     Empty,
 }
 
+/// The endpoint an attempt goes to, and when it was picked (µs, as
+/// `Load::now`): the attempt starts its account there with the pick's clock
+/// read rather than a second one.
+pub(crate) struct Picked {
+    pub(crate) ep: Arc<Ready>,
+    pub(crate) at: u64,
+}
+
 /// The pool as calls see it, with how long they may wait on it.
 pub(crate) struct Router {
     pub(crate) pool: Arc<Shared>,
@@ -118,14 +126,11 @@ impl Router {
 
     /// An endpoint for the next attempt, never one of `avoid` while another
     /// can take it, waiting (within the plan's deadline) while none can.
-    pub(crate) async fn pick(
-        &self,
-        plan: Plan,
-        avoid: &[Arc<Ready>],
-    ) -> Result<Arc<Ready>, BoxError> {
+    pub(crate) async fn pick(&self, plan: Plan, avoid: &[Arc<Ready>]) -> Result<Picked, BoxError> {
         let pool = &*self.pool;
         let deadline = plan.deadline;
         loop {
+            let now = pool.policy.load.now();
             let ready = pool.ready();
             let found = match &plan.ring {
                 Some(r) => self.rings.ring(pool, &ready, r.config).pick(
@@ -133,10 +138,10 @@ impl Router {
                     r.config.hash_balance_factor,
                     avoid,
                 ),
-                None => weighted::pick(&ready, ready.local, avoid),
+                None => weighted::pick(&ready, ready.local, avoid, now),
             };
             match found {
-                Pick::Endpoint(ep) => return Ok(ep),
+                Pick::Endpoint(ep) => return Ok(Picked { ep, at: now }),
                 Pick::Full => wait::for_capacity(pool, &self.wait, deadline).await?,
                 Pick::Empty => match avoid {
                     // Only the endpoint the request just failed on is left: wait

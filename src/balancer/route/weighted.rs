@@ -44,17 +44,17 @@ pub(crate) const SAMPLE: usize = 8;
 const TOLERANCE: f64 = 2.5;
 
 /// Picks from `set`, whose first `local` entries are in the client's zone,
-/// never one of `avoid`.
-pub(crate) fn pick(set: &[Arc<Ready>], local: usize, avoid: &[Arc<Ready>]) -> Pick {
+/// never one of `avoid`, judging costs at `now` (µs, as `Load::now`).
+pub(crate) fn pick(set: &[Arc<Ready>], local: usize, avoid: &[Arc<Ready>], now: u64) -> Pick {
     if local > 0 && local < set.len() {
-        if let found @ Pick::Endpoint(_) = pick_in(&set[..local], avoid) {
+        if let found @ Pick::Endpoint(_) = pick_in(&set[..local], avoid, now) {
             return found;
         }
     }
-    pick_in(set, avoid)
+    pick_in(set, avoid, now)
 }
 
-fn pick_in(set: &[Arc<Ready>], avoid: &[Arc<Ready>]) -> Pick {
+fn pick_in(set: &[Arc<Ready>], avoid: &[Arc<Ready>], now: u64) -> Pick {
     let n = set.len();
     if n == 0 {
         return Pick::Empty;
@@ -76,10 +76,6 @@ fn pick_in(set: &[Arc<Ready>], avoid: &[Arc<Ready>]) -> Pick {
         SAMPLE
     };
     let usable = |e: &Arc<Ready>| !avoid.iter().any(|bad| Arc::ptr_eq(e, bad));
-    let Some(first) = set.first() else {
-        return Pick::Empty;
-    };
-    let now = first.load.now();
 
     // Candidates that can take a call, their cost; a due probe wins at once.
     let mut cost = [0f64; FULL_SCAN];
