@@ -70,8 +70,9 @@ impl BalancerBuilder {
             service,
             conn: ConnConfig {
                 connect_timeout: Duration::from_secs(1),
-                keep_alive_interval: Some(Duration::from_secs(10)),
-                keep_alive_timeout: Duration::from_secs(5),
+                keep_alive_interval: None,
+                keep_alive_timeout: Duration::from_secs(20),
+                tcp_keepalive: Some(Duration::from_secs(10)),
                 tcp_nodelay: true,
                 initial_stream_window_size: None,
                 initial_connection_window_size: None,
@@ -230,12 +231,18 @@ impl BalancerBuilder {
         self
     }
 
-    /// HTTP/2 keep-alive: a ping every `interval`, the connection dead when
-    /// no answer comes within `timeout` (default 10 s / 5 s). This is what
-    /// notices a backend that vanished without closing its connections
-    /// (a host gone, a partition, a frozen process): without it a call sent
-    /// there waits for its deadline, and an idle connection stays in
-    /// rotation until the kernel gives up on it.
+    /// HTTP/2 keep-alive (gRFC A8): a ping every `interval` (idle
+    /// connections included), the connection dead when no answer comes
+    /// within `timeout`. Off by default, as in tonic, grpc-go and
+    /// grpc-java: gRPC servers refuse pings more often than every 5
+    /// minutes unless told otherwise (grpc-go's `EnforcementPolicy.MinTime`;
+    /// past two such pings they close the connection with `GOAWAY
+    /// too_many_pings`), and hyper's ping bookkeeping costs every call about
+    /// 2,100 instructions (`benches/cpu.rs`). What it adds over
+    /// [`tcp_keepalive`](Self::tcp_keepalive): a backend whose process is
+    /// frozen while its kernel still answers TCP is noticed too. Set the
+    /// servers' policy to match when you turn it on (this crate's servers
+    /// accept any rate).
     #[must_use]
     pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.conn.keep_alive_interval = Some(cap(interval));
@@ -243,13 +250,26 @@ impl BalancerBuilder {
         self
     }
 
-    /// No HTTP/2 keep-alive, as tonic's and grpc-go's clients by default.
-    /// hyper then keeps no ping timer: each call costs about 1,100 fewer
-    /// instructions (`benches/cpu.rs`), and a vanished backend is noticed
-    /// by call deadlines, outlier ejection and health checks only.
+    /// No HTTP/2 keep-alive (the default; undoes
+    /// [`http2_keep_alive`](Self::http2_keep_alive)).
     #[must_use]
     pub fn no_http2_keep_alive(mut self) -> Self {
         self.conn.keep_alive_interval = None;
+        self
+    }
+
+    /// TCP keep-alive on every backend connection: the kernel probes a
+    /// connection idle for `idle` every `idle / 2`, three times, and
+    /// `TCP_USER_TIMEOUT` (Linux) drops one whose sent data stays
+    /// unacknowledged as long; either way the connection ends and the
+    /// endpoint leaves the rotation. This is what notices a backend host
+    /// that vanished (powered off, partitioned) without closing its
+    /// connections, within about `2.5 × idle`, at no cost per call and
+    /// invisibly to the servers. Default 10 s; `None` leaves the kernel's
+    /// defaults (tonic's default).
+    #[must_use]
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.conn.tcp_keepalive = idle.map(cap);
         self
     }
 

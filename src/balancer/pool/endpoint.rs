@@ -36,6 +36,8 @@ pub(crate) struct ConnConfig {
     /// `None`: no HTTP/2 keep-alive (tonic's default).
     pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) keep_alive_timeout: Duration,
+    /// Idle time before TCP keep-alive probes (`None`: the kernel's).
+    pub(crate) tcp_keepalive: Option<Duration>,
     pub(crate) tcp_nodelay: bool,
     pub(crate) initial_stream_window_size: Option<u32>,
     pub(crate) initial_connection_window_size: Option<u32>,
@@ -342,6 +344,9 @@ pub(crate) async fn connect(
         .await
         .map_err(|_| timed_out("connect"))??;
     tcp.set_nodelay(cfg.tcp_nodelay)?;
+    if let Some(idle) = cfg.tcp_keepalive {
+        set_tcp_keepalive(&tcp, idle)?;
+    }
     #[cfg(feature = "tls")]
     let io = match &cfg.tls {
         Some(tls) => Transport::Tls(Box::new(
@@ -438,6 +443,25 @@ pub(crate) async fn connect(
     Ok(Connection { ready, driver })
 }
 
+/// Probes after `idle`, then every `idle / 2` three times; a connection
+/// whose data stays unacknowledged as long is dropped too (Linux).
+fn set_tcp_keepalive(tcp: &TcpStream, idle: Duration) -> io::Result<()> {
+    let interval = (idle / 2).max(Duration::from_secs(1));
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(TCP_KEEPALIVE_PROBES),
+    )?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(idle + interval * TCP_KEEPALIVE_PROBES))?;
+    Ok(())
+}
+
+/// Unanswered keep-alive probes before the kernel drops a connection.
+const TCP_KEEPALIVE_PROBES: u32 = 3;
+
 /// Spawns hyper's per-call tasks (each request body's pipe to its stream)
 /// boxed, as tonic's own executor does. tokio moves a spawned future
 /// several times on its way into the task's cell; a pipe future is large,
@@ -520,5 +544,35 @@ impl AsyncWrite for Transport {
             #[cfg(feature = "tls")]
             Transport::Tls(io) => io.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel holds what `tcp_keepalive` promises: probes after the
+    /// idle time, every half of it, three of them, and (Linux) the same
+    /// total as the limit on unacknowledged data.
+    #[tokio::test]
+    async fn tcp_keepalive_is_set_on_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        set_tcp_keepalive(&tcp, Duration::from_secs(10)).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_PROBES);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(25))
+        );
     }
 }
