@@ -4,8 +4,8 @@
 //! random picks land on the slow half a sixth of the time, whatever the load
 //! signal says (brpc measured p99 7.7 ms for best-of-2 against 0.3 ms for
 //! best-of-4 in that setup). So the pick looks at every endpoint when there
-//! are few (up to [`FULL_SCAN`]), else at [`SAMPLE`] random ones, draws two
-//! of them at random, each with a probability proportional to
+//! are few (up to [`FULL_SCAN`]), else at [`SAMPLE`] random ones, and draws
+//! among them at random with a probability proportional to
 //!
 //! ```text
 //! weight × slow-start ramp × health² × min(1, TOLERANCE × reference cost / cost)⁴
@@ -16,19 +16,14 @@
 //! estimates, healthy endpoints would look costly by chance.
 //!
 //! where an endpoint's cost is its latency × (calls in flight / weight + 1)
-//! (see [`crate::balancer::pool::load`]), and gives the call to the cheaper
-//! of the two (the first on a tie).
-//!
-//! Endpoints within `TOLERANCE` of the reference are drawn by weight alone,
-//! and of two drawn the one with fewer calls per weight in flight wins, as in
-//! power of two choices: idle, weights hold exactly between equal backends
-//! (ties go to the first draw), and under load the calls in flight settle in
-//! proportion to the weights, so the queues stay even. A costlier one's
-//! chance to be drawn falls with the fourth power of the excess (one 10×
-//! slower: about 0.4% of a fast one's), and it wins only against another
-//! as costly: too little to hurt the tail. What keeps measuring it is the
-//! probe: an endpoint idle for the probe interval is given the call outright
 //! (see [`crate::balancer::pool::load`]).
+//!
+//! Endpoints within `TOLERANCE` of the reference share calls by weight alone
+//! (so weights hold exactly between equal backends, as with gRPC's weighted
+//! round robin); a costlier one's share falls with the fourth power of the
+//! excess, so one 10× slower gets about 0.4% of the share of a fast one: enough to
+//! keep sampling it, too little to hurt the tail. An endpoint idle for the
+//! probe interval is given the call outright (see [`crate::balancer::pool::load`]).
 //!
 //! Locality: the endpoints of the client's zone come first in the ready set;
 //! the pick stays among them while any of them can take the call, and falls
@@ -143,36 +138,24 @@ fn pick_in(set: &[Arc<Ready>], avoid: &[Arc<Ready>], now: u64) -> Pick {
         share[k] = e.share_factor(now) * health * health * relative.powi(4);
         total += share[k];
     }
-    // Two draws by share; the cheaper wins (a tie: the first). Alike
-    // endpoints are drawn by weight, and of two the one with fewer calls
-    // per weight waiting takes the call, as in p2c: a single draw left
-    // queues as uneven as random picks do, and the closed-loop tail with
-    // them (p99 1.13x tonic's p2c with 64 callers, `benches/request_path.rs`).
-    let mut draw = || {
-        let mut point = if total > 0.0 && total.is_finite() {
-            rng.random::<f64>() * total
-        } else {
-            0.0
-        };
-        let mut last = None;
-        for k in 0..count {
-            if !open[k] {
-                continue;
-            }
-            last = Some(k);
-            if point < share[k] {
-                return Some(k);
-            }
-            point -= share[k];
+    let mut draw = if total > 0.0 && total.is_finite() {
+        rng.random::<f64>() * total
+    } else {
+        0.0
+    };
+    let mut last = None;
+    for k in 0..count {
+        if !open[k] {
+            continue;
         }
-        // Rounding left the point past the end: the last open candidate.
-        last
-    };
-    let chosen = match (draw(), draw()) {
-        (Some(a), Some(b)) if cost[b] < cost[a] => Some(b),
-        (first, _) => first,
-    };
-    match chosen {
+        last = Some(k);
+        if draw < share[k] {
+            return Pick::Endpoint(set[idx[k]].clone());
+        }
+        draw -= share[k];
+    }
+    // Rounding left the draw past the end: the last open candidate.
+    match last {
         Some(k) => Pick::Endpoint(set[idx[k]].clone()),
         None => Pick::Full,
     }
