@@ -177,9 +177,10 @@ where
                         // A lost connection reads UNAVAILABLE, naming the
                         // endpoint (see `classify`).
                         Some(mut call) => {
-                            call.ended(None, tokio::time::Instant::now());
+                            let now = tokio::time::Instant::now();
+                            call.ended(None, now);
                             let status = transport_failure(call.addr(), &*e);
-                            this.finish(status.code(), tokio::time::Instant::now());
+                            this.finish(status.code(), now);
                             Box::new(status)
                         }
                         None => e,
