@@ -44,7 +44,7 @@ async fn a_storm_of_expired_calls_fails_alone_and_keeps_the_connection() {
     for _ in 0..CALLERS {
         let (b, left) = (b.clone(), left.clone());
         tasks.spawn(async move {
-            let mut codes = BTreeMap::<String, usize>::new();
+            let mut codes = BTreeMap::<String, (usize, String)>::new();
             let mut greeter = GreeterClient::new(b);
             let started = tokio::time::Instant::now();
             while left
@@ -68,20 +68,21 @@ async fn a_storm_of_expired_calls_fails_alone_and_keeps_the_connection() {
                     .filter(|c| !c.is_ascii_digit())
                     .take(90)
                     .collect();
-                *codes.entry(key).or_default() += 1;
+                // One whole message per group, to read in a failure.
+                codes.entry(key).or_insert_with(|| (0, code)).0 += 1;
             }
             codes
         });
     }
-    let mut codes = BTreeMap::<String, usize>::new();
+    let mut codes = BTreeMap::<String, (usize, String)>::new();
     while let Some(done) = tasks.join_next().await {
-        for (k, n) in done.unwrap() {
-            *codes.entry(k).or_default() += n;
+        for (k, (n, example)) in done.unwrap() {
+            codes.entry(k).or_insert_with(|| (0, example)).0 += n;
         }
     }
-    let total: usize = codes.values().sum();
+    let total: usize = codes.values().map(|(n, _)| n).sum();
     assert_eq!(total, CALLS, "{codes:?}");
-    let not_deadline: BTreeMap<&String, &usize> = codes
+    let not_deadline: BTreeMap<&String, &(usize, String)> = codes
         .iter()
         .filter(|(k, _)| !k.starts_with("DeadlineExceeded"))
         .collect();
@@ -103,6 +104,11 @@ async fn a_storm_of_expired_calls_fails_alone_and_keeps_the_connection() {
         endpoints[0].last_error.is_none(),
         "{:?}",
         endpoints[0].last_error
+    );
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "the storm cost the connection: the server accepted a second one ({codes:?})"
     );
 }
 
@@ -138,5 +144,109 @@ async fn a_deadline_shorter_than_the_timer_tick_is_never_sent() {
         codes,
         BTreeMap::from([("DeadlineExceeded".to_owned(), 50)]),
         "a call whose deadline passed must never be sent"
+    );
+}
+
+/// HTTP/2 DATA frames a client sent, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct DataFrames {
+    /// Non-final frames with a payload: what h2 (>= 0.4.16) servers charge
+    /// to their small-frame budget.
+    open: usize,
+    /// Empty non-final frames (h2 servers close the connection after 100).
+    empty_open: usize,
+    /// Frames with `END_STREAM`.
+    last: usize,
+}
+
+/// A loopback relay for one connection that reads the client's HTTP/2
+/// frames on their way to `target` and counts its DATA frames.
+async fn frame_counting_relay(target: String) -> (String, Arc<std::sync::Mutex<DataFrames>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let counts = Arc::new(std::sync::Mutex::new(DataFrames::default()));
+    let seen = counts.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut server_rx, &mut client_tx).await });
+        const PREFACE: usize = 24;
+        let mut pending = Vec::new();
+        let mut preface_left = PREFACE;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if server_tx.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            let skip = preface_left.min(pending.len());
+            pending.drain(..skip);
+            preface_left -= skip;
+            // Whole frames: a 9-byte header (24-bit length, type, flags,
+            // stream id), then the payload.
+            while pending.len() >= 9 {
+                let len = usize::from(pending[0]) << 16
+                    | usize::from(pending[1]) << 8
+                    | usize::from(pending[2]);
+                if pending.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (pending[3], pending[4]);
+                if kind == 0 {
+                    let mut c = seen.lock().unwrap();
+                    match (flags & 0x1 != 0, len == 0) {
+                        (true, _) => c.last += 1,
+                        (false, true) => c.empty_open += 1,
+                        (false, false) => c.open += 1,
+                    }
+                }
+                pending.drain(..9 + len);
+            }
+        }
+    });
+    (addr, counts)
+}
+
+/// A unary request is one DATA frame that ends the stream (as grpc-go
+/// sends it), not a small DATA frame and an empty one to end it: h2 servers
+/// (>= 0.4.16) charge every non-final small DATA frame to a budget that a
+/// frame arriving after the server answered never gets back, so a storm of
+/// cancelled unary calls closed the connection (GOAWAY ENHANCE_YOUR_CALM
+/// "too_many_data_frames"). A client stream's messages are non-final by
+/// nature; its last one ends the stream as soon as the caller's sender is
+/// dropped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_request_is_one_data_frame_that_ends_the_stream() {
+    let client = shared().client().await;
+    let svc = unique("frames");
+    let backend = Backend::start("frames");
+    let (relay, frames) = frame_counting_relay(backend.addr.clone()).await;
+    let _reg = common::register_with(&client, &svc, &relay, Metadata::new()).await;
+    let b = Balancer::builder(client.clone(), &svc).build().unwrap();
+    b.wait_for_ready(1, LIMIT).await.unwrap();
+    let mut greeter = GreeterClient::new(b.clone());
+    const CALLS: usize = 20;
+    for _ in 0..CALLS {
+        greeter
+            .say_hello(HelloRequest { name: "x".into() })
+            .await
+            .unwrap();
+    }
+    let seen = *frames.lock().unwrap();
+    assert_eq!(
+        seen,
+        DataFrames {
+            open: 0,
+            empty_open: 0,
+            last: CALLS
+        },
+        "each unary request must be one DATA frame with END_STREAM"
     );
 }

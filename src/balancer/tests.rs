@@ -64,7 +64,7 @@ async fn a_method_config_sets_the_deadline_and_wait_for_ready() {
     // The method's timeout replaces call_timeout...
     let (took, status) = call_path(&b, "/svc.S/M", None).await;
     assert_eq!(took, Duration::from_millis(500));
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     // ...and the call's own deadline wins when earlier.
     let (took, _) = call_path(&b, "/svc.S/M", Some("200m")).await;
     assert_eq!(took, Duration::from_millis(200));
@@ -75,7 +75,7 @@ async fn a_method_config_sets_the_deadline_and_wait_for_ready() {
     assert_eq!(took, Duration::ZERO);
     let (took, status) = call_path(&b, "/svc.W/X", None).await;
     assert_eq!(took, Duration::from_secs(10));
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -98,7 +98,15 @@ async fn a_deadline_shorter_than_the_gate_ends_the_wait() {
     let b = balancer(|b| b.no_endpoint_timeout(Duration::from_secs(3))).await;
     let (took, status) = call(&b, Some("500m")).await;
     assert_eq!(took, Duration::from_millis(500));
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // The deadline ended the wait, so the call says so (as grpc-go's pick
+    // does), and why there was no endpoint.
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("waiting for an endpoint: no instance"),
+        "{status:?}"
+    );
     assert!(!b.failing_fast());
 }
 

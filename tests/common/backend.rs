@@ -4,7 +4,11 @@
 //! report its health.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_stream::StreamExt;
 
 use tonic_etcd::testing::greeter::{FailSwitch, Greeter};
 
@@ -14,6 +18,8 @@ pub struct Backend {
     pub addr: String,
     pub fail: FailSwitch,
     pub health: Option<tonic_health::server::HealthReporter>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -37,20 +43,30 @@ impl Backend {
         if with_health {
             router = router.add_service(health_service);
         }
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            router
-                .serve_with_incoming(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                )
-                .await
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(move |conn| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    conn
+                });
+            router.serve_with_incoming(incoming).await
         });
         Self {
             addr,
             fail,
             health: with_health.then_some(reporter),
+            accepted,
             rt: Some(rt),
         }
+    }
+
+    /// Connections this backend has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     pub fn start(id: &str) -> Self {

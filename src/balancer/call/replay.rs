@@ -176,6 +176,8 @@ impl Replay {
             next: 0,
             inner: None,
             trailers_sent: false,
+            at_end: false,
+            peeked: None,
             timer: None,
         };
         let abort = Abort {
@@ -265,6 +267,13 @@ pub(crate) struct ReplayBody {
     /// The caller's body, while this attempt reads it.
     inner: Option<Inner>,
     trailers_sent: bool,
+    /// Nothing follows the frame just yielded: hyper sends it with
+    /// `END_STREAM` (see [`ReplayBody::is_end_stream`]).
+    at_end: bool,
+    /// A frame read from the caller's body while looking for its end,
+    /// already accounted for (kept for replay, or the body spent), yielded
+    /// next.
+    peeked: Option<Result<Frame<Bytes>, tonic::Status>>,
     /// The call's deadline, armed the first time this body waits.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -325,6 +334,9 @@ impl ReplayBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        if self.at_end {
+            return Poll::Ready(None);
+        }
         if self.inner.is_none() {
             let mut state = self.shared.lock();
             if state.spent {
@@ -336,6 +348,9 @@ impl ReplayBody {
             }
             if let Some(frame) = state.frames.get(self.next) {
                 self.next += 1;
+                self.at_end =
+                    state.ended && state.trailers.is_none() && self.next == state.frames.len();
+                self.trailers_sent |= self.at_end;
                 return Poll::Ready(Some(Ok(Frame::data(frame.clone()))));
             }
             if state.ended {
@@ -351,6 +366,37 @@ impl ReplayBody {
                 None => return Poll::Pending,
             }
         }
+        let next = match self.peeked.take() {
+            Some(peeked) => Poll::Ready(Some(peeked)),
+            None => self.read(cx),
+        };
+        let ready = match next {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => frame,
+            other => return other,
+        };
+        // Look for the end right away: a body that ends with this frame (a
+        // unary request) is sent as one DATA frame with `END_STREAM`, not a
+        // small DATA frame and an empty one to end it. Besides saving a
+        // frame, this keeps unary requests out of h2's small-frame budget
+        // (h2 >= 0.4.16 servers): that budget is charged for every non-final
+        // DATA frame, and never refunded for one that arrives on a stream
+        // the server has already answered and reset (h2 0.4.20), so calls
+        // cancelled in a storm used it up until the server closed the
+        // connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames").
+        if self.inner.is_some() {
+            match self.read(cx) {
+                Poll::Ready(None) => self.at_end = true,
+                Poll::Ready(Some(next)) => self.peeked = Some(next),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Some(Ok(ready)))
+    }
+
+    /// Reads the next frame from the caller's body and accounts for it:
+    /// data kept for replay, trailers kept, the end or a failure told to
+    /// the attempts waiting.
+    fn read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let Some(inner) = self.inner.as_mut() else {
             return Poll::Pending;
         };
@@ -415,8 +461,12 @@ impl Body for ReplayBody {
         }
     }
 
+    /// True once the frame just yielded is the body's last: hyper then
+    /// ends the stream with it. Before the first frame it is not known (the
+    /// caller's body is not polled ahead), so an empty body still ends with
+    /// an empty DATA frame, which is final and costs the server nothing.
     fn is_end_stream(&self) -> bool {
-        false
+        self.at_end
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -527,6 +577,69 @@ mod tests {
         out
     }
 
+    /// Everything a body yields, each with whether the body said it was
+    /// the last (`is_end_stream` right after it, as hyper asks).
+    async fn frames_and_ends(b: &mut ReplayBody) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        while let Some(f) = next(b).await {
+            let f = f.unwrap();
+            let text = match f.into_data() {
+                Ok(d) => String::from_utf8(d.to_vec()).unwrap(),
+                Err(_) => "T".to_owned(),
+            };
+            out.push((text, b.is_end_stream()));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+        /// For any body (data frames, waits between them and before the
+        /// end, trailers or not) every attempt yields the same frames, and
+        /// a body says "last" on its last data frame and nowhere else: when
+        /// no trailers follow and the end came without a wait (the first
+        /// attempt finds it by reading one frame ahead; a replay always
+        /// knows). hyper sends that frame with END_STREAM: a unary request
+        /// is one DATA frame.
+        #[test]
+        fn the_last_frame_and_only_it_ends_the_stream(
+            frames in proptest::collection::vec(("[a-z]{1,3}", proptest::bool::ANY), 1..6),
+            wait_before_end in proptest::bool::ANY,
+            trailers in proptest::bool::ANY,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut script: Vec<Option<&'static str>> = Vec::new();
+                for (text, wait) in &frames {
+                    if *wait {
+                        script.push(None);
+                    }
+                    script.push(Some(Box::leak(text.clone().into_boxed_str())));
+                }
+                if wait_before_end {
+                    script.push(None);
+                }
+                let r = Replay::new(body(script, trailers), limits(1024, 1 << 20), None);
+                let mut expected: Vec<String> = frames.iter().map(|(t, _)| t.clone()).collect();
+                if trailers {
+                    expected.push("T".into());
+                }
+                let last_data = frames.len() - 1;
+                for (attempt, knows_end) in [(1, !wait_before_end), (2, true), (3, true)] {
+                    let (mut b, _abort) = r.body();
+                    let got = frames_and_ends(&mut b).await;
+                    let texts: Vec<&String> = got.iter().map(|(t, _)| t).collect();
+                    assert_eq!(texts, expected.iter().collect::<Vec<_>>(), "attempt {attempt}");
+                    for (i, (_, end)) in got.iter().enumerate() {
+                        let want = i == last_data && !trailers && knows_end;
+                        assert_eq!(*end, want, "attempt {attempt}, frame {i}: {got:?}");
+                    }
+                }
+            });
+        }
+    }
+
     #[tokio::test]
     async fn every_attempt_sends_the_same_body() {
         let r = Replay::new(
@@ -603,7 +716,8 @@ mod tests {
             let f = next(&mut attempt).await;
             assert_eq!(f.unwrap().unwrap().into_data().unwrap(), expected);
         }
-        assert_eq!(l.in_use.load(Ordering::Relaxed), 2, "only what came before");
+        // "ab", and "cd" read with it to see whether "ab" was the last.
+        assert_eq!(l.in_use.load(Ordering::Relaxed), 4, "only what came before");
         drop(attempt);
         assert_eq!(
             l.in_use.load(Ordering::Relaxed),
@@ -615,7 +729,7 @@ mod tests {
     #[tokio::test]
     async fn an_attempt_waits_while_the_previous_one_still_holds_the_body() {
         let r = Replay::new(
-            body(vec![Some("a"), Some("b")], false),
+            body(vec![Some("a"), None, Some("b")], false),
             limits(1024, 1 << 20),
             None,
         );

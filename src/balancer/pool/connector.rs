@@ -46,14 +46,18 @@ pub(super) async fn maintain(
             Ok(conn) => {
                 let since = Instant::now();
                 tracing::debug!(addr = %current.addr, "endpoint connected");
-                if serve(&shared, &cfg, conn, &mut instance, &mut ejections).await {
-                    return shared.forget(&key);
-                }
+                let why = match serve(&shared, &cfg, conn, &mut instance, &mut ejections).await {
+                    Served::Removed => return shared.forget(&key),
+                    Served::Lost(why) => why,
+                };
                 if since.elapsed() >= HEALTHY_LIFETIME {
                     backoff.reset();
                 }
-                tracing::info!(addr = %current.addr, service = %shared.service,
+                let why = why.unwrap_or_else(|| "the connection closed".into());
+                tracing::info!(addr = %current.addr, service = %shared.service, %why,
                     "connection lost; endpoint out of rotation until it reconnects");
+                // Callers that find no endpoint are told why.
+                shared.connection_lost(&current.addr, &why);
             }
             Err(error) => {
                 tracing::debug!(addr = %current.addr, %error, "connect failed");
@@ -78,16 +82,23 @@ struct Ejections {
     ended: Option<Instant>,
 }
 
+/// How a live connection's service ended.
+enum Served {
+    /// The endpoint left etcd.
+    Removed,
+    /// The connection ended (with why, when it failed).
+    Lost(Option<String>),
+}
+
 /// Runs one live connection: in and out of the rotation as its health and
-/// ejections say. Returns `true` when the endpoint was removed, `false` when
-/// the connection ended.
+/// ejections say, until the endpoint is removed or the connection ends.
 async fn serve(
     shared: &Arc<Shared>,
     cfg: &PoolConfig,
     mut conn: super::endpoint::Connection,
     instance: &mut watch::Receiver<Arc<Instance>>,
     ejections: &mut Ejections,
-) -> bool {
+) -> Served {
     let ep = conn.ready.clone();
     let policy = &shared.policy;
     ep.set_instance(instance.borrow_and_update().clone());
@@ -142,10 +153,10 @@ async fn serve(
                         shared.reorder();
                     }
                 }
-                Err(_) => break true,
+                Err(_) => break Served::Removed,
             },
-            _ = &mut conn.driver => break false,
-            () = ep.closed.notified() => break false,
+            ended = &mut conn.driver => break Served::Lost(ended.ok().flatten()),
+            () = ep.closed.notified() => break Served::Lost(None),
             () = ep.outliers.eject.notified(), if ejected_until.is_none() => {
                 ejected_until = eject(shared, &ep, ejections);
                 ep.outliers.clear();

@@ -317,10 +317,10 @@ impl Drop for InFlight {
 }
 
 /// A live connection: the endpoint for the ready set, and the driver task
-/// whose end means the connection is gone.
+/// whose end means the connection is gone (with why, when it failed).
 pub(crate) struct Connection {
     pub(crate) ready: Arc<Ready>,
-    pub(crate) driver: JoinHandle<()>,
+    pub(crate) driver: JoinHandle<Option<String>>,
 }
 
 /// Reset streams h2 remembers per connection, to drop the frames still in
@@ -393,9 +393,14 @@ pub(crate) async fn connect(
         .map_err(|_| timed_out("HTTP/2 handshake"))??;
     let addr = instance.addr.clone();
     let driver = tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::debug!(%addr, %error, "connection ended");
-        }
+        let error = conn.await.err()?;
+        tracing::debug!(%addr, %error, "connection ended");
+        // hyper's error alone says "connection error"; its source says why
+        // (a GOAWAY's reason and debug data, an I/O error).
+        Some(match std::error::Error::source(&error) {
+            Some(why) => format!("{error}: {why}"),
+            None => error.to_string(),
+        })
     });
     // The driver reads the server's preface; until it arrives the server has
     // not shown that it speaks HTTP/2.

@@ -311,6 +311,14 @@ impl Shared {
         self.info.send_modify(|i| i.last_error = Some(msg));
     }
 
+    /// A live connection to `addr` ended: the reason callers that find no
+    /// endpoint are given (the endpoint's own status keeps no error: it
+    /// reconnects at once, as a new subset member would).
+    fn connection_lost(&self, addr: &str, why: &str) {
+        let msg = format!("{addr}: connection lost: {why}");
+        self.info.send_modify(|i| i.last_error = Some(msg));
+    }
+
     /// Endpoint `key` is no longer registered.
     fn forget(&self, key: &str) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());

@@ -120,9 +120,11 @@ pub(super) async fn for_capacity(
     }
 }
 
-/// Waits for an endpoint to join the rotation, or fails with `Unavailable`
-/// saying why there is none. Fails at once while the fail-fast gate is
-/// closed: no endpoint for longer than the no-endpoint timeout.
+/// Waits for an endpoint to join the rotation, or fails saying why there is
+/// none: `DEADLINE_EXCEEDED` when the call's deadline ended the wait (as
+/// grpc-go's pick does), `UNAVAILABLE` otherwise. Fails at once while the
+/// fail-fast gate is closed: no endpoint for longer than the no-endpoint
+/// timeout.
 pub(super) async fn for_endpoint(
     shared: &Shared,
     cfg: &WaitConfig,
@@ -188,7 +190,14 @@ pub(super) async fn for_endpoint(
         ),
     };
     let empty_for = empty_since.map_or(Duration::ZERO, |t| t.elapsed());
-    let gate_closed = fail_fast && Instant::now() >= gate;
+    let now = Instant::now();
+    if deadline.is_some_and(|d| d <= now && (!fail_fast || d <= gate)) {
+        return Err(Box::new(deadline_exceeded(format_args!(
+            "waiting for an endpoint: {reason}; no endpoint in rotation for {} ms",
+            empty_for.as_millis()
+        ))));
+    }
+    let gate_closed = fail_fast && now >= gate;
     if gate_closed {
         crate::metrics::fail_fast(&shared.target, true);
     }
