@@ -250,3 +250,147 @@ async fn a_unary_request_is_one_data_frame_that_ends_the_stream() {
         "each unary request must be one DATA frame with END_STREAM"
     );
 }
+
+/// A greeter whose server stream sends a small message every millisecond
+/// until the client goes away.
+mod trickle {
+    use std::pin::Pin;
+    use std::time::Duration;
+
+    use tonic::{Request, Response, Status};
+    use tonic_etcd::testing::greeter::pb::greeter_server::Greeter;
+    use tonic_etcd::testing::greeter::{HelloReply, HelloRequest};
+
+    pub type Replies = Pin<Box<dyn tokio_stream::Stream<Item = Result<HelloReply, Status>> + Send>>;
+
+    pub struct Trickle;
+
+    #[tonic::async_trait]
+    impl Greeter for Trickle {
+        type SayHelloStreamStream = Replies;
+        type ChatStream = Replies;
+
+        async fn say_hello(
+            &self,
+            _: Request<HelloRequest>,
+        ) -> Result<Response<HelloReply>, Status> {
+            Ok(Response::new(HelloReply::default()))
+        }
+
+        async fn say_hello_stream(
+            &self,
+            _: Request<HelloRequest>,
+        ) -> Result<Response<Replies>, Status> {
+            let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                Duration::from_millis(1),
+            ));
+            Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+                ticks,
+                |_| {
+                    Ok(HelloReply {
+                        message: "x".into(),
+                        server_id: String::new(),
+                    })
+                },
+            ))))
+        }
+
+        async fn chat(
+            &self,
+            _: Request<tonic::Streaming<HelloRequest>>,
+        ) -> Result<Response<Replies>, Status> {
+            Err(Status::unimplemented("chat"))
+        }
+    }
+}
+
+/// Callers that read one message of a server stream and drop it, 3,200
+/// times: the server's next message is often on the wire when the client
+/// resets the stream. h2 (0.4.16 to 0.4.20 at least) charges every such
+/// small DATA frame to the connection's small-frame budget and never
+/// refunds it while it remembers the reset stream, so the client closed its
+/// own connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames") once
+/// enough had arrived over the connection's life: about 10,000 with hyper's
+/// default 5 MB window. The Balancer's h2 forgets a reset stream at once; a
+/// late frame is then answered with a reset and costs nothing. The test
+/// sets a 1 MB window (h2's budget is half of it: about 2,100 late frames)
+/// so that a few thousand dropped streams would do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_drops_its_streams_early_keeps_the_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_stream::StreamExt;
+
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    // Its own runtime thread, as a separate process would have.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    server.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |conn| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                conn
+            });
+        tonic_etcd::server::builder()
+            .add_service(tonic_etcd::testing::greeter::GreeterServer::new(
+                trickle::Trickle,
+            ))
+            .serve_with_incoming(incoming)
+            .await
+    });
+    let client = shared().client().await;
+    let svc = unique("dropped-streams");
+    let _reg = common::register_with(&client, &svc, &addr, Metadata::new()).await;
+    let b = Balancer::builder(client.clone(), &svc)
+        .initial_connection_window_size(1 << 20)
+        .build()
+        .unwrap();
+    b.wait_for_ready(1, LIMIT).await.unwrap();
+
+    const CALLERS: usize = 16;
+    const STREAMS_EACH: usize = 200;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CALLERS {
+        let b = b.clone();
+        tasks.spawn(async move {
+            let mut greeter = GreeterClient::new(b);
+            let mut failures = Vec::new();
+            let started = tokio::time::Instant::now();
+            for _ in 0..STREAMS_EACH {
+                if started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                let mut request = tonic::Request::new(HelloRequest { name: "x".into() });
+                request.set_timeout(Duration::from_secs(5));
+                let first = match greeter.say_hello_stream(request).await {
+                    Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+                    Err(status) => Err(status),
+                };
+                if let Err(status) = first {
+                    failures.push(status.to_string());
+                }
+            }
+            failures
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        failures.extend(done.unwrap());
+    }
+    server.shutdown_background();
+    failures.truncate(3);
+    assert!(failures.is_empty(), "streams failed: {failures:?}");
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        1,
+        "the client closed its connection and opened another"
+    );
+}

@@ -323,9 +323,16 @@ pub(crate) struct Connection {
     pub(crate) driver: JoinHandle<Option<String>>,
 }
 
-/// Reset streams h2 remembers per connection, to drop the frames still in
-/// flight for them (h2's default: 50). A few hundred bytes each.
-const MAX_RESET_STREAMS: usize = 4_096;
+/// Reset streams h2 remembers per connection (h2's default: 50): none. A
+/// remembered stream's late DATA frames are dropped quietly but charged to
+/// h2's small-frame budget (h2 >= 0.4.16) and never refunded, so a client
+/// that cancels calls while their responses are on the wire closed its own
+/// connection after some thousands of them (GOAWAY ENHANCE_YOUR_CALM
+/// "too_many_data_frames"); hyper offers no way to set that budget. A
+/// forgotten stream's late frame is answered with a `RST_STREAM` instead,
+/// which costs the budget nothing and counts toward the local reset limit,
+/// which is off here.
+const MAX_RESET_STREAMS: usize = 0;
 
 /// Connects to `instance` over HTTP/2 (prior knowledge, as gRPC does; over
 /// TLS with ALPN `h2` when configured). Returns once the server's SETTINGS
@@ -369,17 +376,15 @@ pub(crate) async fn connect(
         .adaptive_window(cfg.adaptive_window)
         // A call that ends early (deadline, cancel, a hedge that lost)
         // resets its stream; the server's frames for it keep arriving for
-        // a while. h2 remembers `max_concurrent_reset_streams` such streams
-        // (50 by default) to ignore those frames quietly; past that, each
-        // frame for a forgotten stream makes h2 reset it again and count
-        // the reset toward `max_local_error_reset_streams` (1,024 over the
-        // connection's whole life), after which h2 closes the connection
-        // itself (GOAWAY ENHANCE_YOUR_CALM "too_many_internal_resets"). A
-        // storm of expired calls crossed both and lost the connection for
-        // every call on it. The limit guards a server against a hostile
-        // client; a client's peers here are the registered instances it
-        // chose to call, so it is off, and enough reset streams are
-        // remembered that a storm's late frames are dropped quietly.
+        // a while. Each frame for a stream h2 no longer remembers makes h2
+        // reset it again and count the reset toward
+        // `max_local_error_reset_streams` (1,024 over the connection's whole
+        // life), after which h2 closes the connection itself (GOAWAY
+        // ENHANCE_YOUR_CALM "too_many_internal_resets"): a storm of expired
+        // calls lost the connection for every call on it. The limit guards
+        // a server against a hostile client; a client's peers here are the
+        // registered instances it chose to call, so it is off. Reset
+        // streams are not remembered at all (see `MAX_RESET_STREAMS`).
         .max_concurrent_reset_streams(MAX_RESET_STREAMS)
         .max_local_error_reset_streams(None);
     if let Some(size) = cfg.initial_stream_window_size {
