@@ -499,6 +499,22 @@ async fn the_console_guards_writes_escapes_what_etcd_holds_and_survives_etcd_dow
         .with_writes("short=abc")
         .is_err());
 
+    // A service config stored on one line reads indented and wraps.
+    tonic_etcd::config_store::ConfigStore::new(client.clone())
+        .schema(NamingSchema::with_namespace(&ns).unwrap())
+        .set(
+            "shop",
+            r#"{"methodConfig":[{"name":[{"service":"shop.v1.Shop"}],"timeout":"1s"}]}"#,
+        )
+        .await
+        .unwrap();
+    let (status, page) = http(&rw, "GET", "/service?name=shop", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("{\n  &quot;methodConfig&quot;: [\n    {"),
+        "the config indented: {page}"
+    );
+
     // 1,200 instances: 500 rows a page, three pages.
     let started = Instant::now();
     let (status, page) = http(&rw, "GET", "/service?name=big", &[], "").await;

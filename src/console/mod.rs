@@ -49,7 +49,7 @@ use crate::catalog::{self, Listing};
 use crate::overrides::{Override, OverrideStore};
 use crate::schema::Schema;
 use crate::{Catalog, CatalogEvent, ConfigStore, Error};
-use page::{esc, layout, query, table};
+use page::{esc, esc_document, layout, query, table};
 
 /// Instances per page of a service.
 const PAGE: usize = 500;
@@ -372,6 +372,14 @@ fn recent(c: &Console) -> String {
     out
 }
 
+/// A JSON document indented for reading (as stored, one line, it ran off
+/// the page); what does not parse is shown as stored.
+fn pretty_json(raw: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(raw)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_else(|_| raw.to_owned())
+}
+
 /// The listing of the service a request names, or the answer refusing a
 /// name the schema cannot hold.
 async fn service_listing(c: &Console, q: &ServiceQuery) -> Result<(Listing, String), Response> {
@@ -398,7 +406,7 @@ async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuer
                     esc(&e.to_string())
                 ),
             },
-            esc(&stored.json)
+            esc_document(&pretty_json(&stored.json))
         ),
         Ok(None) => {
             "<p>No service config in etcd: each client's own (from its code) applies.</p>".into()

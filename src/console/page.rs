@@ -11,16 +11,30 @@ use std::fmt::Write as _;
 /// Characters of one value shown before it is cut.
 pub(crate) const MAX_SHOWN: usize = 300;
 
+/// Characters of one document (a service config) shown before it is cut.
+pub(crate) const MAX_DOCUMENT: usize = 16 * 1024;
+
 /// Escapes `s` for HTML text and quoted attribute values, cut to
 /// [`MAX_SHOWN`] characters; control characters are shown escaped.
 pub(crate) fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().min(MAX_SHOWN) + 16);
+    escape(s, MAX_SHOWN, false)
+}
+
+/// Escapes a multi-line document for a `<pre>` block: as [`esc`], but its
+/// line breaks stay line breaks and it is cut at [`MAX_DOCUMENT`].
+pub(crate) fn esc_document(s: &str) -> String {
+    escape(s, MAX_DOCUMENT, true)
+}
+
+fn escape(s: &str, max: usize, lines: bool) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 16);
     for (n, c) in s.chars().enumerate() {
-        if n == MAX_SHOWN {
+        if n == max {
             out.push('…');
             break;
         }
         match c {
+            '\n' if lines => out.push('\n'),
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
@@ -58,6 +72,7 @@ table{border-collapse:collapse;background:#fff;width:100%;margin:8px 0 20px}
 th,td{border-bottom:1px solid #e3e6ea;padding:5px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f5;font-weight:600}
 code,.mono{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
+pre.mono{white-space:pre-wrap;overflow-wrap:anywhere}
 .banner{padding:8px 20px}.bad{background:#fde2e1;color:#8a1c14}.note{background:#fff4d6;color:#6b4e00}.ok{color:#17692c}
 .tag{display:inline-block;border-radius:3px;padding:0 5px;font-size:12px;background:#e3e6ea}
 .drained{background:#ffe0b3}.SERVING{color:#17692c}.warn{color:#8a1c14}
@@ -215,6 +230,14 @@ mod tests {
         let huge = "x".repeat(10_000);
         assert_eq!(esc(&huge).chars().count(), MAX_SHOWN + 1);
         assert_eq!(query("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+        // A document keeps its lines, and nothing else changes.
+        assert_eq!(
+            esc_document("{\n  \"<b>\": 1\u{0}\n}"),
+            "{\n  &quot;&lt;b&gt;&quot;: 1\\u{0}\n}"
+        );
+        assert_eq!(esc_document(&huge).chars().count(), 10_000);
+        let bigger = "x".repeat(MAX_DOCUMENT + 5);
+        assert_eq!(esc_document(&bigger).chars().count(), MAX_DOCUMENT + 1);
     }
 
     #[test]
