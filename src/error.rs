@@ -150,6 +150,15 @@ pub enum Error {
         timeout: Duration,
     },
 
+    /// A server's load reports (its ORCA stream) could not be read.
+    #[error("cannot read the load reports of {addr}: {reason}")]
+    LoadReports {
+        /// The server's address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A background task of this crate is gone (its runtime shut down).
     #[error("the background task is gone: {0}")]
     TaskGone(&'static str),

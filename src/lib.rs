@@ -111,6 +111,7 @@ pub mod error;
 mod etcd;
 pub mod instance;
 pub mod metrics;
+pub mod orca;
 pub mod overrides;
 pub mod rbac;
 pub mod registration;

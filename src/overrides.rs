@@ -204,6 +204,16 @@ impl OverrideStore {
         self
     }
 
+    /// The registered instance of `service` that `id` names (its id, or
+    /// the address of exactly one instance), as etcd lists it now.
+    pub async fn find(&self, service: &str, id: &str) -> Result<Instance, Error> {
+        self.schema.validate_service(service)?;
+        let listing =
+            crate::catalog::list(&self.client, &*self.schema, Some(service), self.timeout).await?;
+        let instances = listing.services.get(service).map_or(&[][..], Vec::as_slice);
+        find(instances, service, id).cloned()
+    }
+
     /// Sets the override of instance `id` of `service` (or of the one
     /// instance with that address), bound to its lease. Fails with
     /// [`Error::UnknownInstance`] when no such instance is registered, and

@@ -98,14 +98,55 @@ pub enum SubsetScheme {
 pub enum LoadBalancing {
     /// The [`Balancer`](crate::Balancer)'s own cost-weighted pick (see its
     /// module docs). `tonic_etcd_cost_weighted` names it; gRPC's
-    /// `round_robin`, `weighted_round_robin`, `least_request_experimental`
-    /// and `pick_first` select it too, so that a config shared with Go
-    /// clients is not refused: it spreads calls at least as well as they do.
+    /// `round_robin`, `least_request_experimental` and `pick_first` select
+    /// it too, so that a config shared with Go clients is not refused: it
+    /// spreads calls at least as well as they do.
     #[default]
     CostWeighted,
+    /// gRPC's weighted round robin (gRFC A58): endpoints weighted by what
+    /// their servers report of their own load (ORCA, gRFC A51), each
+    /// getting calls in proportion to `qps / (utilization + error rate ×
+    /// penalty)`. `weighted_round_robin`.
+    WeightedRoundRobin(WeightedRoundRobinConfig),
     /// Consistent hashing of a request header (gRFC A42/A76), with optional
     /// bounded load. `ring_hash_experimental` (or `ring_hash`).
     RingHash(RingHashConfig),
+}
+
+/// `weighted_round_robin`'s settings (gRFC A58, with its defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WeightedRoundRobinConfig {
+    /// `enableOobLoadReport`: weights from the servers' out-of-band stream
+    /// instead of each response's trailer (default false).
+    pub enable_oob_load_report: bool,
+    /// `oobReportingPeriod`: how often the out-of-band stream reports
+    /// (default 10 s).
+    pub oob_reporting_period: Duration,
+    /// `blackoutPeriod`: how long an endpoint must have reported before its
+    /// weight counts (default 10 s).
+    pub blackout_period: Duration,
+    /// `weightExpirationPeriod`: how long a weight counts without a new
+    /// report (default 3 min).
+    pub weight_expiration_period: Duration,
+    /// `weightUpdatePeriod`: how often the weights are taken anew (default
+    /// 1 s, at least 100 ms).
+    pub weight_update_period: Duration,
+    /// `errorUtilizationPenalty`: how much errors count as utilization
+    /// (default 1, at least 0).
+    pub error_utilization_penalty: f64,
+}
+
+impl Default for WeightedRoundRobinConfig {
+    fn default() -> Self {
+        Self {
+            enable_oob_load_report: false,
+            oob_reporting_period: Duration::from_secs(10),
+            blackout_period: Duration::from_secs(10),
+            weight_expiration_period: Duration::from_secs(180),
+            weight_update_period: Duration::from_secs(1),
+            error_utilization_penalty: 1.0,
+        }
+    }
 }
 
 /// `ring_hash_experimental`'s settings.
@@ -481,9 +522,11 @@ fn load_balancing(value: &Value, at: &str, outer: bool) -> Result<Chosen, Error>
                     subsetting: None,
                 });
             }
+            "weighted_round_robin" => {
+                return Ok(plain(weighted_round_robin(config, &p_at)?));
+            }
             "tonic_etcd_cost_weighted"
             | "round_robin"
-            | "weighted_round_robin"
             | "least_request_experimental"
             | "pick_first" => {
                 object(config, &p_at)?;
@@ -514,6 +557,43 @@ fn subsetting(value: &Value, at: &str, scheme: SubsetScheme) -> Result<Chosen, E
         subsetting: Some(Subsetting { scheme, size }),
         ..child
     })
+}
+
+fn weighted_round_robin(value: &Value, at: &str) -> Result<LoadBalancing, Error> {
+    let obj = object(value, at)?;
+    let mut c = WeightedRoundRobinConfig::default();
+    if let Some(v) = field(obj, "enableOobLoadReport") {
+        c.enable_oob_load_report = v.as_bool().ok_or_else(|| {
+            invalid(
+                &format!("{at}.enableOobLoadReport"),
+                format!("{v} is not true or false"),
+            )
+        })?;
+    }
+    for (name, slot) in [
+        ("oobReportingPeriod", &mut c.oob_reporting_period),
+        ("blackoutPeriod", &mut c.blackout_period),
+        ("weightExpirationPeriod", &mut c.weight_expiration_period),
+        ("weightUpdatePeriod", &mut c.weight_update_period),
+    ] {
+        if let Some(v) = field(obj, name) {
+            *slot = duration(v, &format!("{at}.{name}"))?;
+        }
+    }
+    // As grpc-go: shorter update periods are raised to 100 ms.
+    c.weight_update_period = c.weight_update_period.max(Duration::from_millis(100));
+    if let Some(v) = field(obj, "errorUtilizationPenalty") {
+        c.error_utilization_penalty = v
+            .as_f64()
+            .filter(|p| *p >= 0.0 && p.is_finite())
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{at}.errorUtilizationPenalty"),
+                    format!("{v} is not a number of at least 0"),
+                )
+            })?;
+    }
+    Ok(LoadBalancing::WeightedRoundRobin(c))
 }
 
 fn ring_hash(value: &Value, at: &str) -> Result<(LoadBalancing, HashHeader), Error> {

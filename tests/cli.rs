@@ -1,5 +1,7 @@
 //! The `tonic-etcd` binary against a real etcd.
 
+#[path = "common/backend.rs"]
+mod backend;
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -542,4 +544,95 @@ async fn config_mistakes_are_named_with_their_fix() {
         balancer.service_config().warnings.is_empty().then_some(())
     })
     .await;
+}
+
+/// `drain --wait` follows the instance's own report of its calls in flight
+/// (its ORCA stream): too short a wait fails naming the method still
+/// running; a long enough one returns within a second of the last call's
+/// end (the server reports the moment it goes idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_returns_when_the_last_call_ends() {
+    use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
+    let client = shared().client().await;
+    let ns = unique("cli-drain-wait");
+    let backend = backend::Backend::start_slow("127.0.0.1:0", "slow", Duration::from_secs(3));
+    let _reg = Registration::builder(client.clone())
+        .schema(tonic_etcd::NamingSchema::with_namespace(&ns).unwrap())
+        .service("greeter")
+        .id("one")
+        .addr(&backend.addr)
+        .register()
+        .await
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", backend.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        let r = GreeterClient::new(channel)
+            .say_hello(HelloRequest { name: "x".into() })
+            .await;
+        (r, std::time::Instant::now())
+    });
+    // The call is in flight once the server says so.
+    let mut reports = Box::pin(
+        tonic_etcd::orca::watch(&backend.addr, Duration::from_secs(1), LIMIT)
+            .await
+            .unwrap(),
+    );
+    let mut in_flight = false;
+    for _ in 0..5 {
+        let r = tokio_stream::StreamExt::next(&mut reports)
+            .await
+            .unwrap()
+            .unwrap();
+        if r.in_flight() == Some(1) {
+            in_flight = true;
+            break;
+        }
+    }
+    assert!(in_flight, "the call never showed as in flight");
+    drop(reports);
+
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (cli(&args), std::time::Instant::now())
+        })
+    };
+    let args = |wait: &str| -> Vec<String> {
+        [
+            "--namespace",
+            &ns,
+            "drain",
+            "greeter",
+            "one",
+            "--wait",
+            "--wait-timeout",
+            wait,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (out, _) = run(args("0.5")).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("still has calls in flight") && err.contains("/greeter.v1.Greeter/SayHello"),
+        "{err}"
+    );
+
+    let waiting = run(args("20"));
+    let (answered, ended) = call.await.unwrap();
+    answered.unwrap();
+    let (out, returned) = waiting.await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("no call in flight"), "{text}");
+    let after = returned.saturating_duration_since(ended);
+    assert!(
+        after < Duration::from_secs(1),
+        "returned {after:?} after the last call ended"
+    );
 }

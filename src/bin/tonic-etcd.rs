@@ -118,6 +118,15 @@ enum Command {
         service: String,
         /// The instance id (see `list`).
         id: String,
+        /// Then wait until the instance reports no call in flight (its
+        /// ORCA load stream, which servers built on tonic-etcd's
+        /// `server::builder` serve); fail at --wait-timeout naming the
+        /// methods still running.
+        #[arg(long)]
+        wait: bool,
+        /// The longest --wait, in seconds.
+        #[arg(long, default_value_t = 60.0, requires = "wait")]
+        wait_timeout: f64,
     },
     /// Put a drained instance back into traffic (removes its override).
     Undrain {
@@ -342,12 +351,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             listen,
             allow_writes,
         } => console(client, schema, &listen, allow_writes, timeout).await,
-        Command::Drain { service, id } => {
+        Command::Drain {
+            service,
+            id,
+            wait,
+            wait_timeout,
+        } => {
             let store = OverrideStore::new(client, schema).request_timeout(timeout);
             store
                 .set(&service, &id, &Override::drain(operator(&g)))
                 .await?;
             println!("drained {id} of {service}: Balancers send it no new calls");
+            if wait {
+                let instance = store.find(&service, &id).await?;
+                let limit = Duration::from_secs_f64(wait_timeout.max(0.0));
+                wait_idle(&instance.addr, limit, timeout).await?;
+            }
             Ok(())
         }
         Command::Undrain { service, id } => {
@@ -519,6 +538,59 @@ async fn config(
                 eprintln!("no service config for {service} in etcd");
             }
             Ok(())
+        }
+    }
+}
+
+/// Waits until the server at `addr` reports no call in flight, printing
+/// what still runs as it changes; fails at `limit` naming it.
+async fn wait_idle(addr: &str, limit: Duration, timeout: Duration) -> Result<(), Failure> {
+    use tokio_stream::StreamExt;
+    let started = tokio::time::Instant::now();
+    let deadline = started + limit;
+    let mut reports = Box::pin(
+        tonic_etcd::orca::watch(addr, tonic_etcd::server::MIN_REPORT_INTERVAL, timeout).await?,
+    );
+    let mut shown = String::new();
+    loop {
+        let report = match tokio::time::timeout_at(deadline, reports.next()).await {
+            Err(_) => {
+                return Err(Failure(format!(
+                    "{addr} still has calls in flight after {limit:?}: {}",
+                    if shown.is_empty() { "unknown" } else { &shown }
+                )))
+            }
+            Ok(None) => return Err(Failure(format!("{addr} closed its load stream"))),
+            Ok(Some(Err(status))) => {
+                return Err(Failure(format!(
+                    "{addr}'s load stream failed: {}: {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Ok(Some(Ok(report))) => report,
+        };
+        let Some(in_flight) = report.in_flight() else {
+            return Err(Failure(format!(
+                "{addr} reports its load without its calls in flight (not a tonic-etcd server?)"
+            )));
+        };
+        if in_flight == 0 {
+            println!(
+                "{addr}: no call in flight ({:.1} s after the drain)",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        let now: Vec<String> = report
+            .in_flight_by_method()
+            .into_iter()
+            .map(|(method, n)| format!("{n} {method}"))
+            .collect();
+        let now = format!("{in_flight} in flight ({})", now.join(", "));
+        if now != shown {
+            println!("{addr}: {now}");
+            shown = now;
         }
     }
 }

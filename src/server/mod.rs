@@ -63,10 +63,12 @@ use crate::Error;
 
 mod deadline;
 mod drain;
+mod load;
 
 pub use deadline::{Deadline, DeadlineFuture, DeadlineLayer};
 use drain::Connections;
 pub use drain::Draining;
+pub use load::{Load, LoadFuture, LoadLayer, LoadReporter, MIN_REPORT_INTERVAL};
 
 /// While draining, how often the server says what it still waits for.
 const DRAIN_REPORT: Duration = Duration::from_secs(5);
@@ -80,9 +82,13 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// the connection (hyper's default: 20).
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 4_096;
 
-/// What [`builder`] returns: tonic's server builder with [`DeadlineLayer`].
+/// What [`builder`] returns: tonic's server builder with [`LoadLayer`]
+/// outside [`DeadlineLayer`].
 pub type ServerBuilder = tonic::transport::Server<
-    tower::layer::util::Stack<DeadlineLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        DeadlineLayer,
+        tower::layer::util::Stack<LoadLayer, tower::layer::util::Identity>,
+    >,
 >;
 
 /// A tonic server builder with the HTTP/2 settings this crate's clients
@@ -100,13 +106,22 @@ pub type ServerBuilder = tonic::transport::Server<
 /// [`MAX_PENDING_ACCEPT_RESET_STREAMS`]: the memory a pending reset stream
 /// holds is small, and the peers are the clients of one's own fleet. It
 /// also sets `TCP_NODELAY`, without which a new connection's first call
-/// waits about 40 ms, and answers calls whose deadline passed with
+/// waits about 40 ms, answers calls whose deadline passed with
 /// `DEADLINE_EXCEEDED` as grpc-go's server does, where tonic's says
-/// `CANCELLED` ([`DeadlineLayer`]).
+/// `CANCELLED` ([`DeadlineLayer`]), and reports the server's load the gRPC
+/// way (ORCA: a trailer on every response and an out-of-band stream,
+/// [`LoadLayer`]); [`builder_with_load`] reports into a [`LoadReporter`]
+/// the application keeps, to add metrics of its own.
 pub fn builder() -> ServerBuilder {
+    builder_with_load(LoadReporter::new())
+}
+
+/// [`builder`], reporting into `load`.
+pub fn builder_with_load(load: LoadReporter) -> ServerBuilder {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .layer(LoadLayer::new(load))
         .layer(DeadlineLayer)
 }
 

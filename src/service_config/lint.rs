@@ -89,8 +89,7 @@ const SUBSETTING: Fields = Fields {
 /// gRPC's fields of the policies this crate maps onto its cost-weighted
 /// pick: valid, without effect here.
 const WEIGHTED: Fields = Fields {
-    read: &[],
-    ignored: &[
+    read: &[
         "enableOobLoadReport",
         "oobReportingPeriod",
         "blackoutPeriod",
@@ -98,6 +97,7 @@ const WEIGHTED: Fields = Fields {
         "weightUpdatePeriod",
         "errorUtilizationPenalty",
     ],
+    ignored: &[],
 };
 const LEAST_REQUEST: Fields = Fields {
     read: &[],

@@ -32,6 +32,53 @@ pub struct Greeter {
     attempts: Arc<std::sync::Mutex<Vec<u32>>>,
     /// `SayHello` calls cancelled by their client before the reply.
     cancelled: Arc<AtomicU64>,
+    /// A limited capacity: the delay is work a worker does.
+    workers: Option<Arc<Workers>>,
+}
+
+/// A pool of workers that does each call's work (the greeter's delay), and
+/// reports the share of its time it spends working as the server's
+/// application utilization (ORCA): a backend of known capacity, `workers /
+/// delay` calls a second, whose load reports say how close to it it is.
+struct Workers {
+    permits: tokio::sync::Semaphore,
+    n: usize,
+    load: crate::server::LoadReporter,
+    /// Worker time spent so far, µs.
+    busy_us: AtomicU64,
+    /// Where the current measuring window began, and `busy_us` then.
+    window: std::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Workers {
+    /// Utilization is measured over windows of at least this.
+    const WINDOW: Duration = Duration::from_millis(200);
+
+    /// Reports the share of worker time spent working since the window
+    /// began, once the window is long enough.
+    fn report(&self) {
+        let now = tokio::time::Instant::now();
+        let busy = self.busy_us.load(Ordering::Relaxed);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(w.0);
+        if elapsed < Self::WINDOW {
+            return;
+        }
+        let capacity_us = elapsed.as_micros() as f64 * self.n as f64;
+        let utilization = busy.saturating_sub(w.1) as f64 / capacity_us;
+        // Never 0: weighted round robin reads 0 as "no report".
+        self.load
+            .set_application_utilization(utilization.max(0.001));
+        *w = (now, busy);
+    }
 }
 
 /// Makes a [`Greeter`] fail calls with a status, or answer again.
@@ -109,7 +156,24 @@ impl Greeter {
             draining: None,
             attempts: Arc::default(),
             cancelled: Arc::default(),
+            workers: None,
         }
+    }
+
+    /// Gives it `n` workers: each `SayHello` waits for a free one, which
+    /// then does the call's delay as work; the share of worker time spent
+    /// working is reported as `load`'s application utilization. Serve it
+    /// with [`server::builder_with_load`](crate::server::builder_with_load)`(load)`.
+    #[must_use]
+    pub fn with_workers(mut self, n: usize, load: crate::server::LoadReporter) -> Self {
+        self.workers = Some(Arc::new(Workers {
+            permits: tokio::sync::Semaphore::new(n.max(1)),
+            n: n.max(1),
+            load,
+            busy_us: AtomicU64::new(0),
+            window: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+        }));
+        self
     }
 
     /// `SayHello` calls its clients cancelled (reset) before it replied.
@@ -248,7 +312,19 @@ impl pb::greeter_server::Greeter for Greeter {
             rand::rng().random_bool(p.clamp(0.0, 1.0)).then_some(d)
         });
         let delay = self.delay + spike.unwrap_or_default();
-        if !delay.is_zero() {
+        if let Some(workers) = &self.workers {
+            let _worker = workers
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| Status::unavailable("no workers"))?;
+            let started = tokio::time::Instant::now();
+            tokio::time::sleep(delay).await;
+            workers
+                .busy_us
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            workers.report();
+        } else if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         cancelled.1 = true;

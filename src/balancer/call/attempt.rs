@@ -88,6 +88,11 @@ async fn exchange(
         ))));
     }
     let mut in_flight = ep.start(at);
+    // Weighted round robin weighs endpoints by their servers' reports.
+    // Out of band reports are not read yet: the per-call ones stand in.
+    if let Some(wrr) = plan.wrr {
+        in_flight.read_load_reports(wrr.error_utilization_penalty);
+    }
     let send = ep.sender().try_send_request(request);
     // One timer per call: it bounds the response headers here and then
     // moves into the body.
@@ -131,6 +136,7 @@ async fn exchange(
                     ))
                 }));
             };
+            in_flight.load_report(response.headers());
             let outcome = match response.status() {
                 http::StatusCode::OK => Outcome::of(code, in_flight.policy()),
                 _ => Outcome::Failure,

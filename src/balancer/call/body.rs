@@ -27,6 +27,8 @@ pub(crate) trait Tracked {
     fn expired(self);
     /// The endpoint's address, for errors that name it.
     fn addr(&self) -> &str;
+    /// The call's trailers arrived (a load report may be in them).
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
 
 impl Tracked for InFlight {
@@ -44,6 +46,10 @@ impl Tracked for InFlight {
 
     fn addr(&self) -> &str {
         InFlight::addr(self)
+    }
+
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        self.load_report(trailers);
     }
 }
 
@@ -159,6 +165,9 @@ where
                         // The trailers end the call: it leaves the endpoint's
                         // load now, not when the caller drops the stream.
                         if let Some(mut call) = this.in_flight.take() {
+                            if let Some(trailers) = f.trailers_ref() {
+                                call.trailers(trailers);
+                            }
                             call.ended(Some(code), now);
                         }
                         this.abort.take();

@@ -105,6 +105,10 @@ pub(crate) async fn call(
             }),
             _ => None,
         },
+        wrr: match config.load_balancing {
+            LoadBalancing::WeightedRoundRobin(wrr) => Some(wrr),
+            _ => None,
+        },
     };
     request
         .headers_mut()

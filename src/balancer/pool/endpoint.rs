@@ -117,6 +117,8 @@ pub(crate) struct Ready {
     /// queue calls on this connection, so the balancer sends them elsewhere.
     max_streams: usize,
     pub(crate) load: Load,
+    /// The weight its server's load reports give it (weighted round robin).
+    pub(crate) reported: super::orca::ReportedWeight,
     pub(crate) outliers: Tracker,
     pub(crate) policy: Arc<Policy>,
     weight: AtomicU32,
@@ -217,6 +219,7 @@ impl Ready {
             started,
             settled: false,
             awaiting: true,
+            reports: None,
         }
     }
 }
@@ -248,9 +251,31 @@ pub(crate) struct InFlight {
     settled: bool,
     /// Still waiting for the response headers (the call ages).
     awaiting: bool,
+    /// Under weighted round robin with per-call reports: the error
+    /// utilization penalty the report's weight is worked out with.
+    reports: Option<f64>,
 }
 
 impl InFlight {
+    /// Reads the server's load report at the call's end (weighted round
+    /// robin), weighing errors by `penalty`.
+    pub(crate) fn read_load_reports(&mut self, penalty: f64) {
+        self.reports = Some(penalty);
+    }
+
+    /// Takes the load report in `headers` (the trailers, or the headers of
+    /// a trailers-only answer), when reports are read.
+    pub(crate) fn load_report(&self, headers: &http::HeaderMap) {
+        let Some(penalty) = self.reports else {
+            return;
+        };
+        if let Some(report) = crate::orca::OrcaLoadReport::from_headers(headers) {
+            self.ep
+                .reported
+                .update(&report, penalty, self.ep.load.now());
+        }
+    }
+
     /// The response headers arrived: the call stops ageing and, with
     /// `sample`, their latency feeds the estimate (not for failures: errors
     /// come back fast and would make a failing backend look the fastest).
@@ -442,6 +467,7 @@ pub(crate) async fn connect(
         authority,
         max_streams,
         load: Load::new(policy.load),
+        reported: Default::default(),
         outliers: Tracker::default(),
         joined_at: AtomicU64::new(0),
         policy,

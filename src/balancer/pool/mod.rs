@@ -14,6 +14,7 @@ pub(crate) mod connector;
 pub(crate) mod endpoint;
 pub(crate) mod health;
 pub(crate) mod load;
+mod orca;
 pub(crate) mod outlier;
 mod preface;
 pub(crate) mod reconcile;

@@ -20,6 +20,7 @@
 pub(crate) mod ring_hash;
 mod wait;
 mod weighted;
+mod wrr;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 
 use super::error::BoxError;
 use super::pool::{Ready, Shared};
-use crate::service_config::HashHeader;
+use crate::service_config::{HashHeader, WeightedRoundRobinConfig};
 pub(crate) use ring_hash::RingPlan;
 pub(crate) use wait::WaitConfig;
 
@@ -41,9 +42,11 @@ pub(crate) struct Plan {
     /// Fail at once while no endpoint is in rotation (false: gRPC's
     /// wait-for-ready, until the deadline).
     pub(crate) fail_fast: bool,
-    /// Under ring hash, the call's key and the ring's settings; else the
-    /// cost-weighted pick.
+    /// Under ring hash, the call's key and the ring's settings.
     pub(crate) ring: Option<RingPlan>,
+    /// Under weighted round robin, its settings. Neither: the cost-weighted
+    /// pick.
+    pub(crate) wrr: Option<WeightedRoundRobinConfig>,
 }
 
 /// One policy's choice.
@@ -68,6 +71,7 @@ pub(crate) struct Router {
     pub(crate) pool: Arc<Shared>,
     pub(crate) wait: WaitConfig,
     rings: ring_hash::Rings,
+    wrr: wrr::Wrr,
     /// Calls under ring hash that lacked the configured hash header, and
     /// when that was last logged (ms since `since`, +1; 0: never).
     unkeyed: (AtomicU64, AtomicU64),
@@ -89,6 +93,7 @@ impl Router {
             pool,
             wait,
             rings: ring_hash::Rings::default(),
+            wrr: wrr::Wrr::new(),
             unkeyed: Default::default(),
             since: Instant::now(),
         }
@@ -132,13 +137,14 @@ impl Router {
         loop {
             let now = pool.policy.load.now();
             let ready = pool.ready();
-            let found = match &plan.ring {
-                Some(r) => self.rings.ring(pool, &ready, r.config).pick(
+            let found = match (&plan.ring, &plan.wrr) {
+                (Some(r), _) => self.rings.ring(pool, &ready, r.config).pick(
                     r.hash,
                     r.config.hash_balance_factor,
                     avoid,
                 ),
-                None => weighted::pick(&ready, ready.local, avoid, now),
+                (None, Some(w)) => self.wrr.pick(&ready, w, avoid, now),
+                (None, None) => weighted::pick(&ready, ready.local, avoid, now),
             };
             match found {
                 Pick::Endpoint(ep) => return Ok(Picked { ep, at: now }),

@@ -1,0 +1,294 @@
+//! Backends of unequal capacity: does each get calls in proportion to what
+//! it can do? Weighted round robin on the servers' own load reports (ORCA,
+//! gRFC A51/A58) against the Balancer's cost-weighted pick and tonic's
+//! balanced channel, all fed by the same etcd discovery.
+//!
+//! Four greeter backends, each with a pool of workers: a call takes a
+//! worker for 5 ms of work (waiting in line when all are busy). Two have 8
+//! workers (1,600 calls/s each), two have 4 (800 calls/s): capacity shares
+//! 1/3, 1/3, 1/6, 1/6. Each server reports, as its application utilization,
+//! the share of its workers' time spent working (over the last 200 ms or
+//! more), and its calls per second: weighted round robin's weight,
+//! `qps / utilization`, is then its capacity.
+//!
+//! Open loop at 80 % of the total capacity (`BENCH_LOAD_PERCENT`), each call
+//! with a 1 s deadline, latency from its scheduled start. Variants run in
+//! alternating short rounds (`BENCH_ROUNDS` × `BENCH_ROUND_MS`, default
+//! 4 × 4,000 ms) after a warm-up of 4 s each (weighted round robin's
+//! blackout is set to 2 s here, its default is 10 s). Reported: each
+//! backend's call share beside its capacity share, the largest relative
+//! error, p50/p99 latency, failures, and the process's CPU per call (client
+//! and the four servers: they share the process). Writes
+//! `target/bench/capacity.json`.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::Request;
+use tonic_etcd::server::LoadReporter;
+use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::Etcd;
+use tonic_etcd::{Balancer, ChannelBuilder, Registration, ServiceConfig};
+
+use support::{ms, setting, table, write_json};
+
+const SERVICE: &str = "capacity.v1.Greeter";
+const WORK: Duration = Duration::from_millis(5);
+const WORKERS: [usize; 4] = [8, 8, 4, 4];
+const DEADLINE: Duration = Duration::from_secs(1);
+
+/// Serves a greeter with `workers` workers doing [`WORK`] per call on a
+/// runtime of its own; its address.
+fn serve(id: String, workers: usize) -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap().to_string();
+    let load = LoadReporter::new();
+    let greeter = Greeter::new(id)
+        .with_delay(WORK)
+        .with_workers(workers, load.clone());
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        tonic_etcd::server::builder_with_load(load)
+            .add_service(greeter.into_service())
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await
+    });
+    (addr, rt)
+}
+
+type Call = Arc<
+    dyn Fn() -> Pin<Box<dyn std::future::Future<Output = Result<String, tonic::Code>> + Send>>
+        + Send
+        + Sync,
+>;
+
+fn caller<T>(svc: T) -> Call
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
+    T::Future: Send,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    Arc::new(move || {
+        let mut client = GreeterClient::new(svc.clone());
+        let mut request = Request::new(HelloRequest { name: "x".into() });
+        request.set_timeout(DEADLINE);
+        Box::pin(async move {
+            client
+                .say_hello(request)
+                .await
+                .map(|r| r.into_inner().server_id)
+                .map_err(|s| s.code())
+        })
+    })
+}
+
+/// `rate` calls a second for `length`, each on a task of its own at its
+/// scheduled time; (latency from schedule, outcome) per call.
+async fn round(
+    call: &Call,
+    rate: u64,
+    length: Duration,
+) -> Vec<(Duration, Result<String, tonic::Code>)> {
+    let n = (rate as f64 * length.as_secs_f64()) as u64;
+    let start = Instant::now() + Duration::from_millis(5);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let outcome = call().await;
+            (scheduled.elapsed(), outcome)
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("call task"));
+    }
+    out
+}
+
+/// Process CPU time so far (every thread).
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[derive(Default)]
+struct Totals {
+    latencies: Vec<Duration>,
+    by_backend: BTreeMap<String, u64>,
+    failed: u64,
+    cpu: Duration,
+}
+
+fn main() {
+    let rounds = setting("BENCH_ROUNDS", 4, 1) as usize;
+    let round_ms = setting("BENCH_ROUND_MS", 4_000, 300);
+    let warm_ms = setting("BENCH_WARM_MS", 4_000, 300);
+    let percent = setting("BENCH_LOAD_PERCENT", 80, 80);
+    let etcd = Etcd::start();
+    let rt = support::runtime();
+    let capacity: f64 = WORKERS.iter().map(|w| *w as f64 / WORK.as_secs_f64()).sum();
+    let rate = (capacity * percent as f64 / 100.0) as u64;
+    let shares: Vec<f64> = WORKERS
+        .iter()
+        .map(|w| *w as f64 / WORKERS.iter().sum::<usize>() as f64)
+        .collect();
+    let (servers, _registrations, variants) = rt.block_on(async {
+        let client = etcd.client().await;
+        let mut servers = Vec::new();
+        let mut registrations = Vec::new();
+        for (i, w) in WORKERS.iter().enumerate() {
+            let (addr, server_rt) = serve(format!("b{i}-{w}w"), *w);
+            registrations.push(
+                Registration::builder(client.clone())
+                    .service(SERVICE)
+                    .addr(&addr)
+                    .register()
+                    .await
+                    .unwrap(),
+            );
+            servers.push(server_rt);
+        }
+        let wrr = ServiceConfig::from_json(
+            r#"{"loadBalancingConfig":[{"weighted_round_robin":{"blackoutPeriod":"2s"}}]}"#,
+        )
+        .unwrap();
+        let weighted = Balancer::builder(client.clone(), SERVICE)
+            .service_config(wrr)
+            .build()
+            .unwrap();
+        let cost = Balancer::builder(client.clone(), SERVICE).build().unwrap();
+        let tonic_channel = ChannelBuilder::new(client.clone(), SERVICE)
+            .build()
+            .unwrap();
+        weighted
+            .wait_for_ready(4, Duration::from_secs(30))
+            .await
+            .unwrap();
+        cost.wait_for_ready(4, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let variants: Vec<(&str, Call)> = vec![
+            ("balancer, weighted_round_robin", caller(weighted)),
+            ("balancer, cost-weighted (default)", caller(cost)),
+            ("etcd_channel (tonic)", caller(tonic_channel)),
+        ];
+        (servers, registrations, variants)
+    });
+    // Warm-up: connections, estimates, and weighted round robin's blackout.
+    rt.block_on(async {
+        for (_, call) in &variants {
+            round(call, rate, Duration::from_millis(warm_ms)).await;
+        }
+    });
+    let mut totals: Vec<Totals> = variants.iter().map(|_| Totals::default()).collect();
+    for _ in 0..rounds {
+        for (i, (_, call)) in variants.iter().enumerate() {
+            let cpu = process_cpu();
+            let results = rt.block_on(round(call, rate, Duration::from_millis(round_ms)));
+            let t = &mut totals[i];
+            t.cpu += process_cpu().saturating_sub(cpu);
+            for (latency, outcome) in results {
+                t.latencies.push(latency);
+                match outcome {
+                    Ok(id) => *t.by_backend.entry(id).or_default() += 1,
+                    Err(_) => t.failed += 1,
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let mut json = serde_json::Map::new();
+    for ((name, _), t) in variants.iter().zip(totals.iter_mut()) {
+        t.latencies.sort();
+        let n = t.latencies.len().max(1);
+        let at = |q: f64| t.latencies[((t.latencies.len() - 1) as f64 * q).round() as usize];
+        let answered: u64 = t.by_backend.values().sum();
+        let got: Vec<f64> = (0..WORKERS.len())
+            .map(|i| {
+                let id = format!("b{i}-{}w", WORKERS[i]);
+                *t.by_backend.get(&id).unwrap_or(&0) as f64 / answered.max(1) as f64
+            })
+            .collect();
+        let worst = got
+            .iter()
+            .zip(&shares)
+            .map(|(g, s)| (g - s).abs() / s)
+            .fold(0.0, f64::max);
+        let cpu_us_per_call = t.cpu.as_secs_f64() * 1e6 / n as f64;
+        rows.push(vec![
+            name.to_string(),
+            got.iter()
+                .map(|g| format!("{:.1}", g * 100.0))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            format!("{:.1} %", worst * 100.0),
+            ms(at(0.5)),
+            ms(at(0.99)),
+            t.failed.to_string(),
+            format!("{cpu_us_per_call:.0}"),
+        ]);
+        json.insert(
+            name.to_string(),
+            serde_json::json!({
+                "shares": got,
+                "capacity_shares": shares,
+                "worst_share_error": worst,
+                "p50_ms": at(0.5).as_secs_f64() * 1e3,
+                "p99_ms": at(0.99).as_secs_f64() * 1e3,
+                "failed": t.failed,
+                "calls": n,
+                "process_cpu_us_per_call": cpu_us_per_call,
+            }),
+        );
+    }
+    table(
+        &format!(
+            "capacity: four backends of 8, 8, 4 and 4 workers (5 ms a call; capacity shares \
+             33.3 / 33.3 / 16.7 / 16.7 %), open loop at {percent} % of capacity ({rate} calls/s), \
+             {rounds} rounds x {round_ms} ms per variant"
+        ),
+        &[
+            "variant",
+            "call shares %",
+            "worst share error",
+            "p50 ms",
+            "p99 ms",
+            "failed",
+            "process CPU us/call",
+        ],
+        &rows,
+    );
+    json.insert("rate".into(), rate.into());
+    json.insert("load_percent".into(), percent.into());
+    write_json("capacity", &serde_json::Value::Object(json));
+    drop(variants);
+    for s in servers {
+        s.shutdown_background();
+    }
+}
