@@ -4,18 +4,25 @@
 //! balanced channel, all fed by the same etcd discovery.
 //!
 //! Four greeter backends, each with a pool of workers: a call takes a
-//! worker for 5 ms of work (waiting in line when all are busy). Two have 8
-//! workers (1,600 calls/s each), two have 4 (800 calls/s): capacity shares
-//! 1/3, 1/3, 1/6, 1/6. Each server reports, as its application utilization,
-//! the share of its workers' time spent working (over the last 200 ms or
-//! more), and its calls per second: weighted round robin's weight,
-//! `qps / utilization`, is then its capacity.
+//! worker for 5 ms of work (a timer wait, which tokio rounds up: the bench
+//! measures what it really takes and computes the capacity from that),
+//! waiting in line when all are busy. Two have 8 workers, two have 4:
+//! capacity shares 1/3, 1/3, 1/6, 1/6. Each server reports, as its
+//! application utilization, the share of its workers' time spent working
+//! over the last second or more, and its calls per second over the same
+//! span: weighted round robin's weight, `qps / utilization`, is then its
+//! capacity. (Over 200 ms windows the utilization was noisy enough that
+//! the weights missed by 13 % and a small backend queued: p99 1 s.)
 //!
 //! Open loop at 80 % of the total capacity (`BENCH_LOAD_PERCENT`), each call
 //! with a 1 s deadline, latency from its scheduled start. Variants run in
 //! alternating short rounds (`BENCH_ROUNDS` × `BENCH_ROUND_MS`, default
 //! 4 × 4,000 ms) after a warm-up of 4 s each (weighted round robin's
-//! blackout is set to 2 s here, its default is 10 s). Reported: each
+//! blackout is set to 2 s here, its default is 10 s); before each round the
+//! backends' queues empty and their rate windows turn over, so that no
+//! variant pays for the one before (tonic's even split overloads the small
+//! backends), and 2 s of calls go unmeasured (`BENCH_LEAD_MS`): the servers'
+//! rates are over windows of a second and more. Reported: each
 //! backend's call share beside its capacity share, the largest relative
 //! error, p50/p99 latency, failures, and the process's CPU per call (client
 //! and the four servers: they share the process). Writes
@@ -44,8 +51,8 @@ const WORKERS: [usize; 4] = [8, 8, 4, 4];
 const DEADLINE: Duration = Duration::from_secs(1);
 
 /// Serves a greeter with `workers` workers doing [`WORK`] per call on a
-/// runtime of its own; its address.
-fn serve(id: String, workers: usize) -> (String, tokio::runtime::Runtime) {
+/// runtime of its own; its address, runtime and load reporter.
+fn serve(id: String, workers: usize) -> (String, tokio::runtime::Runtime, LoadReporter) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -58,6 +65,7 @@ fn serve(id: String, workers: usize) -> (String, tokio::runtime::Runtime) {
     let greeter = Greeter::new(id)
         .with_delay(WORK)
         .with_workers(workers, load.clone());
+    let reporter = load.clone();
     rt.spawn(async move {
         let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         tonic_etcd::server::builder_with_load(load)
@@ -67,7 +75,18 @@ fn serve(id: String, workers: usize) -> (String, tokio::runtime::Runtime) {
             )
             .await
     });
-    (addr, rt)
+    (addr, rt, reporter)
+}
+
+/// Waits until no backend has a call in flight (a variant that overloads
+/// one leaves a queue the next would pay for), then for the servers' rate
+/// windows (1 s) to turn over. Bounded: 10 s at most.
+async fn settle(loads: &[LoadReporter]) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while loads.iter().any(|l| l.in_flight() > 0) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
 }
 
 type Call = Arc<
@@ -149,21 +168,33 @@ fn main() {
     let rounds = setting("BENCH_ROUNDS", 4, 1) as usize;
     let round_ms = setting("BENCH_ROUND_MS", 4_000, 300);
     let warm_ms = setting("BENCH_WARM_MS", 4_000, 300);
+    let lead_ms = setting("BENCH_LEAD_MS", 2_000, 100);
     let percent = setting("BENCH_LOAD_PERCENT", 80, 80);
     let etcd = Etcd::start();
     let rt = support::runtime();
-    let capacity: f64 = WORKERS.iter().map(|w| *w as f64 / WORK.as_secs_f64()).sum();
+    // The work is a timer wait, which tokio rounds up to its next 1 ms
+    // tick: the capacity is what the workers really do, measured.
+    let work = rt.block_on(async {
+        let started = Instant::now();
+        for _ in 0..100 {
+            tokio::time::sleep(WORK).await;
+        }
+        started.elapsed() / 100
+    });
+    let capacity: f64 = WORKERS.iter().map(|w| *w as f64 / work.as_secs_f64()).sum();
     let rate = (capacity * percent as f64 / 100.0) as u64;
     let shares: Vec<f64> = WORKERS
         .iter()
         .map(|w| *w as f64 / WORKERS.iter().sum::<usize>() as f64)
         .collect();
-    let (servers, _registrations, variants) = rt.block_on(async {
+    let (servers, loads, _registrations, variants) = rt.block_on(async {
         let client = etcd.client().await;
         let mut servers = Vec::new();
+        let mut loads = Vec::new();
         let mut registrations = Vec::new();
         for (i, w) in WORKERS.iter().enumerate() {
-            let (addr, server_rt) = serve(format!("b{i}-{w}w"), *w);
+            let (addr, server_rt, load) = serve(format!("b{i}-{w}w"), *w);
+            loads.push(load);
             registrations.push(
                 Registration::builder(client.clone())
                     .service(SERVICE)
@@ -198,17 +229,24 @@ fn main() {
             ("balancer, cost-weighted (default)", caller(cost)),
             ("etcd_channel (tonic)", caller(tonic_channel)),
         ];
-        (servers, registrations, variants)
+        (servers, loads, registrations, variants)
     });
     // Warm-up: connections, estimates, and weighted round robin's blackout.
     rt.block_on(async {
         for (_, call) in &variants {
             round(call, rate, Duration::from_millis(warm_ms)).await;
+            settle(&loads).await;
         }
     });
     let mut totals: Vec<Totals> = variants.iter().map(|_| Totals::default()).collect();
     for _ in 0..rounds {
         for (i, (_, call)) in variants.iter().enumerate() {
+            rt.block_on(async {
+                settle(&loads).await;
+                // Unmeasured lead-in: the servers' reports cover windows of
+                // a second and more, which the pause emptied.
+                round(call, rate, Duration::from_millis(lead_ms)).await;
+            });
             let cpu = process_cpu();
             let results = rt.block_on(round(call, rate, Duration::from_millis(round_ms)));
             let t = &mut totals[i];
@@ -269,9 +307,10 @@ fn main() {
     }
     table(
         &format!(
-            "capacity: four backends of 8, 8, 4 and 4 workers (5 ms a call; capacity shares \
-             33.3 / 33.3 / 16.7 / 16.7 %), open loop at {percent} % of capacity ({rate} calls/s), \
-             {rounds} rounds x {round_ms} ms per variant"
+            "capacity: four backends of 8, 8, 4 and 4 workers ({:.2} ms of work a call; capacity \
+             shares 33.3 / 33.3 / 16.7 / 16.7 %), open loop at {percent} % of capacity ({rate} \
+             calls/s), {rounds} rounds x {round_ms} ms per variant",
+            work.as_secs_f64() * 1e3
         ),
         &[
             "variant",
@@ -285,6 +324,7 @@ fn main() {
         &rows,
     );
     json.insert("rate".into(), rate.into());
+    json.insert("work_ms".into(), (work.as_secs_f64() * 1e3).into());
     json.insert("load_percent".into(), percent.into());
     write_json("capacity", &serde_json::Value::Object(json));
     drop(variants);

@@ -17,7 +17,8 @@
 //! Instruction counts do not depend on what else the machine is doing.
 //! The child serves until its stdin closes. Needs no etcd: nothing of the
 //! server's request path touches it. Writes `target/bench/server_cpu.json`.
-//! Settings: `BENCH_CALLS` (N, default 2,000), `BENCH_ROUNDS`.
+//! Settings: `BENCH_CALLS` (N, default 2,000), `BENCH_ROUNDS`,
+//! `BENCH_CALLGRIND_DIR` (keep each profile there as `<variant>-<calls>.out`).
 
 #[path = "support/mod.rs"]
 mod support;
@@ -157,7 +158,18 @@ fn serve_and_call(rt: &tokio::runtime::Runtime, variant: &str, n: usize, counted
     // The channel is gone: closing stdin lets the server shut down at once.
     drop(child.stdin.take());
     let output = child.wait_with_output().expect("the server's exit");
-    let _ = std::fs::remove_file(&out_file);
+    // BENCH_CALLGRIND_DIR keeps each profile, for `callgrind_annotate`.
+    match std::env::var_os("BENCH_CALLGRIND_DIR") {
+        Some(dir) => {
+            let _ = std::fs::rename(
+                &out_file,
+                std::path::Path::new(&dir).join(format!("{variant}-{n}.out")),
+            );
+        }
+        None => {
+            let _ = std::fs::remove_file(&out_file);
+        }
+    }
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),

@@ -17,7 +17,6 @@
 //! health-checking client or an operator's `drain --wait` would otherwise
 //! keep "calls in flight" above zero for ever.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,8 +85,10 @@ struct Shared {
     answered: AtomicU64,
     failed: AtomicU64,
     /// Calls in flight per method path (entries stay once seen: a server
-    /// has a fixed set of methods).
-    methods: Mutex<HashMap<Arc<str>, u64>>,
+    /// has a fixed set of methods). A call finds its method's counter under
+    /// the read lock, by comparing paths (a handful, no hashing), and ends
+    /// with one atomic decrement.
+    methods: std::sync::RwLock<Vec<Arc<Method>>>,
     app: Mutex<AppMetrics>,
     window: Mutex<Window>,
     /// The trailer value shared by calls ending within [`SHARED_FOR`].
@@ -101,7 +102,7 @@ impl Default for Shared {
             idle: tokio::sync::watch::Sender::new(()),
             answered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            methods: Mutex::default(),
+            methods: std::sync::RwLock::default(),
             app: Mutex::default(),
             window: Mutex::default(),
             shared_header: Mutex::default(),
@@ -185,11 +186,17 @@ impl LoadReporter {
             .named_metrics
             .insert(IN_FLIGHT.to_owned(), self.in_flight() as f64);
         if per_method {
-            for (path, n) in lock(&self.shared.methods).iter() {
-                if *n > 0 {
+            let methods = self
+                .shared
+                .methods
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            for m in methods.iter() {
+                let n = m.in_flight.load(Ordering::Relaxed);
+                if n > 0 {
                     report
                         .named_metrics
-                        .insert(format!("{IN_FLIGHT_METHOD}{path}"), *n as f64);
+                        .insert(format!("{IN_FLIGHT_METHOD}{}", m.path), n as f64);
                 }
             }
         }
@@ -242,17 +249,50 @@ impl LoadReporter {
     /// Counts a call to `path` in flight until the returned guard ends it.
     fn start(&self, path: &str) -> CallGuard {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut methods = lock(&self.shared.methods);
-        let method = match methods.get_key_value(path) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(path),
-        };
-        *methods.entry(method.clone()).or_insert(0) += 1;
-        drop(methods);
+        let method = self.method(path);
+        method.in_flight.fetch_add(1, Ordering::Relaxed);
         CallGuard {
             reporter: self.clone(),
             method,
         }
+    }
+
+    /// The counter of method `path`, made at its first call. A server has
+    /// few methods, but paths come from clients: past [`MAX_METHODS`] the
+    /// rest share one counter under `other`.
+    fn method(&self, path: &str) -> Arc<Method> {
+        let find = |methods: &[Arc<Method>]| methods.iter().find(|m| &*m.path == path).cloned();
+        if let Some(m) = find(
+            &self
+                .shared
+                .methods
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        ) {
+            return m;
+        }
+        let mut methods = self
+            .shared
+            .methods
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = find(&methods) {
+            return m;
+        }
+        let path = if methods.len() < MAX_METHODS {
+            path
+        } else {
+            "other"
+        };
+        if let Some(m) = methods.iter().find(|m| &*m.path == path) {
+            return m.clone();
+        }
+        let m = Arc::new(Method {
+            path: path.into(),
+            in_flight: AtomicU64::new(0),
+        });
+        methods.push(m.clone());
+        m
     }
 }
 
@@ -276,10 +316,20 @@ fn parse_cpu(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 1_000 / USER_HZ))
 }
 
+/// Methods counted one by one; calls to others count under `other` (the
+/// paths come from clients, and the list is scanned on every call).
+const MAX_METHODS: usize = 64;
+
+/// One method's calls in flight.
+struct Method {
+    path: Box<str>,
+    in_flight: AtomicU64,
+}
+
 /// One counted call; ends it when finished or dropped (cancelled).
 struct CallGuard {
     reporter: LoadReporter,
-    method: Arc<str>,
+    method: Arc<Method>,
 }
 
 impl CallGuard {
@@ -298,10 +348,12 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let shared = &self.reporter.shared;
-        if let Some(n) = lock(&shared.methods).get_mut(&*self.method) {
-            *n = n.saturating_sub(1);
-        }
-        if shared.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+        self.method.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Told only to an out-of-band stream that listens: notifying costs a
+        // lock and a wake-up round, and on a lightly loaded server every
+        // call is the last one in flight.
+        if shared.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 && shared.idle.receiver_count() > 0
+        {
             shared.idle.send_replace(());
         }
     }

@@ -59,8 +59,10 @@ impl std::fmt::Debug for Workers {
 }
 
 impl Workers {
-    /// Utilization is measured over windows of at least this.
-    const WINDOW: Duration = Duration::from_millis(200);
+    /// Utilization is measured over windows of at least this, as the
+    /// server's calls per second are: over 200 ms windows it was noisy
+    /// enough to throw weighted round robin's weights off by 13 %.
+    const WINDOW: Duration = Duration::from_secs(1);
 
     /// Reports the share of worker time spent working since the window
     /// began, once the window is long enough.
