@@ -28,18 +28,25 @@
 //! and the four servers: they share the process). Writes
 //! `target/bench/capacity.json`.
 
+#[path = "support/backends.rs"]
+mod backends;
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
+#[path = "../tests/common/pki.rs"]
+mod pki;
+#[path = "../tests/common/proxy.rs"]
+mod proxy;
 #[path = "support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
+use backends::{caller, round, Call};
+use cpu::cpu_time;
 use tokio::time::Instant;
-use tonic::Request;
 use tonic_etcd::server::LoadReporter;
-use tonic_etcd::testing::greeter::{Greeter, GreeterClient, HelloRequest};
+use tonic_etcd::testing::greeter::Greeter;
 use tonic_etcd::testing::Etcd;
 use tonic_etcd::{Balancer, ChannelBuilder, Registration, ServiceConfig};
 
@@ -87,73 +94,6 @@ async fn settle(loads: &[LoadReporter]) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-}
-
-type Call = Arc<
-    dyn Fn() -> Pin<Box<dyn std::future::Future<Output = Result<String, tonic::Code>> + Send>>
-        + Send
-        + Sync,
->;
-
-fn caller<T>(svc: T) -> Call
-where
-    T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + Sync + 'static,
-    T::Future: Send,
-    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error:
-        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
-{
-    Arc::new(move || {
-        let mut client = GreeterClient::new(svc.clone());
-        let mut request = Request::new(HelloRequest { name: "x".into() });
-        request.set_timeout(DEADLINE);
-        Box::pin(async move {
-            client
-                .say_hello(request)
-                .await
-                .map(|r| r.into_inner().server_id)
-                .map_err(|s| s.code())
-        })
-    })
-}
-
-/// `rate` calls a second for `length`, each on a task of its own at its
-/// scheduled time; (latency from schedule, outcome) per call.
-async fn round(
-    call: &Call,
-    rate: u64,
-    length: Duration,
-) -> Vec<(Duration, Result<String, tonic::Code>)> {
-    let n = (rate as f64 * length.as_secs_f64()) as u64;
-    let start = Instant::now() + Duration::from_millis(5);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let scheduled = start + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(scheduled).await;
-        let call = call.clone();
-        tasks.push(tokio::spawn(async move {
-            let outcome = call().await;
-            (scheduled.elapsed(), outcome)
-        }));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.expect("call task"));
-    }
-    out
-}
-
-/// Process CPU time so far (every thread).
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 #[derive(Default)]
@@ -225,16 +165,16 @@ fn main() {
             .await
             .unwrap();
         let variants: Vec<(&str, Call)> = vec![
-            ("balancer, weighted_round_robin", caller(weighted)),
-            ("balancer, cost-weighted (default)", caller(cost)),
-            ("etcd_channel (tonic)", caller(tonic_channel)),
+            ("balancer, weighted_round_robin", caller(weighted, Some(DEADLINE))),
+            ("balancer, cost-weighted (default)", caller(cost, Some(DEADLINE))),
+            ("etcd_channel (tonic)", caller(tonic_channel, Some(DEADLINE))),
         ];
         (servers, loads, registrations, variants)
     });
     // Warm-up: connections, estimates, and weighted round robin's blackout.
     rt.block_on(async {
         for (_, call) in &variants {
-            round(call, rate, Duration::from_millis(warm_ms)).await;
+            round(call, rate, Duration::from_millis(warm_ms), None).await;
             settle(&loads).await;
         }
     });
@@ -245,12 +185,12 @@ fn main() {
                 settle(&loads).await;
                 // Unmeasured lead-in: the servers' reports cover windows of
                 // a second and more, which the pause emptied.
-                round(call, rate, Duration::from_millis(lead_ms)).await;
+                round(call, rate, Duration::from_millis(lead_ms), None).await;
             });
-            let cpu = process_cpu();
-            let results = rt.block_on(round(call, rate, Duration::from_millis(round_ms)));
+            let cpu = cpu_time();
+            let results = rt.block_on(round(call, rate, Duration::from_millis(round_ms), None));
             let t = &mut totals[i];
-            t.cpu += process_cpu().saturating_sub(cpu);
+            t.cpu += cpu_time().saturating_sub(cpu);
             for (latency, outcome) in results {
                 t.latencies.push(latency);
                 match outcome {

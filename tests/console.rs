@@ -274,6 +274,22 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     })
     .await;
     assert!(probed.starts_with("UNIMPLEMENTED"), "{probed}");
+    // Its traffic, from the server's own load report (ORCA).
+    let traffic = eventually(LIMIT, "the traffic column filled", || async {
+        let t = browser
+            .find(Locator::Css("tr[data-id='one'] td[data-traffic]"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        t.contains("in flight").then_some(t)
+    })
+    .await;
+    assert!(
+        traffic.contains("/s") && traffic.contains("CPU"),
+        "{traffic}"
+    );
 
     // A new instance appears without a reload.
     let _r3 = register(&client, &ns, "three", &three.addr, Metadata::new()).await;
@@ -318,6 +334,17 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
         assert_ne!(who, "one", "a drained instance got a call");
     }
     appears(&browser, "tr[data-id='one'] .drained").await;
+    // The drain is in the live list, with who made it.
+    let live = text_of(&browser, "#live").await;
+    assert!(live.contains("drain by ") && live.contains("one"), "{live}");
+    // The page follows the drained instance's calls in flight until none
+    // is left (the Balancer sends it nothing now).
+    let idle = eventually(LIMIT, "the drain's countdown ended", || async {
+        let t = text_of(&browser, "#result").await;
+        t.contains("idle").then_some(t)
+    })
+    .await;
+    assert!(idle.contains("one drained and idle"), "{idle}");
 
     let png = browser.screenshot().await.unwrap();
     // Cargo's own directory for files tests write: it exists wherever the

@@ -204,19 +204,13 @@ async fn follow(console: Arc<Console>) {
                     CatalogEvent::Insert { instance, .. } => ("insert", instance),
                     CatalogEvent::Remove { instance, .. } => ("remove", instance),
                 };
-                let e = serde_json::json!({
+                console.publish(serde_json::json!({
                     "kind": kind,
                     "at": clock(now_ms()),
                     "service": instance.service,
                     "id": instance.id,
                     "addr": instance.addr,
-                });
-                {
-                    let mut recent = console.recent.lock().unwrap_or_else(|p| p.into_inner());
-                    recent.push_front(e.clone());
-                    recent.truncate(RECENT);
-                }
-                let _ = console.events.send(e);
+                }));
             }
             changed = status.changed() => {
                 if changed.is_err() { return; }
@@ -233,6 +227,17 @@ async fn follow(console: Arc<Console>) {
 }
 
 impl Console {
+    /// Adds `e` to the live list: kept for pages opened later, sent to
+    /// those open now.
+    fn publish(&self, e: serde_json::Value) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.push_front(e.clone());
+            recent.truncate(RECENT);
+        }
+        let _ = self.events.send(e);
+    }
+
     /// A fresh listing, or the last one with the reason etcd did not answer.
     async fn listing(&self, service: Option<&str>) -> (Listing, String) {
         match catalog::list(&self.client, &*self.schema, service, self.timeout).await {
@@ -450,6 +455,7 @@ async fn service_page(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuer
                 "Registered at rev",
                 "Override",
                 "Health",
+                "Traffic",
                 ""
             ],
             &rows,
@@ -541,7 +547,7 @@ async fn service_rows(
             rows,
             "<tr data-id=\"{id}\"><td class=\"mono\">{id}</td><td class=\"mono\">{addr}</td><td class=\"mono\">{meta}</td>\
              <td>{weight}</td><td>{zone}</td><td class=\"mono\">{lease}</td><td>{ttl}</td><td>{rev}</td><td>{over}</td>\
-             <td data-probe=\"{id}\">probing…</td><td>{actions}</td></tr>",
+             <td data-probe=\"{id}\">probing…</td><td data-traffic=\"{id}\"></td><td>{actions}</td></tr>",
             id = esc(&i.id),
             addr = esc(&i.addr),
             meta = if i.metadata.is_null() { String::new() } else { esc(&i.metadata.to_string()) },
@@ -575,7 +581,10 @@ async fn health(State(c): State<Arc<Console>>, Query(q): Query<ServiceQuery>) ->
     let mut out = BTreeMap::new();
     for (id, p) in probe_all(instances, PROBE_TIMEOUT).await {
         let ms = format!("{:.1}", p.latency.as_secs_f64() * 1e3);
-        out.insert(id, serde_json::json!({"status": p.status, "ms": ms}));
+        out.insert(
+            id,
+            serde_json::json!({"status": p.status, "ms": ms, "traffic": p.traffic}),
+        );
     }
     Json(out).into_response()
 }
@@ -718,6 +727,18 @@ async fn set_override(
         Ok(()) => {
             tracing::info!(%who, service = %req.service, id = %req.id, action = %req.action,
                 weight = ?req.weight, "console write");
+            // Into the live list of every open page, as a registry change.
+            let kind = match (req.action.as_str(), req.weight) {
+                ("weight", Some(w)) => format!("weight {w} by {who}"),
+                (action, _) => format!("{action} by {who}"),
+            };
+            c.publish(serde_json::json!({
+                "kind": kind,
+                "at": clock(now_ms()),
+                "service": req.service,
+                "id": req.id,
+                "addr": "",
+            }));
             (
                 StatusCode::OK,
                 format!("{} {} by {who}: done", req.action, req.id),

@@ -132,6 +132,10 @@ function paint() {
     cell.textContent = p.status + ' ' + p.ms + ' ms';
     cell.className = p.status;
   }
+  for (const cell of document.querySelectorAll('td[data-traffic]')) {
+    const p = probed[cell.dataset.traffic];
+    if (p) cell.textContent = p.traffic || 'not reported';
+  }
   // A row that arrived since the last round is probed now.
   if (unprobed && Object.keys(probed).length > 0 && !probing) probe();
 }
@@ -151,7 +155,31 @@ function act(action, id, weight) {
   fetch('/api/override', {method: 'POST',
     headers: {'content-type': 'application/json', 'authorization': 'Bearer ' + (token ? token.value : '')},
     body: JSON.stringify({service: document.body.dataset.service, id: id, action: action, weight: weight})})
-    .then(r => r.text().then(t => { out.textContent = t; refresh(); }));
+    .then(r => r.text().then(t => {
+      out.textContent = t; refresh();
+      if (r.ok && action === 'drain') watchDrain(id);
+    }));
+}
+// After a drain: the instance's calls in flight, from its load report,
+// every second until none is left (for two minutes at most).
+let watching = null;
+function watchDrain(id) {
+  watching = id;
+  const out = document.getElementById('result');
+  let ticks = 0;
+  const tick = () => {
+    if (watching !== id || ticks++ > 120) return;
+    const p = probed[id];
+    if (p && p.traffic && p.traffic.startsWith('0 in flight')) {
+      out.textContent = id + ' drained and idle: no call in flight';
+      watching = null;
+      return;
+    }
+    if (p && p.traffic) out.textContent = id + ' drained, waiting: ' + p.traffic;
+    if (!probing) probe();
+    setTimeout(tick, 1000);
+  };
+  tick();
 }
 document.addEventListener('click', (ev) => {
   const b = ev.target.closest('button[data-action]');
