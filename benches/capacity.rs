@@ -165,9 +165,18 @@ fn main() {
             .await
             .unwrap();
         let variants: Vec<(&str, Call)> = vec![
-            ("balancer, weighted_round_robin", caller(weighted, Some(DEADLINE))),
-            ("balancer, cost-weighted (default)", caller(cost, Some(DEADLINE))),
-            ("etcd_channel (tonic)", caller(tonic_channel, Some(DEADLINE))),
+            (
+                "balancer, weighted_round_robin",
+                caller(weighted, Some(DEADLINE)),
+            ),
+            (
+                "balancer, cost-weighted (default)",
+                caller(cost, Some(DEADLINE)),
+            ),
+            (
+                "etcd_channel (tonic)",
+                caller(tonic_channel, Some(DEADLINE)),
+            ),
         ];
         (servers, loads, registrations, variants)
     });

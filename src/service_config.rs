@@ -106,8 +106,8 @@ pub enum LoadBalancing {
     /// gRPC's weighted round robin (gRFC A58): endpoints weighted by what
     /// their servers report of their own load (ORCA, gRFC A51), each
     /// getting calls in proportion to `qps / (utilization + error rate ×
-    /// penalty)`. `weighted_round_robin`. The per-call reports are read
-    /// (also with `enableOobLoadReport`, whose stream is not used yet).
+    /// penalty)`. `weighted_round_robin`: from each response's report, or
+    /// with `enableOobLoadReport` from one stream per connection.
     WeightedRoundRobin(WeightedRoundRobinConfig),
     /// Consistent hashing of a request header (gRFC A42/A76), with optional
     /// bounded load. `ring_hash_experimental` (or `ring_hash`).

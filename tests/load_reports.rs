@@ -189,12 +189,27 @@ impl Drop for Stops {
     }
 }
 
-/// Weighted round robin (gRFC A58) on the servers' own reports: two
-/// backends, one with twice the workers of the other, get calls in
-/// proportion to their capacity (2:1) once the weights are in; before any
-/// report counts (the blackout), it is plain round robin (1:1).
+/// Weighted round robin (gRFC A58) on the servers' own reports, the
+/// per-call ones: two backends, one with twice the workers of the other,
+/// get calls in proportion to their capacity (2:1) once the weights are in;
+/// before any report counts (the blackout), it is plain round robin (1:1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_the_servers_capacity() {
+    wrr_follows_capacity(r#"{"blackoutPeriod":"1s","weightUpdatePeriod":"0.1s"}"#).await;
+}
+
+/// The same from the out-of-band stream (`enableOobLoadReport`), where the
+/// per-call reports are not read: red when the stream is not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_follows_out_of_band_reports() {
+    wrr_follows_capacity(
+        r#"{"enableOobLoadReport":true,"oobReportingPeriod":"1s",
+            "blackoutPeriod":"1s","weightUpdatePeriod":"0.1s"}"#,
+    )
+    .await;
+}
+
+async fn wrr_follows_capacity(wrr: &str) {
     use std::collections::HashMap;
     let client = shared().client().await;
     let svc = unique("wrr");
@@ -203,10 +218,9 @@ async fn weighted_round_robin_follows_the_servers_capacity() {
     let (small, _small_rt) = capacity_backend("small", 4, work);
     let _r1 = common::register_with(&client, &svc, &big, Metadata::new()).await;
     let _r2 = common::register_with(&client, &svc, &small, Metadata::new()).await;
-    let config = tonic_etcd::ServiceConfig::from_json(
-        r#"{"loadBalancingConfig":[{"weighted_round_robin":{
-            "blackoutPeriod":"1s","weightUpdatePeriod":"0.1s"}}]}"#,
-    )
+    let config = tonic_etcd::ServiceConfig::from_json(&format!(
+        r#"{{"loadBalancingConfig":[{{"weighted_round_robin":{wrr}}}]}}"#
+    ))
     .unwrap();
     let b = Balancer::builder(client.clone(), &svc)
         .service_config(config)

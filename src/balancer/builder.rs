@@ -520,6 +520,8 @@ impl BalancerBuilder {
         let shared = Arc::new(Shared::new(self.service, policy, etcd));
         let shared_for_pool = shared.clone();
         let router = Arc::new(Router::new(shared, self.wait));
+        let (config_tx, config_rx) =
+            tokio::sync::watch::channel(ServiceConfigStatus::builder(self.service_config.clone()));
         let cfg = Arc::new(PoolConfig {
             conn: self.conn,
             filter: self.filter.unwrap_or_else(|| Arc::new(|_: &Instance| true)),
@@ -527,9 +529,8 @@ impl BalancerBuilder {
             backoff_max: self.backoff_max,
             health_check: self.health_check,
             registry: self.registry,
+            service_config: config_rx.clone(),
         });
-        let (config_tx, config_rx) =
-            tokio::sync::watch::channel(ServiceConfigStatus::builder(self.service_config.clone()));
         self.calls.config = config_rx.clone();
         let pool_config = config_rx.clone();
         let (config_task, first_read) = match config {

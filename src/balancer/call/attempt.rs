@@ -88,9 +88,9 @@ async fn exchange(
         ))));
     }
     let mut in_flight = ep.start(at);
-    // Weighted round robin weighs endpoints by their servers' reports.
-    // Out of band reports are not read yet: the per-call ones stand in.
-    if let Some(wrr) = plan.wrr {
+    // Weighted round robin weighs endpoints by their servers' reports:
+    // each response's, unless they come out of band (`pool::orca`).
+    if let Some(wrr) = plan.wrr.filter(|w| !w.enable_oob_load_report) {
         in_flight.read_load_reports(wrr.error_utilization_penalty);
     }
     let send = ep.sender().try_send_request(request);

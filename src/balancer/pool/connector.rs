@@ -115,6 +115,11 @@ async fn serve(
             health_tx,
         )))
     });
+    // Weighted round robin's out-of-band reports, while configured.
+    let _reports = AbortOnDrop(tokio::spawn(super::orca::follow(
+        ep.clone(),
+        cfg.service_config.clone(),
+    )));
     let mut ejected_until: Option<Instant> = None;
     let mut in_rotation = false;
     let mut state = None;

@@ -25,9 +25,10 @@ use crate::backoff::Backoff;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Calls on one endpoint's connection, outside the balancer.
+/// Calls on one endpoint's connection, outside the balancer (health
+/// checks, load reports).
 #[derive(Clone)]
-struct OnConnection(Arc<Ready>);
+pub(super) struct OnConnection(pub(super) Arc<Ready>);
 
 impl Service<http::Request<tonic::body::Body>> for OnConnection {
     type Response = http::Response<hyper::body::Incoming>;

@@ -14,9 +14,17 @@
 //! blackout included, as in grpc-go.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::orca::OrcaLoadReport;
-use crate::service_config::WeightedRoundRobinConfig;
+use tokio::sync::watch;
+
+use super::endpoint::Ready;
+use super::health::OnConnection;
+use crate::backoff::Backoff;
+use crate::orca::{OrcaLoadReport, OrcaLoadReportRequest, OOB_PATH};
+use crate::service_config::{LoadBalancing, WeightedRoundRobinConfig};
+use crate::ServiceConfigStatus;
 
 /// One endpoint's reported weight (all µs on the pool's `Load` clock).
 #[derive(Debug, Default)]
@@ -73,6 +81,89 @@ impl ReportedWeight {
             return 0.0;
         }
         f64::from_bits(self.weight.load(Ordering::Relaxed))
+    }
+}
+
+/// Out-of-band reports (A58's `enableOobLoadReport`): while the service
+/// config asks for them, one `StreamCoreMetrics` stream on `ep`'s
+/// connection, at `oobReportingPeriod`, feeds its weight. Otherwise it
+/// waits for the config to change, costing nothing. A stream that ends is
+/// opened again with back-off (reset by every report); a server without
+/// the service (`UNIMPLEMENTED`) is not asked again until the config
+/// changes. Runs until aborted (the connection's end).
+pub(crate) async fn follow(ep: Arc<Ready>, mut config: watch::Receiver<ServiceConfigStatus>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        let wanted = match &config.borrow_and_update().config.load_balancing {
+            LoadBalancing::WeightedRoundRobin(w) if w.enable_oob_load_report => Some(*w),
+            _ => None,
+        };
+        let Some(wrr) = wanted else {
+            if config.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let status = tokio::select! {
+            status = stream(&ep, &wrr, &mut backoff) => status,
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if status.code() == tonic::Code::Unimplemented {
+            tracing::warn!(addr = %ep.addr(),
+                "the server does not stream its load reports (weighted_round_robin \
+                 with enableOobLoadReport): its weight stays unknown");
+            if config.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tracing::debug!(addr = %ep.addr(), %status, "load report stream ended");
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One out-of-band stream: feeds `ep`'s weight until the stream ends.
+async fn stream(
+    ep: &Arc<Ready>,
+    wrr: &WeightedRoundRobinConfig,
+    backoff: &mut Backoff,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(OnConnection(ep.clone()));
+    if let Err(e) = grpc.ready().await {
+        return tonic::Status::unavailable(e.to_string());
+    }
+    let request = tonic::Request::new(OrcaLoadReportRequest {
+        report_interval: Some(wrr.oob_reporting_period.into()),
+        request_cost_names: Vec::new(),
+    });
+    let codec = tonic_prost::ProstCodec::<OrcaLoadReportRequest, OrcaLoadReport>::default();
+    let path = http::uri::PathAndQuery::from_static(OOB_PATH);
+    let mut reports = match grpc.server_streaming(request, path, codec).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match reports.message().await {
+            Ok(Some(report)) => {
+                backoff.reset();
+                ep.reported
+                    .update(&report, wrr.error_utilization_penalty, ep.load.now());
+            }
+            Ok(None) => return tonic::Status::unavailable("the load report stream ended"),
+            Err(status) => return status,
+        }
     }
 }
 

@@ -211,4 +211,7 @@ pub(crate) struct PoolConfig {
     /// Where coordinated subsetting registers this client (a balancer
     /// over etcd only).
     pub(crate) registry: Option<subset::Registry>,
+    /// The service config in force: each connection streams its server's
+    /// load reports while it asks for them.
+    pub(crate) service_config: watch::Receiver<ServiceConfigStatus>,
 }
