@@ -104,7 +104,7 @@ impl Override {
 
     /// Reads an override back; fields that do not parse are left out (with
     /// a warning), so a hand-edited value never disturbs the rest.
-    fn from_metadata(m: &Metadata) -> Self {
+    pub(crate) fn from_metadata(m: &Metadata) -> Self {
         let weight = m.get("weight").and_then(|w| match w.parse::<u32>() {
             Ok(w) if (1..=10_000).contains(&w) => Some(w),
             _ => {

@@ -335,8 +335,11 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     }
     appears(&browser, "tr[data-id='one'] .drained").await;
     // The drain is in the live list, with who made it.
-    let live = text_of(&browser, "#live").await;
-    assert!(live.contains("drain by ") && live.contains("one"), "{live}");
+    eventually(LIMIT, "the drain in the live list", || async {
+        let live = text_of(&browser, "#live").await;
+        (live.contains("drain by ") && live.contains("one")).then_some(())
+    })
+    .await;
     // The page follows the drained instance's calls in flight until none
     // is left (the Balancer sends it nothing now).
     let idle = eventually(LIMIT, "the drain's countdown ended", || async {
@@ -345,6 +348,20 @@ async fn the_console_shows_the_registry_live_and_drains_from_the_page() {
     })
     .await;
     assert!(idle.contains("one drained and idle"), "{idle}");
+    // A weight set elsewhere (here: from code, as the CLI does) shows too.
+    tonic_etcd::OverrideStore::new(client.clone(), NamingSchema::with_namespace(&ns).unwrap())
+        .set(
+            "shop",
+            "two",
+            &tonic_etcd::Override::weight(3, "code:test").unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually(LIMIT, "the weight in the live list", || async {
+        let live = text_of(&browser, "#live").await;
+        live.contains("weight 3 by code:test").then_some(())
+    })
+    .await;
 
     let png = browser.screenshot().await.unwrap();
     // Cargo's own directory for files tests write: it exists wherever the

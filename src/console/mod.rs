@@ -183,8 +183,33 @@ fn clock(ms: u128) -> String {
     )
 }
 
-/// Follows the registry (every service) and etcd's reachability, and
-/// publishes both to open pages.
+/// The next change of the overrides, if they are followed.
+async fn next_override(overrides: &mut Option<Catalog>) -> Option<CatalogEvent> {
+    match overrides {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How an override change reads in the live list.
+fn override_kind(event: &CatalogEvent) -> (String, &crate::Instance) {
+    match event {
+        CatalogEvent::Insert { instance, .. } => {
+            let o = Override::from_metadata(&instance.metadata);
+            let by = if o.by.is_empty() { "operator" } else { &o.by };
+            let kind = match (o.drain, o.weight) {
+                (true, _) => format!("drain by {by}"),
+                (false, Some(w)) => format!("weight {w} by {by}"),
+                (false, None) => format!("override by {by}"),
+            };
+            (kind, instance)
+        }
+        CatalogEvent::Remove { instance, .. } => ("override removed".into(), instance),
+    }
+}
+
+/// Follows the registry (every service), the operators' overrides and
+/// etcd's reachability, and publishes them to open pages.
 async fn follow(console: Arc<Console>) {
     let built = Catalog::builder(console.client.clone())
         .schema(console.schema.clone())
@@ -194,6 +219,18 @@ async fn follow(console: Arc<Console>) {
         Ok(c) => c,
         Err(e) => return tracing::warn!(error = %e, "console: no live updates"),
     };
+    // Drains and weights, whoever made them (the CLI, another console,
+    // code): their own keys, followed as the registry is.
+    let mut overrides = crate::schema::Reserved::Overrides
+        .schema(&*console.schema)
+        .and_then(|layout| {
+            Catalog::builder(console.client.clone())
+                .schema(layout)
+                .request_timeout(console.timeout)
+                .build()
+        })
+        .map_err(|e| tracing::warn!(error = %e, "console: overrides not in the live list"))
+        .ok();
     let mut status = catalog.status();
     let mut was_ok = true;
     loop {
@@ -204,6 +241,20 @@ async fn follow(console: Arc<Console>) {
                     CatalogEvent::Insert { instance, .. } => ("insert", instance),
                     CatalogEvent::Remove { instance, .. } => ("remove", instance),
                 };
+                console.publish(serde_json::json!({
+                    "kind": kind,
+                    "at": clock(now_ms()),
+                    "service": instance.service,
+                    "id": instance.id,
+                    "addr": instance.addr,
+                }));
+            }
+            event = next_override(&mut overrides) => {
+                let Some(event) = event else {
+                    overrides = None;
+                    continue;
+                };
+                let (kind, instance) = override_kind(&event);
                 console.publish(serde_json::json!({
                     "kind": kind,
                     "at": clock(now_ms()),
@@ -725,20 +776,9 @@ async fn set_override(
     };
     match result {
         Ok(()) => {
+            // The live list learns of it from etcd, as of any other write.
             tracing::info!(%who, service = %req.service, id = %req.id, action = %req.action,
                 weight = ?req.weight, "console write");
-            // Into the live list of every open page, as a registry change.
-            let kind = match (req.action.as_str(), req.weight) {
-                ("weight", Some(w)) => format!("weight {w} by {who}"),
-                (action, _) => format!("{action} by {who}"),
-            };
-            c.publish(serde_json::json!({
-                "kind": kind,
-                "at": clock(now_ms()),
-                "service": req.service,
-                "id": req.id,
-                "addr": "",
-            }));
             (
                 StatusCode::OK,
                 format!("{} {} by {who}: done", req.action, req.id),

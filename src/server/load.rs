@@ -364,7 +364,7 @@ fn is_ok(status: Option<&HeaderValue>) -> bool {
     status.is_some_and(|v| v.as_bytes() == b"0")
 }
 
-/// Adds load reports to a server (see the [module docs](self)); part of
+/// Adds load reports to a server (ORCA, see [`crate::orca`]); part of
 /// [`builder`](super::builder).
 #[derive(Debug, Clone, Default)]
 pub struct LoadLayer {
