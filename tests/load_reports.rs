@@ -87,6 +87,37 @@ async fn every_response_carries_the_servers_load() {
     assert!(report.eps > 1.0, "{report:?}");
 }
 
+/// Per-call reports can be turned off; the out-of-band stream stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_reports_can_be_turned_off() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let load = tonic_etcd::server::LoadReporter::new().per_call_reports(false);
+    let server = tokio::spawn(
+        tonic_etcd::server::builder_with_load(load)
+            .add_service(tonic_etcd::testing::greeter::Greeter::new("quiet").into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let response = GreeterClient::new(channel)
+        .say_hello(HelloRequest { name: "x".into() })
+        .await
+        .unwrap();
+    assert!(OrcaLoadReport::from_metadata(response.metadata()).is_none());
+    let mut reports = Box::pin(
+        tonic_etcd::orca::watch(&addr, Duration::from_secs(1), LIMIT)
+            .await
+            .unwrap(),
+    );
+    let report = reports.next().await.unwrap().unwrap();
+    assert_eq!(report.in_flight(), Some(0));
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_out_of_band_stream_follows_the_calls_in_flight() {
     let client = shared().client().await;
