@@ -317,35 +317,14 @@ mod trickle {
 /// so that a few thousand dropped streams would do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_drops_its_streams_early_keeps_the_connection() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio_stream::StreamExt;
-
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap().to_string();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
     // Its own runtime thread, as a separate process would have.
-    let server = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    server.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(move |conn| {
-                counter.fetch_add(1, Ordering::Relaxed);
-                conn
-            });
-        tonic_etcd::server::builder()
-            .add_service(tonic_etcd::testing::greeter::GreeterServer::new(
-                trickle::Trickle,
-            ))
-            .serve_with_incoming(incoming)
-            .await
-    });
+    let backend = Backend::serve(
+        "127.0.0.1:0",
+        tonic_etcd::server::builder().add_service(
+            tonic_etcd::testing::greeter::GreeterServer::new(trickle::Trickle),
+        ),
+    );
+    let addr = backend.addr.clone();
     let client = shared().client().await;
     let svc = unique("dropped-streams");
     let _reg = common::register_with(&client, &svc, &addr, Metadata::new()).await;
@@ -385,11 +364,10 @@ async fn a_client_that_drops_its_streams_early_keeps_the_connection() {
     while let Some(done) = tasks.join_next().await {
         failures.extend(done.unwrap());
     }
-    server.shutdown_background();
     failures.truncate(3);
     assert!(failures.is_empty(), "streams failed: {failures:?}");
     assert_eq!(
-        accepted.load(Ordering::Relaxed),
+        backend.accepted(),
         1,
         "the client closed its connection and opened another"
     );

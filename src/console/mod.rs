@@ -237,17 +237,11 @@ async fn follow(console: Arc<Console>) {
         tokio::select! {
             event = catalog.next() => {
                 let Some(event) = event else { return };
-                let (kind, instance) = match event {
+                let (kind, instance) = match &event {
                     CatalogEvent::Insert { instance, .. } => ("insert", instance),
                     CatalogEvent::Remove { instance, .. } => ("remove", instance),
                 };
-                console.publish(serde_json::json!({
-                    "kind": kind,
-                    "at": clock(now_ms()),
-                    "service": instance.service,
-                    "id": instance.id,
-                    "addr": instance.addr,
-                }));
+                console.publish_change(kind, instance);
             }
             event = next_override(&mut overrides) => {
                 let Some(event) = event else {
@@ -255,13 +249,7 @@ async fn follow(console: Arc<Console>) {
                     continue;
                 };
                 let (kind, instance) = override_kind(&event);
-                console.publish(serde_json::json!({
-                    "kind": kind,
-                    "at": clock(now_ms()),
-                    "service": instance.service,
-                    "id": instance.id,
-                    "addr": instance.addr,
-                }));
+                console.publish_change(&kind, instance);
             }
             changed = status.changed() => {
                 if changed.is_err() { return; }
@@ -278,6 +266,18 @@ async fn follow(console: Arc<Console>) {
 }
 
 impl Console {
+    /// Adds a change of `instance` (`kind`: insert, remove, drain by ...)
+    /// to the live list, stamped with the time.
+    fn publish_change(&self, kind: &str, instance: &crate::Instance) {
+        self.publish(serde_json::json!({
+            "kind": kind,
+            "at": clock(now_ms()),
+            "service": instance.service,
+            "id": instance.id,
+            "addr": instance.addr,
+        }));
+    }
+
     /// Adds `e` to the live list: kept for pages opened later, sent to
     /// those open now.
     fn publish(&self, e: serde_json::Value) {

@@ -12,6 +12,14 @@ use tokio_stream::StreamExt;
 
 use tonic_etcd::testing::greeter::{FailSwitch, Greeter};
 
+/// What `server::builder().add_service(..)` returns.
+pub type Routed = tonic::transport::server::Router<
+    tower::layer::util::Stack<
+        tonic_etcd::server::DeadlineLayer,
+        tower::layer::util::Stack<tonic_etcd::server::LoadLayer, tower::layer::util::Identity>,
+    >,
+>;
+
 /// A greeter on a runtime of its own (so it can die alone, as with SIGKILL),
 /// optionally serving tonic-health too.
 pub struct Backend {
@@ -29,6 +37,20 @@ impl Backend {
     }
 
     pub fn start_with(addr: &str, greeter: Greeter, with_health: bool) -> Self {
+        let fail = greeter.fail_switch();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let mut router = tonic_etcd::server::builder().add_service(greeter.into_service());
+        if with_health {
+            router = router.add_service(health_service);
+        }
+        let mut backend = Self::serve(addr, router);
+        backend.fail = fail;
+        backend.health = with_health.then_some(reporter);
+        backend
+    }
+
+    /// Serves `router` (any services, built on `server::builder`) on `addr`.
+    pub fn serve(addr: &str, router: Routed) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -37,12 +59,6 @@ impl Backend {
         let std_listener = std::net::TcpListener::bind(addr).unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap().to_string();
-        let fail = greeter.fail_switch();
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let mut router = tonic_etcd::server::builder().add_service(greeter.into_service());
-        if with_health {
-            router = router.add_service(health_service);
-        }
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
         rt.spawn(async move {
@@ -57,8 +73,8 @@ impl Backend {
         });
         Self {
             addr,
-            fail,
-            health: with_health.then_some(reporter),
+            fail: FailSwitch::default(),
+            health: None,
             accepted,
             rt: Some(rt),
         }
