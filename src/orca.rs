@@ -159,6 +159,32 @@ pub struct OrcaLoadReportRequest {
     pub request_cost_names: Vec<String>,
 }
 
+/// Asks for the out-of-band stream over `grpc` (ready), one report every
+/// `interval` or so: the one request this client, the console's probe and
+/// the Balancer's weighted round robin make.
+pub(crate) async fn open<T>(
+    grpc: &mut tonic::client::Grpc<T>,
+    interval: Duration,
+) -> Result<tonic::Streaming<OrcaLoadReport>, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let request = tonic::Request::new(OrcaLoadReportRequest {
+        report_interval: Some(interval.into()),
+        request_cost_names: Vec::new(),
+    });
+    let path = http::uri::PathAndQuery::from_static(OOB_PATH);
+    let codec = tonic_prost::ProstCodec::<OrcaLoadReportRequest, OrcaLoadReport>::default();
+    Ok(grpc
+        .server_streaming(request, path, codec)
+        .await?
+        .into_inner())
+}
+
 /// Opens the out-of-band stream to the server at `addr` (`host:port`,
 /// plain HTTP/2) and yields its reports, one every `interval` or so (the
 /// server's minimum applies). Connecting is bounded by `connect_timeout`;
@@ -183,23 +209,13 @@ pub async fn watch(
     grpc.ready()
         .await
         .map_err(|e| failed(format!("not ready: {e}")))?;
-    let request = tonic::Request::new(OrcaLoadReportRequest {
-        report_interval: Some(interval.into()),
-        request_cost_names: Vec::new(),
-    });
-    let path = http::uri::PathAndQuery::from_static(OOB_PATH);
-    let codec = tonic_prost::ProstCodec::<OrcaLoadReportRequest, OrcaLoadReport>::default();
-    let response = grpc
-        .server_streaming(request, path, codec)
-        .await
-        .map_err(|status| {
-            failed(format!(
-                "it does not serve them ({}: {})",
-                status.code(),
-                status.message()
-            ))
-        })?;
-    Ok(response.into_inner())
+    open(&mut grpc, interval).await.map_err(|status| {
+        failed(format!(
+            "it does not serve them ({}: {})",
+            status.code(),
+            status.message()
+        ))
+    })
 }
 
 #[cfg(test)]

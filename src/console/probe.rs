@@ -80,20 +80,11 @@ pub async fn probe_all<K: Send + 'static>(
 /// The server's traffic from the first report of its out-of-band load
 /// stream (`None`: it has none).
 async fn traffic(channel: tonic::transport::Channel) -> Option<String> {
-    use crate::orca::{OrcaLoadReport, OrcaLoadReportRequest, OOB_PATH};
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.ok()?;
-    let request = tonic::Request::new(OrcaLoadReportRequest {
-        report_interval: Some(Duration::from_secs(1).into()),
-        request_cost_names: Vec::new(),
-    });
-    let codec = tonic_prost::ProstCodec::<OrcaLoadReportRequest, OrcaLoadReport>::default();
-    let path = http::uri::PathAndQuery::from_static(OOB_PATH);
-    let mut stream = grpc
-        .server_streaming(request, path, codec)
+    let mut stream = crate::orca::open(&mut grpc, Duration::from_secs(1))
         .await
-        .ok()?
-        .into_inner();
+        .ok()?;
     let report = stream.message().await.ok()??;
     Some(describe(&report))
 }

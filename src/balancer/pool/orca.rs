@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::endpoint::Ready;
 use super::health::OnConnection;
 use crate::backoff::Backoff;
-use crate::orca::{OrcaLoadReport, OrcaLoadReportRequest, OOB_PATH};
+use crate::orca::OrcaLoadReport;
 use crate::service_config::{LoadBalancing, WeightedRoundRobinConfig};
 use crate::ServiceConfigStatus;
 
@@ -144,14 +144,8 @@ async fn stream(
     if let Err(e) = grpc.ready().await {
         return tonic::Status::unavailable(e.to_string());
     }
-    let request = tonic::Request::new(OrcaLoadReportRequest {
-        report_interval: Some(wrr.oob_reporting_period.into()),
-        request_cost_names: Vec::new(),
-    });
-    let codec = tonic_prost::ProstCodec::<OrcaLoadReportRequest, OrcaLoadReport>::default();
-    let path = http::uri::PathAndQuery::from_static(OOB_PATH);
-    let mut reports = match grpc.server_streaming(request, path, codec).await {
-        Ok(response) => response.into_inner(),
+    let mut reports = match crate::orca::open(&mut grpc, wrr.oob_reporting_period).await {
+        Ok(reports) => reports,
         Err(status) => return status,
     };
     loop {
