@@ -13,6 +13,7 @@ use backend::Backend;
 use common::unique;
 use tokio_stream::StreamExt;
 use tonic_etcd::orca::OrcaLoadReport;
+use tonic_etcd::server::LoadReporter;
 use tonic_etcd::testing::greeter::{GreeterClient, HelloRequest};
 use tonic_etcd::testing::shared;
 use tonic_etcd::{Balancer, Metadata};
@@ -186,7 +187,12 @@ async fn the_out_of_band_stream_follows_the_calls_in_flight() {
 
 /// Serves a greeter with `workers` workers doing `work` per call on a
 /// runtime of its own, reporting its utilization; its address and runtime.
-fn capacity_backend(id: &str, workers: usize, work: Duration) -> (String, Stops) {
+fn capacity_backend(
+    id: &str,
+    workers: usize,
+    work: Duration,
+    load: LoadReporter,
+) -> (String, Stops) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -195,7 +201,6 @@ fn capacity_backend(id: &str, workers: usize, work: Duration) -> (String, Stops)
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let load = tonic_etcd::server::LoadReporter::new();
     let greeter = tonic_etcd::testing::greeter::Greeter::new(id)
         .with_delay(work)
         .with_workers(workers, load.clone());
@@ -207,6 +212,49 @@ fn capacity_backend(id: &str, workers: usize, work: Duration) -> (String, Stops)
             .await
     });
     (addr, Stops(Some(rt)))
+}
+
+/// A handler's own per-call metrics (gRPC's `CallMetricsRecorder`) reach
+/// the client in that call's trailer, beside the server's load: the
+/// greeter reports the work each call did as `work_ms`. A server that does
+/// not offer the recorder sends the server's load only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_reports_what_each_call_cost() {
+    let work = Duration::from_millis(20);
+    for offered in [true, false] {
+        let (addr, _rt) =
+            capacity_backend("cost", 2, work, LoadReporter::new().call_metrics(offered));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut greeter = GreeterClient::new(channel);
+        for _ in 0..3 {
+            let response = greeter
+                .say_hello(HelloRequest { name: "x".into() })
+                .await
+                .unwrap();
+            let report = OrcaLoadReport::from_metadata(response.metadata())
+                .expect("an endpoint-load-metrics-bin trailer");
+            assert_eq!(
+                report.in_flight(),
+                Some(0),
+                "the server's load is there too"
+            );
+            let cost = report.request_cost.get("work_ms").copied();
+            if offered {
+                let cost = cost.unwrap_or_else(|| panic!("no request cost: {report:?}"));
+                assert!(
+                    (20.0..1_000.0).contains(&cost),
+                    "20 ms of work reported as {cost} ms"
+                );
+                assert_eq!(report.request_cost.len(), 1, "{report:?}");
+            } else {
+                assert_eq!(cost, None, "{report:?}");
+            }
+        }
+    }
 }
 
 /// Stops a backend's runtime when dropped (from async code too).
@@ -245,8 +293,8 @@ async fn wrr_follows_capacity(wrr: &str) {
     let client = shared().client().await;
     let svc = unique("wrr");
     let work = Duration::from_millis(4);
-    let (big, _big_rt) = capacity_backend("big", 8, work);
-    let (small, _small_rt) = capacity_backend("small", 4, work);
+    let (big, _big_rt) = capacity_backend("big", 8, work, LoadReporter::new());
+    let (small, _small_rt) = capacity_backend("small", 4, work, LoadReporter::new());
     let _r1 = common::register_with(&client, &svc, &big, Metadata::new()).await;
     let _r2 = common::register_with(&client, &svc, &small, Metadata::new()).await;
     let config = tonic_etcd::ServiceConfig::from_json(&format!(

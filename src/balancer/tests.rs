@@ -142,3 +142,38 @@ async fn waiting_calls_are_bounded() {
         assert_eq!(w.await.unwrap().0, Duration::from_secs(1));
     }
 }
+
+/// An endpoint that stays unreachable is tried less and less, up to the
+/// reconnect cap (what a registered but dead instance costs an idle
+/// client), and tried at once when its registration changes.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_endpoint_is_tried_less_and_less_and_at_once_when_it_changes() {
+    let client = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<NoChange>();
+    let b = Balancer::builder(client, "svc")
+        .build_with(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .unwrap();
+    // Port 1 on loopback refuses at once: attempts take no time.
+    let dead = Instance::new("svc", "127.0.0.1:1");
+    tx.send(Ok(Change::Insert("a".into(), dead.clone())))
+        .unwrap();
+    let attempts = |b: &Balancer| b.endpoints().first().map_or(0, |e| e.failed_attempts);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let n = attempts(&b);
+    // 50 ms doubling to the 30 s cap, each pause from its upper half: about
+    // 10 attempts in the first 25-51 s, then one every 15-30 s (a 5 s cap
+    // made over 120).
+    assert!((28..=50).contains(&n), "{n} attempts in 10 minutes");
+
+    let mut changed = dead;
+    changed.metadata.insert("zone", "b");
+    tx.send(Ok(Change::Insert("a".into(), changed))).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        attempts(&b),
+        n + 1,
+        "a changed registration is tried at once"
+    );
+}

@@ -85,6 +85,9 @@ struct Shared {
     /// Whether each response carries the report (the out-of-band stream
     /// is served either way).
     per_call: std::sync::atomic::AtomicBool,
+    /// Whether each call gets a [`CallMetricsRecorder`] (opt-in: it costs
+    /// an allocation per call).
+    call_metrics: std::sync::atomic::AtomicBool,
     answered: AtomicU64,
     failed: AtomicU64,
     /// Calls in flight per method path (entries stay once seen: a server
@@ -104,6 +107,7 @@ impl Default for Shared {
             in_flight: AtomicU64::new(0),
             idle: tokio::sync::watch::Sender::new(()),
             per_call: std::sync::atomic::AtomicBool::new(true),
+            call_metrics: std::sync::atomic::AtomicBool::new(false),
             answered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             methods: std::sync::RwLock::default(),
@@ -152,12 +156,35 @@ impl LoadReporter {
         self
     }
 
-    /// The trailer for a call ending now, unless per-call reports are off.
-    fn trailer(&self) -> Option<HeaderValue> {
-        self.shared
-            .per_call
-            .load(Ordering::Relaxed)
-            .then(|| self.header())
+    /// Whether handlers can record each call's own metrics (default
+    /// false): each call then carries a [`CallMetricsRecorder`] in its
+    /// request's extensions, and what the handler records goes into that
+    /// call's trailer beside the server's load (gRPC's per-call
+    /// `CallMetricsRecorder`, A51). Off by default because it costs an
+    /// allocation per call, and it needs [`per_call_reports`](Self::per_call_reports)
+    /// on (the default), since the trailer is where per-call metrics go.
+    #[must_use]
+    pub fn call_metrics(self, enabled: bool) -> Self {
+        self.shared.call_metrics.store(enabled, Ordering::Relaxed);
+        self
+    }
+
+    /// The trailer for a call ending now, unless per-call reports are off:
+    /// the shared report, or one of its own when its handler recorded
+    /// metrics.
+    fn trailer(&self, recorded: Option<&CallMetricsRecorder>) -> Option<HeaderValue> {
+        if !self.shared.per_call.load(Ordering::Relaxed) {
+            return None;
+        }
+        let recorded = recorded.map(|r| std::mem::take(&mut *lock(&r.0)));
+        match recorded {
+            Some(m) if !m.is_empty() => {
+                let mut report = self.report(false);
+                m.merge_into(&mut report);
+                Some(report.to_header())
+            }
+            _ => Some(self.header()),
+        }
     }
 
     /// The calls in flight now (health checks and ORCA streams not counted).
@@ -275,9 +302,15 @@ impl LoadReporter {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let method = self.method(path);
         method.in_flight.fetch_add(1, Ordering::Relaxed);
+        let recorder = self
+            .shared
+            .call_metrics
+            .load(Ordering::Relaxed)
+            .then(CallMetricsRecorder::default);
         CallGuard {
             reporter: self.clone(),
             method,
+            recorder,
         }
     }
 
@@ -354,11 +387,13 @@ struct Method {
 struct CallGuard {
     reporter: LoadReporter,
     method: Arc<Method>,
+    /// What the handler records, when the reporter offers it.
+    recorder: Option<CallMetricsRecorder>,
 }
 
 impl CallGuard {
     /// The call was answered, with `ok` or an error status.
-    fn answered(self, ok: bool) {
+    fn answered(&self, ok: bool) {
         // An error is an answer too: rps counts every call, eps the failed
         // ones, as grpc-go's reporter does.
         let shared = &self.reporter.shared;
@@ -366,6 +401,90 @@ impl CallGuard {
         if !ok {
             shared.failed.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The call was answered: ends it and returns its trailer, if any. The
+    /// report is made once the call no longer counts as in flight.
+    fn finish(mut self, ok: bool) -> Option<HeaderValue> {
+        self.answered(ok);
+        let reporter = self.reporter.clone();
+        let recorder = self.recorder.take();
+        drop(self);
+        reporter.trailer(recorder.as_ref())
+    }
+}
+
+/// The metrics of one call, recorded by its handler and sent in that
+/// call's load report (gRPC's `CallMetricsRecorder`, gRFC A51): what the
+/// call cost (`request_cost`), and utilization or named metrics that take
+/// the place of the server's for this report. Present in a request's
+/// extensions when the server's [`LoadReporter`] has
+/// [`call_metrics`](LoadReporter::call_metrics) on.
+///
+/// ```
+/// # fn handler(request: tonic::Request<()>) {
+/// use tonic_etcd::server::CallMetricsRecorder;
+/// if let Some(recorder) = CallMetricsRecorder::of(&request) {
+///     recorder.set_request_cost("db_queries", 3.0);
+/// }
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct CallMetricsRecorder(Arc<Mutex<CallMetrics>>);
+
+impl std::fmt::Debug for CallMetricsRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallMetricsRecorder")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallMetricsRecorder {
+    /// The recorder of the call `request` belongs to; `None` when the
+    /// server does not record per-call metrics.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<Self> {
+        request.extensions().get::<Self>().cloned()
+    }
+
+    /// What the call cost in a unit of the application's (`name`
+    /// says which: `db_queries`, `cpu_ms`, …); recorded again, the last
+    /// value stands.
+    pub fn set_request_cost(&self, name: impl Into<String>, value: f64) {
+        lock(&self.0).request_cost.insert(name.into(), value);
+    }
+
+    /// A named utilization for this call's report (0 to 1).
+    pub fn set_utilization(&self, name: impl Into<String>, value: f64) {
+        lock(&self.0)
+            .utilization
+            .insert(name.into(), value.max(0.0));
+    }
+
+    /// A named metric for this call's report.
+    pub fn set_named_metric(&self, name: impl Into<String>, value: f64) {
+        lock(&self.0).named.insert(name.into(), value);
+    }
+}
+
+/// What a handler recorded.
+#[derive(Default)]
+struct CallMetrics {
+    request_cost: std::collections::BTreeMap<String, f64>,
+    utilization: std::collections::BTreeMap<String, f64>,
+    named: std::collections::BTreeMap<String, f64>,
+}
+
+impl CallMetrics {
+    fn is_empty(&self) -> bool {
+        self.request_cost.is_empty() && self.utilization.is_empty() && self.named.is_empty()
+    }
+
+    /// Adds the call's metrics to the server's report; the call's win where
+    /// both have a name.
+    fn merge_into(self, report: &mut OrcaLoadReport) {
+        report.request_cost.extend(self.request_cost);
+        report.utilization.extend(self.utilization);
+        report.named_metrics.extend(self.named);
     }
 }
 
@@ -446,6 +565,10 @@ where
             };
         }
         let guard = counted(path).then(|| self.reporter.start(path));
+        let mut request = request;
+        if let Some(recorder) = guard.as_ref().and_then(|g| g.recorder.clone()) {
+            request.extensions_mut().insert(recorder);
+        }
         LoadFuture {
             state: State::Call {
                 inner: self.inner.call(request),
@@ -493,13 +616,11 @@ where
                 let Some(call) = guard.take() else {
                     return Poll::Ready(Ok(response));
                 };
-                let reporter = call.reporter.clone();
                 // Trailers-only (an error at once): the headers are the
                 // trailers.
                 if let Some(status) = response.headers().get(&GRPC_STATUS) {
                     let ok = is_ok(Some(status));
-                    call.answered(ok);
-                    if let Some(value) = reporter.trailer() {
+                    if let Some(value) = call.finish(ok) {
                         response.headers_mut().insert(LOAD, value);
                     }
                     return Poll::Ready(Ok(response));
@@ -539,9 +660,7 @@ impl Body for LoadBody {
                 let frame = match frame.into_trailers() {
                     Ok(mut trailers) => {
                         if let Some(call) = this.call.take() {
-                            let reporter = call.reporter.clone();
-                            call.answered(is_ok(trailers.get(&GRPC_STATUS)));
-                            if let Some(value) = reporter.trailer() {
+                            if let Some(value) = call.finish(is_ok(trailers.get(&GRPC_STATUS))) {
                                 trailers.insert(LOAD, value);
                             }
                         }
@@ -637,6 +756,7 @@ mod tests {
         assert_eq!(by_method, [("/a.S/M", 2), ("/a.S/N", 1)]);
         a.answered(true);
         b.answered(false);
+        drop((a, b));
         drop(c); // cancelled: neither answered nor failed
         assert_eq!(r.in_flight(), 0);
         assert!(r.report(true).in_flight_by_method().is_empty());
@@ -660,6 +780,40 @@ mod tests {
         let md = tonic::metadata::MetadataMap::from_headers(md);
         let report = OrcaLoadReport::from_metadata(&md).unwrap();
         assert_eq!(report.application_utilization, 0.5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_calls_recorded_metrics_go_into_its_report_only() {
+        let r = LoadReporter::new().call_metrics(true);
+        r.set_named_metric("queue", 1.0);
+        let decode = |value: HeaderValue| {
+            let mut md = http::HeaderMap::new();
+            md.insert(LOAD, value);
+            OrcaLoadReport::from_headers(&md).unwrap()
+        };
+        let a = r.start("/a.S/M");
+        let b = r.start("/a.S/M");
+        let recorder = a.recorder.clone().expect("offered");
+        recorder.set_request_cost("rows", 12.0);
+        recorder.set_named_metric("queue", 7.0);
+        let report = decode(a.finish(true).expect("a trailer"));
+        assert_eq!(report.request_cost.get("rows"), Some(&12.0));
+        assert_eq!(
+            report.named_metrics.get("queue"),
+            Some(&7.0),
+            "the call's wins"
+        );
+        assert_eq!(report.in_flight(), Some(1), "made once the call ended");
+        let report = decode(b.finish(true).expect("a trailer"));
+        assert!(
+            report.request_cost.is_empty(),
+            "not another call's: {report:?}"
+        );
+        assert_eq!(report.named_metrics.get("queue"), Some(&1.0));
+        assert!(
+            LoadReporter::new().start("/a.S/M").recorder.is_none(),
+            "opt-in"
+        );
     }
 
     #[test]

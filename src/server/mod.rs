@@ -68,7 +68,9 @@ mod load;
 pub use deadline::{Deadline, DeadlineFuture, DeadlineLayer};
 use drain::Connections;
 pub use drain::Draining;
-pub use load::{Load, LoadFuture, LoadLayer, LoadReporter, MIN_REPORT_INTERVAL};
+pub use load::{
+    CallMetricsRecorder, Load, LoadFuture, LoadLayer, LoadReporter, MIN_REPORT_INTERVAL,
+};
 
 /// While draining, how often the server says what it still waits for.
 const DRAIN_REPORT: Duration = Duration::from_secs(5);

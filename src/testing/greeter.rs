@@ -166,6 +166,9 @@ impl Greeter {
     /// then does the call's delay as work; the share of worker time spent
     /// working is reported as `load`'s application utilization. Serve it
     /// with [`server::builder_with_load`](crate::server::builder_with_load)`(load)`.
+    /// When `load` has [`call_metrics`](crate::server::LoadReporter::call_metrics)
+    /// on, each call also reports the work it did as its `request_cost`
+    /// `work_ms`.
     #[must_use]
     pub fn with_workers(mut self, n: usize, load: crate::server::LoadReporter) -> Self {
         self.workers = Some(Arc::new(Workers {
@@ -315,6 +318,7 @@ impl pb::greeter_server::Greeter for Greeter {
         });
         let delay = self.delay + spike.unwrap_or_default();
         if let Some(workers) = &self.workers {
+            let recorder = crate::server::CallMetricsRecorder::of(&request);
             let _worker = workers
                 .permits
                 .acquire()
@@ -322,9 +326,13 @@ impl pb::greeter_server::Greeter for Greeter {
                 .map_err(|_| Status::unavailable("no workers"))?;
             let started = tokio::time::Instant::now();
             tokio::time::sleep(delay).await;
+            let worked = started.elapsed();
             workers
                 .busy_us
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(worked.as_micros() as u64, Ordering::Relaxed);
+            if let Some(recorder) = recorder {
+                recorder.set_request_cost("work_ms", worked.as_secs_f64() * 1e3);
+            }
             workers.report();
         } else if !delay.is_zero() {
             tokio::time::sleep(delay).await;

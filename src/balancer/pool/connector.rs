@@ -65,9 +65,15 @@ pub(super) async fn maintain(
                 shared.connect_failed(&key, &current.addr, ConnectError::from(error));
             }
         }
+        // A changed registration (new metadata, a server that registered
+        // again) is news: try it at once rather than at the end of a pause
+        // that may have grown to the cap.
         let delay = backoff.next_delay();
         tokio::select! {
-            () = removed(&mut instance) => return shared.forget(&key),
+            changed = instance.changed() => match changed {
+                Ok(()) => tracing::debug!(addr = %current.addr, "registration changed: reconnecting now"),
+                Err(_) => return shared.forget(&key),
+            },
             () = tokio::time::sleep(delay) => {}
         }
     }

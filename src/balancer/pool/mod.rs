@@ -125,6 +125,10 @@ pub struct EndpointStatus {
     pub local: bool,
     /// While it is not connected: why the last connection attempt failed.
     pub last_error: Option<ConnectError>,
+    /// Connection attempts that failed in a row (0 once one succeeds):
+    /// the pause before the next grows with them, up to
+    /// [`reconnect_backoff_max`](crate::balancer::BalancerBuilder::reconnect_backoff_max).
+    pub failed_attempts: u32,
     /// Under ring hash, the share of the hash space (of keys) it owns now,
     /// once a call has built the ring.
     pub ring_share: Option<f64>,
@@ -137,6 +141,8 @@ struct Entry {
     connected: Option<Arc<Ready>>,
     /// Why the last connection attempt failed, until one succeeds.
     last_error: Option<ConnectError>,
+    /// Attempts failed since the last success.
+    failed_attempts: u32,
 }
 
 /// Why a connection to an endpoint failed (TCP, TLS, or the HTTP/2 preface),
@@ -284,9 +290,9 @@ impl Shared {
     ) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         // Reconnecting keeps the reason it had to; a connection clears it.
-        let last_error = match connected {
-            Some(_) => None,
-            None => registry.get(key).and_then(|e| e.last_error.clone()),
+        let (last_error, failed_attempts) = match (connected, registry.get(key)) {
+            (None, Some(e)) => (e.last_error.clone(), e.failed_attempts),
+            _ => (None, 0),
         };
         crate::metrics::endpoint_state(&self.target, &instance.addr, Some(state));
         let entry = Entry {
@@ -294,6 +300,7 @@ impl Shared {
             instance: connected.map_or_else(|| instance.clone(), |ep| ep.instance()),
             connected: connected.cloned(),
             last_error,
+            failed_attempts,
         };
         registry.insert(key.to_owned(), entry);
         self.publish(&registry);
@@ -307,6 +314,7 @@ impl Shared {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = registry.get_mut(key) {
             entry.last_error = Some(error);
+            entry.failed_attempts = entry.failed_attempts.saturating_add(1);
         }
         drop(registry);
         self.info.send_modify(|i| i.last_error = Some(msg));
@@ -360,6 +368,7 @@ impl Shared {
                     weight: ep.weight(),
                     local: ep.is_local(),
                     last_error: None,
+                    failed_attempts: 0,
                     ring_share: shares.get(&ep.key).copied(),
                 },
                 None => EndpointStatus {
@@ -372,6 +381,7 @@ impl Shared {
                     weight: self.policy.weight_of(&e.instance),
                     local: self.policy.is_local(&e.instance),
                     last_error: e.last_error.clone(),
+                    failed_attempts: e.failed_attempts,
                     ring_share: None,
                 },
             })
