@@ -279,7 +279,23 @@ impl Run<'_> {
     }
 
     async fn measure(&self) -> Measured {
-        let before = self.etcd.metrics();
+        // The previous variant's watchers are cancelled asynchronously (by
+        // the proxies too): take the baseline once etcd's count holds still
+        // for a second, or the delta counts their departure.
+        let settle = Instant::now() + Duration::from_secs(15);
+        let mut before = self.etcd.metrics();
+        while Instant::now() < settle {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.etcd.metrics();
+            let still = metric(&now, "etcd_debugging_mvcc_watcher_total")
+                == metric(&before, "etcd_debugging_mvcc_watcher_total")
+                && metric(&now, "etcd_debugging_mvcc_watch_stream_total")
+                    == metric(&before, "etcd_debugging_mvcc_watch_stream_total");
+            before = now;
+            if still {
+                break;
+            }
+        }
         let t0 = Instant::now();
         let mut kids: Vec<Kid> = (0..self.procs)
             .map(|p| {

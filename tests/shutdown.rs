@@ -114,3 +114,74 @@ async fn a_handler_that_watches_draining_ends_its_stream_and_shutdown_is_quick()
     })
     .await;
 }
+
+/// A load-report stream (ORCA out of band, what `drain --wait` and
+/// weighted round robin follow) does not hold a shutting-down server until
+/// its drain limit: it reports the server's last call ending, then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_stream_ends_with_the_servers_last_call_at_shutdown() {
+    use tokio_stream::StreamExt;
+    let client = shared().client().await;
+    let svc = unique("shutdown-orca");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let load = tonic_etcd::server::LoadReporter::new();
+    let router = tonic_etcd::server::builder_with_load(load.clone()).add_service(
+        Greeter::new("g")
+            .with_delay(Duration::from_millis(800))
+            .into_service(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        RegisteredServer::new(Registration::builder(client).service(&svc))
+            .grace(Duration::ZERO)
+            .drain_timeout(Duration::from_secs(30))
+            .serve_with_shutdown(router, listener, async {
+                let _ = stopped.await;
+            }),
+    );
+    // Reports only when asked for (a long interval) and when the last call
+    // ends.
+    let mut reports = Box::pin(
+        tonic_etcd::orca::watch(&addr, Duration::from_secs(60), LIMIT)
+            .await
+            .unwrap(),
+    );
+    let first = reports.next().await.unwrap().unwrap();
+    assert_eq!(first.in_flight(), Some(0));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        GreeterClient::new(channel)
+            .say_hello(HelloRequest {
+                name: "slow".into(),
+            })
+            .await
+    });
+    eventually(LIMIT, "the slow call in flight", || async {
+        (load.in_flight() == 1).then_some(())
+    })
+    .await;
+
+    let t0 = Instant::now();
+    stop.send(()).unwrap();
+    let mut last = None;
+    while let Some(report) = tokio::time::timeout(LIMIT, reports.next())
+        .await
+        .expect("the stream ends with the last call, not at the drain limit")
+    {
+        last = Some(report.unwrap());
+    }
+    let last = last.expect("a report after shutdown began");
+    assert_eq!(last.in_flight(), Some(0), "{last:?}");
+    call.await.unwrap().expect("the call in flight is answered");
+    tokio::time::timeout(LIMIT, task)
+        .await
+        .expect("the server returns once its last call ended")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

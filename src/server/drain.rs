@@ -10,9 +10,10 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -53,6 +54,56 @@ impl Draining {
 
     pub(crate) fn start(&self) {
         self.0.cancel();
+    }
+
+    /// Resolves once shutdown has begun; owns what it waits on.
+    pub(crate) fn started_owned(self) -> WaitForCancellationFutureOwned {
+        self.0.cancelled_owned()
+    }
+
+    /// Lists this notice as that of the server listening on `addr` until
+    /// the returned guard is dropped.
+    pub(crate) fn list(&self, addr: SocketAddr) -> Listed {
+        lock_servers().push((addr, self.clone()));
+        Listed(addr)
+    }
+
+    /// The notice of the server of this process that accepted a connection
+    /// on `local` (a listener on `0.0.0.0` or `[::]` accepts on any address
+    /// of its port).
+    pub(crate) fn of(local: SocketAddr) -> Option<Draining> {
+        lock_servers()
+            .iter()
+            .find(|(addr, _)| {
+                addr.port() == local.port()
+                    && (addr.ip() == local.ip() || addr.ip().is_unspecified())
+            })
+            .map(|(_, draining)| draining.clone())
+    }
+}
+
+/// The draining notices of the servers this process serves with
+/// [`RegisteredServer`](super::RegisteredServer), by listening address. A
+/// layer inside a router is built before its server and never handed its
+/// [`Draining`]; it finds it here by the local address of the connection a
+/// request came on (tonic puts it in every request's extensions). The
+/// out-of-band load stream uses it to end with its server's last call,
+/// where it would otherwise hold its connection until the drain limit.
+static SERVERS: Mutex<Vec<(SocketAddr, Draining)>> = Mutex::new(Vec::new());
+
+fn lock_servers() -> std::sync::MutexGuard<'static, Vec<(SocketAddr, Draining)>> {
+    SERVERS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A server's entry in the list of draining notices; removed on drop.
+pub(crate) struct Listed(SocketAddr);
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut servers = lock_servers();
+        if let Some(i) = servers.iter().position(|(addr, _)| *addr == self.0) {
+            servers.swap_remove(i);
+        }
     }
 }
 

@@ -697,14 +697,26 @@ impl Body for LoadBody {
 
 /// Answers the out-of-band stream: a report at once, then one every
 /// requested interval (at least [`MIN_REPORT_INTERVAL`]) and one each time
-/// the last call in flight ends, until the client goes away.
+/// the last call in flight ends, until the client goes away or, once its
+/// server began to shut down, with the report that its last call ended.
 async fn oob(reporter: LoadReporter, request: Request) -> Response {
+    let draining = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.local_addr())
+        .and_then(super::Draining::of);
     let codec = tonic_prost::ProstCodec::<OrcaLoadReport, OrcaLoadReportRequest>::default();
     let mut grpc = tonic::server::Grpc::new(codec);
-    grpc.server_streaming(Oob(reporter), request).await
+    grpc.server_streaming(Oob { reporter, draining }, request)
+        .await
 }
 
-struct Oob(LoadReporter);
+struct Oob {
+    reporter: LoadReporter,
+    /// The notice of the server that accepted the stream's connection, when
+    /// it is a [`RegisteredServer`](super::RegisteredServer).
+    draining: Option<super::Draining>,
+}
 
 type Reports =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<OrcaLoadReport, tonic::Status>> + Send>>;
@@ -720,22 +732,66 @@ impl tonic::server::ServerStreamingService<OrcaLoadReportRequest> for Oob {
             .report_interval
             .map_or(DEFAULT_REPORT_INTERVAL, |d| d.to_duration())
             .max(MIN_REPORT_INTERVAL);
-        let reporter = self.0.clone();
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let idle =
-            tokio_stream::wrappers::WatchStream::from_changes(reporter.shared.idle.subscribe());
-        let reports = tokio_stream::StreamExt::map(
-            tokio_stream::StreamExt::merge(
-                tokio_stream::StreamExt::map(
-                    tokio_stream::wrappers::IntervalStream::new(ticks),
-                    |_| (),
-                ),
-                idle,
+        let reports = OobReports {
+            idle: tokio_stream::wrappers::WatchStream::from_changes(
+                self.reporter.shared.idle.subscribe(),
             ),
-            move |()| Ok(reporter.report(true)),
-        );
+            reporter: self.reporter.clone(),
+            ticks,
+            draining: self.draining.clone().map(|d| Box::pin(d.started_owned())),
+            shutting_down: false,
+            ended: false,
+        };
         std::future::ready(Ok(tonic::Response::new(Box::pin(reports))))
+    }
+}
+
+/// The out-of-band reports of one stream.
+struct OobReports {
+    reporter: LoadReporter,
+    ticks: tokio::time::Interval,
+    /// Told when the last call in flight ends.
+    idle: tokio_stream::wrappers::WatchStream<()>,
+    /// The server's shutdown, until it begins.
+    draining: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    shutting_down: bool,
+    /// The last report went out.
+    ended: bool,
+}
+
+impl tokio_stream::Stream for OobReports {
+    type Item = Result<OrcaLoadReport, tonic::Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        // Every source is polled, so each one that fired is consumed (and
+        // each pending one will wake the task).
+        let mut due = this.ticks.poll_tick(cx).is_ready();
+        due |= matches!(
+            tokio_stream::Stream::poll_next(Pin::new(&mut this.idle), cx),
+            Poll::Ready(Some(()))
+        );
+        if let Some(draining) = &mut this.draining {
+            if draining.as_mut().poll(cx).is_ready() {
+                this.draining = None;
+                this.shutting_down = true;
+                due = true;
+            }
+        }
+        if !due {
+            return Poll::Pending;
+        }
+        let report = this.reporter.report(true);
+        // A shutting-down server's stream ends with its last call, so that
+        // it holds the connection no longer than the calls do (a client
+        // follows its reports on a new connection).
+        this.ended = this.shutting_down && report.in_flight() == Some(0);
+        Poll::Ready(Some(Ok(report)))
     }
 }
 

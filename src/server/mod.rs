@@ -19,7 +19,9 @@
 //!    finish, saying what it waits for. At the drain limit
 //!    ([`drain_timeout`](RegisteredServer::drain_timeout), default 30 s)
 //!    connections still open are cut, streams and all, and the call returns:
-//!    one open watch cannot hold a deploy for ever.
+//!    one open watch cannot hold a deploy for ever. The load reports'
+//!    out-of-band streams ([`LoadLayer`]) end by themselves with the
+//!    server's last call.
 //!
 //! The server also answers the standard health service (`grpc.health.v1`,
 //! tonic-health): `SERVING` for the whole server (`""`) and each registered
@@ -234,10 +236,13 @@ impl RegisteredServer {
         F: Future<Output = ()>,
     {
         let mut registration = self.registration;
+        let local = listener.local_addr()?;
         if !registration.has_addr() {
-            let local = listener.local_addr()?;
             registration = registration.addr(local.to_string());
         }
+        // Layers inside the router (the load reports' out-of-band stream)
+        // find this server's draining notice by its address.
+        let _listed = self.draining.list(local);
         // Configuration errors surface before anything is served.
         registration.encode()?;
 
