@@ -34,7 +34,8 @@
 //! default 2000; `BENCH_ROUNDS`, default 3; `BENCH_KILL_MS`, default 10000;
 //! `BENCH_STREAM_CALLS`, default 8000, and `BENCH_STREAM_ROUNDS`, default 8,
 //! for the stream scenario; `BENCH_SCENARIOS=one_stream,one_killed` runs only
-//! those scenarios).
+//! those scenarios; `BENCH_PER_ROUND=1` prints each round's latency
+//! quantiles per variant on stderr).
 
 #[path = "support/backends.rs"]
 mod backends;
@@ -110,11 +111,15 @@ async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec
         load(call, Duration::from_millis(millis.min(700))).await;
     }
     let mut totals: Vec<Totals> = variants.iter().map(|_| Totals::default()).collect();
+    let per_round = std::env::var_os("BENCH_PER_ROUND").is_some();
     for round in 0..rounds as usize {
         for k in 0..variants.len() {
             let i = (k + round) % variants.len();
             let t = Instant::now();
             let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
+            if per_round {
+                print_round(round, variants[i].0, n, &lat);
+            }
             let total = &mut totals[i];
             total.ok += n;
             total.failed += failed;
@@ -123,6 +128,25 @@ async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec
         }
     }
     totals
+}
+
+/// One round of one variant's latency quantiles, on stderr: a tail that
+/// comes from a few rounds (a pause) reads differently from one in every
+/// round (the path itself).
+fn print_round(round: usize, variant: &str, calls: usize, latencies: &[Duration]) {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    let at = |q: f64| {
+        let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+        sorted.get(i).map_or_else(|| "-".to_owned(), |d| ms(*d))
+    };
+    eprintln!(
+        "round {round} {variant:<26} calls {calls:>6}  p50 {}  p99 {}  p99.9 {}  max {}",
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        at(1.0)
+    );
 }
 
 /// How long set-up waits for the four backends to be discovered or ready.
