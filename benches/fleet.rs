@@ -88,15 +88,18 @@ fn main() {
         if !support::selected(via) {
             continue;
         }
-        let proxies: Vec<EtcdProxy> = (0..n_proxies)
-            .map(|_| EtcdProxy::start(&[etcd.endpoint()]))
-            .collect();
-        let endpoints: Vec<String> = if proxies.is_empty() {
-            vec![etcd.endpoint()]
-        } else {
-            proxies.iter().map(EtcdProxy::endpoint).collect()
-        };
         for mode in ["floor", "balancer"] {
+            // Fresh proxies for each variant: a proxy keeps the upstream
+            // watchers of clients that left, which the next variant's
+            // watches would join (etcd then counted 0 new watchers).
+            let proxies: Vec<EtcdProxy> = (0..n_proxies)
+                .map(|_| EtcdProxy::start(&[etcd.endpoint()]))
+                .collect();
+            let endpoints: Vec<String> = if proxies.is_empty() {
+                vec![etcd.endpoint()]
+            } else {
+                proxies.iter().map(EtcdProxy::endpoint).collect()
+            };
             let run = Run {
                 etcd: &etcd,
                 proxies: &proxies,
