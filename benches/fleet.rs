@@ -281,24 +281,33 @@ impl Run<'_> {
         })
     }
 
-    async fn measure(&self) -> Measured {
-        // The previous variant's watchers are cancelled asynchronously (by
-        // the proxies too): take the baseline once etcd's count holds still
-        // for a second, or the delta counts their departure.
-        let settle = Instant::now() + Duration::from_secs(15);
-        let mut before = self.etcd.metrics();
-        while Instant::now() < settle {
+    /// etcd's metrics once its watch stream and watcher counts have held
+    /// still for a second (at most 15 s).
+    async fn settled(&self) -> String {
+        let count = |m: &str| {
+            (
+                metric(m, "etcd_debugging_mvcc_watcher_total"),
+                metric(m, "etcd_debugging_mvcc_watch_stream_total"),
+            )
+        };
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut last = self.etcd.metrics();
+        while Instant::now() < until {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = self.etcd.metrics();
-            let still = metric(&now, "etcd_debugging_mvcc_watcher_total")
-                == metric(&before, "etcd_debugging_mvcc_watcher_total")
-                && metric(&now, "etcd_debugging_mvcc_watch_stream_total")
-                    == metric(&before, "etcd_debugging_mvcc_watch_stream_total");
-            before = now;
+            let still = count(&now) == count(&last);
+            last = now;
             if still {
                 break;
             }
         }
+        last
+    }
+
+    async fn measure(&self) -> Measured {
+        // The previous variant's watchers are cancelled asynchronously (a
+        // killed proxy's too): take the baseline once etcd's counts hold still.
+        let before = self.settled().await;
         let t0 = Instant::now();
         let mut kids: Vec<Kid> = (0..self.procs)
             .map(|p| {
@@ -329,11 +338,12 @@ impl Run<'_> {
             assert_eq!(line, "synced", "fleet child: {line}");
         }
         let sync = t0.elapsed();
-        // Let creates and first liveness checks settle.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A member is synced once it has listed; its watches are created
+        // after that, one at a time per stream (through a proxy, about a
+        // second for a process's 150): count once etcd's counts hold still.
         let base = metric(&before, "etcd_debugging_mvcc_watch_stream_total").unwrap_or(0.0);
         let base_w = metric(&before, "etcd_debugging_mvcc_watcher_total").unwrap_or(0.0);
-        let m = self.etcd.metrics();
+        let m = self.settled().await;
         let streams = metric(&m, "etcd_debugging_mvcc_watch_stream_total").unwrap_or(0.0) - base;
         let watchers = metric(&m, "etcd_debugging_mvcc_watcher_total").unwrap_or(0.0) - base_w;
 
