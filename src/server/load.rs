@@ -8,7 +8,8 @@
 //! `xds.service.orca.v3.OpenRcaService/StreamCoreMetrics` itself, so every
 //! server built on [`builder`](super::builder) serves both with nothing
 //! else to add. The application adds its own metrics through the
-//! [`LoadReporter`] it built the server with.
+//! [`LoadReporter`] it built the server with, and each call's own (what
+//! it cost) through a [`CallMetricsRecorder`] when the reporter offers one.
 //!
 //! Cheap per call, and nothing runs while the server is idle: rates and CPU
 //! are worked out when a report is made (at most every 100 ms for the

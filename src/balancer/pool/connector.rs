@@ -65,9 +65,10 @@ pub(super) async fn maintain(
                 shared.connect_failed(&key, &current.addr, ConnectError::from(error));
             }
         }
-        // A changed registration (new metadata, a server that registered
-        // again) is news: try it at once rather than at the end of a pause
-        // that may have grown to the cap.
+        // A changed registration (a new value in etcd: new metadata, or a
+        // server that registered again with a different value) is news:
+        // try it at once rather than at the end of a pause that may have
+        // grown to the cap.
         let delay = backoff.next_delay();
         tokio::select! {
             changed = instance.changed() => match changed {
