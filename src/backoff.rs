@@ -113,4 +113,29 @@ mod tests {
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
+
+    proptest::proptest! {
+        /// For any base, cap and run of failures, each pause lies in the
+        /// upper half of `min(base × 2^k, cap)`: it never passes the cap,
+        /// never falls below half of it once reached (so a dead endpoint
+        /// costs at most one attempt per cap/2), and a reset starts over.
+        #[test]
+        fn each_pause_is_the_upper_half_of_the_doubled_base_up_to_the_cap(
+            base_ms in 1u64..2_000,
+            cap_ms in 1u64..200_000,
+            failures in 1usize..64,
+        ) {
+            let (base, cap) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms));
+            let mut b = Backoff::new(base, cap);
+            let cap = cap.max(base);
+            for k in 0..failures {
+                let nominal = base.saturating_mul(1u32 << k.min(20)).min(cap);
+                let d = b.next_delay();
+                proptest::prop_assert!(d <= nominal && d >= nominal / 2, "pause {k}: {d:?} for {nominal:?}");
+            }
+            b.reset();
+            let d = b.next_delay();
+            proptest::prop_assert!(d <= base.min(cap) && d >= base.min(cap) / 2);
+        }
+    }
 }
