@@ -39,6 +39,8 @@
 
 #[path = "support/backends.rs"]
 mod backends;
+#[path = "../tests/common/cpu.rs"]
+mod cpu;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 #[path = "../tests/common/proxy.rs"]
@@ -101,6 +103,16 @@ struct Totals {
     failed: usize,
     latencies: Vec<Duration>,
     took: Duration,
+    /// The process's CPU time over the variant's rounds: the four servers'
+    /// share is the same for every variant, the rest is the client's.
+    cpu: Duration,
+}
+
+impl Totals {
+    /// Process CPU per call, in µs.
+    fn cpu_us_per_call(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / (self.ok + self.failed).max(1) as f64
+    }
 }
 
 /// Warms every variant up, then runs `rounds` rounds of `millis` each,
@@ -115,8 +127,9 @@ async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec
     for round in 0..rounds as usize {
         for k in 0..variants.len() {
             let i = (k + round) % variants.len();
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), cpu::cpu_time());
             let (n, failed, lat) = load(&variants[i].1, Duration::from_millis(millis)).await;
+            let cpu = cpu::cpu_time().saturating_sub(cpu0);
             if per_round {
                 print_round(round, variants[i].0, n, &lat);
             }
@@ -125,6 +138,7 @@ async fn interleaved(variants: &[(&str, Call)], millis: u64, rounds: u64) -> Vec
             total.failed += failed;
             total.latencies.extend(lat);
             total.took += t.elapsed();
+            total.cpu += cpu;
         }
     }
     totals
@@ -258,20 +272,22 @@ async fn healthy(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> serde_j
         .iter()
         .position(|(n, _)| *n == "balance_list")
         .unwrap();
-    let stats: Vec<(f64, Stats, usize)> = totals
+    let stats: Vec<(f64, Stats, usize, f64)> = totals
         .into_iter()
         .map(|t| {
+            let cpu = t.cpu_us_per_call();
             (
                 t.ok as f64 / t.took.as_secs_f64(),
                 Stats::of(t.latencies),
                 t.failed,
+                cpu,
             )
         })
         .collect();
-    let (base_rate, base_stats, _) = stats[base];
+    let (base_rate, base_stats, _, _) = stats[base];
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
-    for ((name, _), (rate, st, failed)) in variants.iter().zip(&stats) {
+    for ((name, _), (rate, st, failed, cpu)) in variants.iter().zip(&stats) {
         let tput_ratio = rate / base_rate;
         let p99_ratio = st.p99.as_secs_f64() / base_stats.p99.as_secs_f64();
         rows.push(vec![
@@ -282,9 +298,11 @@ async fn healthy(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> serde_j
             failed.to_string(),
             format!("{tput_ratio:.3}x"),
             format!("{p99_ratio:.2}x"),
+            format!("{cpu:.1}"),
         ]);
         let mut v = st.json();
         v["calls_per_s"] = rate.round().into();
+        v["process_cpu_us_per_call"] = ((cpu * 10.0).round() / 10.0).into();
         v["failed"] = (*failed).into();
         v["throughput_ratio_to_balance_list"] = ratio(*rate, base_rate).into();
         v["p99_ratio_to_balance_list"] =
@@ -293,7 +311,16 @@ async fn healthy(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> serde_j
     }
     table(
         &format!("request_path: four healthy backends ({CALLERS} callers, {rounds} rounds x {millis} ms per variant; latency ms)"),
-        &["variant", "calls/s", "p50", "p99", "failed", "tput vs list", "p99 vs list"],
+        &[
+            "variant",
+            "calls/s",
+            "p50",
+            "p99",
+            "failed",
+            "tput vs list",
+            "p99 vs list",
+            "process CPU us/call",
+        ],
         &rows,
     );
     serde_json::Value::Object(json)
@@ -716,18 +743,23 @@ async fn healthy_tls(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> ser
         ("etcd_channel (tonic, TLS)", caller(channel, None)),
         ("balancer (TLS)", caller(balancer, None)),
     ];
-    let stats: Vec<(f64, Stats)> = interleaved(&variants, millis, rounds)
+    let stats: Vec<(f64, Stats, f64)> = interleaved(&variants, millis, rounds)
         .await
         .into_iter()
         .map(|t| {
             let calls = t.ok + t.failed;
-            (calls as f64 / t.took.as_secs_f64(), Stats::of(t.latencies))
+            let cpu = t.cpu_us_per_call();
+            (
+                calls as f64 / t.took.as_secs_f64(),
+                Stats::of(t.latencies),
+                cpu,
+            )
         })
         .collect();
-    let (base_rate, base) = stats[0];
+    let (base_rate, base, _) = stats[0];
     let mut rows = Vec::new();
     let mut json = serde_json::Map::new();
-    for ((name, _), (rate, st)) in variants.iter().zip(&stats) {
+    for ((name, _), (rate, st, cpu)) in variants.iter().zip(&stats) {
         rows.push(vec![
             name.to_string(),
             format!("{rate:.0}"),
@@ -735,9 +767,11 @@ async fn healthy_tls(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> ser
             ms(st.p99),
             format!("{:.3}x", rate / base_rate),
             format!("{:.2}x", st.p99.as_secs_f64() / base.p99.as_secs_f64()),
+            format!("{cpu:.1}"),
         ]);
         let mut v = st.json();
         v["calls_per_s"] = rate.round().into();
+        v["process_cpu_us_per_call"] = ((cpu * 10.0).round() / 10.0).into();
         json.insert(name.to_string(), v);
     }
     json.insert(
@@ -750,7 +784,15 @@ async fn healthy_tls(client: &tonic_etcd::Etcd, millis: u64, rounds: u64) -> ser
     );
     table(
         &format!("request_path: four healthy backends over TLS ({CALLERS} callers, {rounds} rounds x {millis} ms; latency ms)"),
-        &["variant", "calls/s", "p50", "p99", "tput vs tonic", "p99 vs tonic"],
+        &[
+            "variant",
+            "calls/s",
+            "p50",
+            "p99",
+            "tput vs tonic",
+            "p99 vs tonic",
+            "process CPU us/call",
+        ],
         &rows,
     );
     serde_json::Value::Object(json)
