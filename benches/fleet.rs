@@ -89,9 +89,10 @@ fn main() {
             continue;
         }
         for mode in ["floor", "balancer"] {
-            // Fresh proxies for each variant: a proxy keeps the upstream
-            // watchers of clients that left, which the next variant's
-            // watches would join (etcd then counted 0 new watchers).
+            // Fresh proxies for each variant, so that no proxy carries the
+            // previous variant's upstream watchers into this one's count
+            // (through one proxy the count is still not reliable; see
+            // docs/performance.md).
             let proxies: Vec<EtcdProxy> = (0..n_proxies)
                 .map(|_| EtcdProxy::start(&[etcd.endpoint()]))
                 .collect();
@@ -339,8 +340,8 @@ impl Run<'_> {
         }
         let sync = t0.elapsed();
         // A member is synced once it has listed; its watches are created
-        // after that, one at a time per stream (through a proxy, about a
-        // second for a process's 150): count once etcd's counts hold still.
+        // after that, one at a time per stream: count once etcd's counts
+        // hold still.
         let base = metric(&before, "etcd_debugging_mvcc_watch_stream_total").unwrap_or(0.0);
         let base_w = metric(&before, "etcd_debugging_mvcc_watcher_total").unwrap_or(0.0);
         let m = self.settled().await;
