@@ -555,7 +555,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let path = request.uri().path();
         if path == OOB_PATH {
             return LoadFuture {
@@ -566,7 +566,6 @@ where
             };
         }
         let guard = counted(path).then(|| self.reporter.start(path));
-        let mut request = request;
         if let Some(recorder) = guard.as_ref().and_then(|g| g.recorder.clone()) {
             request.extensions_mut().insert(recorder);
         }
